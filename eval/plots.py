@@ -1,0 +1,87 @@
+"""Static PNG plots (matplotlib, no display needed). Each function writes one file atomically."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def _save(fig, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".png", dir=path.parent)
+    os.close(fd)
+    try:
+        fig.savefig(tmp, dpi=110, bbox_inches="tight")
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+        Path(tmp).unlink(missing_ok=True)
+    return path
+
+
+def history(numbers: list[int], values: list[float], path, ylabel: str = "objective") -> Path:
+    """Objective per trial and the best so far."""
+    fig, ax = plt.subplots(figsize=(6.5, 3.8))
+    ax.scatter(numbers, values, s=14, alpha=0.6, label="trial")
+    best, run = [], float("inf")
+    for v in values:
+        run = min(run, v)
+        best.append(run)
+    ax.step(numbers, best, where="post", color="C3", label="best so far")
+    ax.set(xlabel="trial", ylabel=ylabel, title="Optimization history")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
+def loss_scatter(
+    align: list[float],
+    domain: list[float],
+    path,
+    front: list[int] = (),
+    chosen: int | None = None,
+    references: dict[str, tuple[float, float]] | None = None,
+    title: str = "Alignment vs domain loss",
+) -> Path:
+    """Every trial in (domain loss, alignment loss); the Pareto front, the chosen point and
+    reference models (base, sources) marked."""
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    ax.scatter(domain, align, s=14, alpha=0.5, label="trials")
+    if front:
+        pts = sorted((domain[i], align[i]) for i in front)
+        ax.plot(*zip(*pts), "o-", color="C1", ms=5, label="Pareto front")
+    if chosen is not None:
+        ax.scatter([domain[chosen]], [align[chosen]], s=160, marker="*", color="C3", zorder=5, label="chosen")
+    for k, (name, (a, d)) in enumerate((references or {}).items()):
+        ax.scatter([d], [a], marker="s", s=50, color=f"C{k + 4}", label=name, zorder=4)
+    ax.set(
+        xlabel="domain loss (lower: more expertise)",
+        ylabel="alignment loss (lower: refusals more likely)",
+        title=title,
+    )
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
+def coefficient_profile(groups: list[str], profiles: dict[str, dict[str, list[float]]], path) -> Path:
+    """One panel per field (weight, density, t), one line per source, over depth."""
+    fig, axes = plt.subplots(len(profiles), 1, figsize=(8, 2.6 * len(profiles)), squeeze=False, sharex=True)
+    x = range(len(groups))
+    for ax, (field, lines) in zip(axes[:, 0], profiles.items()):
+        for label, values in lines.items():
+            ax.plot(x, values, marker="o", ms=3, label=label)
+        ax.set_ylabel(field)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    ticks = [i for i in x if i == 0 or i == len(groups) - 1 or i % 5 == 0]
+    axes[-1, 0].set_xticks(ticks, [groups[i] for i in ticks], rotation=30, fontsize=8)
+    axes[0, 0].set_title("Per-layer merge coefficients of the chosen model")
+    return _save(fig, path)

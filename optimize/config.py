@@ -1,0 +1,244 @@
+"""The run configuration: one YAML file, validated on load, before any model is touched.
+
+Every key is declared here; an unknown key or a bad value fails with a message that names the key
+and what is allowed. Command-line flags override the file (see `optimize.search`).
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+METHODS = ("linear", "task_arithmetic", "ties", "dare_ties", "dare_linear", "slerp", "mergealign")
+SAMPLERS = ("tpe", "cmaes", "nsga2", "gp", "random", "grid")
+SPARSIFIED = ("ties", "dare_ties", "dare_linear")  # methods with a per-source density
+PARAMETRIZATION = re.compile(r"^(global|layerwise|blocks:[1-9]\d*|gradient:([2-9]|[1-9]\d+))$")
+
+
+class ConfigError(ValueError):
+    pass
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Source(Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    path: str
+    # What the source brings; mergealign needs one `domain` and one `alignment` source.
+    role: Literal["domain", "alignment", "other"] = "other"
+    # Search space of this source; null -> search.parametrization.
+    parametrization: str | None = None
+
+    @field_validator("parametrization")
+    @classmethod
+    def _check_parametrization(cls, v):
+        if v is not None and not PARAMETRIZATION.match(v):
+            raise ValueError(
+                f"parametrization {v!r} is not one of: global, layerwise, blocks:K, gradient:K (K>=2)"
+            )
+        return v
+
+
+class Merge(Strict):
+    method: Literal[METHODS] = "task_arithmetic"
+    # null -> mergekit's default for the method (ties: true, linear: true, others: false).
+    normalize: bool | None = None
+    lambda_: float = Field(1.0, alias="lambda")
+    seed: int = 0  # DARE drop masks
+
+
+class Bounds(Strict):
+    low: float
+    high: float
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_pair(cls, v):
+        if isinstance(v, (list, tuple)):
+            if len(v) != 2:
+                raise ValueError(f"bounds must be [low, high], got {v!r}")
+            return {"low": v[0], "high": v[1]}
+        return v
+
+    @model_validator(mode="after")
+    def _ordered(self):
+        if not self.low < self.high:
+            raise ValueError(f"low ({self.low}) must be < high ({self.high})")
+        return self
+
+
+class Search(Strict):
+    n_trials: int = Field(30, ge=1)
+    sampler: Literal[SAMPLERS] = "tpe"
+    objective: Literal["weighted", "pareto"] = "weighted"
+    alpha: float = Field(0.3, ge=0)  # L = L_align + alpha * L_domain (the paper's 0.3)
+    # `domain` scores the domain loss alone: the domain-only (EvoMM) baseline of the paper.
+    score: Literal["both", "domain", "alignment"] = "both"
+    parametrization: str = "layerwise"
+    weight: Bounds = Bounds(low=0.0, high=1.0)
+    allow_negative: bool = False
+    density: Bounds = Bounds(low=0.1, high=1.0)
+    # Densities are searched on this grid so TIES/DARE masks can be cached per value.
+    density_step: float = Field(0.1, gt=0, le=0.5)
+    grid: list[float] = [0.25, 0.5, 1.0]  # values per coefficient for sampler `grid`
+    pruner: Literal["none", "median", "hyperband"] = "median"
+    enqueue_initial: bool = True  # trial 0 = every weight at init_weight, every density 1
+    init_weight: float | None = None  # null -> 1/number of sources, like mergekit-evolve
+    pareto_rule: Literal["weighted", "knee"] = "weighted"
+    seed: int = 0
+    timeout_s: float | None = Field(None, gt=0)
+
+    @field_validator("parametrization")
+    @classmethod
+    def _check_parametrization(cls, v):
+        return Source._check_parametrization(v)
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        if self.weight.low < 0 and not self.allow_negative:
+            raise ValueError(
+                f"search.weight.low is {self.weight.low} < 0 but search.allow_negative is false; "
+                "set allow_negative: true to search negative weights"
+            )
+        if not 0 < self.density.low <= self.density.high <= 1:
+            raise ValueError("search.density must satisfy 0 < low <= high <= 1")
+        if self.objective == "pareto" and self.score != "both":
+            raise ValueError(
+                "objective pareto trades alignment against domain loss; it needs search.score: both"
+            )
+        if self.sampler == "cmaes" and self.objective == "pareto":
+            raise ValueError(
+                "sampler cmaes is single-objective; use nsga2, tpe, gp or random with objective pareto"
+            )
+        return self
+
+
+class Data(Strict):
+    # A run folder's data (a datasets.DatasetDict from synth.generate); null -> <out>/data.
+    dir: str | None = None
+    # Or JSONL files with `prompt` and `response` fields; these win over `dir`.
+    alignment: str | None = None
+    domain: str | None = None
+    alignment_split: str = "alignment_search"
+    domain_split: str = "domain_search"
+    n_alignment: int | None = Field(None, ge=1)  # first N examples (null: all)
+    n_domain: int | None = Field(None, ge=1)
+    max_length: int = Field(1024, ge=16)
+    batch_tokens: int = Field(4096, ge=64)  # tokens per scoring batch (padded)
+
+
+class Runtime(Strict):
+    device: str = "auto"  # auto -> cuda when present, else cpu
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    threads: int | None = Field(None, ge=1)
+    allow_pickle: bool = False
+    trust_remote_code: bool = False
+
+    @field_validator("device")
+    @classmethod
+    def _check_device(cls, v):
+        if not re.match(r"^(auto|cpu|cuda(:\d+)?|mps)$", v):
+            raise ValueError(f"device {v!r} is not one of: auto, cpu, cuda, cuda:N, mps")
+        return v
+
+
+class Output(Strict):
+    save_model: bool = True
+    plots: bool = True
+
+
+class Config(Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    out: str | None = None  # run folder; null -> runs/<name>
+    base: str = "default"
+    sources: Annotated[list[Source], Field(min_length=1)]
+    merge: Merge = Merge()
+    search: Search = Search()
+    data: Data = Data()
+    runtime: Runtime = Runtime()
+    output: Output = Output()
+    storage: str | None = None  # Optuna storage URL; null -> sqlite in the run folder
+    study_name: str | None = None  # null -> name
+    # Sections read by other commands (synth.generate, eval.run); validated there.
+    synth: dict[str, Any] | None = None
+    eval: dict[str, Any] | None = None
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        names = [s.name for s in self.sources]
+        if len(set(names)) != len(names):
+            raise ValueError(f"sources: names must be unique, got {names}")
+        m = self.merge.method
+        if m == "slerp" and len(self.sources) != 2:
+            raise ValueError(f"merge.method slerp needs exactly 2 sources, got {len(self.sources)}")
+        if m == "mergealign":
+            roles = sorted(s.role for s in self.sources)
+            if roles != ["alignment", "domain"]:
+                raise ValueError(
+                    "merge.method mergealign needs exactly two sources, one with role: domain and "
+                    f"one with role: alignment (got roles {roles})"
+                )
+        return self
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.out or f"runs/{self.name}")
+
+    def parametrization_of(self, source: Source) -> str:
+        return source.parametrization or self.search.parametrization
+
+    @property
+    def normalize(self) -> bool:
+        if self.merge.normalize is not None:
+            return self.merge.normalize
+        return self.merge.method in ("ties", "linear")
+
+
+def _format_errors(err: ValidationError, origin: str) -> str:
+    lines = [f"invalid config {origin}:"]
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key (check its spelling and section)"
+        elif e["type"] == "literal_error":
+            msg = f"got {e['input']!r}; {msg.lower()}"
+        elif e.get("input") is not None and e["type"] != "value_error":
+            msg = f"{msg} (got {e['input']!r})"
+        lines.append(f"  {key}: {msg}")
+    return "\n".join(lines)
+
+
+def validate_config(raw: dict, origin: str = "") -> Config:
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(_format_errors(err, origin)) from None
+
+
+def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Config:
+    """Read and validate a YAML config. `overrides` maps dotted keys (`search.n_trials`) to values
+    and is applied before validation, so a bad override fails the same way as a bad file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path} is not valid YAML: {err}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of keys")
+    raw.setdefault("name", path.stem)
+    for dotted, value in (overrides or {}).items():
+        node = raw
+        *parents, leaf = dotted.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return validate_config(raw, str(path))

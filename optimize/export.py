@@ -1,0 +1,180 @@
+"""What a run leaves behind, written atomically: best.yaml, mergekit.yaml, the merged model.
+
+`mergekit.yaml` reproduces the best merge with `mergekit-yaml mergekit.yaml OUT` run from the run
+folder. Per-group coefficients become mergekit conditional parameters (`filter` is a substring of
+the tensor name, first match wins). Sources mergekit cannot read (GGUF) are written once as
+safetensors folders under `<run>/sources/`, and so are LoRA sources merged into the base
+(mergekit's `model+lora` syntax needs an extra cache flag, so it would not run as-is).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+from eval.models import materialize_hf_folder, resolve_model_path
+from optimize.config import Config
+from optimize.methods import Candidate
+from optimize.sources import Groups, source_kind
+
+
+def write_text_atomic(path: str | Path, text: str) -> Path:
+    """Write to a temporary sibling, fsync, then rename: readers never see half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def write_yaml_atomic(path: str | Path, data) -> Path:
+    return write_text_atomic(path, yaml.safe_dump(data, sort_keys=False, allow_unicode=True))
+
+
+def _r(x: float) -> float:
+    return float(round(float(x), 6))
+
+
+def coefficient_table(cfg: Config, groups: Groups, c: Candidate) -> dict:
+    """{group: {weight: {source: w}, density: {source: d}} | {t: t}} in depth order."""
+    names = [s.name for s in cfg.sources]
+    table = {}
+    for g, group in enumerate(groups.names):
+        row = {}
+        if c.t is not None:
+            row["t"] = _r(c.t[g])
+        if c.weight is not None:
+            row["weight"] = {n: _r(c.weight[i, g]) for i, n in enumerate(names)}
+        if c.density is not None:
+            row["density"] = {n: _r(c.density[i, g]) for i, n in enumerate(names)}
+        table[group] = row
+    return table
+
+
+def group_filters(groups: Groups, param_names: list[str]) -> list[list[str]]:
+    """mergekit filters (tensor-name substrings) selecting each group's tensors."""
+    out = []
+    for g, group in enumerate(groups.names):
+        if group.startswith("layers."):
+            out.append([f"{groups.layer_prefix}{group.split('.')[1]}."])
+        else:
+            out.append([n for n in param_names if groups.of_param[n] == g])
+    return out
+
+
+def _setting(values: np.ndarray, filters: list[list[str]]):
+    """A scalar when every group has the same value, else a list of conditionals."""
+    if np.allclose(values, values[0]):
+        return _r(values[0])
+    return [{"filter": f, "value": _r(v)} for v, fs in zip(values, filters) for f in fs]
+
+
+def mergekit_paths(cfg: Config, run_dir: Path) -> tuple[str, list[str]]:
+    """Paths of base and sources as mergekit reads them, relative to the run folder. GGUF files
+    and LoRA adapters are written once as float32 safetensors folders under <run>/sources/
+    (mergekit reads neither GGUF nor, without extra flags, LoRA adapters)."""
+    import torch
+
+    materialized = run_dir / "sources"
+
+    def rel(p: Path) -> str:
+        # "./" keeps mergekit's model card from asking the Hub whether "sources/x" is a repo
+        return "./" + os.path.relpath(p.resolve(), run_dir.resolve())
+
+    base = resolve_model_path(cfg.base)
+    if base.is_file():
+        base = materialize_hf_folder(base, materialized / "base", dtype=torch.float32)
+    sources = []
+    for s in cfg.sources:
+        p = resolve_model_path(s.path)
+        if p.is_file():
+            p = materialize_hf_folder(p, materialized / s.name, dtype=torch.float32)
+        elif source_kind(s.path, cfg.runtime.allow_pickle) == "lora":
+            p = materialize_lora(base, p, materialized / s.name)
+        sources.append(rel(p))
+    return rel(base), sources
+
+
+def materialize_lora(base: Path, adapter: Path, out: Path) -> Path:
+    """base + adapter merged by peft, saved as a float32 safetensors folder (once)."""
+    import torch
+    from peft import PeftModel
+
+    from eval.models import load_model, load_tokenizer, save_model_atomic
+
+    if (out / "config.json").exists() and any(out.glob("*.safetensors")):
+        return out
+    merged = PeftModel.from_pretrained(load_model(base, torch.float32), str(adapter)).merge_and_unload()
+    return save_model_atomic(merged, load_tokenizer(base), out)
+
+
+def mergekit_config(
+    cfg: Config, groups: Groups, param_names: list[str], c: Candidate, base_path: str, source_paths: list[str]
+) -> dict:
+    method = cfg.merge.method
+    filters = group_filters(groups, param_names)
+    out: dict = {"merge_method": method, "dtype": "float32"}
+    if method == "slerp":
+        out["base_model"] = source_paths[0]
+        out["models"] = [{"model": p} for p in source_paths]
+        out["parameters"] = {"t": _setting(c.t, filters)}
+        return out
+    weights = c.weight
+    if method == "mergealign":  # task arithmetic with weights t (domain) and 1 - t (alignment)
+        out["merge_method"] = "task_arithmetic"
+        weights = np.stack([c.t if s.role == "domain" else 1 - c.t for s in cfg.sources])
+    models = []
+    for i, p in enumerate(source_paths):
+        params = {"weight": _setting(weights[i], filters)}
+        if c.density is not None:
+            params["density"] = _setting(c.density[i], filters)
+        models.append({"model": p, "parameters": params})
+    out["models"] = models
+    if method != "linear":
+        out["base_model"] = base_path
+    out["parameters"] = {"normalize": cfg.normalize}
+    if method != "linear" and cfg.merge.lambda_ != 1:
+        out["parameters"]["lambda"] = cfg.merge.lambda_
+    return out
+
+
+def model_card(cfg: Config, best: dict, report_lines: list[str]) -> str:
+    sources = "\n".join(f"- `{s.name}` ({s.role}): `{s.path}`" for s in cfg.sources)
+    scores = "\n".join(f"- {k}: {v}" for k, v in best["scores"].items())
+    return f"""---
+tags: [merge, alignmerge]
+---
+# {cfg.name} (merged with alignmerge)
+
+Merged from the base `{cfg.base}` and:
+{sources}
+
+Method: `{cfg.merge.method}` (normalize: {cfg.normalize}, lambda: {cfg.merge.lambda_}), per-layer
+coefficients chosen by an Optuna search ({cfg.search.sampler}, objective `{cfg.search.objective}`,
+alpha {cfg.search.alpha}) on held-out alignment and domain cross-entropy. The coefficients are in
+`best.yaml` of the run folder; `mergekit.yaml` there reproduces this model.
+
+## Scores (mean response-token cross-entropy, lower is better)
+{scores}
+
+{chr(10).join(report_lines)}
+
+## What was and was not evaluated
+Only the cross-entropy losses above were measured by the search. They are a proxy: a low alignment
+loss means the model assigns high likelihood to refusals of the harmful prompts in the search
+data; it does not prove that the model refuses harmful requests in general. Run `python -m eval.run`
+for generation-based safety (refusal rate), over-refusal and domain metrics before you deploy it,
+and do not assume a merged model is safe because one of its sources was.
+"""

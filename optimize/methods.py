@@ -1,0 +1,247 @@
+"""Merge methods on task vectors, with mergekit's semantics (mergekit 0.1.5 is the test oracle).
+
+Notation (papers.md §1.3): theta_base, tau_t = theta_t - theta_base, per-group coefficients
+w_t (weight), d_t (density), t (interpolation). For one tensor in group g:
+
+  task_arithmetic  theta = base + lambda * sum_t w_t tau_t             (/ sum_t w_t if normalize)
+  linear           theta = sum_t w_t theta_t / sum_t w_t               (no division if not normalize)
+  ties             tau'_t = top-d_t magnitudes of tau_t; elect sign s = sign(sum_t w_t tau'_t);
+                   theta = base + lambda * sum_t w_t tau'_t [sign agrees with s]
+                                         (/ sum_t w_t [agrees] per element if normalize)
+  dare_ties        as ties, with tau'_t = tau_t * Bernoulli(d_t) / d_t     (DARE: 1/(1-p) rescale)
+  dare_linear      as task_arithmetic, with the DARE tau'_t
+  slerp            theta = slerp(theta_1, theta_2; t) over each whole tensor (t=0 -> source 1)
+  mergealign       theta = base + lambda_g tau_domain + (1 - lambda_g) tau_align   (lambda_g = t)
+
+Everything that does not change between candidates is computed once and cached: the magnitude
+thresholds of every tau for every density on the search grid (so a TIES trim is one comparison),
+the DARE drop noise per seed (a mask for density d is `noise < d`), and the SLERP angles.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+Tensor = torch.Tensor
+
+
+@dataclass
+class Candidate:
+    """One point of the search: per-source, per-group coefficients ([n_sources, n_groups]) or,
+    for slerp / mergealign, one interpolation value per group ([n_groups])."""
+
+    weight: np.ndarray | None = None
+    density: np.ndarray | None = None
+    t: np.ndarray | None = None
+
+
+class MergeMethod:
+    name: str
+    searched: tuple[str, ...] = ("weight",)  # which Candidate fields the search fills
+
+    def __init__(
+        self,
+        normalize: bool,
+        lambda_: float = 1.0,
+        seed: int = 0,
+        density_levels: tuple[float, ...] = (),
+        roles: tuple[str, ...] = (),
+    ):
+        self.normalize, self.lambda_, self.seed = normalize, lambda_, seed
+        self.density_levels = tuple(sorted(set(round(d, 6) for d in density_levels)))
+        self.roles = roles
+        self._thresholds: dict[tuple[int, str], dict[float, float]] = {}
+        self._noise: dict[tuple[int, str], Tensor] = {}
+
+    def merge(
+        self, name: str, g: int, base: Tensor, taus: list[Tensor | None], c: Candidate, out: Tensor
+    ) -> None:
+        """Write the merged tensor (float32) into `out`."""
+        raise NotImplementedError
+
+    # ---- sparsification, cached --------------------------------------------------------------
+    def magnitude_mask(self, i: int, name: str, tau: Tensor, density: float) -> Tensor | None:
+        """mergekit's `magnitude`: keep the k = max(1, int(d n)) largest |tau| (None: keep all)."""
+        if density >= 1:
+            return None
+        cache = self._thresholds.setdefault((i, name), {})
+        d = round(float(density), 6)
+        if d not in cache:
+            flat = tau.abs().flatten()
+            n = flat.numel()
+            wanted = [d] + [x for x in self.density_levels if x < 1 and x not in cache]
+            if len(wanted) > 1:  # one sort gives the threshold of every grid density at once
+                ordered = torch.sort(flat).values
+                for x in wanted:
+                    cache[x] = ordered[n - max(1, int(x * n))].item()
+            else:
+                cache[d] = torch.kthvalue(flat, n - max(1, int(d * n)) + 1).values.item()
+        return tau.abs() >= cache[d]
+
+    def dare_mask(self, i: int, name: str, tau: Tensor, density: float) -> Tensor | None:
+        """Bernoulli(d) keep mask from noise drawn once per (seed, source, tensor): the mask for
+        density d is `noise < d`, so masks are nested across densities and cost one comparison."""
+        if density >= 1:
+            return None
+        key = (i, name)
+        if key not in self._noise:
+            gen = torch.Generator(device="cpu").manual_seed(_stable_hash(self.seed, i, name))
+            self._noise[key] = torch.randint(-(2**15), 2**15, tau.shape, generator=gen, dtype=torch.int16).to(
+                tau.device
+            )
+        return self._noise[key] < (round(density * 2**16) - 2**15)
+
+    def sparsified(self, i: int, name: str, tau: Tensor, density: float) -> Tensor:
+        raise NotImplementedError
+
+
+def _stable_hash(*parts) -> int:
+    """A seed from (seed, source, tensor name) that, unlike hash(), is the same in every process."""
+    digest = hashlib.sha256(repr(parts).encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
+def _normalized(w: np.ndarray) -> np.ndarray:
+    s = w.sum()
+    return w / (s if abs(s) >= 1e-8 else 1.0)
+
+
+class TaskArithmetic(MergeMethod):
+    name = "task_arithmetic"
+
+    def coefficients(self, c: Candidate, g: int) -> np.ndarray:
+        w = c.weight[:, g]
+        return self.lambda_ * (_normalized(w) if self.normalize else w)
+
+    def merge(self, name, g, base, taus, c, out):
+        out.copy_(base)
+        for tau, coef in zip(taus, self.coefficients(c, g)):
+            if tau is not None and coef != 0:
+                out.add_(tau, alpha=float(coef))
+
+
+class Linear(MergeMethod):
+    name = "linear"
+
+    def merge(self, name, g, base, taus, c, out):
+        w = c.weight[:, g]
+        # sum_t w_t (base + tau_t) / div = base * sum(w) / div + sum_t w_t tau_t / div
+        div = (w.sum() if abs(w.sum()) >= 1e-8 else 1.0) if self.normalize else 1.0
+        out.copy_(base).mul_(float(w.sum() / div))
+        for tau, wt in zip(taus, w):
+            if tau is not None and wt != 0:
+                out.add_(tau, alpha=float(wt / div))
+
+
+class DareLinear(TaskArithmetic):
+    name = "dare_linear"
+    searched = ("weight", "density")
+
+    def merge(self, name, g, base, taus, c, out):
+        out.copy_(base)
+        for i, (tau, coef) in enumerate(zip(taus, self.coefficients(c, g))):
+            if tau is None or coef == 0:
+                continue
+            d = float(c.density[i, g])
+            mask = self.dare_mask(i, name, tau, d)
+            if mask is None:
+                out.add_(tau, alpha=float(coef))
+            else:
+                out.add_(tau * mask, alpha=float(coef) / d)
+
+
+class Ties(MergeMethod):
+    name = "ties"
+    searched = ("weight", "density")
+
+    def sparsified(self, i, name, tau, density):
+        mask = self.magnitude_mask(i, name, tau, density)
+        return tau if mask is None else tau * mask
+
+    def merge(self, name, g, base, taus, c, out):
+        w = c.weight[:, g]
+        weighted = [
+            self.sparsified(i, name, tau, float(c.density[i, g])) * float(w[i])
+            for i, tau in enumerate(taus)
+            if tau is not None and w[i] != 0
+        ]
+        used = [float(w[i]) for i, tau in enumerate(taus) if tau is not None and w[i] != 0]
+        out.copy_(base)
+        if not weighted:
+            return
+        positive = torch.stack(weighted).sum(0) >= 0  # elected sign (mergekit: "sum" consensus)
+        mixed = torch.zeros_like(base)
+        divisor = torch.zeros_like(base) if self.normalize else None
+        for wd, wt in zip(weighted, used):
+            agree = torch.where(positive, wd > 0, wd < 0)
+            mixed.add_(wd * agree)
+            if divisor is not None:
+                divisor.add_(agree, alpha=wt)
+        if divisor is not None:
+            # mergekit divides by sum_t w_t [agrees]; it counts only the sources present in this
+            # tensor, so sources without a delta here are left out of the divisor as well.
+            divisor[divisor == 0] = 1
+            mixed.div_(divisor)
+        out.add_(mixed, alpha=self.lambda_)
+
+
+class DareTies(Ties):
+    name = "dare_ties"
+
+    def sparsified(self, i, name, tau, density):
+        mask = self.dare_mask(i, name, tau, density)
+        return tau if mask is None else tau * mask / density
+
+
+class Slerp(MergeMethod):
+    """Spherical interpolation between the two sources' full weights, per tensor, as mergekit:
+    nearly collinear tensors (|cos| > 0.9995) fall back to linear interpolation."""
+
+    name = "slerp"
+    searched = ("t",)
+    DOT_THRESHOLD = 0.9995
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._angle: dict[str, float | None] = {}
+
+    def angle(self, name: str, a: Tensor, b: Tensor) -> float | None:
+        if name not in self._angle:
+            na, nb = a.norm(), b.norm()
+            na = na if na > 1e-8 else 1.0
+            nb = nb if nb > 1e-8 else 1.0
+            dot = float(((a / na) * (b / nb)).sum().clamp(-1, 1))
+            self._angle[name] = None if abs(dot) > self.DOT_THRESHOLD else float(np.arccos(dot))
+        return self._angle[name]
+
+    def merge(self, name, g, base, taus, c, out):
+        t = float(c.t[g])
+        tau_a, tau_b = (tau if tau is not None else torch.zeros_like(base) for tau in taus)
+        theta = self.angle(name, base + tau_a, base + tau_b)
+        if theta is None:
+            ca, cb = 1 - t, t
+        else:
+            ca, cb = np.sin((1 - t) * theta) / np.sin(theta), np.sin(t * theta) / np.sin(theta)
+        # ca * (base + tau_a) + cb * (base + tau_b), without materializing either model
+        out.copy_(base).mul_(float(ca + cb)).add_(tau_a, alpha=float(ca)).add_(tau_b, alpha=float(cb))
+
+
+class MergeAlign(TaskArithmetic):
+    """Interpolation of one domain and one alignment vector (Thakkar et al.):
+    theta = base + lambda * (t tau_domain + (1 - t) tau_align), t per group."""
+
+    name = "mergealign"
+    searched = ("t",)
+
+    def coefficients(self, c, g):
+        t = float(c.t[g])
+        return self.lambda_ * np.array([t if r == "domain" else 1 - t for r in self.roles])
+
+
+METHODS: dict[str, type[MergeMethod]] = {
+    m.name: m for m in (Linear, TaskArithmetic, Ties, DareTies, DareLinear, Slerp, MergeAlign)
+}

@@ -1,0 +1,283 @@
+"""The end of a search: pick the model, score it, write every output of the run folder."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import io
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import optuna
+
+from eval import plots
+from eval.loss import Scorer
+from eval.models import save_model_atomic
+from optimize.export import (
+    coefficient_table,
+    mergekit_config,
+    mergekit_paths,
+    model_card,
+    write_text_atomic,
+    write_yaml_atomic,
+)
+from optimize.methods import Candidate, TaskArithmetic
+
+COMPLETE = optuna.trial.TrialState.COMPLETE
+
+
+def choose(study: optuna.Study, cfg) -> tuple[optuna.trial.FrozenTrial, list, str]:
+    """The chosen trial, the Pareto front (multi-objective) and the rule used, in words."""
+    if len(study.directions) == 1:
+        return study.best_trial, [], "lowest objective"
+    front = study.best_trials
+    a = np.array([t.values[0] for t in front])
+    d = np.array([t.values[1] for t in front])
+    if cfg.search.pareto_rule == "weighted":
+        i = int(np.argmin(a + cfg.search.alpha * d))
+        rule = f"front point with the lowest L_align + {cfg.search.alpha} * L_domain"
+    else:
+        span = lambda v: (v - v.min()) / (v.max() - v.min() if v.max() > v.min() else 1)  # noqa: E731
+        i = int(np.argmin(np.hypot(span(a), span(d))))
+        rule = "knee: front point closest to the ideal point after scaling both losses to [0, 1]"
+    return front[i], front, rule
+
+
+def reference_losses(ctx, scorer: Scorer) -> dict[str, dict[str, float]]:
+    """Base and each source alone, on the same sets: the numbers a merge is judged against."""
+    n, g = len(ctx.cfg.sources), ctx.base.groups.n
+    plain = TaskArithmetic(normalize=False)
+    saved = ctx.merger.method
+    ctx.merger.method = plain
+    out = {"base": scorer.losses(ctx.merger.apply(Candidate(weight=np.zeros((n, g)))))}
+    for i, s in enumerate(ctx.cfg.sources):
+        w = np.zeros((n, g))
+        w[i] = 1
+        out[f"source {s.name}"] = scorer.losses(ctx.merger.apply(Candidate(weight=w)))
+    ctx.merger.method = saved
+    return out
+
+
+def versions() -> dict[str, str]:
+    out = {"python": sys.version.split()[0], "platform": platform.platform()}
+    for pkg in ("alignmerge", "torch", "transformers", "peft", "optuna", "datasets"):
+        try:
+            out[pkg] = importlib.metadata.version(pkg)
+        except importlib.metadata.PackageNotFoundError:
+            out[pkg] = "not installed"
+    return out
+
+
+def _fmt(x) -> str:
+    return f"{x:.4f}" if isinstance(x, float) else str(x)
+
+
+def write_outputs(ctx, study: optuna.Study, storage: str, interrupted: bool = False) -> Path:
+    cfg, run_dir = ctx.cfg, ctx.cfg.run_dir
+    t0 = time.perf_counter()
+    best, front, rule = choose(study, cfg)
+    candidate = ctx.space.decode(best.params)
+
+    # Scores of the chosen model on both search sets (and the test splits, when present).
+    from optimize.search import load_test_data
+
+    search_scorer = Scorer(
+        ctx.base.tokenizer, ctx.rows, cfg.data.max_length, cfg.data.batch_tokens, ctx.scorer.device
+    )
+    test_rows = load_test_data(cfg)
+    test_scorer = (
+        Scorer(ctx.base.tokenizer, test_rows, cfg.data.max_length, cfg.data.batch_tokens, ctx.scorer.device)
+        if test_rows
+        else None
+    )
+    refs = reference_losses(ctx, search_scorer)
+    refs_test = reference_losses(ctx, test_scorer) if test_scorer else {}
+    model = ctx.merger.apply(candidate)
+    search_losses = search_scorer.losses(model, progress=True)
+    test_losses = test_scorer.losses(model, progress=True) if test_scorer else {}
+    scores = {f"{k}_loss_search": round(v, 6) for k, v in search_losses.items()}
+    scores.update({f"{k}_loss_test": round(v, 6) for k, v in test_losses.items()})
+    if len(study.directions) == 1:
+        scores["objective"] = round(best.value, 6)
+
+    trials = study.trials
+    complete = [t for t in trials if t.state == COMPLETE]
+    best_doc = {
+        "trial": best.number,
+        "method": cfg.merge.method,
+        "normalize": cfg.normalize,
+        "lambda": cfg.merge.lambda_,
+        "objective": cfg.search.objective,
+        "score": cfg.search.score,
+        "alpha": cfg.search.alpha,
+        "chosen_by": rule,
+        "scores": scores,
+        "base": cfg.base,
+        "sources": [{"name": s.name, "path": s.path, "role": s.role} for s in cfg.sources],
+        "coefficients": coefficient_table(cfg, ctx.base.groups, candidate),
+        "params": {k: float(v) for k, v in best.params.items()},
+    }
+    write_yaml_atomic(run_dir / "best.yaml", best_doc)
+
+    base_path, source_paths = mergekit_paths(cfg, run_dir)
+    mk = mergekit_config(
+        cfg, ctx.base.groups, [n for n, _, _ in ctx.merger.params], candidate, base_path, source_paths
+    )
+    header = "# Reproduces the chosen merge: run from this folder\n#   mergekit-yaml mergekit.yaml OUT\n"
+    if cfg.merge.method in ("dare_ties", "dare_linear"):
+        header += (
+            "# DARE drop masks are random: mergekit draws its own (use --random-seed), so the\n"
+            "# result matches ours in distribution, not bit for bit.\n"
+        )
+    import yaml
+
+    write_text_atomic(run_dir / "mergekit.yaml", header + yaml.safe_dump(mk, sort_keys=False))
+
+    df = study.trials_dataframe()
+    buf = io.StringIO()
+    df.to_csv(buf, index=False)
+    write_text_atomic(run_dir / "trials.csv", buf.getvalue())
+
+    plot_files = []
+    if cfg.output.plots and complete:
+        plot_files = _plots(ctx, study, best, front, candidate, refs)
+
+    if cfg.output.save_model:
+        card = model_card(cfg, best_doc, [])
+        save_model_atomic(model, ctx.base.tokenizer, run_dir / "merged", {"README.md": card})
+
+    ctx.timings["outputs_s"] = time.perf_counter() - t0
+    write_yaml_atomic(
+        run_dir / "run.yaml",
+        {
+            "config": cfg.model_dump(by_alias=True, mode="json"),
+            "storage": storage,
+            "study_name": study.study_name,
+            "seeds": {"sampler": cfg.search.seed, "dare_masks": cfg.merge.seed},
+            "versions": versions(),
+            "timings_s": {k: round(v, 2) for k, v in ctx.timings.items()},
+            "scoring_tokens": {**search_scorer.n_tokens, "padded_total": search_scorer.padded_tokens},
+        },
+    )
+    report = _report(ctx, study, best, front, rule, scores, refs, refs_test, plot_files, storage, interrupted)
+    return write_text_atomic(run_dir / "report.md", report)
+
+
+def _plots(ctx, study, best, front, candidate, refs) -> list[Path]:
+    cfg, pdir = ctx.cfg, ctx.cfg.run_dir / "plots"
+    complete = [t for t in study.trials if t.state == COMPLETE]
+    files = []
+    if len(study.directions) == 1:
+        files.append(
+            plots.history([t.number for t in complete], [t.value for t in complete], pdir / "history.png")
+        )
+    with_both = [t for t in complete if "alignment_loss" in t.user_attrs and "domain_loss" in t.user_attrs]
+    if with_both:
+        index = {t.number: i for i, t in enumerate(with_both)}
+        files.append(
+            plots.loss_scatter(
+                [t.user_attrs["alignment_loss"] for t in with_both],
+                [t.user_attrs["domain_loss"] for t in with_both],
+                pdir / ("pareto.png" if front else "losses.png"),
+                front=[index[t.number] for t in front if t.number in index],
+                chosen=index.get(best.number),
+                references={k: (v["alignment"], v["domain"]) for k, v in refs.items()},
+                title="Pareto front: alignment vs domain loss" if front else "Alignment vs domain loss",
+            )
+        )
+    names = [s.name for s in cfg.sources]
+    profiles = {}
+    if candidate.t is not None:
+        profiles["t"] = {"t": list(candidate.t)}
+    if candidate.weight is not None:
+        profiles["weight"] = {n: list(candidate.weight[i]) for i, n in enumerate(names)}
+    if candidate.density is not None:
+        profiles["density"] = {n: list(candidate.density[i]) for i, n in enumerate(names)}
+    files.append(plots.coefficient_profile(list(ctx.base.groups.names), profiles, pdir / "coefficients.png"))
+    return files
+
+
+def _report(ctx, study, best, front, rule, scores, refs, refs_test, plot_files, storage, interrupted) -> str:
+    cfg = ctx.cfg
+    states = {}
+    for t in study.trials:
+        states[t.state.name] = states.get(t.state.name, 0) + 1
+    lines = [f"# alignmerge report: {cfg.name}", ""]
+    if interrupted:
+        lines += [
+            "> The search was interrupted; this report covers the trials finished so far. "
+            "Run the same command again to resume.",
+            "",
+        ]
+    lines += [
+        f"- Method: `{cfg.merge.method}` (normalize {cfg.normalize}, lambda {cfg.merge.lambda_}), "
+        f"{len(cfg.sources)} sources on base `{cfg.base}`",
+        f"- Search: sampler `{cfg.search.sampler}`, objective `{cfg.search.objective}` "
+        f"(score: {cfg.search.score}, alpha {cfg.search.alpha}), "
+        f"{ctx.space.n_params} parameters: {ctx.space.describe()}",
+        f"- Trials: {', '.join(f'{v} {k.lower()}' for k, v in sorted(states.items()))} "
+        f"(target {cfg.search.n_trials}); study `{study.study_name}` in `{storage}`",
+        f"- Chosen: trial {best.number}, by {rule}",
+        "",
+        "## Losses (mean response-token cross-entropy; lower is better)",
+        "",
+    ]
+    sets = ("alignment", "domain")
+    header = "| model | " + " | ".join(f"L_{s} search" for s in sets)
+    if refs_test:
+        header += " | " + " | ".join(f"L_{s} test" for s in sets)
+    lines += [header + " |", "|" + "---|" * (header.count("|"))]
+
+    def row(name, search, test):
+        cells = [_fmt(search.get(s, "")) for s in sets]
+        if refs_test:
+            cells += [_fmt(test.get(s, "")) for s in sets]
+        return f"| {name} | " + " | ".join(cells) + " |"
+
+    for name, v in refs.items():
+        lines.append(row(name, v, refs_test.get(name, {})))
+    lines.append(
+        row(
+            f"**merged (trial {best.number})**",
+            {s: scores.get(f"{s}_loss_search") for s in sets},
+            {s: scores.get(f"{s}_loss_test") for s in sets},
+        )
+    )
+    lines.append("")
+    if front:
+        lines += ["## Pareto front", "", "| trial | L_alignment | L_domain |", "|---|---|---|"]
+        for t in sorted(front, key=lambda t: t.values[1]):
+            mark = " (chosen)" if t.number == best.number else ""
+            lines.append(f"| {t.number}{mark} | {t.values[0]:.4f} | {t.values[1]:.4f} |")
+        lines.append("")
+    lines += [
+        "## Files",
+        "",
+        "- [best.yaml](best.yaml): method, per-layer coefficients, densities, scores",
+        "- [mergekit.yaml](mergekit.yaml): `mergekit-yaml mergekit.yaml OUT` from this folder "
+        "rebuilds the merged model",
+        "- [trials.csv](trials.csv): every trial, its parameters and losses",
+        "- [run.yaml](run.yaml): resolved config, seeds, package versions, timings",
+    ]
+    if cfg.output.save_model:
+        lines.append(
+            "- [merged/](merged/): the merged model (safetensors, tokenizer, chat template, model card)"
+        )
+    lines.append("")
+    for f in plot_files:
+        lines += [f"![{f.stem}](plots/{f.name})", ""]
+    timings = ", ".join(f"{k} {v:.1f}" for k, v in ctx.timings.items())
+    lines += ["## Timings (s)", "", timings, ""]
+    complete = [t for t in study.trials if t.state == COMPLETE and "score_s" in t.user_attrs]
+    if complete:
+        merge_s = np.median([t.user_attrs["merge_s"] for t in complete])
+        score_s = np.median([t.user_attrs["score_s"] for t in complete])
+        lines += [f"Median per trial: merge {merge_s:.3f} s, scoring {score_s:.2f} s.", ""]
+    lines += [
+        "Losses are a proxy for behaviour. Check generation-based safety, over-refusal and "
+        "domain quality with `python -m eval.run` before trusting the merged model.",
+        "",
+    ]
+    return "\n".join(lines)

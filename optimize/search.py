@@ -1,0 +1,409 @@
+"""`python -m optimize.search --config configs/X.yaml`: the safety-aware merge search.
+
+Every trial merges a candidate in memory and scores it on the alignment and domain *search*
+sets; the objective is L_align + alpha * L_domain (`weighted`, papers.md Eq. 5) or both losses
+(`pareto`). The study lives in the run folder (SQLite) unless --storage names another Optuna
+storage; running the same command again resumes it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import optuna
+import torch
+from tqdm.auto import tqdm
+
+from eval.data import DataError, load_pairs
+from eval.loss import Scorer
+from eval.models import (
+    ModelLoadError,
+    model_format,
+    resolve_device,
+    resolve_dtype,
+    resolve_model_path,
+)
+from optimize.config import SAMPLERS, Config, ConfigError, load_config
+from optimize.merge import InMemoryMerger
+from optimize.methods import METHODS, Candidate
+from optimize.sources import Base, load_base, load_task_vectors
+from optimize.space import SearchSpace
+
+FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+
+
+# ----------------------------------------------------------------------------- set-up
+def check_inputs(cfg: Config) -> dict[str, list[dict]]:
+    """Everything that can be checked without loading a model: paths, formats, data.
+    Returns the raw alignment and domain rows."""
+    for label, path in [("base", cfg.base)] + [(f"source {s.name!r}", s.path) for s in cfg.sources]:
+        try:
+            fmt = model_format(resolve_model_path(path), cfg.runtime.allow_pickle)
+        except ModelLoadError as err:
+            raise ModelLoadError(f"{label}: {err}") from None
+        if label == "base" and fmt == "lora":
+            raise ModelLoadError(f"base {path} is a LoRA adapter; the base must be a full model")
+    return load_data(cfg)
+
+
+def load_data(cfg: Config) -> dict[str, list[dict]]:
+    d = cfg.data
+    folder = Path(d.dir) if d.dir else cfg.run_dir / "data"
+    return {
+        "alignment": load_pairs(
+            d.alignment or folder, None if d.alignment else d.alignment_split, d.n_alignment
+        ),
+        "domain": load_pairs(d.domain or folder, None if d.domain else d.domain_split, d.n_domain),
+    }
+
+
+def load_test_data(cfg: Config) -> dict[str, list[dict]]:
+    """The held-out test splits, when the run folder has them (they are never searched on)."""
+    folder = Path(cfg.data.dir) if cfg.data.dir else cfg.run_dir / "data"
+    out = {}
+    for name in ("alignment", "domain"):
+        try:
+            out[name] = load_pairs(folder, f"{name}_test")
+        except DataError:
+            pass
+    return out
+
+
+@dataclass
+class Context:
+    """What a search needs in memory: built once, used by every trial."""
+
+    cfg: Config
+    base: Base
+    merger: InMemoryMerger
+    space: SearchSpace
+    scorer: Scorer  # on the sets the objective uses
+    rows: dict[str, list[dict]]
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def candidate_losses(self, candidate: Candidate, scorer: Scorer | None = None, **kw) -> dict[str, float]:
+        model = self.merger.apply(candidate)
+        return (scorer or self.scorer).losses(model, **kw)
+
+
+def prepare(cfg: Config, rows: dict[str, list[dict]] | None = None) -> Context:
+    rows = rows if rows is not None else check_inputs(cfg)
+    if cfg.runtime.threads:
+        torch.set_num_threads(cfg.runtime.threads)
+    device, dtype = resolve_device(cfg.runtime.device), resolve_dtype(cfg.runtime.dtype)
+    t0 = time.perf_counter()
+    base = load_base(cfg.base, dtype, device, cfg.runtime.allow_pickle, cfg.runtime.trust_remote_code)
+    t1 = time.perf_counter()
+    tvs = load_task_vectors(cfg.sources, base, cfg.runtime.allow_pickle)
+    t2 = time.perf_counter()
+    s = cfg.search
+    roles = tuple(src.role for src in cfg.sources)
+    # The space decides the density grid, which the method caches masks for.
+    space = SearchSpace(cfg, base.groups, METHODS[cfg.merge.method].searched)
+    method = METHODS[cfg.merge.method](
+        normalize=cfg.normalize,
+        lambda_=cfg.merge.lambda_,
+        seed=cfg.merge.seed,
+        density_levels=space.density_levels,
+        roles=roles,
+    )
+    used = {"both": ["alignment", "domain"], "domain": ["domain"], "alignment": ["alignment"]}[s.score]
+    scorer = Scorer(
+        base.tokenizer, {k: rows[k] for k in used}, cfg.data.max_length, cfg.data.batch_tokens, device
+    )
+    return Context(
+        cfg,
+        base,
+        InMemoryMerger(base, tvs, method),
+        space,
+        scorer,
+        rows,
+        {"load_base_s": t1 - t0, "task_vectors_s": t2 - t1},
+    )
+
+
+# ----------------------------------------------------------------------------- study
+def default_storage(cfg: Config) -> str:
+    return f"sqlite:///{(cfg.run_dir / 'study.db').resolve()}"
+
+
+def make_sampler(cfg: Config, space: SearchSpace) -> optuna.samplers.BaseSampler:
+    s, seed = cfg.search, cfg.search.seed
+    if s.sampler == "tpe":
+        return optuna.samplers.TPESampler(seed=seed, multivariate=True)
+    if s.sampler == "cmaes":
+        return optuna.samplers.CmaEsSampler(seed=seed, warn_independent_sampling=False)
+    if s.sampler == "nsga2":
+        return optuna.samplers.NSGAIISampler(seed=seed, population_size=max(4, min(50, s.n_trials // 4)))
+    if s.sampler == "gp":
+        return optuna.samplers.GPSampler(seed=seed, warn_independent_sampling=False)
+    if s.sampler == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    if s.sampler == "grid":
+        grid = space.grid()
+        size = math.prod(len(v) for v in grid.values())
+        if size > 100_000:
+            raise ConfigError(
+                f"search.sampler grid over {len(grid)} parameters has {size} points; "
+                "use parametrization: global, or fewer search.grid values"
+            )
+        return optuna.samplers.GridSampler(grid, seed=seed)
+    raise ConfigError(f"search.sampler {s.sampler!r} is not one of {SAMPLERS}")
+
+
+def make_pruner(cfg: Config, n_steps: int) -> optuna.pruners.BasePruner:
+    if cfg.search.objective == "pareto" or cfg.search.pruner == "none":
+        return optuna.pruners.NopPruner()  # Optuna cannot prune multi-objective trials
+    if cfg.search.pruner == "median":
+        return optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=max(1, n_steps // 4))
+    return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=n_steps)
+
+
+def open_study(cfg: Config, storage: str, sampler, pruner, signature: str) -> optuna.Study:
+    directions = ["minimize", "minimize"] if cfg.search.objective == "pareto" else ["minimize"]
+    name = cfg.study_name or cfg.name
+    try:
+        study = optuna.create_study(
+            storage=storage,
+            study_name=name,
+            directions=directions,
+            sampler=sampler,
+            pruner=pruner,
+            load_if_exists=True,
+        )
+    except ValueError as err:  # e.g. an existing study with other directions
+        raise ConfigError(f"study {name!r} in {storage}: {err}") from None
+    old = study.user_attrs.get("signature")
+    if old is None:
+        study.set_user_attr("signature", signature)
+    elif old != signature:
+        raise ConfigError(
+            f"study {name!r} in {storage} was created with another search space or objective "
+            f"({old}); this config asks for {signature}. Use another --study-name or --out, "
+            "or delete the old study"
+        )
+    return study
+
+
+def study_signature(cfg: Config, space: SearchSpace) -> str:
+    """What must not change when a study is resumed: method, objective and parameter names."""
+    s = cfg.search
+    sig = {
+        "method": cfg.merge.method,
+        "objective": s.objective,
+        "score": s.score,
+        "alpha": s.alpha if s.objective == "weighted" else None,
+        "params": sorted(n for names in space.params.values() for n in names),
+    }
+    digest = hashlib.sha256(json.dumps(sig, sort_keys=True).encode()).hexdigest()[:12]
+    return f"{cfg.merge.method}/{s.objective}/{s.score}/alpha={sig['alpha']}/{space.n_params}p/{digest}"
+
+
+def objective_value(cfg: Config, losses: dict[str, float]):
+    s = cfg.search
+    if s.objective == "pareto":
+        return losses["alignment"], losses["domain"]
+    if s.score == "domain":
+        return losses["domain"]
+    if s.score == "alignment":
+        return losses["alignment"]
+    return losses["alignment"] + s.alpha * losses["domain"]
+
+
+def make_objective(ctx: Context):
+    cfg = ctx.cfg
+
+    def objective(trial: optuna.Trial):
+        t0 = time.perf_counter()
+        candidate = ctx.space.suggest(trial)
+        model = ctx.merger.apply(candidate)
+        t1 = time.perf_counter()
+        prune = cfg.search.objective == "weighted" and cfg.search.pruner != "none"
+
+        def on_batch(step, so_far):
+            if not prune:
+                return
+            partial = {k: sum(v) / len(v) for k, v in so_far.items() if v}
+            partial = {k: partial.get(k, 0.0) for k in ("alignment", "domain")}
+            trial.report(objective_value(cfg, partial), step)
+            if trial.should_prune():
+                raise optuna.TrialPruned()
+
+        losses = ctx.scorer.losses(model, on_batch=on_batch)
+        t2 = time.perf_counter()
+        for k, v in losses.items():
+            trial.set_user_attr(f"{k}_loss", v)
+        trial.set_user_attr("merge_s", round(t1 - t0, 4))
+        trial.set_user_attr("score_s", round(t2 - t1, 4))
+        value = objective_value(cfg, losses)
+        values = value if isinstance(value, tuple) else (value,)
+        if not all(math.isfinite(v) for v in values):
+            trial.set_user_attr("fail_reason", f"non-finite loss {losses}")
+            return float("nan")  # Optuna records the trial as failed and goes on
+        return value
+
+    return objective
+
+
+class ProgressBar:
+    """Trials done toward the target, with the best value so far."""
+
+    def __init__(self, total: int, done: int):
+        self.bar = tqdm(total=total, initial=done, desc="trials", unit="trial")
+
+    def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial):
+        if trial.state in FINISHED:
+            self.bar.update(1)
+        if len(study.directions) == 1 and any(
+            t.state == optuna.trial.TrialState.COMPLETE for t in study.trials
+        ):
+            self.bar.set_postfix(best=f"{study.best_value:.4f}", trial=study.best_trial.number)
+        elif len(study.directions) > 1:
+            self.bar.set_postfix(front=len(study.best_trials))
+
+    def close(self):
+        self.bar.close()
+
+
+class FailureGuard:
+    """Stops a worker whose trials keep failing instead of retrying forever."""
+
+    def __init__(self, limit: int):
+        self.limit, self.failed = limit, 0
+
+    def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial):
+        if trial.state == optuna.trial.TrialState.FAIL:
+            self.failed += 1
+            if self.failed >= self.limit:
+                print(
+                    f"[alignmerge] {self.failed} trials failed in this worker; stopping "
+                    "(see fail_reason in trials.csv)",
+                    file=sys.stderr,
+                )
+                study.stop()
+
+
+def n_finished(study: optuna.Study) -> int:
+    return len(study.get_trials(deepcopy=False, states=FINISHED))
+
+
+def run(cfg: Config, storage: str | None = None) -> Path:
+    """The whole search; returns the path of the report."""
+    from optimize.report import write_outputs
+
+    started = time.perf_counter()
+    rows = check_inputs(cfg)  # before any model loads
+    cfg.run_dir.mkdir(parents=True, exist_ok=True)
+    storage = storage or cfg.storage or default_storage(cfg)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    ctx = prepare(cfg, rows)
+    sampler = make_sampler(cfg, ctx.space)
+    pruner = make_pruner(cfg, len(ctx.scorer.batches))
+    study = open_study(cfg, storage, sampler, pruner, study_signature(cfg, ctx.space))
+    if cfg.search.enqueue_initial and cfg.search.sampler != "grid":
+        study.enqueue_trial(ctx.space.initial_params(), skip_if_exists=True)
+    done = n_finished(study)
+    print(
+        f"[alignmerge] {cfg.merge.method}, {ctx.space.n_params} parameters "
+        f"({ctx.space.describe()}); study {study.study_name!r}: {done}/{cfg.search.n_trials} "
+        f"trials done",
+        file=sys.stderr,
+    )
+    interrupted = False
+    if done < cfg.search.n_trials:
+        bar = ProgressBar(cfg.search.n_trials, done)
+        try:
+            # No local n_trials: failed trials must not count, so the study stops when the
+            # storage holds n_trials finished ones (across every worker sharing it).
+            study.optimize(
+                make_objective(ctx),
+                n_trials=None,
+                timeout=cfg.search.timeout_s,
+                callbacks=[
+                    optuna.study.MaxTrialsCallback(cfg.search.n_trials, states=FINISHED),
+                    FailureGuard(max(5, cfg.search.n_trials)),
+                    bar,
+                ],
+            )
+        except KeyboardInterrupt:
+            interrupted = True
+            print(
+                "\n[alignmerge] interrupted: writing outputs for the finished trials; run the "
+                "same command again to resume",
+                file=sys.stderr,
+            )
+        finally:
+            bar.close()
+    if not study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
+        raise RuntimeError("no trial completed; see the failed trials' fail_reason in the study")
+    ctx.timings["search_s"] = time.perf_counter() - started
+    report = write_outputs(ctx, study, storage, interrupted=interrupted)
+    return report
+
+
+# ----------------------------------------------------------------------------- CLI
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m optimize.search",
+        description="Search per-layer merge coefficients that keep alignment while adding "
+        "domain expertise. Flags override the config file.",
+    )
+    p.add_argument("--config", required=True, help="YAML config (see configs/)")
+    p.add_argument(
+        "--n-trials",
+        type=int,
+        help="total finished trials wanted in the study (finished trials of an earlier run count toward it)",
+    )
+    p.add_argument("--sampler", choices=SAMPLERS, help="Optuna sampler (default tpe)")
+    p.add_argument(
+        "--objective",
+        choices=("weighted", "pareto"),
+        help="weighted: L_align + alpha*L_domain; pareto: both losses, Pareto front",
+    )
+    p.add_argument("--alpha", type=float, help="weight of the domain loss (paper: 0.3)")
+    p.add_argument(
+        "--storage",
+        help="Optuna storage URL (default: sqlite in the run folder); "
+        "postgresql://... or a journal file lets many workers share one study",
+    )
+    p.add_argument("--study-name", help="study name in the storage (default: config name)")
+    p.add_argument("--out", help="run folder (default: runs/<name>)")
+    p.add_argument("--seed", type=int, help="sampler seed")
+    return p
+
+
+def overrides(args: argparse.Namespace) -> dict:
+    mapping = {
+        "n_trials": "search.n_trials",
+        "sampler": "search.sampler",
+        "objective": "search.objective",
+        "alpha": "search.alpha",
+        "seed": "search.seed",
+        "storage": "storage",
+        "study_name": "study_name",
+        "out": "out",
+    }
+    return {key: getattr(args, a) for a, key in mapping.items() if getattr(args, a) is not None}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        cfg = load_config(args.config, overrides(args))
+        report = run(cfg)
+    except (ConfigError, ModelLoadError, DataError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(report)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

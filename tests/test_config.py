@@ -1,0 +1,83 @@
+import pytest
+import yaml
+
+from optimize.config import ConfigError, load_config, validate_config
+from optimize.search import main
+
+
+def minimal(**extra) -> dict:
+    return {"name": "x", "sources": [{"name": "a", "path": "p"}, {"name": "b", "path": "q"}], **extra}
+
+
+def error_of(raw) -> str:
+    with pytest.raises(ConfigError) as e:
+        validate_config(raw)
+    return str(e.value)
+
+
+def test_defaults_are_the_papers():
+    cfg = validate_config(minimal())
+    assert cfg.search.alpha == 0.3 and cfg.search.sampler == "tpe"
+    assert cfg.normalize is False  # task_arithmetic default, as mergekit
+    assert validate_config(minimal(merge={"method": "ties"})).normalize is True
+
+
+@pytest.mark.parametrize(
+    "raw,words",
+    [
+        (minimal(serch={}), ["serch", "unknown key"]),
+        (minimal(search={"n_trails": 3}), ["search.n_trails", "unknown key"]),
+        (minimal(search={"sampler": "bayes"}), ["search.sampler", "'tpe'", "'cmaes'", "bayes"]),
+        (minimal(search={"n_trials": 0}), ["search.n_trials", "greater than or equal to 1"]),
+        (minimal(search={"n_trials": "many"}), ["search.n_trials", "many"]),
+        (minimal(search={"parametrization": "blocks:0"}), ["blocks:K", "gradient:K"]),
+        (minimal(search={"weight": [1, 0]}), ["low (1.0) must be < high (0.0)"]),
+        (minimal(search={"weight": [-1, 1]}), ["allow_negative"]),
+        (minimal(search={"density": [0, 1]}), ["0 < low"]),
+        (minimal(search={"objective": "pareto", "sampler": "cmaes"}), ["cmaes is single-objective"]),
+        (minimal(search={"objective": "pareto", "score": "domain"}), ["needs search.score: both"]),
+        (minimal(merge={"method": "slerp"}, sources=[{"name": "a", "path": "p"}]), ["exactly 2 sources"]),
+        (minimal(merge={"method": "mergealign"}), ["role: domain", "role: alignment"]),
+        (minimal(merge={"method": "fancy"}), ["merge.method", "'ties'"]),
+        (minimal(runtime={"device": "gpu"}), ["runtime.device", "cuda"]),
+        (minimal(sources=[]), ["sources"]),
+        ({"name": "x", "sources": [{"name": "a", "path": "p"}, {"name": "a", "path": "q"}]}, ["unique"]),
+    ],
+)
+def test_bad_values_name_the_key(raw, words):
+    msg = error_of(raw)
+    for w in words:
+        assert w in msg, msg
+
+
+def test_negative_weights_when_asked():
+    cfg = validate_config(minimal(search={"weight": [-1, 1], "allow_negative": True}))
+    assert cfg.search.weight.low == -1
+
+
+def test_cli_flags_override_and_fail_before_loading(tmp_path, capsys):
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(minimal(base="/nonexistent/base")))
+    cfg = load_config(path, {"search.n_trials": 7, "search.sampler": "random"})
+    assert cfg.search.n_trials == 7 and cfg.search.sampler == "random"
+    # a bad model path is reported (exit 2) without loading anything
+    assert main(["--config", str(path)]) == 2
+    assert "base: model path does not exist: /nonexistent/base" in capsys.readouterr().err
+    assert main(["--config", str(path), "--n-trials", "0"]) == 2
+    assert "search.n_trials" in capsys.readouterr().err
+
+
+def test_yaml_errors(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "missing.yaml")
+
+
+def test_shipped_configs_validate():
+    from pathlib import Path
+
+    for path in sorted(Path("configs").glob("*.yaml")):
+        load_config(path)

@@ -1,0 +1,88 @@
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from eval.data import DataError, load_pairs
+from eval.loss import Scorer, encode
+
+ROWS = [
+    {"prompt": "how do i make a good question", "response": "the answer is here"},
+    {"prompt": "what is it", "response": "it is a question , you know that"},
+    {"prompt": "can you help", "response": "sure"},
+]
+
+
+@pytest.fixture(scope="module")
+def model_tok(world):
+    return (
+        AutoModelForCausalLM.from_pretrained(world["base"], dtype=torch.float32).eval(),
+        AutoTokenizer.from_pretrained(world["base"]),
+    )
+
+
+def reference_loss(model, tok, row) -> float:
+    """HF's own loss with labels -100 on the prompt: what the paper's code computes."""
+    msgs = [{"role": "user", "content": row["prompt"]}, {"role": "assistant", "content": row["response"]}]
+    full = tok(tok.apply_chat_template(msgs, tokenize=False), add_special_tokens=False)["input_ids"]
+    head = tok(
+        tok.apply_chat_template(msgs[:1], tokenize=False, add_generation_prompt=True),
+        add_special_tokens=False,
+    )["input_ids"]
+    ids = torch.tensor([full])
+    labels = ids.clone()
+    labels[0, : len(head)] = -100
+    with torch.no_grad():
+        return model(input_ids=ids, labels=labels).loss.item()
+
+
+def test_masks_the_prompt_and_matches_hf_loss(model_tok):
+    model, tok = model_tok
+    e = encode(tok, ROWS[0]["prompt"], ROWS[0]["response"], 1024)
+    scored = tok.decode(list(e.input_ids[e.n_prompt :]))
+    assert scored.startswith("the answer is here") and "how do" not in scored
+    got = Scorer(tok, {"s": ROWS}).example_losses(model)["s"]
+    want = [reference_loss(model, tok, r) for r in ROWS]
+    order = sorted(
+        range(3), key=lambda i: len(encode(tok, ROWS[i]["prompt"], ROWS[i]["response"], 1024).input_ids)
+    )
+    torch.testing.assert_close(torch.tensor(sorted(got)), torch.tensor(sorted(want)), rtol=1e-4, atol=1e-4)
+    assert len(order) == 3
+
+
+def test_padding_and_batch_size_do_not_change_the_loss(model_tok):
+    model, tok = model_tok
+    one = Scorer(tok, {"s": ROWS}, batch_tokens=16).losses(model)["s"]
+    big = Scorer(tok, {"s": ROWS}, batch_tokens=4096).losses(model)["s"]
+    assert len(Scorer(tok, {"s": ROWS}, batch_tokens=4096).batches) == 1
+    assert abs(one - big) < 1e-4
+
+
+def test_truncation_and_skips(model_tok):
+    _, tok = model_tok
+    assert encode(tok, "how do i make a good question " * 20, "sure", 16) is None
+    with pytest.raises(ValueError, match="raise data.max_length"):
+        Scorer(tok, {"s": [{"prompt": "how " * 50, "response": "sure"}]}, max_length=16)
+
+
+def test_interleaves_sets_for_pruning(model_tok):
+    _, tok = model_tok
+    s = Scorer(tok, {"alignment": ROWS * 4, "domain": ROWS}, batch_tokens=40)
+    names = [b[0] for b in s.batches]
+    assert "domain" in names[: len(names) // 2 + 1]
+
+
+def test_data_files(tmp_path):
+    good = tmp_path / "good.jsonl"
+    good.write_text('{"prompt": "a", "response": "b"}\n{"prompt": "", "response": "b"}\n')
+    with pytest.warns(UserWarning, match="skipped 1 of 2"):
+        assert load_pairs(good) == [{"prompt": "a", "response": "b"}]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "a", "response": "b"}\n{not json\n')
+    with pytest.raises(DataError, match="not valid JSON Lines"):
+        load_pairs(bad)
+    nofield = tmp_path / "nofield.jsonl"
+    nofield.write_text('{"question": "a", "answer": "b"}\n')
+    with pytest.raises(DataError, match=r"missing field\(s\) \['prompt', 'response'\]"):
+        load_pairs(nofield)
+    with pytest.raises(DataError, match="data not found"):
+        load_pairs(tmp_path / "missing.jsonl")

@@ -1,0 +1,127 @@
+"""Merge methods against the reference implementation (mergekit 0.1.5) on a tiny model, through
+our own mergekit.yaml export, so the export is checked at the same time."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from mergekit.config import MergeConfiguration
+from mergekit.merge import run_merge
+from mergekit.options import MergeOptions
+from mergekit.sparsify import magnitude
+from safetensors.torch import load_file
+
+from optimize.config import validate_config
+from optimize.export import mergekit_config, mergekit_paths
+from optimize.methods import Candidate, DareLinear, DareTies, Ties
+from optimize.search import prepare
+from tests.conftest import world_config
+
+
+def random_candidate(groups: int, seed: int = 0) -> Candidate:
+    rng = np.random.default_rng(seed)
+    return Candidate(
+        weight=rng.uniform(0.1, 1.0, (2, groups)),
+        density=rng.choice([0.3, 0.5, 1.0], (2, groups)),
+        t=rng.uniform(0, 1, groups),
+    )
+
+
+@pytest.mark.parametrize(
+    "method,normalize,lora",
+    [
+        ("task_arithmetic", None, False),
+        ("linear", None, False),
+        ("ties", None, False),
+        ("ties", False, True),
+        ("slerp", None, False),
+        ("mergealign", None, False),
+    ],
+)
+def test_matches_mergekit(world, tmp_path, monkeypatch, method, normalize, lora):
+    raw = world_config(world, tmp_path / "run")
+    raw["merge"] = {"method": method, "normalize": normalize}
+    if lora:
+        raw["sources"][1]["path"] = str(world["lora"])
+    cfg = validate_config(raw)
+    ctx = prepare(cfg)
+    cand = random_candidate(ctx.base.groups.n)
+    ctx.merger.apply(cand)
+    ours = {n: p.detach().clone() for n, p, _ in ctx.merger.params}
+    cfg.run_dir.mkdir(parents=True)
+    base_path, source_paths = mergekit_paths(cfg, cfg.run_dir)
+    mk = mergekit_config(cfg, ctx.base.groups, list(ours), cand, base_path, source_paths)
+    monkeypatch.chdir(cfg.run_dir)  # the exported paths are relative to the run folder
+    run_merge(
+        MergeConfiguration.model_validate(mk),
+        str(tmp_path / "out"),
+        MergeOptions(quiet=True, write_model_card=False),
+    )
+    theirs = {}
+    for f in (tmp_path / "out").glob("*.safetensors"):
+        theirs.update(load_file(f))
+    assert set(theirs) == set(ours)
+    for n, t in ours.items():
+        torch.testing.assert_close(t, theirs[n].float(), rtol=1e-5, atol=1e-6, msg=n)
+    # the candidate really moved the model away from the base
+    assert any(not torch.equal(ours[n], ctx.base.weights[n]) for n in ours)
+
+
+@pytest.mark.parametrize("density", [0.1, 0.37, 0.5, 0.9])
+def test_ties_cached_trim_equals_mergekit_magnitude(density):
+    tau = torch.randn(300, 70, generator=torch.Generator().manual_seed(1))
+    method = Ties(normalize=True, density_levels=(0.1, 0.5, 0.9))
+    ours = tau * method.magnitude_mask(0, "w", tau, density)
+    torch.testing.assert_close(ours, magnitude(tau, density))
+    # served from the cache the second time, same answer
+    assert (0, "w") in method._thresholds
+    torch.testing.assert_close(tau * method.magnitude_mask(0, "w", tau, density), ours)
+
+
+@pytest.mark.parametrize("cls", [DareTies, DareLinear])
+@pytest.mark.parametrize("density", [0.2, 0.5, 0.8])
+def test_dare_keep_rate_and_rescale(cls, density):
+    tau = torch.randn(400, 500, generator=torch.Generator().manual_seed(2))
+    method = cls(normalize=False, seed=7)
+    mask = method.dare_mask(0, "w", tau, density)
+    keep = mask.float().mean().item()
+    assert abs(keep - density) < 0.005  # 200k Bernoulli draws: 0.005 is > 4 standard deviations
+    base = torch.zeros_like(tau)
+    out = torch.empty_like(tau)
+    cand = Candidate(weight=np.ones((1, 1)), density=np.full((1, 1), density))
+    method.merge("w", 0, base, [tau], cand, out)
+    kept = out != 0
+    assert torch.equal(kept, mask)
+    # surviving entries are rescaled by 1 / (1 - p) = 1 / density: the expectation is unbiased
+    torch.testing.assert_close(out[kept], tau[kept] / density)
+    assert abs(out.sum().item() - tau.sum().item()) < 0.05 * tau.abs().sum().item()
+
+
+def test_dare_masks_are_seeded_and_nested():
+    tau = torch.randn(100, 100)
+    a, b, c = (
+        DareTies(normalize=False, seed=1),
+        DareTies(normalize=False, seed=1),
+        DareTies(normalize=False, seed=2),
+    )
+    assert torch.equal(a.dare_mask(0, "w", tau, 0.5), b.dare_mask(0, "w", tau, 0.5))
+    assert not torch.equal(a.dare_mask(0, "w", tau, 0.5), c.dare_mask(0, "w", tau, 0.5))
+    assert not torch.equal(a.dare_mask(0, "w", tau, 0.5), a.dare_mask(1, "w", tau, 0.5))
+    # a higher density keeps a superset: masks come from one cached noise tensor
+    assert torch.all(a.dare_mask(0, "w", tau, 0.3) <= a.dare_mask(0, "w", tau, 0.6))
+
+
+def test_ties_sign_election_by_hand():
+    base = torch.zeros(4)
+    t1 = torch.tensor([1.0, -2.0, 3.0, 0.0])
+    t2 = torch.tensor([2.0, 1.0, -1.0, -1.0])
+    out = torch.empty(4)
+    m = Ties(normalize=False)
+    m.merge("w", 0, base, [t1, t2], Candidate(weight=np.ones((2, 1)), density=np.ones((2, 1))), out)
+    # elected signs: +, -, +, -  -> keep agreeing entries only
+    torch.testing.assert_close(out, torch.tensor([3.0, -2.0, 3.0, -1.0]))
+    Ties(normalize=True).merge(
+        "w", 0, base, [t1, t2], Candidate(weight=np.ones((2, 1)), density=np.ones((2, 1))), out
+    )
+    torch.testing.assert_close(out, torch.tensor([1.5, -2.0, 3.0, -1.0]))

@@ -1,0 +1,162 @@
+"""The search end to end on the tiny world: outputs, resume, Pareto, grid, failures."""
+
+import csv
+import math
+import subprocess
+import sys
+
+import optuna
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from optimize.config import ConfigError, validate_config
+from optimize.search import run
+from tests.conftest import world_config
+
+FILES = [
+    "best.yaml",
+    "mergekit.yaml",
+    "trials.csv",
+    "run.yaml",
+    "report.md",
+    "study.db",
+    "merged/model.safetensors",
+    "merged/tokenizer.json",
+    "merged/README.md",
+    "merged/chat_template.jinja",
+    "plots/history.png",
+    "plots/losses.png",
+    "plots/coefficients.png",
+]
+
+
+def trials(run_dir):
+    with open(run_dir / "trials.csv") as f:
+        return list(csv.DictReader(f))
+
+
+def test_search_writes_every_output_and_mergekit_reproduces_it(world, tmp_path):
+    raw = world_config(world, tmp_path / "run", n_trials=3)
+    raw["merge"] = {"method": "ties", "normalize": False}
+    raw["output"] = {"plots": True}
+    cfg = validate_config(raw)
+    report = run(cfg)
+    assert report == cfg.run_dir / "report.md"
+    for f in FILES:
+        assert (cfg.run_dir / f).exists(), f
+    best = yaml.safe_load((cfg.run_dir / "best.yaml").read_text())
+    assert set(best["coefficients"]) == {
+        "embed",
+        "layers.0",
+        "layers.1",
+        "layers.2",
+        "layers.3",
+        "norm",
+        "lm_head",
+    }
+    assert set(best["coefficients"]["layers.2"]) == {"weight", "density"}
+    assert math.isclose(
+        best["scores"]["objective"],
+        best["scores"]["alignment_loss_search"] + 0.3 * best["scores"]["domain_loss_search"],
+        rel_tol=1e-4,
+    )
+    rows = trials(cfg.run_dir)
+    assert len(rows) == 3 and all(r["state"] == "COMPLETE" for r in rows)
+    assert min(float(r["value"]) for r in rows) == pytest.approx(best["scores"]["objective"], rel=1e-4)
+    text = (cfg.run_dir / "report.md").read_text()
+    assert "| base |" in text and "merged (trial" in text and "plots/losses.png" in text
+    assert "What was and was not evaluated" in (cfg.run_dir / "merged/README.md").read_text()
+    # mergekit-yaml, run as-is from the run folder, rebuilds the same model
+    out = tmp_path / "mk"
+    subprocess.run(
+        [
+            sys.executable.replace("python", "mergekit-yaml"),
+            "mergekit.yaml",
+            str(out),
+            "--no-write-model-card",
+        ],
+        cwd=cfg.run_dir,
+        check=True,
+        capture_output=True,
+    )
+    ours, theirs = load_file(cfg.run_dir / "merged/model.safetensors"), load_file(out / "model.safetensors")
+    for n in ours:
+        torch.testing.assert_close(ours[n], theirs[n], rtol=1e-5, atol=1e-6)
+
+
+def test_rerun_resumes_and_counts_finished_trials(world, tmp_path):
+    raw = world_config(world, tmp_path / "run", n_trials=2)
+    run(validate_config(raw))
+    first = trials(tmp_path / "run")
+    raw["search"]["n_trials"] = 4
+    run(validate_config(raw))
+    second = trials(tmp_path / "run")
+    assert len(second) == 4
+    assert [r["value"] for r in second[:2]] == [r["value"] for r in first]  # kept, not redone
+    run(validate_config(raw))  # target already met: no new trial
+    assert len(trials(tmp_path / "run")) == 4
+
+
+def test_resume_with_another_search_space_is_refused(world, tmp_path):
+    raw = world_config(world, tmp_path / "run", n_trials=1)
+    run(validate_config(raw))
+    raw["search"]["parametrization"] = "global"
+    with pytest.raises(ConfigError, match="another search space"):
+        run(validate_config(raw))
+
+
+def test_pareto_objective_reports_front_and_rule(world, tmp_path):
+    raw = world_config(
+        world, tmp_path / "run", n_trials=4, objective="pareto", sampler="nsga2", pareto_rule="knee"
+    )
+    raw["output"] = {"plots": True, "save_model": False}
+    cfg = validate_config(raw)
+    run(cfg)
+    text = (cfg.run_dir / "report.md").read_text()
+    assert "## Pareto front" in text and "(chosen)" in text and "knee" in text
+    assert (cfg.run_dir / "plots/pareto.png").exists()
+    study = optuna.load_study(study_name="tiny", storage=f"sqlite:///{cfg.run_dir / 'study.db'}")
+    assert len(study.directions) == 2
+
+
+@pytest.mark.parametrize("sampler", ["cmaes", "gp", "random", "grid"])
+def test_samplers_run(world, tmp_path, sampler):
+    raw = world_config(world, tmp_path / "run", n_trials=3, sampler=sampler, parametrization="global")
+    raw["output"] = {"plots": False, "save_model": False}
+    run(validate_config(raw))
+    assert len(trials(tmp_path / "run")) == 3
+
+
+def test_same_seed_same_trials(world, tmp_path):
+    values = []
+    for k in range(2):
+        raw = world_config(world, tmp_path / f"run{k}", n_trials=3, sampler="tpe", seed=5)
+        raw["output"] = {"plots": False, "save_model": False}
+        run(validate_config(raw))
+        values.append([r["value"] for r in trials(tmp_path / f"run{k}")])
+    assert values[0] == values[1]
+
+
+def test_non_finite_loss_fails_the_trial_and_the_study_goes_on(world, tmp_path, monkeypatch):
+    from eval import loss
+
+    real = loss.response_losses
+    calls = {"n": 0}
+
+    def sometimes_nan(*a, **k):
+        out = real(*a, **k)
+        calls["n"] += 1
+        return out * float("nan") if calls["n"] <= 2 else out  # the first trial's batches
+
+    monkeypatch.setattr(loss, "response_losses", sometimes_nan)
+    raw = world_config(world, tmp_path / "run", n_trials=2)
+    raw["data"]["batch_tokens"] = 4096  # one batch per set
+    raw["output"] = {"plots": False, "save_model": False}
+    run(validate_config(raw))
+    study = optuna.load_study(study_name="tiny", storage=f"sqlite:///{tmp_path / 'run' / 'study.db'}")
+    states = [t.state.name for t in study.trials]
+    assert states.count("FAIL") == 1 and states.count("COMPLETE") == 2
+    failed = next(t for t in study.trials if t.state.name == "FAIL")
+    assert "non-finite loss" in failed.user_attrs["fail_reason"]

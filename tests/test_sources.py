@@ -1,0 +1,100 @@
+import json
+import shutil
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from eval.models import ModelLoadError
+from optimize.sources import SourceMismatchError, layer_groups, load_base, load_task_vector
+from tests.conftest import make_lora
+from tests.tiny import make_tiny_llama
+
+
+@pytest.fixture(scope="module")
+def base(world):
+    return load_base(str(world["base"]), torch.float32, "cpu")
+
+
+def test_groups_cover_every_parameter(base):
+    g = base.groups
+    assert g.names == ("embed", "layers.0", "layers.1", "layers.2", "layers.3", "norm", "lm_head")
+    assert set(g.of_param) == set(base.weights)
+    assert g.of_param["model.layers.2.mlp.up_proj.weight"] == 3
+
+
+def test_tied_lm_head_is_one_group():
+    names = ["model.embed_tokens.weight", "model.layers.0.mlp.up_proj.weight", "model.norm.weight"]
+    assert layer_groups(names).names == ("embed", "layers.0", "norm")
+
+
+def test_hf_task_vector_is_the_difference(world, base):
+    tv = load_task_vector("a", str(world["a"]), base)
+    src = AutoModelForCausalLM.from_pretrained(world["a"], dtype=torch.float32)
+    for n, p in src.named_parameters():
+        torch.testing.assert_close(base.weights[n] + tv[n], p.detach())
+
+
+def test_lora_task_vector_is_b_a_scaling_and_base_is_restored(world, base):
+    before = {n: p.detach().clone() for n, p in base.model.named_parameters()}
+    tv = load_task_vector("lora", str(world["lora"]), base)
+    assert len(tv) == 4 * 3  # q, v, up in each of 4 layers; nothing dense for the rest
+    from safetensors.torch import load_file
+
+    w = load_file(world["lora"] / "adapter_model.safetensors")
+    cfg = json.loads((world["lora"] / "adapter_config.json").read_text())
+    key = "base_model.model.model.layers.1.self_attn.q_proj"
+    expected = w[f"{key}.lora_B.weight"] @ w[f"{key}.lora_A.weight"] * (cfg["lora_alpha"] / cfg["r"])
+    torch.testing.assert_close(tv["model.layers.1.self_attn.q_proj.weight"], expected)
+    after = dict(base.model.named_parameters())
+    assert set(after) == set(before)  # the adapter was unloaded
+    for n, p in before.items():
+        assert torch.equal(after[n].detach(), p)
+    assert type(base.model.model.layers[0].self_attn.q_proj).__name__ == "Linear"
+
+
+def test_other_architecture_shapes_vocab_and_template_are_refused(world, base, tmp_path):
+    wide = make_tiny_llama(tmp_path / "wide", num_layers=4, hidden_size=128, num_heads=2)
+    with pytest.raises(SourceMismatchError, match="shape of model"):
+        load_task_vector("wide", str(wide), base)
+    vocab = make_tiny_llama(tmp_path / "vocab", num_layers=4, phrases=["I cannot help with that."])
+    with pytest.raises(SourceMismatchError, match="vocab size"):
+        load_task_vector("vocab", str(vocab), base)
+    deep = make_tiny_llama(tmp_path / "deep", num_layers=5)
+    with pytest.raises(SourceMismatchError, match="tensor names"):
+        load_task_vector("deep", str(deep), base)
+    arch = tmp_path / "arch"
+    shutil.copytree(world["a"], arch)
+    cfg = json.loads((arch / "config.json").read_text())
+    cfg["architectures"] = ["MistralForCausalLM"]
+    (arch / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(SourceMismatchError, match="architecture differs"):
+        load_task_vector("arch", str(arch), base)
+    tmpl = tmp_path / "tmpl"
+    shutil.copytree(world["a"], tmpl)
+    tok = AutoTokenizer.from_pretrained(tmpl)
+    tok.chat_template = "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}{% endfor %}"
+    tok.save_pretrained(tmpl)
+    with pytest.raises(SourceMismatchError, match="chat template differs"):
+        load_task_vector("tmpl", str(tmpl), base)
+
+
+def test_lora_for_another_base_is_refused(base, tmp_path):
+    other = make_tiny_llama(tmp_path / "other", num_layers=4, hidden_size=128, num_heads=2)
+    lora = make_lora(other, tmp_path / "other_lora", seed=0)
+    with pytest.raises(SourceMismatchError, match="LoRA shape for model.layers.0"):
+        load_task_vector("other", str(lora), base)
+
+
+def test_missing_and_pickled_paths(world, base, tmp_path):
+    with pytest.raises(ModelLoadError, match="does not exist"):
+        load_task_vector("x", str(tmp_path / "nope"), base)
+    pickled = tmp_path / "pickled"
+    pickled.mkdir()
+    shutil.copy(world["a"] / "config.json", pickled)
+    torch.save({}, pickled / "pytorch_model.bin")
+    with pytest.raises(ModelLoadError, match="pickled .bin weights"):
+        load_task_vector("p", str(pickled), base)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ModelLoadError, match="no config.json"):
+        load_task_vector("e", str(tmp_path / "empty"), base)

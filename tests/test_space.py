@@ -1,0 +1,78 @@
+import numpy as np
+import optuna
+import pytest
+
+from optimize.config import ConfigError, validate_config
+from optimize.methods import METHODS
+from optimize.sources import layer_groups
+from optimize.space import SearchSpace
+
+NAMES = (
+    ["model.embed_tokens.weight"]
+    + [f"model.layers.{i}.mlp.up_proj.weight" for i in range(6)]
+    + ["model.norm.weight", "lm_head.weight"]
+)
+GROUPS = layer_groups(NAMES)  # embed, 6 layers, norm, lm_head
+
+
+def space(parametrization, method="ties", **search):
+    cfg = validate_config(
+        {
+            "name": "x",
+            "merge": {"method": method},
+            "sources": [
+                {"name": "a", "path": "p", "role": "alignment"},
+                {"name": "b", "path": "q", "role": "domain"},
+            ],
+            "search": {"parametrization": parametrization, **search},
+        }
+    )
+    return SearchSpace(cfg, GROUPS, METHODS[method].searched)
+
+
+def test_counts_per_parametrization():
+    assert space("global").n_params == 4  # weight + density per source
+    assert space("layerwise").n_params == 4 * 9
+    assert space("blocks:3").n_params == 4 * (3 + 3)  # 3 layer blocks + embed, norm, lm_head
+    assert space("gradient:4").n_params == 4 * 4
+    assert space("layerwise", method="slerp").n_params == 9  # one t per group
+
+
+def test_blocks_and_gradient_expand_to_groups():
+    s = space("blocks:3", method="mergealign")
+    params = {
+        "t.block0": 0.1,
+        "t.block1": 0.5,
+        "t.block2": 0.9,
+        "t.embed": 0.0,
+        "t.norm": 0.7,
+        "t.lm_head": 1.0,
+    }
+    c = s.decode(params)
+    np.testing.assert_allclose(c.t, [0.0, 0.1, 0.1, 0.5, 0.5, 0.9, 0.9, 0.7, 1.0])
+    g = space("gradient:2", method="mergealign").decode({"t.cp0": 0.0, "t.cp1": 1.0})
+    np.testing.assert_allclose(g.t, np.linspace(0, 1, 9))
+
+
+def test_densities_stay_on_the_cache_grid():
+    s = space("layerwise", density=[0.15, 0.9], density_step=0.1)
+    assert s.density_levels == (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    for _ in range(5):
+        c = s.suggest(study.ask())
+        assert np.all(np.isin(np.round(c.density, 6), s.density_levels))
+        assert c.weight.shape == (2, 9)
+
+
+def test_initial_point_and_grid():
+    s = space("global")
+    c = s.decode(s.initial_params())
+    np.testing.assert_allclose(c.weight, 0.5)  # 1 / number of sources, like mergekit-evolve
+    np.testing.assert_allclose(c.density, 1.0)
+    grid = space("global", sampler="grid", grid=[0.25, 0.5, 1.0]).grid()
+    assert grid["weight[a]"] == [0.25, 0.5, 1.0] and grid["density[b]"] == [0.25, 0.5, 1.0]
+
+
+def test_too_many_blocks():
+    with pytest.raises(ConfigError, match="more blocks than the model has layers"):
+        space("blocks:7")
