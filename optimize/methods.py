@@ -64,8 +64,9 @@ class MergeMethod:
         raise NotImplementedError
 
     # ---- sparsification, cached --------------------------------------------------------------
-    def magnitude_mask(self, i: int, name: str, tau: Tensor, density: float) -> Tensor | None:
-        """mergekit's `magnitude`: keep the k = max(1, int(d n)) largest |tau| (None: keep all)."""
+    def magnitude_threshold(self, i: int, name: str, tau: Tensor, density: float) -> float | None:
+        """mergekit's `magnitude` keeps the k = max(1, int(d n)) largest |tau|: the k-th largest
+        |tau| is the threshold (None: keep all). Cached per (source, tensor, density)."""
         if density >= 1:
             return None
         cache = self._thresholds.setdefault((i, name), {})
@@ -80,23 +81,31 @@ class MergeMethod:
                     cache[x] = ordered[n - max(1, int(x * n))].item()
             else:
                 cache[d] = torch.kthvalue(flat, n - max(1, int(d * n)) + 1).values.item()
-        return tau.abs() >= cache[d]
+        return cache[d]
 
-    def dare_mask(self, i: int, name: str, tau: Tensor, density: float) -> Tensor | None:
-        """Bernoulli(d) keep mask from noise drawn once per (seed, source, tensor): the mask for
-        density d is `noise < d`, so masks are nested across densities and cost one comparison."""
-        if density >= 1:
-            return None
+    def magnitude_mask(self, i: int, name: str, tau: Tensor, density: float) -> Tensor | None:
+        thr = self.magnitude_threshold(i, name, tau, density)
+        return None if thr is None else tau.abs() >= thr
+
+    def dare_noise(self, i: int, name: str, tau: Tensor) -> Tensor:
+        """Uniform int16 noise drawn once per (seed, source, tensor): the Bernoulli(d) keep mask
+        is `noise < cutoff(d)`, so masks are nested across densities and cost one comparison."""
         key = (i, name)
         if key not in self._noise:
             gen = torch.Generator(device="cpu").manual_seed(_stable_hash(self.seed, i, name))
             self._noise[key] = torch.randint(-(2**15), 2**15, tau.shape, generator=gen, dtype=torch.int16).to(
                 tau.device
             )
-        return self._noise[key] < (round(density * 2**16) - 2**15)
+        return self._noise[key]
 
-    def sparsified(self, i: int, name: str, tau: Tensor, density: float) -> Tensor:
-        raise NotImplementedError
+    @staticmethod
+    def dare_cutoff(density: float) -> int:
+        return round(density * 2**16) - 2**15
+
+    def dare_mask(self, i: int, name: str, tau: Tensor, density: float) -> Tensor | None:
+        if density >= 1:
+            return None
+        return self.dare_noise(i, name, tau) < self.dare_cutoff(density)
 
 
 def _stable_hash(*parts) -> int:
@@ -157,44 +166,52 @@ class DareLinear(TaskArithmetic):
 class Ties(MergeMethod):
     name = "ties"
     searched = ("weight", "density")
+    CHUNK = 1 << 18  # elements; the temporaries of one chunk stay in the CPU cache
 
-    def sparsified(self, i, name, tau, density):
-        mask = self.magnitude_mask(i, name, tau, density)
-        return tau if mask is None else tau * mask
+    def weighted_chunk(self, i: int, name: str, tau: Tensor, density: float, w: float):
+        """A function slice -> w * trimmed tau over that slice of the flattened tensor."""
+        flat = tau.view(-1)
+        thr = self.magnitude_threshold(i, name, tau, density)
+        if thr is None:
+            return lambda sl: flat[sl] * w
+        return lambda sl: torch.where(flat[sl].abs() >= thr, flat[sl], 0.0).mul_(w)
 
     def merge(self, name, g, base, taus, c, out):
         w = c.weight[:, g]
-        weighted = [
-            self.sparsified(i, name, tau, float(c.density[i, g])) * float(w[i])
-            for i, tau in enumerate(taus)
-            if tau is not None and w[i] != 0
-        ]
-        used = [float(w[i]) for i, tau in enumerate(taus) if tau is not None and w[i] != 0]
+        used = [i for i, tau in enumerate(taus) if tau is not None and w[i] != 0]
         out.copy_(base)
-        if not weighted:
+        if not used:
             return
-        positive = torch.stack(weighted).sum(0) >= 0  # elected sign (mergekit: "sum" consensus)
-        mixed = torch.zeros_like(base)
-        divisor = torch.zeros_like(base) if self.normalize else None
-        for wd, wt in zip(weighted, used):
-            agree = torch.where(positive, wd > 0, wd < 0)
-            mixed.add_(wd * agree)
+        parts = [self.weighted_chunk(i, name, taus[i], float(c.density[i, g]), float(w[i])) for i in used]
+        out_flat = out.view(-1)
+        for start in range(0, out_flat.numel(), self.CHUNK):
+            sl = slice(start, start + self.CHUNK)
+            weighted = [part(sl) for part in parts]
+            positive = sum(weighted) >= 0  # elected sign (mergekit: "sum" consensus)
+            mixed = torch.zeros_like(weighted[0])
+            divisor = torch.zeros_like(mixed) if self.normalize else None
+            for wd, i in zip(weighted, used):
+                agree = torch.where(positive, wd > 0, wd < 0)
+                mixed.add_(wd * agree)
+                if divisor is not None:
+                    divisor.add_(agree, alpha=float(w[i]))
             if divisor is not None:
-                divisor.add_(agree, alpha=wt)
-        if divisor is not None:
-            # mergekit divides by sum_t w_t [agrees]; it counts only the sources present in this
-            # tensor, so sources without a delta here are left out of the divisor as well.
-            divisor[divisor == 0] = 1
-            mixed.div_(divisor)
-        out.add_(mixed, alpha=self.lambda_)
+                # mergekit divides by sum_t w_t [agrees]: sources without a delta in this tensor
+                # or trimmed here never agree, so they are left out of the divisor too.
+                divisor[divisor == 0] = 1
+                mixed.div_(divisor)
+            out_flat[sl].add_(mixed, alpha=self.lambda_)
 
 
 class DareTies(Ties):
     name = "dare_ties"
 
-    def sparsified(self, i, name, tau, density):
-        mask = self.dare_mask(i, name, tau, density)
-        return tau if mask is None else tau * mask / density
+    def weighted_chunk(self, i, name, tau, density, w):
+        flat = tau.view(-1)
+        if density >= 1:
+            return lambda sl: flat[sl] * w
+        noise, cutoff = self.dare_noise(i, name, tau).view(-1), self.dare_cutoff(density)
+        return lambda sl: torch.where(noise[sl] < cutoff, flat[sl], 0.0).mul_(w / density)
 
 
 class Slerp(MergeMethod):
