@@ -85,3 +85,30 @@ def coefficient_profile(groups: list[str], profiles: dict[str, dict[str, list[fl
     axes[-1, 0].set_xticks(ticks, [groups[i] for i in ticks], rotation=30, fontsize=8)
     axes[0, 0].set_title("Per-layer merge coefficients of the chosen model")
     return _save(fig, path)
+
+
+def labeled_points(
+    points: dict[str, tuple[float, float]],
+    path,
+    xlabel: str,
+    ylabel: str,
+    title: str,
+    highlight: str | None = None,
+) -> Path:
+    """One labelled marker per model (e.g. refusal rate vs domain loss of every contender)."""
+    fig, ax = plt.subplots(figsize=(7.5, 5))
+    for k, (name, (x, y)) in enumerate(points.items()):
+        star = name == highlight
+        ax.scatter(
+            [x],
+            [y],
+            s=160 if star else 60,
+            marker="*" if star else "o",
+            color=f"C{k}",
+            label=name,
+            zorder=5 if star else 3,
+        )
+    ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="best")
+    return _save(fig, path)

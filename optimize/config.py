@@ -151,6 +151,8 @@ class Runtime(Strict):
 class Output(Strict):
     save_model: bool = True
     plots: bool = True
+    references: bool = True  # score the base and each source alone, for the report
+    test_splits: bool = True  # score the chosen model on <data>/*_test when present
 
 
 class Config(Strict):
@@ -189,6 +191,10 @@ class Config(Strict):
     @property
     def run_dir(self) -> Path:
         return Path(self.out or f"runs/{self.name}")
+
+    @property
+    def data_dir(self) -> Path:
+        return Path(self.data.dir) if self.data.dir else self.run_dir / "data"
 
     def parametrization_of(self, source: Source) -> str:
         return source.parametrization or self.search.parametrization

@@ -86,14 +86,14 @@ def write_outputs(ctx, study: optuna.Study, storage: str, interrupted: bool = Fa
     search_scorer = Scorer(
         ctx.base.tokenizer, ctx.rows, cfg.data.max_length, cfg.data.batch_tokens, ctx.scorer.device
     )
-    test_rows = load_test_data(cfg)
+    test_rows = load_test_data(cfg) if cfg.output.test_splits else {}
     test_scorer = (
         Scorer(ctx.base.tokenizer, test_rows, cfg.data.max_length, cfg.data.batch_tokens, ctx.scorer.device)
         if test_rows
         else None
     )
-    refs = reference_losses(ctx, search_scorer)
-    refs_test = reference_losses(ctx, test_scorer) if test_scorer else {}
+    refs = reference_losses(ctx, search_scorer) if cfg.output.references else {}
+    refs_test = reference_losses(ctx, test_scorer) if test_scorer and cfg.output.references else {}
     model = ctx.merger.apply(candidate)
     search_losses = search_scorer.losses(model, progress=True)
     test_losses = test_scorer.losses(model, progress=True) if test_scorer else {}

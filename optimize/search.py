@@ -32,7 +32,7 @@ from eval.models import (
 )
 from optimize.config import SAMPLERS, Config, ConfigError, load_config
 from optimize.merge import InMemoryMerger
-from optimize.methods import METHODS, Candidate
+from optimize.methods import METHODS
 from optimize.sources import Base, load_base, load_task_vectors
 from optimize.space import SearchSpace
 
@@ -55,7 +55,7 @@ def check_inputs(cfg: Config) -> dict[str, list[dict]]:
 
 def load_data(cfg: Config) -> dict[str, list[dict]]:
     d = cfg.data
-    folder = Path(d.dir) if d.dir else cfg.run_dir / "data"
+    folder = cfg.data_dir
     return {
         "alignment": load_pairs(
             d.alignment or folder, None if d.alignment else d.alignment_split, d.n_alignment
@@ -66,7 +66,7 @@ def load_data(cfg: Config) -> dict[str, list[dict]]:
 
 def load_test_data(cfg: Config) -> dict[str, list[dict]]:
     """The held-out test splits, when the run folder has them (they are never searched on)."""
-    folder = Path(cfg.data.dir) if cfg.data.dir else cfg.run_dir / "data"
+    folder = cfg.data_dir
     out = {}
     for name in ("alignment", "domain"):
         try:
@@ -87,10 +87,6 @@ class Context:
     scorer: Scorer  # on the sets the objective uses
     rows: dict[str, list[dict]]
     timings: dict[str, float] = field(default_factory=dict)
-
-    def candidate_losses(self, candidate: Candidate, scorer: Scorer | None = None, **kw) -> dict[str, float]:
-        model = self.merger.apply(candidate)
-        return (scorer or self.scorer).losses(model, **kw)
 
 
 def prepare(cfg: Config, rows: dict[str, list[dict]] | None = None) -> Context:
@@ -294,8 +290,9 @@ def n_finished(study: optuna.Study) -> int:
     return len(study.get_trials(deepcopy=False, states=FINISHED))
 
 
-def run(cfg: Config, storage: str | None = None) -> Path:
-    """The whole search; returns the path of the report."""
+def run(cfg: Config, storage: str | None = None, ctx: Context | None = None) -> Path:
+    """The whole search; returns the path of the report. `ctx` reuses loaded models (a caller
+    running several searches on the same base and sources)."""
     from optimize.report import write_outputs
 
     started = time.perf_counter()
@@ -303,7 +300,7 @@ def run(cfg: Config, storage: str | None = None) -> Path:
     cfg.run_dir.mkdir(parents=True, exist_ok=True)
     storage = storage or cfg.storage or default_storage(cfg)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    ctx = prepare(cfg, rows)
+    ctx = ctx or prepare(cfg, rows)
     sampler = make_sampler(cfg, ctx.space)
     pruner = make_pruner(cfg, len(ctx.scorer.batches))
     study = open_study(cfg, storage, sampler, pruner, study_signature(cfg, ctx.space))

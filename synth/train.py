@@ -7,6 +7,8 @@ scorer (`eval.loss.encode`), so a source is trained on exactly what the search m
 from __future__ import annotations
 
 import random
+import shutil
+import tempfile
 from pathlib import Path
 
 import torch
@@ -32,8 +34,10 @@ def train_lora(
     seed: int = 0,
     targets: tuple[str, ...] = DEFAULT_TARGETS,
     max_steps: int | None = None,
+    save_dtype: str = "float32",
 ) -> Path:
-    """Train a LoRA adapter on rows of {prompt, response}; save it (safetensors) to `out`."""
+    """Train a LoRA adapter on rows of {prompt, response}; save it (safetensors) to `out`,
+    atomically (temporary folder, then rename). `save_dtype` bfloat16 halves the adapter size."""
     from peft import LoraConfig, get_peft_model
 
     torch.manual_seed(seed)
@@ -79,5 +83,11 @@ def train_lora(
             bar.update(1)
             bar.set_postfix(loss=f"{loss.item():.3f}")
     bar.close()
-    model.save_pretrained(out, safe_serialization=True)
-    return Path(out)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    model.to(getattr(torch, save_dtype)).save_pretrained(tmp, safe_serialization=True)
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+    return out
