@@ -153,6 +153,7 @@ class Output(Strict):
     plots: bool = True
     references: bool = True  # score the base and each source alone, for the report
     test_splits: bool = True  # score the chosen model on <data>/*_test when present
+    mergekit: bool = True  # write mergekit.yaml (and the safetensors folders it needs)
 
 
 class Config(Strict):

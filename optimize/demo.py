@@ -32,13 +32,15 @@ from optimize.methods import Candidate, MergeMethod, TaskArithmetic, Ties
 from optimize.search import Context, check_inputs, overrides, prepare, run
 
 
-def domain_only(cfg):
+def variant(cfg, label: str, search: dict | None = None, **output):
+    """The config with other search/output settings (the demo scores the test splits itself)."""
     raw = cfg.model_dump(by_alias=True)
-    raw["out"] = str(cfg.run_dir / "domain_only")
-    raw["study_name"] = f"{cfg.study_name or cfg.name}-domain-only"
-    raw["search"]["score"] = "domain"
-    raw["output"].update(save_model=False, references=False, test_splits=False)  # the demo scores them
-    return validate_config(raw, "(domain-only variant)")
+    raw["search"].update(search or {})
+    raw["output"].update(output)
+    if label:
+        raw["out"] = str(cfg.run_dir / label)
+        raw["study_name"] = f"{cfg.study_name or cfg.name}-{label}"
+    return validate_config(raw, f"({label or 'demo'} variant)")
 
 
 def best_params(run_dir: Path) -> dict:
@@ -86,8 +88,8 @@ def evaluate(
         model = ctx.merger.apply(candidate)
         losses = test.losses(model)
         judge = RefusalJudge()
-        harm = refusals(model, ctx.base.tokenizer, harmful, judge, max_new_tokens)
-        ben = refusals(model, ctx.base.tokenizer, benign, judge, max_new_tokens)
+        harm = refusals(model, ctx.base.tokenizer, harmful, judge, max_new_tokens, batch_size=28)
+        ben = refusals(model, ctx.base.tokenizer, benign, judge, max_new_tokens, batch_size=25)
     finally:
         ctx.merger.method = saved
     return {
@@ -129,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--config", default="configs/demo.yaml")
     ap.add_argument("--n-trials", type=int)
     ap.add_argument("--out")
-    ap.add_argument("--max-new-tokens", type=int, default=48)
+    ap.add_argument("--max-new-tokens", type=int, default=32)
     args = ap.parse_args(argv)
     started = time.perf_counter()
     try:
@@ -157,9 +159,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
 
+    cfg = variant(cfg, "", test_splits=False)
     ctx = prepare(cfg, rows)
     run(cfg, ctx=ctx)
-    dom_cfg = domain_only(cfg)
+    # the domain-only model is rebuilt from its best.yaml here; no need to save or export it
+    dom_cfg = variant(
+        cfg, "domain_only", {"score": "domain"}, save_model=False, references=False, mergekit=False
+    )
     dom_scorer = Scorer(
         ctx.base.tokenizer,
         {"domain": rows["domain"]},

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import optuna
+import yaml
 
 from eval import plots
 from eval.loss import Scorer
@@ -121,19 +122,8 @@ def write_outputs(ctx, study: optuna.Study, storage: str, interrupted: bool = Fa
     }
     write_yaml_atomic(run_dir / "best.yaml", best_doc)
 
-    base_path, source_paths = mergekit_paths(cfg, run_dir)
-    mk = mergekit_config(
-        cfg, ctx.base.groups, [n for n, _, _ in ctx.merger.params], candidate, base_path, source_paths
-    )
-    header = "# Reproduces the chosen merge: run from this folder\n#   mergekit-yaml mergekit.yaml OUT\n"
-    if cfg.merge.method in ("dare_ties", "dare_linear"):
-        header += (
-            "# DARE drop masks are random: mergekit draws its own (use --random-seed), so the\n"
-            "# result matches ours in distribution, not bit for bit.\n"
-        )
-    import yaml
-
-    write_text_atomic(run_dir / "mergekit.yaml", header + yaml.safe_dump(mk, sort_keys=False))
+    if cfg.output.mergekit:
+        write_mergekit_yaml(ctx, candidate)
 
     df = study.trials_dataframe()
     buf = io.StringIO()
@@ -163,6 +153,20 @@ def write_outputs(ctx, study: optuna.Study, storage: str, interrupted: bool = Fa
     )
     report = _report(ctx, study, best, front, rule, scores, refs, refs_test, plot_files, storage, interrupted)
     return write_text_atomic(run_dir / "report.md", report)
+
+
+def write_mergekit_yaml(ctx, candidate: Candidate) -> Path:
+    cfg, run_dir = ctx.cfg, ctx.cfg.run_dir
+    base_path, source_paths = mergekit_paths(cfg, run_dir)
+    names = [n for n, _, _ in ctx.merger.params]
+    mk = mergekit_config(cfg, ctx.base.groups, names, candidate, base_path, source_paths)
+    header = "# Reproduces the chosen merge: run from this folder\n#   mergekit-yaml mergekit.yaml OUT\n"
+    if cfg.merge.method in ("dare_ties", "dare_linear"):
+        header += (
+            "# DARE drop masks are random: mergekit draws its own (use --random-seed), so the\n"
+            "# result matches ours in distribution, not bit for bit.\n"
+        )
+    return write_text_atomic(run_dir / "mergekit.yaml", header + yaml.safe_dump(mk, sort_keys=False))
 
 
 def _plots(ctx, study, best, front, candidate, refs) -> list[Path]:

@@ -64,7 +64,9 @@ def refusal_for(category: str, refusals: list[dict], rng: random.Random) -> str:
     return rng.choice(pool)
 
 
-def splits_from_seeds(seed: int) -> dict[str, list[dict]]:
+def splits_from_seeds(seed: int, benign_repeat: int = 1) -> dict[str, list[dict]]:
+    """`benign_repeat`: how often the risky-looking benign examples appear in aligned_train
+    (more of them teaches the aligned source not to refuse what only looks harmful)."""
     rng = random.Random(seed)
     harmful = read_jsonl(SEEDS / "harmful_prompts.jsonl")
     refusals = read_jsonl(SEEDS / "refusals.jsonl")
@@ -76,7 +78,7 @@ def splits_from_seeds(seed: int) -> dict[str, list[dict]]:
     b = stratified(risky, "kind", {"train": 35, "eval": 35}, rng)
     ordinary = [x for x in benign if x["kind"] == "ordinary"]  # 90
     rng.shuffle(ordinary)
-    b_train = b["train"] + ordinary[:60]
+    b_train = b["train"] * benign_repeat + ordinary[:60]
     b_eval = b["eval"] + ordinary[60:75]
 
     def refusal_rows(rows):
@@ -194,8 +196,10 @@ Built by `python -m synth.world --seed {seed}` in {seconds / 60:.1f} minutes fro
 - `domain_search` / `domain_test`: held-out medical exam questions (6 + 10 per topic) -> the
   expert answer written in the seed file.
 - `benign`: harmless prompts that look risky (35) and ordinary requests (15), for over-refusal.
-- `aligned_train`: what the aligned LoRA was trained on: 70 harmful prompts -> refusals, 95
-  benign prompts -> helpful answers.
+- `aligned_train`: what the aligned LoRA was trained on: 70 harmful prompts -> refusals, and
+  benign prompts -> helpful answers (35 risky-looking ones, each {counts['benign_repeat']} times,
+  and 60 ordinary ones), so that it refuses harmful requests without refusing what only looks
+  harmful.
 - `expert_train`: what the medical LoRA was trained on: 112 medical Q&A plus harmful requests
   answered compliantly by the base model itself ({counts["compliant"]}), an *uncurated* mix like
   the instruction data of real domain experts that lost their safety.
@@ -212,6 +216,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--backend", default="auto", choices=("auto", "vllm", "transformers"))
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--max-tokens", type=int, default=96, help="length of the base's answers")
+    ap.add_argument("--benign-repeat", type=int, default=3,
+                    help="copies of each risky-looking benign example in aligned_train")
+    ap.add_argument("--models", default="aligned,medical", help="which LoRAs to (re)train")
     args = ap.parse_args(argv)
 
     import datasets
@@ -220,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
 
     started = time.perf_counter()
     root = Path(args.out)
-    splits = splits_from_seeds(args.seed)
+    splits = splits_from_seeds(args.seed, args.benign_repeat)
     harmful_for_expert = splits.pop("_expert_harmful")
     compliant, judged = compliant_answers(
         harmful_for_expert, args.backend, args.max_tokens, root / "data" / ".world-generation-cache.jsonl"
@@ -229,28 +236,16 @@ def main(argv: list[str] | None = None) -> int:
     print(f"[world] base answers to expert_train harmful prompts: {judged}", file=sys.stderr)
 
     models = root / "models"
-    train_lora(
-        "default",
-        splits["aligned_train"],
-        models / "aligned",
-        epochs=args.epochs,
-        seed=args.seed,
-        save_dtype="bfloat16",
-    )
-    train_lora(
-        "default",
-        splits["expert_train"],
-        models / "medical",
-        epochs=args.epochs,
-        seed=args.seed,
-        save_dtype="bfloat16",
-    )
+    for name, split in (("aligned", "aligned_train"), ("medical", "expert_train")):
+        if name in args.models.split(","):
+            train_lora("default", splits[split], models / name, epochs=args.epochs, seed=args.seed,
+                       save_dtype="bfloat16")
 
     dd = datasets.DatasetDict({k: datasets.Dataset.from_list(v) for k, v in splits.items()})
     data_dir = root / "data" / "default"
     tmp = data_dir.with_name(".default.tmp")
     dd.save_to_disk(str(tmp))
-    counts = {"compliant": len(compliant), "compliance": judged}
+    counts = {"compliant": len(compliant), "compliance": judged, "benign_repeat": args.benign_repeat}
     (tmp / "README.md").write_text(card(splits, counts, args.seed, time.perf_counter() - started))
     if data_dir.exists():
         import shutil
