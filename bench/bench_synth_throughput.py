@@ -88,6 +88,9 @@ def main() -> None:
             subprocess.run(cmd, check=True)
             with open(out) as f:
                 results.append(json.load(f))
+            r = results[-1]  # printed as it comes, so a stopped run keeps what it measured
+            print(f"[bench] {backend} batch {r['batch']}: {r['median_tokens_per_s']:.1f} tokens/s "
+                  f"(runs {[round(x['tokens_per_s'], 1) for x in r['runs']]})", flush=True)
 
     print(f"\nmodel {args.model} ({folder}), {args.prompts} prompts x <= {args.max_tokens} new "
           f"tokens, greedy, {args.dtype}, {os.cpu_count()} CPUs, median of {args.repeats}\n")
