@@ -12,6 +12,7 @@ import os
 import shutil
 import tempfile
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -118,18 +119,18 @@ def resolve_dtype(name: str) -> torch.dtype:
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
 
-def save_model_atomic(model, tokenizer, out: str | os.PathLike, extra_files: dict[str, str] | None = None):
-    """`save_pretrained` (safetensors) + tokenizer into a temporary sibling folder, then rename.
-    A crash never leaves a half-written folder under `out`, and an existing `out` is replaced
-    only once the new one is complete."""
+@contextmanager
+def atomic_dir(out: str | os.PathLike):
+    """Yield a temporary sibling folder of `out`; on success it replaces `out` by renames, so a
+    crash never leaves a half-written folder under `out` (nor loses the previous one)."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; the result should not be
     try:
-        model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-        for name, text in (extra_files or {}).items():
-            (tmp / name).write_text(text)
+        yield tmp
         if out.exists():
             old = out.with_name(f".{out.name}.old-{os.getpid()}")
             out.rename(old)
@@ -140,7 +141,16 @@ def save_model_atomic(model, tokenizer, out: str | os.PathLike, extra_files: dic
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return out
+
+
+def save_model_atomic(model, tokenizer, out: str | os.PathLike, extra_files: dict[str, str] | None = None):
+    """`save_pretrained` (safetensors) + tokenizer + extra files into `out`, atomically."""
+    with atomic_dir(out) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text)
+    return Path(out)
 
 
 def materialize_hf_folder(path: str | os.PathLike, out: str | os.PathLike, dtype=torch.bfloat16) -> Path:

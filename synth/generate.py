@@ -13,16 +13,14 @@ import argparse
 import importlib.metadata
 import json
 import math
-import os
 import platform
 import shlex
-import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 from eval.judge import RefusalJudge
+from eval.models import atomic_dir
 from synth.config import ConfigError, ModelSpec, SynthConfig, load_run_config, to_jsonable
 from synth.engine import EngineSettings, EngineSlot, GenerationCache, resolve_backend
 from synth.pipelines import (
@@ -162,26 +160,11 @@ def write_atomic(out: Path, splits: dict[str, list[dict]], record: dict, templat
         name: Dataset.from_dict({c: [r[c] for r in rows] for c in COLUMNS}, features=features)
         for name, rows in splits.items()
     })
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; the data folder is not
-    try:
+    with atomic_dir(out) as tmp:
         # an empty split saved with the default sharding does not load back (datasets 5.2)
         dd.save_to_disk(str(tmp), num_shards={n: 1 for n, d in dd.items() if len(d) == 0})
         (tmp / "README.md").write_text(render_card(record, templates))
         (tmp / "synth_run.json").write_text(json.dumps(record, indent=2) + "\n")
-        if out.exists():
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            out.rename(old)
-            tmp.rename(out)
-            shutil.rmtree(old)
-        else:
-            tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -7,15 +7,13 @@ scorer (`eval.loss.encode`), so a source is trained on exactly what the search m
 from __future__ import annotations
 
 import random
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
 from eval.loss import encode
-from eval.models import load_model, load_tokenizer
+from eval.models import atomic_dir, load_model, load_tokenizer
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -83,11 +81,6 @@ def train_lora(
             bar.update(1)
             bar.set_postfix(loss=f"{loss.item():.3f}")
     bar.close()
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    model.to(getattr(torch, save_dtype)).save_pretrained(tmp, safe_serialization=True)
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
-    return out
+    with atomic_dir(out) as tmp:
+        model.to(getattr(torch, save_dtype)).save_pretrained(tmp, safe_serialization=True)
+    return Path(out)

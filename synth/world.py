@@ -223,6 +223,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import datasets
 
+    from eval.models import atomic_dir
     from synth.train import train_lora
 
     started = time.perf_counter()
@@ -243,15 +244,10 @@ def main(argv: list[str] | None = None) -> int:
 
     dd = datasets.DatasetDict({k: datasets.Dataset.from_list(v) for k, v in splits.items()})
     data_dir = root / "data" / "default"
-    tmp = data_dir.with_name(".default.tmp")
-    dd.save_to_disk(str(tmp))
     counts = {"compliant": len(compliant), "compliance": judged, "benign_repeat": args.benign_repeat}
-    (tmp / "README.md").write_text(card(splits, counts, args.seed, time.perf_counter() - started))
-    if data_dir.exists():
-        import shutil
-
-        shutil.rmtree(data_dir)
-    tmp.rename(data_dir)
+    with atomic_dir(data_dir) as tmp:
+        dd.save_to_disk(str(tmp))
+        (tmp / "README.md").write_text(card(splits, counts, args.seed, time.perf_counter() - started))
     print(
         f"[world] done in {(time.perf_counter() - started) / 60:.1f} min: {data_dir}, "
         f"{models / 'aligned'}, {models / 'medical'}",
