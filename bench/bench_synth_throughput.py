@@ -27,9 +27,12 @@ from synth.prompts import Templates
 
 
 def measure(backend: str, folder: str, convs, args) -> dict:
-    settings = EngineSettings(dtype=args.dtype, batch_size=args.batch,
-                              max_model_len=args.max_model_len,
-                              cpu_all_cores=not args.vllm_reserve)
+    settings = EngineSettings(
+        dtype=args.dtype,
+        batch_size=args.batch,
+        max_model_len=args.max_model_len,
+        cpu_all_cores=not args.vllm_reserve,
+    )
     t0 = time.perf_counter()
     engine = open_engine(ModelRef(folder), backend, settings)
     startup = time.perf_counter() - t0
@@ -45,8 +48,13 @@ def measure(backend: str, folder: str, convs, args) -> dict:
         n = sum(len(tok(o[0], add_special_tokens=False)["input_ids"]) for o in outs)
         runs.append({"seconds": dt, "tokens": n, "tokens_per_s": n / dt})
     engine.close()
-    return {"backend": backend, "batch": args.batch, "startup_s": startup, "runs": runs,
-            "median_tokens_per_s": statistics.median(r["tokens_per_s"] for r in runs)}
+    return {
+        "backend": backend,
+        "batch": args.batch,
+        "startup_s": startup,
+        "runs": runs,
+        "median_tokens_per_s": statistics.median(r["tokens_per_s"] for r in runs),
+    }
 
 
 def main() -> None:
@@ -56,8 +64,11 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--hf-batch-size", default="8", help="transformers prompts per call: 8 or 8,1")
-    ap.add_argument("--vllm-reserve", action="store_true",
-                    help="keep vLLM's default of reserving a core for its front end")
+    ap.add_argument(
+        "--vllm-reserve",
+        action="store_true",
+        help="keep vLLM's default of reserving a core for its front end",
+    )
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     ap.add_argument("--max-model-len", type=int, default=1024)
     ap.add_argument("--backends", default="vllm,transformers")
@@ -75,31 +86,50 @@ def main() -> None:
             json.dump(measure(args.child, folder, convs, args), f)
         return
     results = []
-    opts = ["--model", args.model, "--prompts", str(args.prompts), "--max-tokens",
-            str(args.max_tokens), "--repeats", str(args.repeats), "--dtype", args.dtype,
-            "--max-model-len", str(args.max_model_len)] + ["--vllm-reserve"] * args.vllm_reserve
-    runs = [(b, bs) for b in args.backends.split(",")
-            for bs in (args.hf_batch_size.split(",") if b == "transformers" else ["0"])]
+    opts = [
+        "--model",
+        args.model,
+        "--prompts",
+        str(args.prompts),
+        "--max-tokens",
+        str(args.max_tokens),
+        "--repeats",
+        str(args.repeats),
+        "--dtype",
+        args.dtype,
+        "--max-model-len",
+        str(args.max_model_len),
+    ] + ["--vllm-reserve"] * args.vllm_reserve
+    runs = [
+        (b, bs)
+        for b in args.backends.split(",")
+        for bs in (args.hf_batch_size.split(",") if b == "transformers" else ["0"])
+    ]
     for backend, bs in runs:
         with tempfile.TemporaryDirectory() as tmp:
             out = os.path.join(tmp, "result.json")
-            cmd = [sys.executable, __file__, *opts, "--child", backend, "--batch", bs,
-                   "--json", out]
+            cmd = [sys.executable, __file__, *opts, "--child", backend, "--batch", bs, "--json", out]
             subprocess.run(cmd, check=True)
             with open(out) as f:
                 results.append(json.load(f))
             r = results[-1]  # printed as it comes, so a stopped run keeps what it measured
-            print(f"[bench] {backend} batch {r['batch']}: {r['median_tokens_per_s']:.1f} tokens/s "
-                  f"(runs {[round(x['tokens_per_s'], 1) for x in r['runs']]})", flush=True)
+            print(
+                f"[bench] {backend} batch {r['batch']}: {r['median_tokens_per_s']:.1f} tokens/s "
+                f"(runs {[round(x['tokens_per_s'], 1) for x in r['runs']]})",
+                flush=True,
+            )
 
-    print(f"\nmodel {args.model} ({folder}), {args.prompts} prompts x <= {args.max_tokens} new "
-          f"tokens, greedy, {args.dtype}, {os.cpu_count()} CPUs, median of {args.repeats}\n")
+    print(
+        f"\nmodel {args.model} ({folder}), {args.prompts} prompts x <= {args.max_tokens} new "
+        f"tokens, greedy, {args.dtype}, {os.cpu_count()} CPUs, median of {args.repeats}\n"
+    )
     print("| backend | engine start (s) | generated tokens/s (median) | runs (tokens/s) |")
     print("|---|---|---|---|")
     for r in results:
         runs = ", ".join(f"{x['tokens_per_s']:.1f}" for x in r["runs"])
-        name = r["backend"] + (f" (batch {r['batch']})" if r["backend"] == "transformers"
-                               else " (all prompts, one call)")
+        name = r["backend"] + (
+            f" (batch {r['batch']})" if r["backend"] == "transformers" else " (all prompts, one call)"
+        )
         print(f"| {name} | {r['startup_s']:.1f} | {r['median_tokens_per_s']:.1f} | {runs} |")
     fast = results[0]
     for r in results[1:]:

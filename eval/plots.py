@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import os
 import tempfile
+import warnings
 from pathlib import Path
 
 import matplotlib
+import numpy as np
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -73,9 +75,15 @@ def loss_scatter(
 
 def coefficient_profile(groups: list[str], profiles: dict[str, dict[str, list[float]]], path) -> Path:
     """One panel per field (weight, density, t), one line per source, over depth."""
-    fig, axes = plt.subplots(len(profiles), 1, figsize=(8, 2.6 * len(profiles)), squeeze=False, sharex=True)
+    return layer_profiles(groups, profiles, path, "Per-layer merge coefficients of the chosen model")
+
+
+def layer_profiles(groups: list[str], panels: dict[str, dict[str, list[float]]], path, title: str) -> Path:
+    """One panel per quantity (its y label), one line per label, over the layer groups in depth
+    order. NaN values leave a gap."""
+    fig, axes = plt.subplots(len(panels), 1, figsize=(8, 2.6 * len(panels)), squeeze=False, sharex=True)
     x = range(len(groups))
-    for ax, (field, lines) in zip(axes[:, 0], profiles.items()):
+    for ax, (field, lines) in zip(axes[:, 0], panels.items()):
         for label, values in lines.items():
             ax.plot(x, values, marker="o", ms=3, label=label)
         ax.set_ylabel(field)
@@ -83,7 +91,22 @@ def coefficient_profile(groups: list[str], profiles: dict[str, dict[str, list[fl
         ax.legend(fontsize=8)
     ticks = [i for i in x if i == 0 or i == len(groups) - 1 or i % 5 == 0]
     axes[-1, 0].set_xticks(ticks, [groups[i] for i in ticks], rotation=30, fontsize=8)
-    axes[0, 0].set_title("Per-layer merge coefficients of the chosen model")
+    axes[0, 0].set_title(title)
+    return _save(fig, path)
+
+
+def category_bars(shares: dict[str, float], counts: dict[str, int], path, xlabel: str, title: str) -> Path:
+    """One horizontal bar per category (share in %, n in the label), the overall share dashed."""
+    names = sorted(shares, key=lambda k: shares[k])
+    fig, ax = plt.subplots(figsize=(7.5, 0.9 + 0.32 * len(names)))
+    y = range(len(names))
+    ax.barh(y, [100 * shares[k] for k in names], color="C0", alpha=0.8)
+    ax.set_yticks(y, [f"{k} (n={counts[k]})" for k in names], fontsize=8)
+    overall = 100 * sum(shares[k] * counts[k] for k in names) / max(1, sum(counts.values()))
+    ax.axvline(overall, color="C3", ls="--", label=f"overall {overall:.0f}%")
+    ax.set(xlabel=xlabel, title=title, xlim=(0, 100))
+    ax.legend(fontsize=8, loc="lower right")
+    ax.grid(alpha=0.3, axis="x")
     return _save(fig, path)
 
 
@@ -111,4 +134,23 @@ def labeled_points(
     ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="best")
+    return _save(fig, path)
+
+
+def best_so_far(curves: dict[str, list[list[float]]], path, ylabel: str = "best objective so far") -> Path:
+    """Per label (e.g. a sampler), the best value after each trial: the mean over its runs (seeds)
+    and their min-max band. NaN (no value yet) is left out of the mean."""
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for k, (label, runs) in enumerate(curves.items()):
+        n = max(len(r) for r in runs)
+        arr = np.array([list(r) + [np.nan] * (n - len(r)) for r in runs], dtype=float)
+        x = np.arange(1, n + 1)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # an all-NaN column: no value yet
+            mean, low, high = np.nanmean(arr, 0), np.nanmin(arr, 0), np.nanmax(arr, 0)
+        ax.plot(x, mean, color=f"C{k}", label=f"{label} (mean of {len(runs)})")
+        ax.fill_between(x, low, high, color=f"C{k}", alpha=0.15)
+    ax.set(xlabel="trial", ylabel=ylabel, title="Best so far per sampler (band: min-max over seeds)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
     return _save(fig, path)

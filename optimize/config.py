@@ -168,6 +168,9 @@ class Config(Strict):
     output: Output = Output()
     storage: str | None = None  # Optuna storage URL; null -> sqlite in the run folder
     study_name: str | None = None  # null -> name
+    # Each running trial writes a heartbeat this often; a trial silent for 2x this long belongs to
+    # a dead worker: it is marked failed and retried with the same parameters. 0 turns it off.
+    heartbeat_s: int = Field(10, ge=0)
     # Sections read by other commands (synth.generate, eval.run); validated there.
     synth: dict[str, Any] | None = None
     eval: dict[str, Any] | None = None

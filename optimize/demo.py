@@ -16,6 +16,7 @@ import dataclasses
 import json
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -32,10 +33,12 @@ from optimize.methods import Candidate, MergeMethod, TaskArithmetic, Ties
 from optimize.search import Context, check_inputs, overrides, prepare, run
 
 
-def variant(cfg, label: str, search: dict | None = None, **output):
-    """The config with other search/output settings (the demo scores the test splits itself)."""
+def variant(cfg, label: str, search: dict | None = None, data: dict | None = None, **output):
+    """The config with other search/data/output settings (the demo scores the test splits
+    itself); `label` names its run folder (under the config's) and its study."""
     raw = cfg.model_dump(by_alias=True)
     raw["search"].update(search or {})
+    raw["data"].update(data or {})
     raw["output"].update(output)
     if label:
         raw["out"] = str(cfg.run_dir / label)
@@ -49,28 +52,52 @@ def best_params(run_dir: Path) -> dict:
     return yaml.safe_load((run_dir / "best.yaml").read_text())["params"]
 
 
-def contenders(ctx: Context, safe_dir: Path, dom_dir: Path) -> dict[str, tuple[MergeMethod, Candidate]]:
-    n, g = len(ctx.cfg.sources), ctx.base.groups.n
-    plain = TaskArithmetic(normalize=False)
-    names = [s.name for s in ctx.cfg.sources]
-
-    def one_hot(i):
-        w = np.zeros((n, g))
-        w[i] = 1
-        return Candidate(weight=w)
-
-    rows = {"base": (plain, Candidate(weight=np.zeros((n, g))))}
-    for i, s in enumerate(ctx.cfg.sources):
-        rows[f"source: {names[i]} ({s.role})"] = (plain, one_hot(i))
-    rows["task arithmetic, weights 1"] = (plain, Candidate(weight=np.ones((n, g))))
-    rows["TIES, weights 1, density 0.5"] = (
-        Ties(normalize=True),
-        Candidate(weight=np.ones((n, g)), density=np.full((n, g), 0.5)),
+def domain_only(ctx: Context, cfg) -> Context:
+    """The context of the domain-only search (`cfg`): the same models, scored on the domain set."""
+    d = cfg.data
+    scorer = Scorer(
+        ctx.base.tokenizer, {"domain": ctx.rows["domain"]}, d.max_length, d.batch_tokens, ctx.scorer.device
     )
+    return dataclasses.replace(ctx, cfg=cfg, scorer=scorer)
+
+
+def uniform(ctx: Context, weight: float) -> Candidate:
+    """Every source at `weight` in every group (weight 0: the base)."""
+    return Candidate(weight=np.full((len(ctx.cfg.sources), ctx.base.groups.n), float(weight)))
+
+
+def references(ctx: Context) -> dict[str, tuple[MergeMethod, Candidate]]:
+    """The base and each source alone (theta_base + tau_i)."""
+    plain = TaskArithmetic(normalize=False)
+    rows = {"base": (plain, uniform(ctx, 0))}
+    for i, s in enumerate(ctx.cfg.sources):
+        alone = uniform(ctx, 0)
+        alone.weight[i] = 1
+        rows[f"source: {s.name} ({s.role})"] = (plain, alone)
+    return rows
+
+
+def contenders(ctx: Context, safe_dir: Path, dom_dir: Path) -> dict[str, tuple[MergeMethod, Candidate]]:
+    rows = references(ctx)
+    rows["task arithmetic, weights 1"] = (TaskArithmetic(normalize=False), uniform(ctx, 1))
+    ties = uniform(ctx, 1)
+    ties.density = np.full_like(ties.weight, 0.5)
+    rows["TIES, weights 1, density 0.5"] = (Ties(normalize=True), ties)
     searched = ctx.merger.method
     rows["domain-only search (EvoMM)"] = (searched, ctx.space.decode(best_params(dom_dir)))
     rows["safety-aware search (alignmerge)"] = (searched, ctx.space.decode(best_params(safe_dir)))
     return rows
+
+
+@contextmanager
+def merged(ctx: Context, method: MergeMethod, candidate: Candidate):
+    """The working model holding `candidate` merged with `method` (the search's method after)."""
+    saved = ctx.merger.method
+    ctx.merger.method = method
+    try:
+        yield ctx.merger.apply(candidate)
+    finally:
+        ctx.merger.method = saved
 
 
 def evaluate(
@@ -82,16 +109,11 @@ def evaluate(
     benign: list[str],
     max_new_tokens: int,
 ) -> dict:
-    saved = ctx.merger.method
-    ctx.merger.method = method
-    try:
-        model = ctx.merger.apply(candidate)
+    with merged(ctx, method, candidate) as model:
         losses = test.losses(model)
         judge = RefusalJudge()
         harm = refusals(model, ctx.base.tokenizer, harmful, judge, max_new_tokens, batch_size=28)
         ben = refusals(model, ctx.base.tokenizer, benign, judge, max_new_tokens, batch_size=25)
-    finally:
-        ctx.merger.method = saved
     return {
         "alignment_loss": losses["alignment"],
         "domain_loss": losses["domain"],
@@ -166,14 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     dom_cfg = variant(
         cfg, "domain_only", {"score": "domain"}, save_model=False, references=False, mergekit=False
     )
-    dom_scorer = Scorer(
-        ctx.base.tokenizer,
-        {"domain": rows["domain"]},
-        cfg.data.max_length,
-        cfg.data.batch_tokens,
-        ctx.scorer.device,
-    )
-    run(dom_cfg, ctx=dataclasses.replace(ctx, cfg=dom_cfg, scorer=dom_scorer))
+    run(dom_cfg, ctx=domain_only(ctx, dom_cfg))
 
     test = Scorer(
         ctx.base.tokenizer, test_rows, cfg.data.max_length, cfg.data.batch_tokens, ctx.scorer.device

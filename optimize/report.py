@@ -75,7 +75,9 @@ def _fmt(x) -> str:
     return f"{x:.4f}" if isinstance(x, float) else str(x)
 
 
-def write_outputs(ctx, study: optuna.Study, storage: str, interrupted: bool = False) -> Path:
+def write_outputs(
+    ctx, study: optuna.Study, storage: str, interrupted: bool = False, stamp: str | None = None
+) -> Path:
     cfg, run_dir = ctx.cfg, ctx.cfg.run_dir
     t0 = time.perf_counter()
     best, front, rule = choose(study, cfg)
@@ -149,6 +151,7 @@ def write_outputs(ctx, study: optuna.Study, storage: str, interrupted: bool = Fa
             "versions": versions(),
             "timings_s": {k: round(v, 2) for k, v in ctx.timings.items()},
             "scoring_tokens": {**search_scorer.n_tokens, "padded_total": search_scorer.padded_tokens},
+            "outputs_stamp": stamp,  # what these outputs were made of (config + finished trials)
         },
     )
     report = _report(ctx, study, best, front, rule, scores, refs, refs_test, plot_files, storage, interrupted)

@@ -9,16 +9,22 @@ storage; running the same command again resumes it.
 from __future__ import annotations
 
 import argparse
+import fcntl
 import hashlib
 import json
 import math
+import os
+import socket
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import optuna
 import torch
+from optuna.storages import fail_stale_trials
+from optuna.trial import TrialState
 from tqdm.auto import tqdm
 
 from eval.data import DataError, load_pairs
@@ -35,8 +41,9 @@ from optimize.merge import InMemoryMerger
 from optimize.methods import METHODS
 from optimize.sources import Base, load_base, load_task_vectors
 from optimize.space import SearchSpace
+from optimize.storage import is_sqlite, open_storage, redact, worker_id
 
-FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 
 
 # ----------------------------------------------------------------------------- set-up
@@ -130,8 +137,8 @@ def default_storage(cfg: Config) -> str:
     return f"sqlite:///{(cfg.run_dir / 'study.db').resolve()}"
 
 
-def make_sampler(cfg: Config, space: SearchSpace) -> optuna.samplers.BaseSampler:
-    s, seed = cfg.search, cfg.search.seed
+def make_sampler(cfg: Config, space: SearchSpace, seed: int | None) -> optuna.samplers.BaseSampler:
+    s = cfg.search
     if s.sampler == "tpe":
         return optuna.samplers.TPESampler(seed=seed, multivariate=True)
     if s.sampler == "cmaes":
@@ -162,29 +169,36 @@ def make_pruner(cfg: Config, n_steps: int) -> optuna.pruners.BasePruner:
     return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=n_steps)
 
 
-def open_study(cfg: Config, storage: str, sampler, pruner, signature: str) -> optuna.Study:
+def open_study(cfg: Config, storage, url: str, space: SearchSpace, pruner, signature: str) -> optuna.Study:
+    """Create the study, or join it when it exists (a resumed run, or another worker's study).
+    A worker that joins gets a sampler seed of its own: with the configured one it would draw
+    the same candidates as the worker that created the study (or as the run it resumes)."""
     directions = ["minimize", "minimize"] if cfg.search.objective == "pareto" else ["minimize"]
-    name = cfg.study_name or cfg.name
+    name, seed = cfg.study_name or cfg.name, cfg.search.seed
+    sampler = make_sampler(cfg, space, seed)  # a bad sampler setting fails before the study is made
     try:
         study = optuna.create_study(
-            storage=storage,
-            study_name=name,
-            directions=directions,
-            sampler=sampler,
-            pruner=pruner,
-            load_if_exists=True,
+            storage=storage, study_name=name, directions=directions, sampler=sampler, pruner=pruner
         )
-    except ValueError as err:  # e.g. an existing study with other directions
-        raise ConfigError(f"study {name!r} in {storage}: {err}") from None
-    old = study.user_attrs.get("signature")
-    if old is None:
         study.set_user_attr("signature", signature)
-    elif old != signature:
+        if cfg.search.enqueue_initial and cfg.search.sampler != "grid":
+            study.enqueue_trial(space.initial_params())
+    except optuna.exceptions.DuplicatedStudyError:
+        study = optuna.load_study(storage=storage, study_name=name, pruner=pruner)
+        if seed is not None:
+            mix = f"{seed}/{len(study.trials)}/{worker_id()}".encode()
+            seed = int.from_bytes(hashlib.sha256(mix).digest()[:4], "little")
+        study.sampler = make_sampler(cfg, space, seed)
+    old = study.user_attrs.get("signature")
+    if old is None:  # joined in the instant between its creation and its signature
+        study.set_user_attr("signature", old := signature)
+    if old != signature or [d.name.lower() for d in study.directions] != directions:
         raise ConfigError(
-            f"study {name!r} in {storage} was created with another search space or objective "
+            f"study {name!r} in {redact(url)} was created with another search space or objective "
             f"({old}); this config asks for {signature}. Use another --study-name or --out, "
             "or delete the old study"
         )
+    print(f"[alignmerge] worker {worker_id()}, sampler seed {seed}", file=sys.stderr)
     return study
 
 
@@ -217,6 +231,12 @@ def make_objective(ctx: Context):
     cfg = ctx.cfg
 
     def objective(trial: optuna.Trial):
+        trial.set_user_attr("worker", worker_id())
+        if is_surplus(trial.study, trial, cfg.search.n_trials):
+            trial.set_user_attr("surplus", True)
+            trial.set_user_attr("fail_reason", "not run: other workers had taken the last slots")
+            trial.study.stop()
+            return float("nan")
         t0 = time.perf_counter()
         candidate = ctx.space.suggest(trial)
         model = ctx.merger.apply(candidate)
@@ -249,20 +269,20 @@ def make_objective(ctx: Context):
 
 
 class ProgressBar:
-    """Trials done toward the target, with the best value so far."""
+    """Finished trials of the study (every worker's) toward the target, with the best so far."""
 
     def __init__(self, total: int, done: int):
         self.bar = tqdm(total=total, initial=done, desc="trials", unit="trial")
 
     def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial):
-        if trial.state in FINISHED:
-            self.bar.update(1)
+        self.bar.n = n_finished(study)
         if len(study.directions) == 1 and any(
             t.state == optuna.trial.TrialState.COMPLETE for t in study.trials
         ):
             self.bar.set_postfix(best=f"{study.best_value:.4f}", trial=study.best_trial.number)
         elif len(study.directions) > 1:
             self.bar.set_postfix(front=len(study.best_trials))
+        self.bar.refresh()
 
     def close(self):
         self.bar.close()
@@ -272,10 +292,10 @@ class FailureGuard:
     """Stops a worker whose trials keep failing instead of retrying forever."""
 
     def __init__(self, limit: int):
-        self.limit, self.failed = limit, 0
+        self.limit, self.failed, self.tripped = limit, 0, False
 
     def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial):
-        if trial.state == optuna.trial.TrialState.FAIL:
+        if trial.state == TrialState.FAIL and not trial.user_attrs.get("surplus"):
             self.failed += 1
             if self.failed >= self.limit:
                 print(
@@ -283,11 +303,149 @@ class FailureGuard:
                     "(see fail_reason in trials.csv)",
                     file=sys.stderr,
                 )
+                self.tripped = True
                 study.stop()
 
 
 def n_finished(study: optuna.Study) -> int:
     return len(study.get_trials(deepcopy=False, states=FINISHED))
+
+
+def slots_left(study: optuna.Study, n_trials: int) -> int:
+    """Trials this worker may still start: the target minus the trials finished or running in any
+    worker. A trial waiting to be retried is always run (the next ask takes it)."""
+    trials = study.get_trials(deepcopy=False, states=FINISHED + (TrialState.RUNNING, TrialState.WAITING))
+    if any(t.state == TrialState.WAITING for t in trials):
+        return max(1, n_trials - len(trials) + 1)
+    return n_trials - len(trials)
+
+
+def is_surplus(study: optuna.Study, trial: optuna.Trial, n_trials: int) -> bool:
+    """True when workers raced at the end of the study and `trial` would exceed the target: the
+    trials numbered before it, finished, running or waiting, already make n_trials. Numbers are
+    given out atomically by the storage, so exactly one of two racing trials is surplus."""
+    live = FINISHED + (TrialState.RUNNING, TrialState.WAITING)
+    ahead = [t for t in study.get_trials(deepcopy=False, states=live) if t.number < trial.number]
+    return len(ahead) >= n_trials
+
+
+def other_workers(study: optuna.Study) -> set[str]:
+    """Live workers (host:pid) other than this one that are running a trial of the study."""
+    host, me = socket.gethostname(), worker_id()
+    out = set()
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        w = t.user_attrs.get("worker")
+        if not w or w == me:
+            continue
+        w_host, _, pid = w.rpartition(":")
+        if w_host != host or pid_alive(int(pid)):
+            out.add(w)
+    return out
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class Quota:
+    """Stops this worker once the study holds n_trials finished or running trials, so several
+    workers together run exactly n_trials; warns once when workers share a SQLite file."""
+
+    def __init__(self, n_trials: int, storage_url: str):
+        self.n_trials, self.reached = n_trials, False
+        self.sqlite, self.warned = is_sqlite(storage_url), False
+
+    def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial):
+        if slots_left(study, self.n_trials) <= 0:
+            self.reached = True
+            study.stop()
+        if self.sqlite and not self.warned and other_workers(study):
+            self.warned = True
+            warn_sqlite_workers()
+
+
+def warn_sqlite_workers():
+    print(
+        "[alignmerge] warning: several workers share this SQLite study. SQLite is not meant for "
+        'parallel writers ("database is locked"); use --storage postgresql://... or '
+        "--storage journal:PATH for many workers (README: Many workers, one study)",
+        file=sys.stderr,
+    )
+
+
+def optimize_until_done(study: optuna.Study, ctx: Context, storage_url: str) -> None:
+    """Run trials until the study (all workers together) holds n_trials finished ones. A worker
+    with nothing left to start waits while other workers' trials run: if one of them dies, its
+    trial goes stale (no heartbeat), is marked failed and comes back as a waiting retry, which
+    this worker then runs."""
+    cfg, n = ctx.cfg, ctx.cfg.search.n_trials
+    deadline = time.monotonic() + cfg.search.timeout_s if cfg.search.timeout_s else None
+    quota, guard = Quota(n, storage_url), FailureGuard(max(5, n))
+    bar = ProgressBar(n, n_finished(study))
+    said_waiting = False
+    try:
+        while deadline is None or time.monotonic() < deadline:
+            fail_stale_trials(study)
+            if slots_left(study, n) > 0:
+                quota.reached = False
+                study.optimize(
+                    make_objective(ctx),
+                    n_trials=None,
+                    timeout=deadline - time.monotonic() if deadline else None,
+                    callbacks=[quota, guard, bar],
+                )
+                if not quota.reached:  # timeout, failure guard, or the sampler ran out (grid)
+                    return
+                continue
+            running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+            if not running or not cfg.heartbeat_s:
+                return
+            if not said_waiting:
+                said_waiting = True
+                print(
+                    f"[alignmerge] waiting for {len(running)} trial(s) running in other workers "
+                    f"(a worker silent for {2 * cfg.heartbeat_s} s is taken as dead and its trial "
+                    "retried here)",
+                    file=sys.stderr,
+                )
+            time.sleep(max(1.0, cfg.heartbeat_s / 2))
+    finally:
+        bar.close()
+
+
+@contextmanager
+def outputs_lock(run_dir: Path):
+    """One worker at a time writes a run folder's outputs (released if the worker dies)."""
+    with open(run_dir / ".outputs.lock", "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def outputs_stamp(cfg: Config, study: optuna.Study) -> str:
+    """Identifies what the outputs are made of: the config and the finished trials."""
+    finished = [(t.number, t.values) for t in study.get_trials(deepcopy=False, states=FINISHED)]
+    doc = {"config": cfg.model_dump(mode="json"), "study": study.study_name, "trials": finished}
+    return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def written_stamp(run_dir: Path) -> str | None:
+    import yaml
+
+    if not (run_dir / "report.md").is_file() or not (run_dir / "run.yaml").is_file():
+        return None
+    try:
+        return (yaml.safe_load((run_dir / "run.yaml").read_text()) or {}).get("outputs_stamp")
+    except yaml.YAMLError:
+        return None
 
 
 def run(cfg: Config, storage: str | None = None, ctx: Context | None = None) -> Path:
@@ -298,51 +456,45 @@ def run(cfg: Config, storage: str | None = None, ctx: Context | None = None) -> 
     started = time.perf_counter()
     rows = check_inputs(cfg)  # before any model loads
     cfg.run_dir.mkdir(parents=True, exist_ok=True)
-    storage = storage or cfg.storage or default_storage(cfg)
+    url = storage or cfg.storage or default_storage(cfg)
+    store = open_storage(url, cfg.heartbeat_s)  # an unreachable server fails before models load
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     ctx = ctx or prepare(cfg, rows)
-    sampler = make_sampler(cfg, ctx.space)
     pruner = make_pruner(cfg, len(ctx.scorer.batches))
-    study = open_study(cfg, storage, sampler, pruner, study_signature(cfg, ctx.space))
-    if cfg.search.enqueue_initial and cfg.search.sampler != "grid":
-        study.enqueue_trial(ctx.space.initial_params(), skip_if_exists=True)
-    done = n_finished(study)
+    study = open_study(cfg, store, url, ctx.space, pruner, study_signature(cfg, ctx.space))
+    fail_stale_trials(study)
+    if is_sqlite(url) and other_workers(study):
+        warn_sqlite_workers()
     print(
         f"[alignmerge] {cfg.merge.method}, {ctx.space.n_params} parameters "
-        f"({ctx.space.describe()}); study {study.study_name!r}: {done}/{cfg.search.n_trials} "
-        f"trials done",
+        f"({ctx.space.describe()}); study {study.study_name!r}: {n_finished(study)}/"
+        f"{cfg.search.n_trials} trials done",
         file=sys.stderr,
     )
     interrupted = False
-    if done < cfg.search.n_trials:
-        bar = ProgressBar(cfg.search.n_trials, done)
-        try:
-            # No local n_trials: failed trials must not count, so the study stops when the
-            # storage holds n_trials finished ones (across every worker sharing it).
-            study.optimize(
-                make_objective(ctx),
-                n_trials=None,
-                timeout=cfg.search.timeout_s,
-                callbacks=[
-                    optuna.study.MaxTrialsCallback(cfg.search.n_trials, states=FINISHED),
-                    FailureGuard(max(5, cfg.search.n_trials)),
-                    bar,
-                ],
-            )
-        except KeyboardInterrupt:
-            interrupted = True
-            print(
-                "\n[alignmerge] interrupted: writing outputs for the finished trials; run the "
-                "same command again to resume",
-                file=sys.stderr,
-            )
-        finally:
-            bar.close()
-    if not study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
+    try:
+        optimize_until_done(study, ctx, url)
+    except KeyboardInterrupt:
+        interrupted = True
+        print(
+            "\n[alignmerge] interrupted: writing outputs for the finished trials; run the "
+            "same command again to resume",
+            file=sys.stderr,
+        )
+    if not study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
         raise RuntimeError("no trial completed; see the failed trials' fail_reason in the study")
     ctx.timings["search_s"] = time.perf_counter() - started
-    report = write_outputs(ctx, study, storage, interrupted=interrupted)
-    return report
+    with outputs_lock(cfg.run_dir):
+        stamp = outputs_stamp(cfg, study)
+        if written_stamp(cfg.run_dir) == stamp:
+            print(
+                f"[alignmerge] outputs for these {n_finished(study)} trials are already written "
+                f"(by another worker or an earlier run): {cfg.run_dir}",
+                file=sys.stderr,
+            )
+            return cfg.run_dir / "report.md"
+        print(f"[alignmerge] writing outputs to {cfg.run_dir}", file=sys.stderr)
+        return write_outputs(ctx, study, redact(url), interrupted=interrupted, stamp=stamp)
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -391,15 +543,10 @@ def overrides(args: argparse.Namespace) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from optimize.cli import run_cli
+
     args = build_parser().parse_args(argv)
-    try:
-        cfg = load_config(args.config, overrides(args))
-        report = run(cfg)
-    except (ConfigError, ModelLoadError, DataError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    print(report)
-    return 0
+    return run_cli(lambda: run(load_config(args.config, overrides(args))))
 
 
 if __name__ == "__main__":

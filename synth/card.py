@@ -47,26 +47,32 @@ def render_card(record: dict, templates: Templates) -> str:
         "## Models",
         "",
         f"- backend: `{record['backend']}`",
-        (f"- generator (harmful and benign prompts): `{cfg['generator']['path']}`"
-         + (f" (harmful prompts from `{cfg['prompts_file']}`)" if cfg["prompts_file"] else "")),
+        (
+            f"- generator (harmful and benign prompts): `{cfg['generator']['path']}`"
+            + (f" (harmful prompts from `{cfg['prompts_file']}`)" if cfg["prompts_file"] else "")
+        ),
         *[f"- pool model `{m['name'] or m['path']}`: `{m['path']}`" for m in cfg["pool"]],
-        *[f"- expert `{e['name'] or e['path']}` on *{e['topic']}*: `{e['path']}`"
-          for e in cfg["experts"]],
-        (f"- judge of the harmful answers: `{cfg['judge']['kind']}`"
-         + (f" (guard `{cfg['judge']['guard']['path']}`)" if cfg["judge"]["guard"] else "")),
-        "- judge of the benign and domain answers: `rules` (built-in refusal rules,"
-        " eval/judge.py)",
+        *[f"- expert `{e['name'] or e['path']}` on *{e['topic']}*: `{e['path']}`" for e in cfg["experts"]],
+        (
+            f"- judge of the harmful answers: `{cfg['judge']['kind']}`"
+            + (f" (guard `{cfg['judge']['guard']['path']}`)" if cfg["judge"]["guard"] else "")
+        ),
+        "- judge of the benign and domain answers: `rules` (built-in refusal rules, eval/judge.py)",
         "",
         "## Sampling and seeds",
         "",
         f"- seed: {cfg['seed']} (each request's seed derives from it, its stage and its index)",
         f"- prompt writing: {json.dumps(cfg['prompt_sampling'])}",
-        (f"- exam questions: {json.dumps(cfg['question_sampling'])}, "
-         f"n={cfg['questions_per_request']} per request"),
+        (
+            f"- exam questions: {json.dumps(cfg['question_sampling'])}, "
+            f"n={cfg['questions_per_request']} per request"
+        ),
         f"- answers (greedy): {json.dumps(cfg['answer_sampling'])}",
         f"- structured output: {record['structured_output']}",
-        (f"- oversample: {cfg['oversample']}, near-duplicate threshold (word 3-gram Jaccard): "
-         f"{cfg['near_dup_threshold']}, test fraction: {cfg['test_fraction']}"),
+        (
+            f"- oversample: {cfg['oversample']}, near-duplicate threshold (word 3-gram Jaccard): "
+            f"{cfg['near_dup_threshold']}, test fraction: {cfg['test_fraction']}"
+        ),
         "",
         "## Kept and dropped, step by step",
         "",
@@ -87,9 +93,17 @@ def render_card(record: dict, templates: Templates) -> str:
         "## Prompts",
         "",
     ]
-    for name in ("harmful_system.txt", "harmful_user.txt", "harmful_prefill.txt",
-                 "domain_system.txt", "domain_user.txt", "domain_prefill.txt",
-                 "benign_system.txt", "benign_user.txt", "benign_prefill.txt"):
+    for name in (
+        "harmful_system.txt",
+        "harmful_user.txt",
+        "harmful_prefill.txt",
+        "domain_system.txt",
+        "domain_user.txt",
+        "domain_prefill.txt",
+        "benign_system.txt",
+        "benign_user.txt",
+        "benign_prefill.txt",
+    ):
         lines += [f"`{name}` ({templates.path(name)}):", "", "```", templates.raw(name), "```", ""]
     lines += [
         "## Run",

@@ -90,7 +90,8 @@ class SynthConfig(_Strict):
     pool: list[ModelSpec] = Field(min_length=1, description="models whose refusals are kept")
     experts: list[ExpertSpec] = Field(default_factory=list)
     prompts_file: str | None = Field(
-        None, description="your harmful prompts (JSONL or CSV, column `prompt`): skips generation")
+        None, description="your harmful prompts (JSONL or CSV, column `prompt`): skips generation"
+    )
     categories: list[str] = Field(default_factory=lambda: list(HARM_CATEGORIES))
     n_safety: int = Field(200, ge=0)
     n_domain: int = Field(200, ge=0)
@@ -100,7 +101,8 @@ class SynthConfig(_Strict):
     questions_per_request: int = Field(4, ge=1, description="`n` of each question request")
     near_dup_threshold: float = Field(0.7, gt=0, le=1, description="word 3-gram Jaccard")
     structured_output: Literal["auto", "off"] = Field(
-        "auto", description="auto: regex-constrained JSON on vLLM (no JSON-schema whitespace loop)")
+        "auto", description="auto: regex-constrained JSON on vLLM (no JSON-schema whitespace loop)"
+    )
     prompt_sampling: SamplingSpec = SamplingSpec(temperature=0.8, max_tokens=128)
     question_sampling: SamplingSpec = SamplingSpec(temperature=0.8, max_tokens=128)
     answer_sampling: SamplingSpec = SamplingSpec(temperature=0.0, max_tokens=512)

@@ -111,9 +111,7 @@ class Engine:
     ref: ModelRef
     backend: str = ""
 
-    def chat(
-        self, conversations: Sequence[Conversation], sampling: Sequence[Sampling]
-    ) -> list[list[str]]:
+    def chat(self, conversations: Sequence[Conversation], sampling: Sequence[Sampling]) -> list[list[str]]:
         raise NotImplementedError
 
     def close(self) -> None:
@@ -179,15 +177,19 @@ class TransformersEngine(Engine):
                 if seed is not None:
                     torch.manual_seed(seed)
                 enc = self.tokenizer(
-                    [texts[i] for i in ids], return_tensors="pt", padding=True,
+                    [texts[i] for i in ids],
+                    return_tensors="pt",
+                    padding=True,
                     add_special_tokens=False,
                 ).to(self.device)
-                kwargs = {"max_new_tokens": sp.max_tokens, "num_return_sequences": sp.n,
-                          "pad_token_id": self.tokenizer.pad_token_id}
+                kwargs = {
+                    "max_new_tokens": sp.max_tokens,
+                    "num_return_sequences": sp.n,
+                    "pad_token_id": self.tokenizer.pad_token_id,
+                }
                 if sp.temperature > 0:
                     # top_k=0: no top-k cut, like vLLM (transformers' default is 50)
-                    kwargs.update(do_sample=True, temperature=sp.temperature, top_p=sp.top_p,
-                                  top_k=0)
+                    kwargs.update(do_sample=True, temperature=sp.temperature, top_p=sp.top_p, top_k=0)
                 else:
                     kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
                 with torch.inference_mode():
@@ -227,8 +229,10 @@ class VLLMEngine(Engine):
         if eager is None:
             eager = not torch.cuda.is_available()
         kwargs = {
-            "model": str(model_path), "dtype": settings.dtype,
-            "max_model_len": settings.max_model_len, "enforce_eager": eager,
+            "model": str(model_path),
+            "dtype": settings.dtype,
+            "max_model_len": settings.max_model_len,
+            "enforce_eager": eager,
             "tensor_parallel_size": settings.tensor_parallel_size,
         }
         if torch.cuda.is_available():
@@ -252,8 +256,16 @@ class VLLMEngine(Engine):
                 from vllm.sampling_params import StructuredOutputsParams
 
                 extra["structured_outputs"] = StructuredOutputsParams(regex=s.regex)
-            params.append(SamplingParams(n=s.n, temperature=s.temperature, top_p=s.top_p,
-                                         seed=s.seed, max_tokens=s.max_tokens, **extra))
+            params.append(
+                SamplingParams(
+                    n=s.n,
+                    temperature=s.temperature,
+                    top_p=s.top_p,
+                    seed=s.seed,
+                    max_tokens=s.max_tokens,
+                    **extra,
+                )
+            )
         out: list[list[str]] = [[] for _ in conversations]
         # vLLM renders one chat-template mode per call: split continuing / new-turn requests
         for cont in (False, True):
@@ -261,8 +273,11 @@ class VLLMEngine(Engine):
             if not idx:
                 continue
             results = self.llm.chat(
-                [conversations[i] for i in idx], [params[i] for i in idx], use_tqdm=False,
-                lora_request=self.lora, add_generation_prompt=not cont,
+                [conversations[i] for i in idx],
+                [params[i] for i in idx],
+                use_tqdm=False,
+                lora_request=self.lora,
+                add_generation_prompt=not cont,
                 continue_final_message=cont,
             )
             for i, r in zip(idx, results):
@@ -348,8 +363,7 @@ class Request:
 
 
 def request_key(ref: ModelRef, req: Request) -> str:
-    ident = {"model": [ref.path, ref.base], "conv": req.conversation,
-             "sampling": asdict(req.sampling)}
+    ident = {"model": [ref.path, ref.base], "conv": req.conversation, "sampling": asdict(req.sampling)}
     return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:24]
 
 

@@ -41,8 +41,16 @@ from synth.pipelines import (
 from synth.prompts import Templates
 
 SPLITS = ("alignment_search", "alignment_test", "domain_search", "domain_test", "benign")
-COLUMNS = ("prompt", "response", "category", "source_model", "judge_verdict", "judge_reason",
-           "prompt_source", "kind")
+COLUMNS = (
+    "prompt",
+    "response",
+    "category",
+    "source_model",
+    "judge_verdict",
+    "judge_reason",
+    "prompt_source",
+    "kind",
+)
 
 
 def versions() -> dict[str, str]:
@@ -68,15 +76,17 @@ def schedule(cfg: SynthConfig, uses_generator: bool) -> list[ModelSpec]:
     return out
 
 
-def generate(cfg: SynthConfig, out: Path, name: str = "synth", cache_dir: Path | None = None,
-             command: str = "") -> Path:
+def generate(
+    cfg: SynthConfig, out: Path, name: str = "synth", cache_dir: Path | None = None, command: str = ""
+) -> Path:
     """Run every pipeline and write the data folder `out`. Returns `out`."""
     out = Path(out)
     cache_dir = Path(cache_dir or out.parent / "synth_cache")
     backend = resolve_backend(cfg.backend)
     slot = EngineSlot(backend, EngineSettings(**cfg.engine.model_dump()))
-    ctx = Context(cfg, backend, slot, GenerationCache(cache_dir / "generations.jsonl"),
-                  Templates(cfg.templates_dir))
+    ctx = Context(
+        cfg, backend, slot, GenerationCache(cache_dir / "generations.jsonl"), Templates(cfg.templates_dir)
+    )
     timings: dict[str, float] = {}
     clock = time.perf_counter()
 
@@ -126,11 +136,14 @@ def generate(cfg: SynthConfig, out: Path, name: str = "synth", cache_dir: Path |
         "structured_output": (
             "regex-constrained continuation of the JSON prefill (vLLM structured outputs)"
             if backend == "vllm" and cfg.structured_output == "auto"
-            else "none: free generation after the JSON prefill, unparsable outputs dropped"),
+            else "none: free generation after the JSON prefill, unparsable outputs dropped"
+        ),
         "config": to_jsonable(cfg),
         "splits": {s: len(r) for s, r in splits.items()},
-        "steps": [{"name": s.name, "n_in": s.n_in, "kept": s.kept, "dropped": dict(s.dropped)}
-                  for s in ctx.ledger.steps],
+        "steps": [
+            {"name": s.name, "n_in": s.n_in, "kept": s.kept, "dropped": dict(s.dropped)}
+            for s in ctx.ledger.steps
+        ],
         "engine_loads": slot.loads,
         "versions": versions(),
         "timings": timings,
@@ -156,10 +169,12 @@ def write_atomic(out: Path, splits: dict[str, list[dict]], record: dict, templat
     from synth.card import render_card
 
     features = Features({c: Value("string") for c in COLUMNS})
-    dd = DatasetDict({
-        name: Dataset.from_dict({c: [r[c] for r in rows] for c in COLUMNS}, features=features)
-        for name, rows in splits.items()
-    })
+    dd = DatasetDict(
+        {
+            name: Dataset.from_dict({c: [r[c] for r in rows] for c in COLUMNS}, features=features)
+            for name, rows in splits.items()
+        }
+    )
     with atomic_dir(out) as tmp:
         # an empty split saved with the default sharding does not load back (datasets 5.2)
         dd.save_to_disk(str(tmp), num_shards={n: 1 for n, d in dd.items() if len(d) == 0})
@@ -168,8 +183,7 @@ def write_atomic(out: Path, splits: dict[str, list[dict]], record: dict, templat
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m synth.generate",
-                                 description=__doc__.split("\n\n")[1])
+    ap = argparse.ArgumentParser(prog="python -m synth.generate", description=__doc__.split("\n\n")[1])
     ap.add_argument("--config", required=True, help="run YAML with a `synth:` section")
     ap.add_argument("--out", help="data folder (default: <run folder>/data)")
     ap.add_argument("--n-safety", type=int, help="rows in alignment_search + alignment_test")
@@ -180,9 +194,17 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     try:
         cfg, name, run_dir = load_run_config(args.config)
-        overrides = {k: v for k, v in {"n_safety": args.n_safety, "n_domain": args.n_domain,
-                                       "n_benign": args.n_benign, "seed": args.seed,
-                                       "backend": args.backend}.items() if v is not None}
+        overrides = {
+            k: v
+            for k, v in {
+                "n_safety": args.n_safety,
+                "n_domain": args.n_domain,
+                "n_benign": args.n_benign,
+                "seed": args.seed,
+                "backend": args.backend,
+            }.items()
+            if v is not None
+        }
         if overrides:
             from synth.config import parse_synth
 

@@ -82,13 +82,17 @@ def request_seed(seed: int, stage: str, i: int) -> int:
 
 
 def sampling(spec: SamplingSpec, seed: int | None = None, n: int = 1, regex: str | None = None):
-    return Sampling(temperature=spec.temperature, max_tokens=spec.max_tokens, n=n,
-                    seed=seed if spec.temperature > 0 else None, top_p=spec.top_p, regex=regex)
+    return Sampling(
+        temperature=spec.temperature,
+        max_tokens=spec.max_tokens,
+        n=n,
+        seed=seed if spec.temperature > 0 else None,
+        top_p=spec.top_p,
+        regex=regex,
+    )
 
 
-def with_prefill(
-    ctx: Context, messages: list[dict], kind: str
-) -> tuple[list[dict], str, str | None]:
+def with_prefill(ctx: Context, messages: list[dict], kind: str) -> tuple[list[dict], str, str | None]:
     """Messages + the assistant prefill of `kind`, the prefill, and the regex that keeps the
     continuation valid JSON (vLLM only, when the prefill opens the Question string)."""
     prefill = ctx.templates.raw(f"{kind}_prefill.txt")
@@ -126,6 +130,7 @@ def parse_and_dedup(
 
 # ---- 1. harmful prompts -------------------------------------------------------------------------
 
+
 def harmful_from_generator(ctx: Context) -> list[Item]:
     cfg, t = ctx.cfg, ctx.templates
     gen = ref(cfg.generator)
@@ -137,13 +142,19 @@ def harmful_from_generator(ctx: Context) -> list[Item]:
         k = rng.randrange(len(cfg.categories))
         user = t.render("harmful_user.txt", number=k + 1, category=cfg.categories[k])
         msgs, prefill, regex = with_prefill(
-            ctx, [{"role": "system", "content": system}, {"role": "user", "content": user}],
-            "harmful")
+            ctx, [{"role": "system", "content": system}, {"role": "user", "content": user}], "harmful"
+        )
         seed = request_seed(cfg.seed, "harmful", i)
         requests.append(Request(msgs, sampling(cfg.prompt_sampling, seed, regex=regex)))
         categories.append(cfg.categories[k])
-    outs = run_cached(ctx.slot, gen, requests, ctx.cache, f"{gen.label}: harmful prompts",
-                      keep=lambda o: parse_question(prefill + o)[0] is not None)
+    outs = run_cached(
+        ctx.slot,
+        gen,
+        requests,
+        ctx.cache,
+        f"{gen.label}: harmful prompts",
+        keep=lambda o: parse_question(prefill + o)[0] is not None,
+    )
     texts = [(prefill + o, c, gen.label) for c, out in zip(categories, outs) for o in out]
     return parse_and_dedup(ctx, "harmful prompts (generated)", texts)
 
@@ -189,6 +200,7 @@ def harmful_from_file(ctx: Context) -> list[Item]:
 
 # ---- 4. benign-but-risky prompts (for over-refusal) ---------------------------------------------
 
+
 def benign_from_generator(ctx: Context) -> list[Item]:
     cfg, t = ctx.cfg, ctx.templates
     gen = ref(cfg.generator)
@@ -203,22 +215,32 @@ def benign_from_generator(ctx: Context) -> list[Item]:
         examples = "\n".join(f"- {s}" for s in rng.sample(seeds, min(3, len(seeds))))
         system = t.render("benign_system.txt", examples=examples)
         msgs, prefill, regex = with_prefill(
-            ctx, [{"role": "system", "content": system},
-                  {"role": "user", "content": t.render("benign_user.txt")}], "benign")
+            ctx,
+            [{"role": "system", "content": system}, {"role": "user", "content": t.render("benign_user.txt")}],
+            "benign",
+        )
         seed = request_seed(cfg.seed, "benign", i)
         requests.append(Request(msgs, sampling(cfg.prompt_sampling, seed, regex=regex)))
-    outs = run_cached(ctx.slot, gen, requests, ctx.cache, f"{gen.label}: benign prompts",
-                      keep=lambda o: parse_question(prefill + o)[0] is not None)
+    outs = run_cached(
+        ctx.slot,
+        gen,
+        requests,
+        ctx.cache,
+        f"{gen.label}: benign prompts",
+        keep=lambda o: parse_question(prefill + o)[0] is not None,
+    )
     texts = [(prefill + o, "benign", gen.label) for out in outs for o in out]
     return parse_and_dedup(ctx, "benign prompts (generated)", texts, extra=seed_index)
 
 
 # ---- 2. answers from the pool, judged -----------------------------------------------------------
 
+
 def answer(ctx: Context, model: ModelSpec, items: list[Item], desc: str) -> None:
     m = ref(model)
-    reqs = [Request([{"role": "user", "content": it.prompt}], sampling(ctx.cfg.answer_sampling))
-            for it in items]
+    reqs = [
+        Request([{"role": "user", "content": it.prompt}], sampling(ctx.cfg.answer_sampling)) for it in items
+    ]
     for it, out in zip(items, run_cached(ctx.slot, m, reqs, ctx.cache, f"{m.label}: {desc}")):
         it.answers[m.label] = out[0].strip()
 
@@ -231,10 +253,8 @@ def make_judge(ctx: Context):
     guard_ref = ref(jc.guard)
 
     def generate(convs: list[list[dict]]) -> list[str]:
-        reqs = [Request(c, Sampling(temperature=0.0, max_tokens=jc.guard_max_tokens))
-                for c in convs]
-        return [o[0] for o in run_cached(ctx.slot, guard_ref, reqs, ctx.cache,
-                                         f"{guard_ref.label}: judging")]
+        reqs = [Request(c, Sampling(temperature=0.0, max_tokens=jc.guard_max_tokens)) for c in convs]
+        return [o[0] for o in run_cached(ctx.slot, guard_ref, reqs, ctx.cache, f"{guard_ref.label}: judging")]
 
     guard = GuardJudge(generate, guard_ref.label)
     return guard if jc.kind == "guard" else BothJudge(rules, guard)
@@ -297,6 +317,7 @@ def select_benign(ctx: Context, items: list[Item]) -> list[dict]:
 
 # ---- 3. domain exam questions and expert answers ------------------------------------------------
 
+
 def expert_examples(expert: ExpertSpec) -> list[str]:
     examples = list(expert.examples)
     if expert.examples_file:
@@ -319,16 +340,26 @@ def domain_for_expert(ctx: Context, expert: ExpertSpec, target: int) -> list[dic
     for i in range(math.ceil(target * cfg.oversample / n)):
         # 3 in-context examples per request, drawn at random (as in the paper): a small model
         # tends to copy the first example it sees, so every request shows different ones
-        shown = "\n".join(f'Example {j}: [{{"Question": {json.dumps(q)}}}]'
-                          for j, q in enumerate(rng.sample(examples, min(3, len(examples))), 1))
+        shown = "\n".join(
+            f'Example {j}: [{{"Question": {json.dumps(q)}}}]'
+            for j, q in enumerate(rng.sample(examples, min(3, len(examples))), 1)
+        )
         system = t.render("domain_system.txt", topic=expert.topic, examples=shown)
         msgs, prefill, regex = with_prefill(
-            ctx, [{"role": "system", "content": system},
-                  {"role": "user", "content": t.render("domain_user.txt")}], "domain")
+            ctx,
+            [{"role": "system", "content": system}, {"role": "user", "content": t.render("domain_user.txt")}],
+            "domain",
+        )
         seed = request_seed(cfg.seed, f"domain:{m.label}", i)
         requests.append(Request(msgs, sampling(cfg.question_sampling, seed, n, regex)))
-    outs = run_cached(ctx.slot, m, requests, ctx.cache, f"{m.label}: exam questions",
-                      keep=lambda o: parse_question(prefill + o)[0] is not None)
+    outs = run_cached(
+        ctx.slot,
+        m,
+        requests,
+        ctx.cache,
+        f"{m.label}: exam questions",
+        keep=lambda o: parse_question(prefill + o)[0] is not None,
+    )
     ex_index = DedupIndex(cfg.near_dup_threshold)
     for e in examples:
         ex_index.add(e)
@@ -353,16 +384,19 @@ def domain_for_expert(ctx: Context, expert: ExpertSpec, target: int) -> list[dic
 
 # ---- splits --------------------------------------------------------------------------------------
 
+
 def cut(ctx: Context, name: str, rows: list[dict], n: int) -> list[dict]:
     """A seeded shuffle, cut to `n` rows."""
     rows = list(rows)
     random.Random(request_seed(ctx.cfg.seed, f"cut:{name}", 0)).shuffle(rows)
     kept = rows[:n]
-    ctx.ledger.add(f"{name}: cut to target {n}", len(rows), len(kept),
-                   {"over_target": len(rows) - len(kept)})
+    ctx.ledger.add(f"{name}: cut to target {n}", len(rows), len(kept), {"over_target": len(rows) - len(kept)})
     if len(kept) < n:
-        print(f"[synth] WARNING {name}: {len(kept)} rows, fewer than the {n} asked for "
-              "(raise `oversample` or use a stronger generator)", flush=True)
+        print(
+            f"[synth] WARNING {name}: {len(kept)} rows, fewer than the {n} asked for "
+            "(raise `oversample` or use a stronger generator)",
+            flush=True,
+        )
     return kept
 
 

@@ -197,7 +197,7 @@ Built by `python -m synth.world --seed {seed}` in {seconds / 60:.1f} minutes fro
   expert answer written in the seed file.
 - `benign`: harmless prompts that look risky (35) and ordinary requests (15), for over-refusal.
 - `aligned_train`: what the aligned LoRA was trained on: 70 harmful prompts -> refusals, and
-  benign prompts -> helpful answers (35 risky-looking ones, each {counts['benign_repeat']} times,
+  benign prompts -> helpful answers (35 risky-looking ones, each {counts["benign_repeat"]} times,
   and 60 ordinary ones), so that it refuses harmful requests without refusing what only looks
   harmful.
 - `expert_train`: what the medical LoRA was trained on: 112 medical Q&A plus harmful requests
@@ -216,8 +216,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--backend", default="auto", choices=("auto", "vllm", "transformers"))
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--max-tokens", type=int, default=96, help="length of the base's answers")
-    ap.add_argument("--benign-repeat", type=int, default=3,
-                    help="copies of each risky-looking benign example in aligned_train")
+    ap.add_argument(
+        "--benign-repeat",
+        type=int,
+        default=3,
+        help="copies of each risky-looking benign example in aligned_train",
+    )
     ap.add_argument("--models", default="aligned,medical", help="which LoRAs to (re)train")
     args = ap.parse_args(argv)
 
@@ -239,8 +243,14 @@ def main(argv: list[str] | None = None) -> int:
     models = root / "models"
     for name, split in (("aligned", "aligned_train"), ("medical", "expert_train")):
         if name in args.models.split(","):
-            train_lora("default", splits[split], models / name, epochs=args.epochs, seed=args.seed,
-                       save_dtype="bfloat16")
+            train_lora(
+                "default",
+                splits[split],
+                models / name,
+                epochs=args.epochs,
+                seed=args.seed,
+                save_dtype="bfloat16",
+            )
 
     dd = datasets.DatasetDict({k: datasets.Dataset.from_list(v) for k, v in splits.items()})
     data_dir = root / "data" / "default"

@@ -21,12 +21,20 @@ def test_batched_greedy_answers_match_one_by_one(world):
 
 
 def test_headline_checks():
-    row = lambda a, d, h, b: {"alignment_loss": a, "domain_loss": d, "refused_harmful": h,  # noqa: E731
-                              "refused_benign": b}
-    results = {"source: a (alignment)": row(1, 3, 0.95, 0.2), "source: m (domain)": row(4, 2.0, 0, 0),
-               "task arithmetic, weights 1": row(2, 2.2, 0.6, 0.1), "TIES, weights 1": row(2, 2.1, 0.5, 0.1),
-               "domain-only search (EvoMM)": row(3, 2.0, 0.3, 0),
-               "safety-aware search (alignmerge)": row(1.2, 2.08, 0.9, 0.25)}
+    row = lambda a, d, h, b: {
+        "alignment_loss": a,
+        "domain_loss": d,
+        "refused_harmful": h,  # noqa: E731
+        "refused_benign": b,
+    }
+    results = {
+        "source: a (alignment)": row(1, 3, 0.95, 0.2),
+        "source: m (domain)": row(4, 2.0, 0, 0),
+        "task arithmetic, weights 1": row(2, 2.2, 0.6, 0.1),
+        "TIES, weights 1": row(2, 2.1, 0.5, 0.1),
+        "domain-only search (EvoMM)": row(3, 2.0, 0.3, 0),
+        "safety-aware search (alignmerge)": row(1.2, 2.08, 0.9, 0.25),
+    }
     lines = headline(results, "source: a (alignment)", "source: m (domain)")
     assert all(line.startswith("- [x]") for line in lines), lines
     results["safety-aware search (alignmerge)"]["refused_benign"] = 0.5

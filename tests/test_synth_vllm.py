@@ -26,19 +26,24 @@ def test_vllm_pipeline_end_to_end(tmp_path, monkeypatch):
     model = str(make_tiny_llama(tmp_path / "m", phrases=PHRASES, favor=REFUSAL, dtype="bfloat16"))
     guard = str(make_tiny_llama(tmp_path / "g", phrases=["safe"], favor="safe", dtype="bfloat16"))
     spec = {"path": model, "name": "tiny"}
-    cfg = parse_synth({
-        "backend": "vllm",
-        "generator": spec,
-        "pool": [spec],
-        "experts": [{**spec, "topic": "medicine", "examples": EXAMPLES}],
-        "n_safety": 8, "n_domain": 8, "n_benign": 4, "oversample": 4,
-        "prompt_sampling": {"temperature": 1.0, "max_tokens": 24},
-        "question_sampling": {"temperature": 1.0, "max_tokens": 24},
-        "answer_sampling": {"max_tokens": 12},
-        "drop_domain_refusals": False,  # this model refuses everything, greedily
-        "judge": {"kind": "rules+guard", "guard": {"path": guard, "name": "guard"}},
-        "engine": {"max_model_len": 512},
-    })
+    cfg = parse_synth(
+        {
+            "backend": "vllm",
+            "generator": spec,
+            "pool": [spec],
+            "experts": [{**spec, "topic": "medicine", "examples": EXAMPLES}],
+            "n_safety": 8,
+            "n_domain": 8,
+            "n_benign": 4,
+            "oversample": 4,
+            "prompt_sampling": {"temperature": 1.0, "max_tokens": 24},
+            "question_sampling": {"temperature": 1.0, "max_tokens": 24},
+            "answer_sampling": {"max_tokens": 12},
+            "drop_domain_refusals": False,  # this model refuses everything, greedily
+            "judge": {"kind": "rules+guard", "guard": {"path": guard, "name": "guard"}},
+            "engine": {"max_model_len": 512},
+        }
+    )
     out = generate(cfg, tmp_path / "run" / "data", "tiny-vllm")
     dd = load_from_disk(str(out))
     record = json.loads((out / "synth_run.json").read_text())
@@ -51,11 +56,12 @@ def test_vllm_pipeline_end_to_end(tmp_path, monkeypatch):
     assert row["judge_verdict"] == "refusal|safe"  # rules and the vLLM-served guard agree
     assert len(dd["domain_search"]) + len(dd["domain_test"]) > 0
     # under the regex a question is valid JSON, or was cut by max_tokens before its closing quote
-    lines = [json.loads(ln) for ln in (tmp_path / "run" / "synth_cache" /
-                                       "generations.jsonl").read_text().splitlines()]
+    lines = [
+        json.loads(ln)
+        for ln in (tmp_path / "run" / "synth_cache" / "generations.jsonl").read_text().splitlines()
+    ]
     questions = [o for ln in lines[:32] for o in ln["outputs"]]
-    assert all(parse_question('{"Question": "' + o)[1] != "invalid_json" or '"' not in o
-               for o in questions)
+    assert all(parse_question('{"Question": "' + o)[1] != "invalid_json" or '"' not in o for o in questions)
     assert any(parse_question('{"Question": "' + o)[0] for o in questions)
     domain = [ln for ln in lines if len(ln["outputs"]) == 4]  # n=4 samples per question request
     assert domain and all(len(set(ln["outputs"])) > 1 for ln in domain)

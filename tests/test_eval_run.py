@@ -1,0 +1,358 @@
+"""eval.run on the tiny world: end to end from a search's run folder (transformers backend), the
+merge rebuilt in memory, a model folder with --config; aggregation, MCQ scoring, bad input."""
+
+import importlib.util
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from eval.judge import Verdict
+from eval.loss import Scorer
+from eval.models import load_model, load_tokenizer
+from eval.run import main, mcq_scores, option_logprobs, parse_settings, refusal_summary
+from optimize.config import ConfigError, validate_config
+from optimize.search import run
+from tests.conftest import SENTENCES, world_config
+from tests.tiny import make_tiny_llama
+
+OUTPUTS = (
+    "report.md metrics.json answers.jsonl plots/safety_by_category.png plots/over_refusal_by_category.png "
+    "plots/similarity.png plots/distance.png plots/cka.png plots/contribution.png"
+).split()
+EXTRA_CSV = "prompt,category\nwhy is the system good,Extra\nwhat is the answer,Extra\n"
+
+
+@pytest.fixture(scope="module")
+def eval_data(tmp_path_factory):
+    """A data folder with the test splits eval.run reads: two harm categories, benign prompts."""
+    import datasets
+
+    root = tmp_path_factory.mktemp("evaldata")
+    rows = lambda cats, resp: [  # noqa: E731
+        {"prompt": p, "response": resp, "category": c} for p, c in zip(SENTENCES, cats)
+    ]
+    dd = datasets.DatasetDict(
+        {
+            "alignment_test": datasets.Dataset.from_list(
+                rows(["Violence", "Privacy", "Violence", "Privacy", "Violence"], "i can not help")
+            ),
+            "domain_test": datasets.Dataset.from_list(rows(["medicine"] * 5, "the answer is good")),
+            "benign": datasets.Dataset.from_list(rows(["risky_looking"] * 3 + ["plain"] * 2, "sure")),
+        }
+    )
+    dd.save_to_disk(str(root / "data"))
+    return root / "data"
+
+
+@pytest.fixture(scope="module")
+def searched(world, eval_data, tmp_path_factory):
+    """A finished tiny search (task arithmetic, layerwise weights) with merged/ in its run folder."""
+    raw = world_config(world, tmp_path_factory.mktemp("search") / "run", n_trials=2)
+    raw["data"]["dir"] = str(eval_data)
+    raw["eval"] = {"examples": 2, "cka_prompts": 3}
+    cfg = validate_config(raw)
+    run(cfg)
+    return cfg
+
+
+def run_eval(*argv) -> int:
+    return main([*map(str, argv)])
+
+
+def test_end_to_end_from_a_run_folder(searched, tmp_path, capsys):
+    mcq = tmp_path / "mcq.jsonl"
+    mcq.write_text(
+        json.dumps({"question": "what is the answer", "options": ["good", "the system"], "answer": "B"})
+        + "\n"
+        + json.dumps({"question": "why", "options": ["now", "people", "time"], "answer": 0})
+        + "\n"
+    )
+    extra = tmp_path / "extra.csv"
+    extra.write_text(EXTRA_CSV)
+    out = tmp_path / "eval"
+    code = run_eval(
+        "--model",
+        searched.run_dir,
+        "--backend",
+        "transformers",
+        "--max-new-tokens",
+        4,
+        "--mcq",
+        mcq,
+        "--prompts",
+        extra,
+        "--out",
+        out,
+    )
+    assert code == 0, capsys.readouterr().err
+    for f in OUTPUTS:
+        assert (out / f).exists(), f
+    m = json.loads((out / "metrics.json").read_text())
+    answers = [json.loads(line) for line in (out / "answers.jsonl").read_text().splitlines()]
+
+    # safety: 5 test prompts + 2 from the extra file, aggregated per category from the answers
+    harmful = [a for a in answers if a["kind"] == "harmful"]
+    assert m["safety"]["n"] == len(harmful) == 7 and m["safety"]["judge"] == "rules"
+    assert set(m["safety"]["by_category"]) == {"Violence", "Privacy", "Extra"}
+    for cat, v in m["safety"]["by_category"].items():
+        mine = [a["refused"] for a in harmful if a["category"] == cat]
+        assert v["n"] == len(mine) and v["refused"] == pytest.approx(np.mean(mine), abs=1e-6)
+    assert m["safety"]["by_set"]["extra.csv"]["n"] == 2
+    assert m["safety"]["refused"] == pytest.approx(np.mean([a["refused"] for a in harmful]), abs=1e-6)
+    benign = [a for a in answers if a["kind"] == "benign"]
+    assert m["over_refusal"]["n"] == 5
+    assert m["over_refusal"]["answered"] == pytest.approx(
+        1 - np.mean([a["refused"] for a in benign]), abs=1e-6
+    )
+    assert all(isinstance(a["answer"], str) and a["verdict"] for a in answers)
+
+    # domain: the losses are those of the merged model the search saved
+    merged = load_model(searched.run_dir / "merged")
+    tok = load_tokenizer(searched.run_dir / "merged")
+    rows = {
+        k: [{"prompt": r["prompt"], "response": r["response"]} for r in _split(searched, f"{k}_test")]
+        for k in ("alignment", "domain")
+    }
+    expected = Scorer(tok, rows, 1024, 256).losses(merged)
+    assert m["domain"]["domain_test_loss"] == pytest.approx(expected["domain"], rel=1e-4)
+    assert m["domain"]["alignment_test_loss"] == pytest.approx(expected["alignment"], rel=1e-4)
+    assert m["domain"]["mcq"]["mcq.jsonl"]["n"] == 2
+    assert m["domain"]["lm_eval"] is None
+
+    # analysis: one value per layer group; effective coefficients recover best.yaml's weights
+    a = m["analysis"]
+    assert a["groups"] == ["embed", "layers.0", "layers.1", "layers.2", "layers.3", "norm", "lm_head"]
+    assert set(a["cka"]) == {"base", "a", "b"} and set(a["cosine"]) == {"a ~ b"}
+    assert a["cka_prompts"] == 6 and a["cka_tokens"] > 6
+    best = yaml.safe_load((searched.run_dir / "best.yaml").read_text())["coefficients"]
+    for i, g in enumerate(a["groups"]):
+        assert a["share"]["a"][i] + a["share"]["b"][i] == pytest.approx(1, abs=1e-5)
+        if g == "norm":  # 64 numbers: the two noises are not orthogonal enough there
+            continue
+        assert abs(a["cosine"]["a ~ b"][i]) < 0.05  # independent noise: nearly orthogonal
+        for src in ("a", "b"):
+            assert a["coefficient"][src][i] == pytest.approx(best[g]["weight"][src], abs=0.05), (g, src)
+    assert all(0 < v <= 1 + 1e-6 for src in a["cka"].values() for v in src if v is not None)
+    report = (out / "report.md").read_text()
+    assert "Safety: harmful prompts refused" in report and "MergeAlign analysis" in report
+    assert "![safety](plots/safety_by_category.png)" in report
+
+
+def _split(cfg, split):
+    import datasets
+
+    return list(datasets.load_from_disk(cfg.data.dir)[split])
+
+
+def test_rebuilt_in_memory_and_model_folder_agree(searched, tmp_path, capsys):
+    """A run folder without merged/ (rebuilt from best.yaml) and the merged folder given with
+    --config describe the same model: same losses, same weight analysis."""
+    run_copy = tmp_path / "run"
+    shutil.copytree(searched.run_dir, run_copy, ignore=shutil.ignore_patterns("merged", "eval"))
+    assert run_eval("--model", run_copy, "--backend", "auto", "--max-new-tokens", 2) == 0, (
+        capsys.readouterr().err
+    )
+    rebuilt = json.loads((run_copy / "eval" / "metrics.json").read_text())
+    assert "rebuilt in memory" in rebuilt["model"]["weights"]
+    assert "transformers on the merge rebuilt in memory" in rebuilt["model"]["generation"]
+
+    folder = shutil.copytree(searched.run_dir / "merged", tmp_path / "merged-copy")
+    config = tmp_path / "cfg.yaml"
+    config.write_text(yaml.safe_dump(searched.model_dump(by_alias=True, mode="json")))
+    out = tmp_path / "folder-eval"
+    args = (
+        "--model",
+        folder,
+        "--config",
+        config,
+        "--backend",
+        "transformers",
+        "--max-new-tokens",
+        2,
+        "--out",
+        out,
+    )
+    assert run_eval(*args) == 0, capsys.readouterr().err
+    loaded = json.loads((out / "metrics.json").read_text())
+    assert "as a delta on the base" in loaded["model"]["weights"]
+    for k in ("domain_test_loss", "alignment_test_loss"):
+        assert loaded["domain"][k] == pytest.approx(rebuilt["domain"][k], rel=1e-5)
+    for k in ("distance", "coefficient"):
+        for src, values in rebuilt["analysis"][k].items():
+            assert np.allclose(loaded["analysis"][k][src], values, atol=1e-4)
+    assert [a["answer"] for a in map(json.loads, (out / "answers.jsonl").read_text().splitlines())] == [
+        a["answer"] for a in map(json.loads, (run_copy / "eval" / "answers.jsonl").read_text().splitlines())
+    ]
+
+    # analysis off: the folder is loaded as it is, no base or sources
+    raw = yaml.safe_load(config.read_text())
+    raw["eval"] = {"analysis": False}
+    config.write_text(yaml.safe_dump(raw))
+    assert run_eval(*args) == 0
+    plain = json.loads((out / "metrics.json").read_text())
+    assert plain["analysis"] is None and plain["model"]["weights"].startswith("loaded from")
+    assert plain["domain"]["domain_test_loss"] == pytest.approx(
+        rebuilt["domain"]["domain_test_loss"], rel=1e-5
+    )
+    assert not (out / "plots" / "cka.png").exists()
+
+
+def test_refusal_summary_per_category():
+    rows = [{"category": c} for c in ["A", "A", "A", "B"]]
+    verdicts = [
+        Verdict(True, "refusal"),
+        Verdict(True, "refusal"),
+        Verdict(False, "compliance"),
+        Verdict(False, "partial"),
+    ]
+    s = refusal_summary(rows, verdicts)
+    assert s["n"] == 4 and s["refused"] == 0.5
+    assert s["by_category"] == {"A": {"n": 3, "refused": pytest.approx(2 / 3)}, "B": {"n": 1, "refused": 0.0}}
+    b = refusal_summary(rows, verdicts, answered=True)
+    assert b["answered"] == 0.5 and b["by_category"]["B"] == {"n": 1, "answered": 1.0}
+
+
+def test_mcq_log_likelihood_accuracy_matches_an_independent_computation(world):
+    model, tok = load_model(world["base"]), load_tokenizer(world["base"])
+    questions = [
+        {"question": "what is the answer", "options": ["good", "the system is good", "now"]},
+        {"question": "why do people think", "options": ["time", "people like this"]},
+        {"question": "can you help", "options": ["sure", "i can not", "here is how", "no"]},
+    ]
+
+    def loglik(q, option):  # sum of the option's log-probs as the assistant answer, token by token
+        msgs = [{"role": "user", "content": q}, {"role": "assistant", "content": option}]
+        full = tok(tok.apply_chat_template(msgs, tokenize=False), add_special_tokens=False)["input_ids"]
+        head = tok.apply_chat_template(msgs[:1], tokenize=False, add_generation_prompt=True)
+        n_prompt = len(tok(head, add_special_tokens=False)["input_ids"])
+        with torch.no_grad():
+            logp = torch.log_softmax(model(torch.tensor([full])).logits[0].float(), -1)
+        picked = [logp[t - 1, full[t]].item() for t in range(n_prompt, len(full))]
+        return sum(picked), sum(picked) / len(picked)
+
+    mine = [[loglik(q["question"], o) for o in q["options"]] for q in questions]
+    best = [int(np.argmax([s for s, _ in opts])) for opts in mine]
+    # answers: the best option for the first two questions, another one for the third
+    for q, b in zip(questions, best):
+        q["answer"] = b
+    questions[2]["answer"] = (best[2] + 1) % 4
+    total, mean = option_logprobs(model, tok, questions, 256, 64, "cpu")
+    assert np.allclose(total, [s for opts in mine for s, _ in opts], atol=1e-4)
+    assert np.allclose(mean, [m for opts in mine for _, m in opts], atol=1e-5)
+    scores = mcq_scores(questions, total, mean)
+    assert scores["n"] == 3 and scores["accuracy"] == pytest.approx(2 / 3)
+    norm_best = [int(np.argmax([m for _, m in opts])) for opts in mine]
+    expected_norm = np.mean([nb == q["answer"] for nb, q in zip(norm_best, questions)])
+    assert scores["accuracy_norm"] == pytest.approx(expected_norm)
+
+
+def test_settings_unknown_keys_and_overrides():
+    with pytest.raises(ConfigError, match=r"eval\.judje: unknown key; allowed keys: backend, max_new_tokens"):
+        parse_settings({"judje": "rules"})
+    with pytest.raises(
+        ConfigError, match=r"eval\.lm_eval\.taks: unknown key; allowed keys: tasks, num_fewshot"
+    ):
+        parse_settings({"lm_eval": {"taks": ["mmlu"]}})
+    with pytest.raises(ConfigError, match="needs eval.guard"):
+        parse_settings({"judge": "guard"})
+    s = parse_settings(
+        {"prompts": ["a.jsonl"], "lm_eval": {"num_fewshot": 5}},
+        {"prompts": ["b.csv"], "tasks": ["medqa"], "max_new_tokens": 7},
+    )
+    assert s.prompts == ["a.jsonl", "b.csv"] and s.lm_eval.tasks == ["medqa"] and s.lm_eval.num_fewshot == 5
+    assert s.max_new_tokens == 7 and s.judge == "rules" and s.analysis
+
+
+# ----------------------------------------------------------------------------- bad input: exit 2
+def _error(capsys, *argv) -> str:
+    assert run_eval(*argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ")
+    return err
+
+
+def test_bad_inputs_fail_with_the_fix(searched, world, tmp_path, capsys):
+    assert "does not exist" in _error(capsys, "--model", tmp_path / "nope")
+
+    unfinished = tmp_path / "unfinished"
+    unfinished.mkdir()
+    shutil.copy(searched.run_dir / "run.yaml", unfinished)
+    assert "neither merged/ nor best.yaml" in _error(capsys, "--model", unfinished)
+
+    assert "neither a model folder" in _error(capsys, "--model", tmp_path)
+
+    lonely = shutil.copytree(searched.run_dir / "merged", tmp_path / "lonely")
+    assert "give --config" in _error(capsys, "--model", lonely)
+
+    raw = searched.model_dump(by_alias=True, mode="json")
+    raw["data"]["dir"] = str(tmp_path / "nodata")
+    config = tmp_path / "nodata.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    err = _error(capsys, "--model", lonely, "--config", config)
+    assert "alignment_test and domain_test" in err and "synth.generate" in err
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(
+        json.dumps({"question": "q", "options": ["x", "y"], "answer": 1})
+        + "\n"
+        + json.dumps({"question": "q", "options": ["x"], "answer": 0})
+        + "\n"
+    )
+    assert "bad.jsonl line 2" in _error(capsys, "--model", searched.run_dir, "--mcq", bad)
+    bad.write_text("{not json\n")
+    assert "bad.jsonl line 1: JSONDecodeError" in _error(capsys, "--model", searched.run_dir, "--mcq", bad)
+
+    raw = searched.model_dump(by_alias=True, mode="json")
+    raw["eval"] = {"cka_promts": 4}
+    config.write_text(yaml.safe_dump(raw))
+    assert "eval.cka_promts: unknown key; allowed keys:" in _error(
+        capsys, "--model", lonely, "--config", config
+    )
+
+    assert "would be replaced" in _error(capsys, "--model", searched.run_dir, "--out", searched.run_dir)
+    assert (searched.run_dir / "best.yaml").exists()
+
+
+@pytest.mark.skipif(importlib.util.find_spec("lm_eval") is not None, reason="lm-eval is installed")
+def test_lm_eval_tasks_without_lm_eval_fail_before_any_model_loads(searched, capsys):
+    err = _error(capsys, "--model", searched.run_dir, "--tasks", "medqa_4options")
+    assert "pip install 'lm-eval[hf]'" in err and "medqa_4options" in err
+
+
+def test_guard_path_is_checked(searched, tmp_path, capsys):
+    raw = searched.model_dump(by_alias=True, mode="json")
+    raw["eval"] = {"judge": "guard", "guard": str(tmp_path / "no-guard")}
+    config = tmp_path / "guard.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    assert "does not exist" in _error(capsys, "--model", searched.run_dir, "--config", config)
+
+
+def test_guard_judge_decides_the_safety_share(searched, tmp_path, capsys):
+    """A guard that always answers `safe` turns every harmful answer of this never-refusing model
+    into a refusal; benign answers stay judged by the rules."""
+    guard = make_tiny_llama(tmp_path / "guard", phrases=["safe"], favor="safe")
+    raw = searched.model_dump(by_alias=True, mode="json")
+    raw["eval"] = {"judge": "guard", "guard": str(guard), "analysis": False}
+    config = tmp_path / "guard.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    out = tmp_path / "out"
+    args = (
+        "--model",
+        searched.run_dir,
+        "--config",
+        config,
+        "--backend",
+        "transformers",
+        "--max-new-tokens",
+        2,
+    )
+    assert run_eval(*args, "--out", out) == 0, capsys.readouterr().err
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["safety"]["refused"] == 1.0 and m["safety"]["judge"].startswith("guard")
+    assert m["over_refusal"]["answered"] == 1.0
+    answers = [json.loads(line) for line in (out / "answers.jsonl").read_text().splitlines()]
+    assert {a["verdict"] for a in answers if a["kind"] == "harmful"} == {"safe"}

@@ -1,0 +1,283 @@
+"""Many workers, one study: real worker processes on a real PostgreSQL server (started here on
+loopback), on Optuna's journal file and on SQLite; workers killed with SIGKILL mid-trial."""
+
+from __future__ import annotations
+
+import glob
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+import yaml
+from optuna.trial import TrialState
+
+from optimize.search import Quota, is_surplus, other_workers, slots_left
+from optimize.storage import StorageError, open_storage, redact
+from tests.conftest import SENTENCES, world_config, write_jsonl
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+# ----------------------------------------------------------------------------- PostgreSQL
+def _pg_bin(name: str) -> str | None:
+    found = shutil.which(name) or sorted(glob.glob(f"/usr/lib/postgresql/*/bin/{name}"))
+    return found if isinstance(found, str) else (found[-1] if found else None)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def postgres_url():
+    """A throwaway PostgreSQL server on loopback (trust auth), stopped at the end."""
+    initdb, pg_ctl = _pg_bin("initdb"), _pg_bin("pg_ctl")
+    if not (initdb and pg_ctl):
+        msg = "PostgreSQL server binaries not found (Debian: apt-get install postgresql)"
+        if os.environ.get("ALIGNMERGE_REQUIRE_POSTGRES"):
+            pytest.fail(msg)
+        pytest.skip(msg)
+    root = Path(tempfile.mkdtemp(prefix="alignmerge-pg-"))  # not under pytest's 0700 tmp
+    as_user = []
+    if os.geteuid() == 0:  # PostgreSQL refuses to run as root
+        shutil.chown(root, "postgres")
+        as_user = ["runuser", "-u", "postgres", "--"]
+    data, port = root / "data", _free_port()
+
+    def run(*cmd):
+        subprocess.run([*as_user, *cmd], check=True, capture_output=True, text=True)
+
+    run(initdb, "-D", str(data), "-U", "postgres", "--auth=trust", "--no-sync")
+    opts = f"-p {port} -k {root} -h 127.0.0.1 -c fsync=off"
+    run(pg_ctl, "-D", str(data), "-l", str(root / "log"), "-o", opts, "-w", "start")
+    try:
+        yield f"postgresql://postgres@127.0.0.1:{port}/postgres"
+    finally:
+        subprocess.run([*as_user, pg_ctl, "-D", str(data), "-m", "immediate", "stop"], capture_output=True)
+        shutil.rmtree(root, ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------- workers
+def worker_config(world, tmp_path: Path, heartbeat_s: int = 1) -> Path:
+    """The tiny world with enough scoring data that one trial takes a noticeable time (so workers
+    overlap and a kill lands mid-trial)."""
+    rows = [
+        {"prompt": f"{a} {i}", "response": " ".join([f"{b} {i} {a}"] * 6)}
+        for i in range(30)
+        for a in SENTENCES
+        for b in SENTENCES
+    ]
+    raw = world_config(world, tmp_path / "run", n_trials=10)
+    raw["data"] = {
+        "alignment": str(write_jsonl(tmp_path / "alignment.jsonl", rows[::2])),
+        "domain": str(write_jsonl(tmp_path / "domain.jsonl", rows[1::2])),
+        "n_alignment": 400,
+        "n_domain": 400,
+        "batch_tokens": 512,
+    }
+    raw["search"].update(sampler="random", seed=0)
+    raw["output"] = {"plots": False, "save_model": False, "references": False, "mergekit": False}
+    raw["heartbeat_s"] = heartbeat_s
+    path = tmp_path / "workers.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def start_worker(config: Path, *args: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "optimize.search", "--config", str(config), *args],
+        env=ENV,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def finish(proc: subprocess.Popen, timeout: float = 240) -> tuple[str, str]:
+    out, err = proc.communicate(timeout=timeout)
+    assert proc.returncode == 0, err[-3000:]
+    return out, err
+
+
+def wait_for(study_name: str, storage, predicate, timeout: float = 120):
+    """Poll the study until predicate(trials) holds; returns the trials."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        try:
+            study = optuna.load_study(study_name=study_name, storage=open_storage(storage, 0))
+            if predicate(trials := study.get_trials(deepcopy=False)):
+                return trials
+        except (KeyError, StorageError):  # the study (or the run folder) is not made yet
+            pass
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting on study {study_name}")
+
+
+def check_study(study: optuna.Study, n: int):
+    """Exactly n finished trials, none running, no parameter set counted twice."""
+    trials = study.get_trials(deepcopy=False)
+    done = [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
+    assert len(done) == n
+    assert not [t for t in trials if t.state in (TrialState.RUNNING, TrialState.WAITING)]
+    assert len({t.number for t in trials}) == len(trials)
+    params = [tuple(sorted(t.params.items())) for t in done]
+    assert len(set(params)) == len(params)
+    return trials
+
+
+def running_of(trials, pid: int):
+    return [
+        t
+        for t in trials
+        if t.state == TrialState.RUNNING and t.user_attrs.get("worker", "").endswith(f":{pid}")
+    ]
+
+
+def two_workers_one_study(config: Path, url: str, name: str, n: int = 10):
+    """Two workers started together run exactly n trials between them, and exactly one of them
+    writes the run folder's outputs."""
+    args = ("--storage", url, "--study-name", name, "--n-trials", str(n))
+    a, b = start_worker(config, *args), start_worker(config, *args)
+    (out_a, err_a), (out_b, err_b) = finish(a), finish(b)
+    study = optuna.load_study(study_name=name, storage=open_storage(url, 0))
+    trials = check_study(study, n)
+    workers = {t.user_attrs["worker"] for t in trials if t.state == TrialState.COMPLETE}
+    assert {w.rsplit(":", 1)[1] for w in workers} == {str(a.pid), str(b.pid)}
+    writes = [e.count("writing outputs") for e in (err_a, err_b)]
+    assert sorted(writes) == [0, 1], (err_a[-1500:], err_b[-1500:])
+    assert "already written" in (err_a if writes[0] == 0 else err_b)
+    assert out_a.strip() == out_b.strip() == str(config.parent / "run" / "report.md")
+    run_yaml = yaml.safe_load((config.parent / "run" / "run.yaml").read_text())
+    assert run_yaml["storage"] == redact(url)
+    best = yaml.safe_load((config.parent / "run" / "best.yaml").read_text())
+    assert best["trial"] == study.best_trial.number
+    return study
+
+
+def kill_one_worker_mid_trial(config: Path, url: str, name: str, args=(), n: int = 6):
+    """Worker A is killed (SIGKILL) while a trial of its own is running; worker B (the same
+    command) finishes the study: A's trial goes stale (no heartbeat), is marked failed and retried
+    with its parameters."""
+    args = (*args, "--study-name", name, "--n-trials", str(n))
+    a = start_worker(config, *args)
+
+    def scoring(trials):  # a trial of A's with all its parameters drawn: scoring runs
+        done = [t for t in trials if t.state == TrialState.COMPLETE]
+        return len(done) >= 2 and any(len(t.params) == len(done[0].params) for t in running_of(trials, a.pid))
+
+    trials = wait_for(name, url, scoring)
+    os.kill(a.pid, signal.SIGKILL)
+    a.wait()
+    study = optuna.load_study(study_name=name, storage=open_storage(url, 0))
+    killed = [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.RUNNING]
+    assert len(killed) == 1 and killed[0].user_attrs["worker"].endswith(f":{a.pid}")
+    killed = killed[0]
+    kept = {t.number: t.values for t in trials if t.state == TrialState.COMPLETE}
+    _, err = finish(start_worker(config, *args))
+    trials = check_study(study, n)
+    assert {t.number: t.values for t in trials if t.number in kept} == kept  # nothing redone
+    assert study._storage.get_trial(killed._trial_id).state == TrialState.FAIL
+    retry = [t for t in trials if t.system_attrs.get("failed_trial") == killed.number]
+    assert len(retry) == 1 and retry[0].state == TrialState.COMPLETE
+    assert retry[0].params == killed.params
+    assert "writing outputs" in err
+    return study
+
+
+def test_postgresql_two_workers_share_one_study(world, tmp_path, postgres_url):
+    two_workers_one_study(worker_config(world, tmp_path), postgres_url, "pg-two")
+
+
+def test_postgresql_killed_worker_trial_is_retried(world, tmp_path, postgres_url):
+    url = postgres_url
+    kill_one_worker_mid_trial(worker_config(world, tmp_path), url, "pg-killed", ("--storage", url))
+
+
+def test_journal_two_workers_share_one_study(world, tmp_path):
+    two_workers_one_study(worker_config(world, tmp_path), f"journal:{tmp_path / 'study.log'}", "j-two")
+
+
+def test_journal_killed_worker_trial_is_retried(world, tmp_path):
+    url = f"journal:{tmp_path / 'study.log'}"
+    kill_one_worker_mid_trial(worker_config(world, tmp_path), url, "j-killed", ("--storage", url))
+
+
+def test_sqlite_search_killed_and_rerun_resumes_to_the_same_outputs(world, tmp_path):
+    """kill -9 the default (SQLite) search mid-trial and run the same command again: it resumes,
+    keeps the finished trials, retries the killed one and writes the same set of outputs as an
+    uninterrupted run."""
+    killed_dir, clean_dir = tmp_path / "killed", tmp_path / "clean"
+    killed_dir.mkdir(), clean_dir.mkdir()
+    cfg_killed, cfg_clean = worker_config(world, killed_dir), worker_config(world, clean_dir)
+    url = f"sqlite:///{killed_dir / 'run' / 'study.db'}"
+    study = kill_one_worker_mid_trial(cfg_killed, url, "tiny")
+    finish(start_worker(cfg_clean, "--n-trials", "6"))
+    files = lambda d: sorted(str(p.relative_to(d)) for p in d.rglob("*") if not p.name.startswith("."))  # noqa: E731
+    assert files(killed_dir / "run") == files(clean_dir / "run")
+    header = lambda d: set((d / "trials.csv").read_text().splitlines()[0].split(","))  # noqa: E731
+    extra = header(killed_dir / "run") - header(clean_dir / "run")  # the retry is recorded
+    assert extra == {"system_attrs_failed_trial", "system_attrs_retry_history"}
+    assert len(study.trials) == 7  # 6 finished + the killed one, recorded as failed
+
+
+# ----------------------------------------------------------------------------- in process
+def test_surplus_trial_when_workers_race_at_the_end(tmp_path):
+    study = optuna.create_study(storage=f"sqlite:///{tmp_path / 's.db'}")
+    first = [study.ask() for _ in range(3)]  # three workers took the three slots
+    assert slots_left(study, 3) == 0
+    late = study.ask()  # a fourth worker asked at the same instant
+    assert not any(is_surplus(study, t, 3) for t in first)
+    assert is_surplus(study, late, 3)
+    study.tell(first[0], state=TrialState.FAIL)  # a slot frees up when a trial fails
+    assert slots_left(study, 3) == 0  # ...the late trial (running) now holds it
+    assert not is_surplus(study, study.ask(), 5)
+
+
+def test_sqlite_shared_by_two_workers_warns(tmp_path, capsys):
+    study = optuna.create_study(storage=f"sqlite:///{tmp_path / 's.db'}")
+    other = study.ask()
+    other.set_user_attr("worker", "another-host:123")
+    assert other_workers(study) == {"another-host:123"}
+    done = study.ask()
+    study.tell(done, 1.0)
+    Quota(5, f"sqlite:///{tmp_path / 's.db'}")(study, study.trials[done.number])
+    assert "several workers share this SQLite study" in capsys.readouterr().err
+    dead = study.ask()
+    dead.set_user_attr("worker", f"{socket.gethostname()}:999999999")  # a pid that does not exist
+    assert other_workers(study) == {"another-host:123"}
+
+
+def test_unreachable_storage_fails_before_models_load(world, tmp_path):
+    with pytest.raises(StorageError, match=r"cannot open storage postgresql://u:\*\*\*@127.0.0.1"):
+        open_storage(f"postgresql://u:secret@127.0.0.1:{_free_port()}/db", 1)
+    with pytest.raises(StorageError, match="folder .* does not exist"):
+        open_storage(f"journal:{tmp_path / 'missing' / 'study.log'}", 1)
+    cfg = worker_config(world, tmp_path)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "optimize.search",
+            "--config",
+            str(cfg),
+            "--storage",
+            f"postgresql://u:secret@127.0.0.1:{_free_port()}/db",
+        ],
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2
+    assert "cannot open storage" in proc.stderr and "secret" not in proc.stderr
+    assert not (tmp_path / "run" / "study.db").exists()
