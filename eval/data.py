@@ -7,6 +7,7 @@ empty are skipped and counted (a warning says how many).
 
 from __future__ import annotations
 
+import json
 import warnings
 from pathlib import Path
 
@@ -26,13 +27,7 @@ def load_pairs(path: str | Path, split: str | None = None, limit: int | None = N
             "first, or name JSONL files under data.alignment / data.domain)"
         )
     if path.is_file():
-        try:
-            ds = datasets.load_dataset("json", data_files=str(path), split="train")
-        except Exception as err:  # datasets raises several types for malformed JSON
-            raise DataError(
-                f"{path} is not valid JSON Lines (one JSON object per line with "
-                f"'prompt' and 'response'): {type(err).__name__}: {err}"
-            ) from None
+        ds = datasets.Dataset.from_list(read_jsonl(path))
         origin = str(path)
     else:
         try:
@@ -61,6 +56,27 @@ def load_pairs(path: str | Path, split: str | None = None, limit: int | None = N
     if not rows:
         raise DataError(f"{origin}: no usable rows (need non-empty 'prompt' and 'response')")
     return rows[:limit] if limit else rows
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    """Rows of a JSON Lines file; blank lines are skipped, a bad line is named by its number."""
+    rows = []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise DataError(
+                f"{path}, line {n}: not valid JSON ({err.msg}); each line must be one JSON object "
+                "with 'prompt' and 'response'"
+            ) from None
+        if not isinstance(row, dict):
+            raise DataError(f"{path}, line {n}: a JSON object with 'prompt' and 'response' expected")
+        rows.append(row)
+    if not rows:
+        raise DataError(f"{path} is empty: it needs JSON lines with 'prompt' and 'response'")
+    return rows
 
 
 def _text(v) -> bool:

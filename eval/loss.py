@@ -102,7 +102,7 @@ class Scorer:
             ids[b, :n] = torch.tensor(e.input_ids)
             attn[b, :n] = 1
             target[b, e.n_prompt - 1 : n - 1] = ids[b, e.n_prompt : n]
-        return name, ids.to(self.device), attn.to(self.device), target.to(self.device)
+        return name, ids.to(self.device), attn.to(self.device), target.to(self.device), idx
 
     @property
     def n_tokens(self) -> dict[str, int]:
@@ -111,7 +111,7 @@ class Scorer:
 
     @property
     def padded_tokens(self) -> int:
-        return sum(ids.numel() for _, ids, _, _ in self.batches)
+        return sum(ids.numel() for _, ids, *_ in self.batches)
 
     @torch.no_grad()
     def example_losses(
@@ -120,15 +120,18 @@ class Scorer:
         on_batch: Callable[[int, dict[str, list[float]]], None] | None = None,
         progress: bool = False,
     ) -> dict[str, list[float]]:
-        """Per-example mean token CE for every set. `on_batch(step, losses_so_far)` is called
-        after each batch (the search reports intermediate values to its pruner from it)."""
+        """Per-example mean token CE for every set, in the order of the set's (kept) examples.
+        `on_batch(step, losses_so_far)` is called after each batch (the search reports
+        intermediate values to its pruner from it)."""
         losses: dict[str, list[float]] = {n: [] for n in self.examples}
+        order: dict[str, list[int]] = {n: [] for n in self.examples}
         batches = tqdm(self.batches, desc="scoring", unit="batch", leave=False, disable=not progress)
-        for step, (name, ids, attn, target) in enumerate(batches):
+        for step, (name, ids, attn, target, idx) in enumerate(batches):
             losses[name].extend(response_losses(model, ids, attn, target).tolist())
+            order[name].extend(idx)
             if on_batch is not None:
                 on_batch(step, losses)
-        return losses
+        return {n: [v for _, v in sorted(zip(order[n], losses[n]))] for n in losses}
 
     def losses(self, model, **kwargs) -> dict[str, float]:
         return {n: sum(v) / len(v) for n, v in self.example_losses(model, **kwargs).items()}

@@ -47,6 +47,21 @@ def resolve_model_path(path: str | os.PathLike) -> Path:
     return p
 
 
+def check_safetensors(folder: Path) -> None:
+    """Read every safetensors header (cheap: no tensor data), so a truncated or corrupt file is
+    refused before any model loads."""
+    from safetensors import safe_open
+
+    for f in sorted(folder.glob("*.safetensors")):
+        try:
+            with safe_open(f, framework="pt") as st:
+                st.keys()
+        except Exception as err:  # safetensors raises its own error type
+            raise ModelLoadError(
+                f"{f} cannot be read ({err}); the file is truncated or corrupt: copy it again"
+            ) from None
+
+
 def model_format(path: Path, allow_pickle: bool = False) -> str:
     """One of 'gguf', 'hf', 'lora'; raises with the fix when the folder holds nothing loadable."""
     if path.is_file():
@@ -54,10 +69,12 @@ def model_format(path: Path, allow_pickle: bool = False) -> str:
             return "gguf"
         raise ModelLoadError(f"{path}: a model file must be .gguf; for HF models give the folder")
     if (path / "adapter_config.json").exists():
+        check_safetensors(path)
         return "lora"
     if not (path / "config.json").exists():
         raise ModelLoadError(f"{path}: no config.json (HF model) or adapter_config.json (LoRA)")
     if any(path.glob("*.safetensors")):
+        check_safetensors(path)
         return "hf"
     if any(path.glob("*.bin")):
         if not allow_pickle:
@@ -119,6 +136,12 @@ def resolve_dtype(name: str) -> torch.dtype:
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
 
+def current_umask() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
+
+
 @contextmanager
 def atomic_dir(out: str | os.PathLike):
     """Yield a temporary sibling folder of `out`; on success it replaces `out` by renames, so a
@@ -126,9 +149,7 @@ def atomic_dir(out: str | os.PathLike):
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; the result should not be
+    tmp.chmod(0o777 & ~current_umask())  # mkdtemp makes it private; the result should not be
     try:
         yield tmp
         if out.exists():

@@ -13,11 +13,14 @@ import numpy as np
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from eval.models import current_umask  # noqa: E402
+
 
 def _save(fig, path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".png", dir=path.parent)
+    os.fchmod(fd, 0o666 & ~current_umask())  # mkstemp makes it private; a plot should not be
     os.close(fd)
     try:
         fig.savefig(tmp, dpi=110, bbox_inches="tight")
@@ -118,22 +121,26 @@ def labeled_points(
     title: str,
     highlight: str | None = None,
 ) -> Path:
-    """One labelled marker per model (e.g. refusal rate vs domain loss of every contender)."""
-    fig, ax = plt.subplots(figsize=(7.5, 5))
+    """One labelled marker per model (e.g. refusal rate vs domain loss of every contender): a
+    colour and a marker shape of its own, so up to 20 models (some on the same spot) stay apart."""
+    fig, ax = plt.subplots(figsize=(9.5, 5))
+    colors = plt.get_cmap("tab20").colors
     for k, (name, (x, y)) in enumerate(points.items()):
         star = name == highlight
         ax.scatter(
             [x],
             [y],
-            s=160 if star else 60,
-            marker="*" if star else "o",
-            color=f"C{k}",
+            s=220 if star else 70,
+            marker="*" if star else "osD^vP<>X"[k % 9],
+            color=colors[(2 * k) % 20 + (k // 10) % 2],
+            edgecolors="black" if star else "none",
             label=name,
+            alpha=0.85,
             zorder=5 if star else 3,
         )
     ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="best")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
     return _save(fig, path)
 
 

@@ -32,13 +32,13 @@ from typing import Literal
 import numpy as np
 import torch
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from eval import analysis, plots
 from eval.behaviour import greedy_answers
 from eval.data import DataError, load_pairs
 from eval.judge import BothJudge, GuardJudge, RefusalJudge, refusal_rate
-from eval.loss import Scorer, length_batches
+from eval.loss import Scorer
 from eval.models import (
     ModelLoadError,
     atomic_dir,
@@ -89,18 +89,9 @@ class EvalSettings(_Strict):
         return self
 
 
-def _allowed_keys(loc: tuple) -> list[str]:
-    cls = EvalSettings
-    for part in loc[:-1]:
-        ann = cls.model_fields[part].annotation if part in cls.model_fields else None
-        if isinstance(ann, type) and issubclass(ann, BaseModel):
-            cls = ann
-    return list(cls.model_fields)
-
-
 def parse_settings(section: dict | None, overrides: dict | None = None) -> EvalSettings:
     """Validate the `eval:` section (flags in `overrides` win); errors name the key and the fix."""
-    from optimize.config import ConfigError
+    from optimize.config import validate
 
     raw = dict(section or {})
     for key, value in (overrides or {}).items():
@@ -110,17 +101,7 @@ def parse_settings(section: dict | None, overrides: dict | None = None) -> EvalS
             raw[key] = [*(raw.get(key) or []), *value]
         else:
             raw[key] = value
-    try:
-        return EvalSettings.model_validate(raw)
-    except ValidationError as err:
-        lines = ["invalid `eval:` settings:"]
-        for e in err.errors():
-            key = "eval." + ".".join(str(p) for p in e["loc"]) if e["loc"] else "eval"
-            if e["type"] == "extra_forbidden":
-                lines.append(f"  {key}: unknown key; allowed keys: {', '.join(_allowed_keys(e['loc']))}")
-            else:
-                lines.append(f"  {key}: {e['msg']} (got {e.get('input')!r})")
-        raise ConfigError("\n".join(lines)) from None
+    return validate(EvalSettings, raw, prefix="eval")
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -251,7 +232,7 @@ class Inputs:
 def load_inputs(args: argparse.Namespace) -> Inputs:
     """Everything checked before any model loads; bad input raises with the problem and the fix."""
     from optimize.config import ConfigError
-    from optimize.search import check_inputs
+    from optimize.search import check_models
     from synth.engine import vllm_available
 
     target = resolve_target(args.model)
@@ -279,7 +260,7 @@ def load_inputs(args: argparse.Namespace) -> Inputs:
     if settings.judge != "rules":
         resolve_model_path(settings.guard)
     if settings.analysis or target.folder is None:
-        check_inputs(cfg)  # base and source paths (the merge is rebuilt, or analysed, from them)
+        check_models(cfg)  # base and source paths (the merge is rebuilt, or analysed, from them)
     out = (
         Path(args.out)
         if args.out
@@ -412,10 +393,7 @@ def option_logprobs(model, tokenizer, questions: list[dict], max_length: int, ba
     scorer = Scorer(tokenizer, {"mcq": rows}, max_length, batch_tokens, device)
     if scorer.skipped["mcq"]:
         raise DataError(f"{scorer.skipped['mcq']} MCQ options do not fit in data.max_length={max_length}")
-    # one set: the scorer's batches come in `length_batches` order
-    order = [i for b in length_batches(scorer.examples["mcq"], batch_tokens) for i in b]
-    mean = np.empty(len(rows))
-    mean[order] = -np.asarray(scorer.example_losses(model)["mcq"])
+    mean = -np.asarray(scorer.example_losses(model)["mcq"])
     n_tokens = np.array([len(e.input_ids) - e.n_prompt for e in scorer.examples["mcq"]])
     return mean * n_tokens, mean
 

@@ -40,14 +40,14 @@ from typing import Annotated, Any, Literal
 import numpy as np
 import optuna
 import yaml
-from pydantic import Field, ValidationError
+from pydantic import Field
 from scipy.special import softmax
 
 from eval import plots
 from eval.data import load_pairs
 from eval.loss import Scorer
 from optimize.cli import run_cli
-from optimize.config import Config, ConfigError, Strict, _format_errors, load_config, validate_config
+from optimize.config import Config, ConfigError, Strict, load_config, validate, validate_config
 from optimize.demo import domain_only, evaluate, merged, references, uniform, variant
 from optimize.export import write_text_atomic
 from optimize.methods import Candidate, DareTies, Linear, MergeAlign, MergeMethod, Slerp, TaskArithmetic, Ties
@@ -127,21 +127,6 @@ class Ablation(Strict):
     quick: dict[str, Any] | None = None  # --quick: these keys replace the ones above
 
 
-def _validate(raw: dict, origin: str) -> Ablation:
-    try:
-        return Ablation.model_validate(raw)
-    except ValidationError as err:
-        lines = [_format_errors(err, origin)]
-        for e in err.errors():
-            if e["type"] == "extra_forbidden":
-                model = Ablation
-                for part in e["loc"][:-1]:
-                    model = model.model_fields[part].annotation
-                where = ".".join(map(str, e["loc"][:-1])) or "the top level"
-                lines.append(f"  allowed keys in {where}: {', '.join(model.model_fields)}")
-        raise ConfigError("\n".join(lines)) from None
-
-
 def _overlay(raw: dict, over: dict) -> dict:
     out = dict(raw)
     for k, v in over.items():
@@ -158,8 +143,8 @@ def load_ablation(path: str | Path, quick: bool = False, out: str | None = None)
         raise ConfigError(f"{path} is not valid YAML: {err}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: not found, or its top level is not a mapping of keys")
-    abl = _validate(raw, str(path))
-    fast = _validate(_overlay(raw, abl.quick or {}), f"{path} with its quick section")
+    abl = validate(Ablation, raw, str(path))
+    fast = validate(Ablation, _overlay(raw, abl.quick or {}), f"{path} with its quick section")
     abl = fast if quick else abl
     abl = abl.model_copy(update={"out": out}) if out else abl
     return abl, search_config(abl, path.parent)

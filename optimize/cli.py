@@ -8,9 +8,10 @@ from collections.abc import Callable
 from eval.data import DataError
 from eval.models import ModelLoadError
 from optimize.config import ConfigError
+from optimize.export import OutputError
 from optimize.storage import StorageError
 
-USER_ERRORS = (ConfigError, ModelLoadError, DataError, StorageError)
+USER_ERRORS = (ConfigError, ModelLoadError, DataError, StorageError, OutputError)
 
 
 def run_cli(work: Callable[[], object]) -> int:

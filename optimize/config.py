@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+M = TypeVar("M", bound=BaseModel)
 
 METHODS = ("linear", "task_arithmetic", "ties", "dare_ties", "dare_linear", "slerp", "mergealign")
 SAMPLERS = ("tpe", "cmaes", "nsga2", "gp", "random", "grid")
@@ -86,7 +88,7 @@ class Search(Strict):
     density: Bounds = Bounds(low=0.1, high=1.0)
     # Densities are searched on this grid so TIES/DARE masks can be cached per value.
     density_step: float = Field(0.1, gt=0, le=0.5)
-    grid: list[float] = [0.25, 0.5, 1.0]  # values per coefficient for sampler `grid`
+    grid: Annotated[list[float], Field(min_length=1)] = [0.25, 0.5, 1.0]  # per coefficient, sampler grid
     pruner: Literal["none", "median", "hyperband"] = "median"
     enqueue_initial: bool = True  # trial 0 = every weight at init_weight, every density 1
     init_weight: float | None = None  # null -> 1/number of sources, like mergekit-evolve
@@ -210,26 +212,46 @@ class Config(Strict):
         return self.merge.method in ("ties", "linear")
 
 
-def _format_errors(err: ValidationError, origin: str) -> str:
-    lines = [f"invalid config {origin}:"]
-    for e in err.errors():
-        key = ".".join(str(p) for p in e["loc"]) or "(top level)"
-        msg = e["msg"]
-        if e["type"] == "extra_forbidden":
-            msg = "unknown key (check its spelling and section)"
-        elif e["type"] == "literal_error":
-            msg = f"got {e['input']!r}; {msg.lower()}"
-        elif e.get("input") is not None and e["type"] != "value_error":
-            msg = f"{msg} (got {e['input']!r})"
-        lines.append(f"  {key}: {msg}")
-    return "\n".join(lines)
+def _model_in(annotation: Any) -> type[BaseModel] | None:
+    """The pydantic model inside an annotation (`Source`, `list[Source]`, `Bounds | None`...)."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    return next((m for a in get_args(annotation) if (m := _model_in(a))), None)
+
+
+def allowed_keys(root: type[BaseModel], loc: tuple) -> list[str]:
+    """The keys a config section accepts; `loc` is its path from `root` (list indices skipped)."""
+    model: type[BaseModel] | None = root
+    for part in loc:
+        if isinstance(part, int) or model is None:
+            continue
+        field = next((f for n, f in model.model_fields.items() if part in (n, f.alias)), None)
+        model = _model_in(field.annotation) if field else None
+    return [f.alias or n for n, f in model.model_fields.items()] if model else []
+
+
+def validate(model: type[M], raw: Any, origin: str = "", prefix: str = "") -> M:
+    """`model.model_validate(raw)`; a ConfigError names every bad key with what is wrong and, for
+    an unknown key, the keys allowed there. `prefix` is the section's path (`synth`, `eval`)."""
+    try:
+        return model.model_validate(raw)
+    except ValidationError as err:
+        lines = [f"invalid config{f' {origin}' if origin else ''}:"]
+        for e in err.errors():
+            key = ".".join(str(p) for p in (*([prefix] if prefix else []), *e["loc"])) or "(top level)"
+            msg = e["msg"]
+            if e["type"] == "extra_forbidden":
+                msg = f"unknown key; allowed keys here: {', '.join(allowed_keys(model, e['loc'][:-1]))}"
+            elif e["type"] == "literal_error":
+                msg = f"got {e['input']!r}; {msg.lower()}"
+            elif e.get("input") is not None and e["type"] != "value_error":
+                msg = f"{msg} (got {e['input']!r})"
+            lines.append(f"  {key}: {msg}")
+        raise ConfigError("\n".join(lines)) from None
 
 
 def validate_config(raw: dict, origin: str = "") -> Config:
-    try:
-        return Config.model_validate(raw)
-    except ValidationError as err:
-        raise ConfigError(_format_errors(err, origin)) from None
+    return validate(Config, raw, origin)
 
 
 def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Config:

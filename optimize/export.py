@@ -16,10 +16,14 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from eval.models import materialize_hf_folder, resolve_model_path
+from eval.models import current_umask, materialize_hf_folder, resolve_model_path
 from optimize.config import Config
 from optimize.methods import Candidate
 from optimize.sources import Groups, source_kind
+
+
+class OutputError(RuntimeError):
+    """An output could not be written (disk full, no permission); what was there is intact."""
 
 
 def write_text_atomic(path: str | Path, text: str) -> Path:
@@ -28,6 +32,7 @@ def write_text_atomic(path: str | Path, text: str) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~current_umask())  # mkstemp makes it private; outputs should not be
         with os.fdopen(fd, "w") as f:
             f.write(text)
             f.flush()

@@ -25,6 +25,7 @@ import optuna
 import torch
 from optuna.storages import fail_stale_trials
 from optuna.trial import TrialState
+from safetensors import SafetensorError
 from tqdm.auto import tqdm
 
 from eval.data import DataError, load_pairs
@@ -37,6 +38,7 @@ from eval.models import (
     resolve_model_path,
 )
 from optimize.config import SAMPLERS, Config, ConfigError, load_config
+from optimize.export import OutputError
 from optimize.merge import InMemoryMerger
 from optimize.methods import METHODS
 from optimize.sources import Base, load_base, load_task_vectors
@@ -50,6 +52,12 @@ FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 def check_inputs(cfg: Config) -> dict[str, list[dict]]:
     """Everything that can be checked without loading a model: paths, formats, data.
     Returns the raw alignment and domain rows."""
+    check_models(cfg)
+    return load_data(cfg)
+
+
+def check_models(cfg: Config) -> None:
+    """The base and every source exist and are readable models (headers only, no weights)."""
     for label, path in [("base", cfg.base)] + [(f"source {s.name!r}", s.path) for s in cfg.sources]:
         try:
             fmt = model_format(resolve_model_path(path), cfg.runtime.allow_pickle)
@@ -57,7 +65,6 @@ def check_inputs(cfg: Config) -> dict[str, list[dict]]:
             raise ModelLoadError(f"{label}: {err}") from None
         if label == "base" and fmt == "lora":
             raise ModelLoadError(f"base {path} is a LoRA adapter; the base must be a full model")
-    return load_data(cfg)
 
 
 def load_data(cfg: Config) -> dict[str, list[dict]]:
@@ -169,7 +176,7 @@ def make_pruner(cfg: Config, n_steps: int) -> optuna.pruners.BasePruner:
     return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=n_steps)
 
 
-def open_study(cfg: Config, storage, url: str, space: SearchSpace, pruner, signature: str) -> optuna.Study:
+def open_study(cfg: Config, storage, url: str, space: SearchSpace, pruner, signature: dict) -> optuna.Study:
     """Create the study, or join it when it exists (a resumed run, or another worker's study).
     A worker that joins gets a sampler seed of its own: with the configured one it would draw
     the same candidates as the worker that created the study (or as the run it resumes)."""
@@ -193,27 +200,38 @@ def open_study(cfg: Config, storage, url: str, space: SearchSpace, pruner, signa
     if old is None:  # joined in the instant between its creation and its signature
         study.set_user_attr("signature", old := signature)
     if old != signature or [d.name.lower() for d in study.directions] != directions:
+        differ = [k for k in signature if not isinstance(old, dict) or old.get(k) != signature[k]]
+        lines = [
+            f"  {k}: study has {old.get(k) if isinstance(old, dict) else old}, config asks {signature[k]}"
+            for k in differ
+        ]
         raise ConfigError(
-            f"study {name!r} in {redact(url)} was created with another search space or objective "
-            f"({old}); this config asks for {signature}. Use another --study-name or --out, "
-            "or delete the old study"
+            f"study {name!r} in {redact(url)} was made with other settings, so its trials are not "
+            "comparable with this config's:\n" + "\n".join(lines) + "\nUse another --study-name or "
+            "--out, or delete the old study"
         )
     print(f"[alignmerge] worker {worker_id()}, sampler seed {seed}", file=sys.stderr)
     return study
 
 
-def study_signature(cfg: Config, space: SearchSpace) -> str:
-    """What must not change when a study is resumed: method, objective and parameter names."""
-    s = cfg.search
-    sig = {
-        "method": cfg.merge.method,
-        "objective": s.objective,
-        "score": s.score,
-        "alpha": s.alpha if s.objective == "weighted" else None,
-        "params": sorted(n for names in space.params.values() for n in names),
+def study_signature(ctx: Context) -> dict:
+    """What must not change when a study is resumed or joined: whatever makes two trials'
+    values comparable (models, merge, objective, search space, the scored data)."""
+    cfg, s, m = ctx.cfg, ctx.cfg.search, ctx.cfg.merge
+    used = {k: v for k, v in ctx.rows.items() if k in ctx.scorer.examples}
+    data = json.dumps([used, cfg.data.max_length], sort_keys=True, default=str).encode()
+    return {
+        "sources": [f"{src.name} ({src.role})" for src in cfg.sources],  # not paths: they may
+        # differ between the machines of a multi-worker study
+        "merge": f"{m.method} normalize={cfg.normalize} lambda={m.lambda_} seed={m.seed}",
+        "objective": f"{s.objective} score={s.score} alpha={s.alpha if s.objective == 'weighted' else None}",
+        "params": hashlib.sha256(
+            json.dumps(sorted(n for names in ctx.space.params.values() for n in names)).encode()
+        ).hexdigest()[:12]
+        + f" ({ctx.space.n_params} parameters: {ctx.space.describe()})",
+        "data": hashlib.sha256(data).hexdigest()[:12]
+        + f" ({', '.join(f'{len(v)} {k}' for k, v in used.items())})",
     }
-    digest = hashlib.sha256(json.dumps(sig, sort_keys=True).encode()).hexdigest()[:12]
-    return f"{cfg.merge.method}/{s.objective}/{s.score}/alpha={sig['alpha']}/{space.n_params}p/{digest}"
 
 
 def objective_value(cfg: Config, losses: dict[str, float]):
@@ -461,7 +479,7 @@ def run(cfg: Config, storage: str | None = None, ctx: Context | None = None) -> 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     ctx = ctx or prepare(cfg, rows)
     pruner = make_pruner(cfg, len(ctx.scorer.batches))
-    study = open_study(cfg, store, url, ctx.space, pruner, study_signature(cfg, ctx.space))
+    study = open_study(cfg, store, url, ctx.space, pruner, study_signature(ctx))
     fail_stale_trials(study)
     if is_sqlite(url) and other_workers(study):
         warn_sqlite_workers()
@@ -494,7 +512,15 @@ def run(cfg: Config, storage: str | None = None, ctx: Context | None = None) -> 
             )
             return cfg.run_dir / "report.md"
         print(f"[alignmerge] writing outputs to {cfg.run_dir}", file=sys.stderr)
-        return write_outputs(ctx, study, redact(url), interrupted=interrupted, stamp=stamp)
+        try:
+            return write_outputs(ctx, study, redact(url), interrupted=interrupted, stamp=stamp)
+        except (OSError, SafetensorError) as err:  # disk full, quota, permissions
+            raise OutputError(
+                f"could not write the outputs in {cfg.run_dir}: {err}. Files already there are "
+                "intact (each is written under a temporary name, then renamed); the study keeps "
+                f"its {n_finished(study)} finished trials: free space and run the same command "
+                "again to write the outputs"
+            ) from None
 
 
 # ----------------------------------------------------------------------------- CLI

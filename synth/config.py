@@ -21,11 +21,12 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from optimize.config import ConfigError, validate
 from synth.taxonomy import HARM_CATEGORIES
 
 
@@ -127,42 +128,8 @@ class SynthConfig(_Strict):
         return self
 
 
-class ConfigError(ValueError):
-    """A config that cannot run, with every problem named by its key."""
-
-
-def _inner_model(ann: Any) -> type[BaseModel] | None:
-    if isinstance(ann, type) and issubclass(ann, BaseModel):
-        return ann
-    return next((m for a in get_args(ann) if (m := _inner_model(a))), None)
-
-
-def _model_at(loc: tuple) -> type[BaseModel] | None:
-    model: type[BaseModel] | None = SynthConfig
-    for p in loc:
-        if isinstance(p, int) or model is None:
-            continue
-        field = model.model_fields.get(str(p))
-        model = _inner_model(field.annotation) if field else None
-    return model
-
-
-def _format_errors(err: ValidationError, prefix: str) -> str:
-    lines = []
-    for e in err.errors():
-        loc = ".".join(str(p) for p in (prefix, *e["loc"]))
-        msg = e["msg"]
-        if e["type"] == "extra_forbidden" and (model := _model_at(e["loc"][:-1])):
-            msg = f"unknown key; allowed: {', '.join(model.model_fields)}"
-        lines.append(f"  {loc}: {msg}")
-    return "invalid config:\n" + "\n".join(lines)
-
-
 def parse_synth(section: dict | None, prefix: str = "synth") -> SynthConfig:
-    try:
-        return SynthConfig.model_validate(section or {})
-    except ValidationError as e:
-        raise ConfigError(_format_errors(e, prefix)) from None
+    return validate(SynthConfig, section or {}, prefix=prefix)
 
 
 def load_run_config(path: str | Path) -> tuple[SynthConfig, str, Path]:

@@ -231,17 +231,17 @@ def test_config_errors_name_the_key_and_the_allowed_keys(world, tmp_path, capsys
     path, _ = write_configs(world, tmp_path, sampler="tpe")
     with pytest.raises(ConfigError, match="sampler: unknown key") as err:
         load_ablation(path)
-    assert "allowed keys in the top level: name, out, search_config, rows" in str(err.value)
+    assert "allowed keys here: name, out, search_config, rows" in str(err.value)
 
     path, _ = write_configs(world, tmp_path, samplers={"trials": 3})
     with pytest.raises(ConfigError, match="samplers.trials: unknown key") as err:
         load_ablation(path)
-    assert "allowed keys in samplers: names, seeds, n_trials" in str(err.value)
+    assert "allowed keys here: names, seeds, n_trials" in str(err.value)
 
     path, _ = write_configs(world, tmp_path, quick={"grids": {"weight": [1]}})
     with pytest.raises(ConfigError, match="quick section") as err:
         load_ablation(path)
-    assert "grids.weight" in str(err.value) and "allowed keys in grids: weights, densities" in str(err.value)
+    assert "grids.weight" in str(err.value) and "allowed keys here: weights, densities" in str(err.value)
 
     for bad, where in [
         ({"samplers": {"seeds": [0, 1]}}, "samplers.seeds"),

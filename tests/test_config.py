@@ -29,6 +29,8 @@ def test_defaults_are_the_papers():
         (minimal(search={"n_trails": 3}), ["search.n_trails", "unknown key"]),
         (minimal(search={"sampler": "bayes"}), ["search.sampler", "'tpe'", "'cmaes'", "bayes"]),
         (minimal(search={"n_trials": 0}), ["search.n_trials", "greater than or equal to 1"]),
+        (minimal(search={"grid": []}), ["search.grid", "at least 1 item"]),
+        (minimal(search={"alpha": -1}), ["search.alpha", "greater than or equal to 0"]),
         (minimal(search={"n_trials": "many"}), ["search.n_trials", "many"]),
         (minimal(search={"parametrization": "blocks:0"}), ["blocks:K", "gradient:K"]),
         (minimal(search={"weight": [1, 0]}), ["low (1.0) must be < high (0.0)"]),

@@ -251,10 +251,10 @@ def test_mcq_log_likelihood_accuracy_matches_an_independent_computation(world):
 
 
 def test_settings_unknown_keys_and_overrides():
-    with pytest.raises(ConfigError, match=r"eval\.judje: unknown key; allowed keys: backend, max_new_tokens"):
+    with pytest.raises(ConfigError, match=r"eval\.judje: unknown key; allowed keys here: backend, max_new"):
         parse_settings({"judje": "rules"})
     with pytest.raises(
-        ConfigError, match=r"eval\.lm_eval\.taks: unknown key; allowed keys: tasks, num_fewshot"
+        ConfigError, match=r"eval\.lm_eval\.taks: unknown key; allowed keys here: tasks, num_fewshot"
     ):
         parse_settings({"lm_eval": {"taks": ["mmlu"]}})
     with pytest.raises(ConfigError, match="needs eval.guard"):
@@ -309,7 +309,7 @@ def test_bad_inputs_fail_with_the_fix(searched, world, tmp_path, capsys):
     raw = searched.model_dump(by_alias=True, mode="json")
     raw["eval"] = {"cka_promts": 4}
     config.write_text(yaml.safe_dump(raw))
-    assert "eval.cka_promts: unknown key; allowed keys:" in _error(
+    assert "eval.cka_promts: unknown key; allowed keys here:" in _error(
         capsys, "--model", lonely, "--config", config
     )
 

@@ -93,3 +93,41 @@ def _jsonl(path, rows):
 
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
+
+
+def test_eval_run_on_a_demo_search_with_the_real_vllm_engine(tmp_path):
+    """A one-trial search on the default world (configs/demo.yaml), then `eval.run` on its run
+    folder: real generations by the vLLM engine (when installed) on the saved merged model, the
+    refusal judge per harm category, test losses and the MergeAlign analysis."""
+    import json
+
+    from eval.run import main as eval_main
+    from optimize.config import load_config
+
+    cfg = load_config(
+        "configs/demo.yaml",
+        {
+            "out": str(tmp_path / "run"),
+            "search.n_trials": 1,
+            "output.references": False,
+            "output.mergekit": False,
+            "output.plots": False,
+            "eval": {"max_new_tokens": 16, "cka_prompts": 8},
+        },
+    )
+    run(cfg)
+    assert eval_main(["--model", str(tmp_path / "run")]) == 0
+    import importlib.util
+    import math
+
+    metrics = json.loads((tmp_path / "run" / "eval" / "metrics.json").read_text())
+    answers = [json.loads(line) for line in (tmp_path / "run" / "eval" / "answers.jsonl").open()]
+    harmful = [a for a in answers if a["kind"] == "harmful"]
+    assert len(harmful) == metrics["safety"]["n"] == 56 and metrics["over_refusal"]["n"] == 50
+    assert any(a["answer"].strip() for a in harmful)  # real text came back from the engine
+    assert metrics["safety"]["refused"] == pytest.approx(sum(a["refused"] for a in harmful) / 56, abs=1e-5)
+    assert len(metrics["safety"]["by_category"]) == 14
+    if importlib.util.find_spec("vllm"):
+        assert "vllm" in metrics["model"]["generation"].lower()
+    assert math.isfinite(metrics["domain"]["domain_test_loss"])
+    assert metrics["analysis"]

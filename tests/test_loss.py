@@ -78,7 +78,7 @@ def test_data_files(tmp_path):
         assert load_pairs(good) == [{"prompt": "a", "response": "b"}]
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "a", "response": "b"}\n{not json\n')
-    with pytest.raises(DataError, match="not valid JSON Lines"):
+    with pytest.raises(DataError, match="bad.jsonl, line 2: not valid JSON"):
         load_pairs(bad)
     nofield = tmp_path / "nofield.jsonl"
     nofield.write_text('{"question": "a", "answer": "b"}\n')
@@ -86,3 +86,9 @@ def test_data_files(tmp_path):
         load_pairs(nofield)
     with pytest.raises(DataError, match="data not found"):
         load_pairs(tmp_path / "missing.jsonl")
+    (tmp_path / "empty.jsonl").write_text("\n")
+    with pytest.raises(DataError, match="empty.jsonl is empty"):
+        load_pairs(tmp_path / "empty.jsonl")
+    (tmp_path / "blank.jsonl").write_text('{"prompt": " ", "response": "b"}\n')
+    with pytest.raises(DataError, match="no usable rows"), pytest.warns(UserWarning):
+        load_pairs(tmp_path / "blank.jsonl")

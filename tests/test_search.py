@@ -103,7 +103,11 @@ def test_resume_with_another_search_space_is_refused(world, tmp_path):
     raw = world_config(world, tmp_path / "run", n_trials=1)
     run(validate_config(raw))
     raw["search"]["parametrization"] = "global"
-    with pytest.raises(ConfigError, match="another search space"):
+    with pytest.raises(ConfigError, match=r"made with other settings(.|\n)*params: study has"):
+        run(validate_config(raw))
+    raw["search"]["parametrization"] = "layerwise"
+    raw["data"]["n_domain"] = 3  # other data: the old trials' losses are not comparable
+    with pytest.raises(ConfigError, match=r"data: study has \w+ \(6 alignment, 6 domain\), config asks"):
         run(validate_config(raw))
 
 

@@ -99,8 +99,8 @@ def test_config_errors_name_the_key_and_what_is_allowed():
             }
         )
     msg = str(e.value)
-    assert "synth.pool.0.nmae: unknown key; allowed: path, name, base" in msg
-    assert "synth.n_safty: unknown key; allowed: backend, seed" in msg
+    assert "synth.pool.0.nmae: unknown key; allowed keys here: path, name, base" in msg
+    assert "synth.n_safty: unknown key; allowed keys here: backend, seed" in msg
     assert "judge.guard.path" in msg and "Space Piracy" in msg
     with pytest.raises(ConfigError, match="n_domain > 0 needs at least one entry in `experts`"):
         parse_synth({"pool": [{"path": "default"}]})
@@ -408,3 +408,34 @@ def test_lora_adapter_as_pool_model(models, tmp_path):
     # a fresh LoRA (B = 0) leaves its base unchanged: the aligned base refuses everything
     assert set(dd["alignment_search"]["source_model"]) == {"aligned-lora"}
     assert len(dd["alignment_search"]) + len(dd["alignment_test"]) == 4
+
+
+def test_killed_mid_generation_the_rerun_continues(first_run, tmp_path):
+    """SIGKILL a real `synth.generate` process once part of its generations are written; the
+    same command then continues: nothing written is generated again."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    tmp, cfg_path = first_run
+    full = len((tmp / "run" / "synth_cache" / "generations.jsonl").read_text().splitlines())
+    out = tmp_path / "run" / "data"
+    cache = tmp_path / "run" / "synth_cache" / "generations.jsonl"
+    cmd = [sys.executable, "-m", "synth.generate", "--config", cfg_path, "--out", str(out)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not (cache.exists() and cache.read_text().count("\n") >= 50):
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    written = cache.read_text().splitlines()
+    assert 50 <= len(written) < full and not out.exists()  # killed mid-generation
+    assert subprocess.run(cmd, env=env, capture_output=True).returncode == 0
+    after = cache.read_text().splitlines()
+    assert after[: len(written) - 1] == written[:-1]  # kept (the last line may have been cut)
+    assert len(after) in (full, full + 1)  # each missing request generated once (+ a cut line)
+    dd, _ = load(out)
+    assert list(dd) == list(SPLITS)
