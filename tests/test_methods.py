@@ -125,3 +125,23 @@ def test_ties_sign_election_by_hand():
         "w", 0, base, [t1, t2], Candidate(weight=np.ones((2, 1)), density=np.ones((2, 1))), out
     )
     torch.testing.assert_close(out, torch.tensor([1.5, -2.0, 3.0, -1.0]))
+
+
+@pytest.mark.parametrize("cls,normalize", [(Ties, False), (Ties, True), (DareTies, False)])
+def test_fused_kernel_equals_the_eager_merge(world, tmp_path, monkeypatch, cls, normalize):
+    """The torch.compile'd TIES/DARE kernel (used on real-size tensors) gives the eager, chunked
+    result on every tensor of the tiny model, the mergekit-checked one above."""
+    from optimize.methods import Fused
+
+    ctx = prepare(validate_config(world_config(world, tmp_path / "run")))
+    cand = random_candidate(ctx.base.groups.n, seed=3)
+    ctx.merger.method = cls(normalize=normalize, seed=1, density_levels=(0.3, 0.5))
+    monkeypatch.setattr(Fused, "MIN_NUMEL", 1 << 60)  # eager everywhere
+    ctx.merger.apply(cand)
+    eager = {n: p.detach().clone() for n, p, _ in ctx.merger.params}
+    monkeypatch.setattr(Fused, "MIN_NUMEL", 0)  # fused everywhere
+    monkeypatch.setattr(Fused, "enabled", True)
+    ctx.merger.apply(cand)
+    assert Fused.enabled and cls.fused.compiled is not None  # it compiled (no eager fallback)
+    for n, p, _ in ctx.merger.params:
+        torch.testing.assert_close(p.detach(), eager[n], rtol=1e-6, atol=1e-7, msg=n)
