@@ -294,10 +294,10 @@ class ProgressBar:
 
     def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial):
         self.bar.n = n_finished(study)
-        if len(study.directions) == 1 and any(
-            t.state == optuna.trial.TrialState.COMPLETE for t in study.trials
-        ):
-            self.bar.set_postfix(best=f"{study.best_value:.4f}", trial=study.best_trial.number)
+        complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        if len(study.directions) == 1 and complete:
+            best = min(complete, key=lambda t: t.value)
+            self.bar.set_postfix(best=f"{best.value:.4f}", trial=best.number)
         elif len(study.directions) > 1:
             self.bar.set_postfix(front=len(study.best_trials))
         self.bar.refresh()
