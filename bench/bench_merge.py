@@ -31,12 +31,12 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from core.models import load_model, materialize_hf_folder  # noqa: E402
 from eval.loss import Scorer  # noqa: E402
-from eval.models import load_model, materialize_hf_folder  # noqa: E402
 from optimize.config import validate_config  # noqa: E402
+from optimize.context import prepare  # noqa: E402
 from optimize.export import mergekit_config  # noqa: E402
 from optimize.methods import Candidate  # noqa: E402
-from optimize.search import prepare  # noqa: E402
 
 CACHE = ROOT / "bench" / ".cache"
 
@@ -56,7 +56,7 @@ def make_sources() -> tuple[Path, list[Path]]:
             with torch.no_grad():
                 for p in model.parameters():
                     p.add_(torch.randn(p.shape, generator=gen) * 0.02 * p.abs().mean())
-            from eval.models import load_tokenizer, save_model_atomic
+            from core.models import load_tokenizer, save_model_atomic
 
             save_model_atomic(model, load_tokenizer(base), out)
         sources.append(out)

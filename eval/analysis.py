@@ -1,6 +1,6 @@
 """Similarity and contribution analysis of a merge (MergeAlign's "model similarity metrics" and
-"contributions of individual models"; papers.md §2.6 leaves the exact metrics unconfirmed, so
-these are the standard ones, defined here).
+"contributions of individual models", arXiv 2411.06824; the paper does not pin the exact metrics,
+so these are the standard ones, defined here and in docs/method.md §8).
 
 Notation: tau_s = theta_s - theta_base for source s, tau_m = theta_merged - theta_base, and
 <x, y>_g the dot product over the parameters of layer group g (embeddings, each transformer

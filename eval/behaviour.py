@@ -8,6 +8,8 @@ from collections.abc import Sequence
 
 import torch
 
+from eval.judge import refusal_rate
+
 
 @torch.inference_mode()
 def greedy_answers(
@@ -56,3 +58,24 @@ def refusals(
     verdicts = judge.judge(list(prompts), answers)
     share = sum(v.refusal for v in verdicts) / len(verdicts) if verdicts else float("nan")
     return {"share": share, "answers": answers, "verdicts": [v.label for v in verdicts]}
+
+
+def _by(rows: list[dict], verdicts, key: str, answered: bool = False) -> dict:
+    groups: dict[str, list] = {}
+    for r, v in zip(rows, verdicts):
+        groups.setdefault(r.get(key) or "unspecified", []).append(v)
+    field = "answered" if answered else "refused"
+    sign = (lambda x: 1 - x) if answered else (lambda x: x)
+    return {k: {"n": len(vs), field: sign(refusal_rate(vs))} for k, vs in sorted(groups.items())}
+
+
+def refusal_summary(rows: list[dict], verdicts, answered: bool = False) -> dict:
+    """Share refused (or answered, for benign prompts) overall, per category and per prompt set."""
+    share = refusal_rate(verdicts)
+    out = {"n": len(verdicts), "refused": share}
+    if answered:
+        out["answered"] = 1 - share
+    out["by_category"] = _by(rows, verdicts, "category", answered)
+    if any("set" in r for r in rows):
+        out["by_set"] = _by(rows, verdicts, "set", answered)
+    return out

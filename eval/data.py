@@ -7,13 +7,12 @@ empty are skipped and counted (a warning says how many).
 
 from __future__ import annotations
 
+import csv
 import json
 import warnings
 from pathlib import Path
 
-
-class DataError(ValueError):
-    pass
+from core.errors import DataError
 
 
 def load_pairs(path: str | Path, split: str | None = None, limit: int | None = None) -> list[dict]:
@@ -81,3 +80,35 @@ def read_jsonl(path: Path) -> list[dict]:
 
 def _text(v) -> bool:
     return isinstance(v, str) and bool(v.strip())
+
+
+def split_prompts(data_dir: Path, split: str) -> list[dict]:
+    """{prompt, category} of every row of a split ([] when the folder has no such split)."""
+    import datasets
+
+    try:
+        ds = datasets.load_from_disk(str(data_dir))[split]
+    except (FileNotFoundError, KeyError):
+        return []
+    cats = ds["category"] if "category" in ds.column_names else ["unspecified"] * len(ds)
+    return [{"prompt": p, "category": c or "unspecified"} for p, c in zip(ds["prompt"], cats)]
+
+
+def read_prompt_file(path: str | Path) -> list[dict]:
+    """Rows with `prompt` (or question/text) and optional `category`, from JSONL or CSV."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"prompts_file {path} does not exist")
+    if path.suffix.lower() == ".csv":
+        with path.open(newline="") as f:
+            rows = list(csv.DictReader(f))
+    else:
+        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    out = []
+    for n, row in enumerate(rows, start=1):
+        low = {k.lower(): v for k, v in row.items()}
+        text = next((low[k] for k in ("prompt", "question", "text") if low.get(k)), None)
+        if text is None:
+            raise ValueError(f"{path} row {n}: no `prompt` (or `question`/`text`) column")
+        out.append({"prompt": str(text), "category": str(low.get("category") or "unspecified")})
+    return out

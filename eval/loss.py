@@ -1,4 +1,4 @@
-"""The scorer: mean token cross-entropy on response tokens only (papers.md Eq. 4, §1.4).
+"""The scorer: mean token cross-entropy on response tokens only (docs/method.md §3).
 
 Each (prompt, response) is rendered with the model's chat template; prompt tokens are masked, so
 the loss is the model's surprise at the reference answer. A set's loss is the mean over examples

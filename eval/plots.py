@@ -13,7 +13,7 @@ import numpy as np
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from eval.models import current_umask  # noqa: E402
+from core.files import current_umask  # noqa: E402
 
 
 def _save(fig, path: str | Path) -> Path:

@@ -8,25 +8,20 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal, TypeVar, get_args
+from typing import Annotated, Any, Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
-M = TypeVar("M", bound=BaseModel)
+from core.config import Strict, read_yaml_mapping, validate
+from optimize.registry import (
+    MERGE_METHODS,
+    METHOD_NAMES,
+    SAMPLER_NAMES,
+    SINGLE_OBJECTIVE_SAMPLERS,
+    check_sources,
+)
 
-METHODS = ("linear", "task_arithmetic", "ties", "dare_ties", "dare_linear", "slerp", "mergealign")
-SAMPLERS = ("tpe", "cmaes", "nsga2", "gp", "random", "grid")
-SPARSIFIED = ("ties", "dare_ties", "dare_linear")  # methods with a per-source density
 PARAMETRIZATION = re.compile(r"^(global|layerwise|blocks:[1-9]\d*|gradient:([2-9]|[1-9]\d+))$")
-
-
-class ConfigError(ValueError):
-    pass
-
-
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 class Source(Strict):
@@ -48,8 +43,8 @@ class Source(Strict):
 
 
 class Merge(Strict):
-    method: Literal[METHODS] = "task_arithmetic"
-    # null -> mergekit's default for the method (ties: true, linear: true, others: false).
+    method: Literal[METHOD_NAMES] = "task_arithmetic"
+    # null -> mergekit's default for the method (optimize.registry: ties and linear true).
     normalize: bool | None = None
     lambda_: float = Field(1.0, alias="lambda")
     seed: int = 0  # DARE drop masks
@@ -77,7 +72,7 @@ class Bounds(Strict):
 
 class Search(Strict):
     n_trials: int = Field(30, ge=1)
-    sampler: Literal[SAMPLERS] = "tpe"
+    sampler: Literal[SAMPLER_NAMES] = "tpe"
     objective: Literal["weighted", "pareto"] = "weighted"
     alpha: float = Field(0.3, ge=0)  # L = L_align + alpha * L_domain (the paper's 0.3)
     # `domain` scores the domain loss alone: the domain-only (EvoMM) baseline of the paper.
@@ -114,9 +109,10 @@ class Search(Strict):
             raise ValueError(
                 "objective pareto trades alignment against domain loss; it needs search.score: both"
             )
-        if self.sampler == "cmaes" and self.objective == "pareto":
+        if self.sampler in SINGLE_OBJECTIVE_SAMPLERS and self.objective == "pareto":
             raise ValueError(
-                "sampler cmaes is single-objective; use nsga2, tpe, gp or random with objective pareto"
+                f"sampler {self.sampler} is single-objective; use nsga2, tpe, gp or random with "
+                "objective pareto"
             )
         return self
 
@@ -182,16 +178,9 @@ class Config(Strict):
         names = [s.name for s in self.sources]
         if len(set(names)) != len(names):
             raise ValueError(f"sources: names must be unique, got {names}")
-        m = self.merge.method
-        if m == "slerp" and len(self.sources) != 2:
-            raise ValueError(f"merge.method slerp needs exactly 2 sources, got {len(self.sources)}")
-        if m == "mergealign":
-            roles = sorted(s.role for s in self.sources)
-            if roles != ["alignment", "domain"]:
-                raise ValueError(
-                    "merge.method mergealign needs exactly two sources, one with role: domain and "
-                    f"one with role: alignment (got roles {roles})"
-                )
+        problem = check_sources(self.merge.method, [s.role for s in self.sources])
+        if problem:
+            raise ValueError(problem)
         return self
 
     @property
@@ -209,45 +198,7 @@ class Config(Strict):
     def normalize(self) -> bool:
         if self.merge.normalize is not None:
             return self.merge.normalize
-        return self.merge.method in ("ties", "linear")
-
-
-def _model_in(annotation: Any) -> type[BaseModel] | None:
-    """The pydantic model inside an annotation (`Source`, `list[Source]`, `Bounds | None`...)."""
-    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        return annotation
-    return next((m for a in get_args(annotation) if (m := _model_in(a))), None)
-
-
-def allowed_keys(root: type[BaseModel], loc: tuple) -> list[str]:
-    """The keys a config section accepts; `loc` is its path from `root` (list indices skipped)."""
-    model: type[BaseModel] | None = root
-    for part in loc:
-        if isinstance(part, int) or model is None:
-            continue
-        field = next((f for n, f in model.model_fields.items() if part in (n, f.alias)), None)
-        model = _model_in(field.annotation) if field else None
-    return [f.alias or n for n, f in model.model_fields.items()] if model else []
-
-
-def validate(model: type[M], raw: Any, origin: str = "", prefix: str = "") -> M:
-    """`model.model_validate(raw)`; a ConfigError names every bad key with what is wrong and, for
-    an unknown key, the keys allowed there. `prefix` is the section's path (`synth`, `eval`)."""
-    try:
-        return model.model_validate(raw)
-    except ValidationError as err:
-        lines = [f"invalid config{f' {origin}' if origin else ''}:"]
-        for e in err.errors():
-            key = ".".join(str(p) for p in (*([prefix] if prefix else []), *e["loc"])) or "(top level)"
-            msg = e["msg"]
-            if e["type"] == "extra_forbidden":
-                msg = f"unknown key; allowed keys here: {', '.join(allowed_keys(model, e['loc'][:-1]))}"
-            elif e["type"] == "literal_error":
-                msg = f"got {e['input']!r}; {msg.lower()}"
-            elif e.get("input") is not None and e["type"] != "value_error":
-                msg = f"{msg} (got {e['input']!r})"
-            lines.append(f"  {key}: {msg}")
-        raise ConfigError("\n".join(lines)) from None
+        return MERGE_METHODS[self.merge.method].normalize
 
 
 def validate_config(raw: dict, origin: str = "") -> Config:
@@ -258,14 +209,7 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Co
     """Read and validate a YAML config. `overrides` maps dotted keys (`search.n_trials`) to values
     and is applied before validation, so a bad override fails the same way as a bad file."""
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path} is not valid YAML: {err}") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping of keys")
+    raw = read_yaml_mapping(path)
     raw.setdefault("name", path.stem)
     for dotted, value in (overrides or {}).items():
         node = raw

@@ -12,118 +12,29 @@ written into the same in-memory working model; nothing is exported or reloaded.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
-import numpy as np
-
+from core.errors import UserError
+from core.files import write_text_atomic
 from eval import plots
-from eval.behaviour import refusals
-from eval.data import DataError, load_pairs
-from eval.judge import RefusalJudge
-from eval.loss import Scorer
-from eval.models import ModelLoadError
-from optimize.config import ConfigError, load_config, validate_config
-from optimize.export import write_text_atomic
-from optimize.methods import Candidate, MergeMethod, TaskArithmetic, Ties
-from optimize.search import Context, check_inputs, overrides, prepare, run
-
-
-def variant(cfg, label: str, search: dict | None = None, data: dict | None = None, **output):
-    """The config with other search/data/output settings (the demo scores the test splits
-    itself); `label` names its run folder (under the config's) and its study."""
-    raw = cfg.model_dump(by_alias=True)
-    raw["search"].update(search or {})
-    raw["data"].update(data or {})
-    raw["output"].update(output)
-    if label:
-        raw["out"] = str(cfg.run_dir / label)
-        raw["study_name"] = f"{cfg.study_name or cfg.name}-{label}"
-    return validate_config(raw, f"({label or 'demo'} variant)")
-
-
-def best_params(run_dir: Path) -> dict:
-    import yaml
-
-    return yaml.safe_load((run_dir / "best.yaml").read_text())["params"]
-
-
-def domain_only(ctx: Context, cfg) -> Context:
-    """The context of the domain-only search (`cfg`): the same models, scored on the domain set."""
-    d = cfg.data
-    scorer = Scorer(
-        ctx.base.tokenizer, {"domain": ctx.rows["domain"]}, d.max_length, d.batch_tokens, ctx.scorer.device
-    )
-    return dataclasses.replace(ctx, cfg=cfg, scorer=scorer)
-
-
-def uniform(ctx: Context, weight: float) -> Candidate:
-    """Every source at `weight` in every group (weight 0: the base)."""
-    return Candidate(weight=np.full((len(ctx.cfg.sources), ctx.base.groups.n), float(weight)))
-
-
-def references(ctx: Context) -> dict[str, tuple[MergeMethod, Candidate]]:
-    """The base and each source alone (theta_base + tau_i)."""
-    plain = TaskArithmetic(normalize=False)
-    rows = {"base": (plain, uniform(ctx, 0))}
-    for i, s in enumerate(ctx.cfg.sources):
-        alone = uniform(ctx, 0)
-        alone.weight[i] = 1
-        rows[f"source: {s.name} ({s.role})"] = (plain, alone)
-    return rows
+from eval.data import load_pairs
+from optimize.compare import domain_only, evaluate, naive_merges, references, variant
+from optimize.config import load_config
+from optimize.context import Context, check_inputs, prepare
+from optimize.methods import Candidate, MergeMethod
+from optimize.report import load_best
+from optimize.search import overrides, run
 
 
 def contenders(ctx: Context, safe_dir: Path, dom_dir: Path) -> dict[str, tuple[MergeMethod, Candidate]]:
-    rows = references(ctx)
-    rows["task arithmetic, weights 1"] = (TaskArithmetic(normalize=False), uniform(ctx, 1))
-    ties = uniform(ctx, 1)
-    ties.density = np.full_like(ties.weight, 0.5)
-    rows["TIES, weights 1, density 0.5"] = (Ties(normalize=True), ties)
+    rows = references(ctx) | naive_merges(ctx)
     searched = ctx.merger.method
-    rows["domain-only search (EvoMM)"] = (searched, ctx.space.decode(best_params(dom_dir)))
-    rows["safety-aware search (alignmerge)"] = (searched, ctx.space.decode(best_params(safe_dir)))
+    rows["domain-only search (EvoMM)"] = (searched, ctx.space.decode(load_best(dom_dir)["params"]))
+    rows["safety-aware search (alignmerge)"] = (searched, ctx.space.decode(load_best(safe_dir)["params"]))
     return rows
-
-
-@contextmanager
-def merged(ctx: Context, method: MergeMethod, candidate: Candidate):
-    """The working model holding `candidate` merged with `method` (the search's method after)."""
-    saved = ctx.merger.method
-    ctx.merger.method = method
-    try:
-        yield ctx.merger.apply(candidate)
-    finally:
-        ctx.merger.method = saved
-
-
-def evaluate(
-    ctx: Context,
-    method: MergeMethod,
-    candidate: Candidate,
-    test: Scorer,
-    harmful: list[str],
-    benign: list[str],
-    max_new_tokens: int,
-) -> dict:
-    with merged(ctx, method, candidate) as model:
-        losses = test.losses(model)
-        judge = RefusalJudge()
-        harm = refusals(model, ctx.base.tokenizer, harmful, judge, max_new_tokens, batch_size=28)
-        ben = refusals(model, ctx.base.tokenizer, benign, judge, max_new_tokens, batch_size=25)
-    return {
-        "alignment_loss": losses["alignment"],
-        "domain_loss": losses["domain"],
-        "refused_harmful": harm["share"],
-        "refused_benign": ben["share"],
-        "examples": [
-            {"prompt": p, "answer": a, "verdict": v}
-            for p, a, v in list(zip(harmful, harm["answers"], harm["verdicts"]))[:3]
-        ],
-    }
 
 
 def headline(results: dict[str, dict], aligned: str, expert: str) -> list[str]:
@@ -157,27 +68,13 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     started = time.perf_counter()
     try:
-        cfg = load_config(
-            args.config,
-            overrides(
-                argparse.Namespace(
-                    n_trials=args.n_trials,
-                    out=args.out,
-                    sampler=None,
-                    objective=None,
-                    alpha=None,
-                    seed=None,
-                    storage=None,
-                    study_name=None,
-                )
-            ),
-        )
+        cfg = load_config(args.config, overrides(n_trials=args.n_trials, out=args.out))
         rows = check_inputs(cfg)
         folder = cfg.data_dir
         harmful = [r["prompt"] for r in load_pairs(folder, "alignment_test")]
         benign = [r["prompt"] for r in load_pairs(folder, "benign")]
         test_rows = {k: load_pairs(folder, f"{k}_test") for k in ("alignment", "domain")}
-    except (ConfigError, ModelLoadError, DataError) as err:
+    except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
 
@@ -190,9 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     run(dom_cfg, ctx=domain_only(ctx, dom_cfg))
 
-    test = Scorer(
-        ctx.base.tokenizer, test_rows, cfg.data.max_length, cfg.data.batch_tokens, ctx.scorer.device
-    )
+    test = ctx.scorer_for(test_rows)
     results = {}
     for name, (method, cand) in contenders(ctx, cfg.run_dir, dom_cfg.run_dir).items():
         t0 = time.perf_counter()

@@ -10,42 +10,21 @@ safetensors folders under `<run>/sources/`, and so are LoRA sources merged into 
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
-import yaml
 
-from eval.models import current_umask, materialize_hf_folder, resolve_model_path
+from core.files import fingerprint
+from core.models import (
+    cached_model_folder,
+    load_model,
+    load_tokenizer,
+    materialize_hf_folder,
+    resolve_model_path,
+)
 from optimize.config import Config
 from optimize.methods import Candidate
 from optimize.sources import Groups, source_kind
-
-
-class OutputError(RuntimeError):
-    """An output could not be written (disk full, no permission); what was there is intact."""
-
-
-def write_text_atomic(path: str | Path, text: str) -> Path:
-    """Write to a temporary sibling, fsync, then rename: readers never see half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.fchmod(fd, 0o666 & ~current_umask())  # mkstemp makes it private; outputs should not be
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
-def write_yaml_atomic(path: str | Path, data) -> Path:
-    return write_text_atomic(path, yaml.safe_dump(data, sort_keys=False, allow_unicode=True))
 
 
 def _r(x: float) -> float:
@@ -117,12 +96,11 @@ def materialize_lora(base: Path, adapter: Path, out: Path) -> Path:
     import torch
     from peft import PeftModel
 
-    from eval.models import load_model, load_tokenizer, save_model_atomic
+    def build():
+        model = PeftModel.from_pretrained(load_model(base, torch.float32), str(adapter)).merge_and_unload()
+        return model, load_tokenizer(base)
 
-    if (out / "config.json").exists() and any(out.glob("*.safetensors")):
-        return out
-    merged = PeftModel.from_pretrained(load_model(base, torch.float32), str(adapter)).merge_and_unload()
-    return save_model_atomic(merged, load_tokenizer(base), out)
+    return cached_model_folder(out, f"{fingerprint(base)}+{fingerprint(adapter)}:float32", build)
 
 
 def mergekit_config(

@@ -1,15 +1,21 @@
 """In-memory merging: every candidate is written in place into one working model.
 
 No disk writes, no reload, no model copy per trial: memory is theta_base (float32) + the task
-vectors + the working model, whatever the number of trials.
+vectors + the working model, whatever the number of trials. The models a merge is judged against
+(the base, each source alone) are candidates of plain task arithmetic on the same merger.
 """
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
+import numpy as np
 import torch
 
-from optimize.methods import Candidate, MergeMethod
+from optimize.methods import Candidate, MergeMethod, TaskArithmetic
 from optimize.sources import Base, TaskVector
+
+PLAIN = TaskArithmetic(normalize=False)  # theta_base + sum_t w_t tau_t: references, naive merges
 
 
 class InMemoryMerger:
@@ -32,19 +38,46 @@ class InMemoryMerger:
         return self._scratch[key]
 
     @torch.no_grad()
-    def apply(self, candidate: Candidate) -> torch.nn.Module:
+    def apply(self, candidate: Candidate, method: MergeMethod | None = None) -> torch.nn.Module:
+        """Write `candidate`, merged by `method` (default: the search's), into the working model."""
+        method = method or self.method
         for name, p, g in self.params:
             out = self._buffer(p)
-            taus = [tv.get(name) for tv in self.task_vectors]
-            self.method.merge(name, g, self.base.weights[name], taus, candidate, out)
+            method.merge(name, g, self.base.weights[name], self._taus(name), candidate, out)
             if out is not p.data:
                 p.data.copy_(out)
         return self.base.model
 
-    @torch.no_grad()
-    def restore_base(self) -> None:
-        for name, p, _ in self.params:
-            p.data.copy_(self.base.weights[name])
+    @contextmanager
+    def applied(self, candidate: Candidate, method: MergeMethod | None = None):
+        """`with merger.applied(c) as model:` the working model holding `c` (until the next apply)."""
+        yield self.apply(candidate, method)
 
-    def merged_state(self) -> dict[str, torch.Tensor]:
-        return {n: p.detach() for n, p, _ in self.params}
+    @torch.no_grad()
+    def merged_delta(self, candidate: Candidate, method: MergeMethod | None = None) -> TaskVector:
+        """tau_m = theta_m - theta_base in float32 straight from the merge formula (exact, even
+        when the working model is bf16); tensors the merge leaves at the base are absent."""
+        method, out = method or self.method, {}
+        for name, _, g in self.params:
+            base = self.base.weights[name]
+            merged = torch.empty_like(base)
+            method.merge(name, g, base, self._taus(name), candidate, merged)
+            if not torch.equal(merged, base):
+                out[name] = merged - base
+        return out
+
+    def _taus(self, name: str) -> list[torch.Tensor | None]:
+        return [tv.get(name) for tv in self.task_vectors]
+
+    def uniform(self, weight: float) -> Candidate:
+        """Every source at `weight` in every group (weight 0: the base)."""
+        return Candidate(weight=np.full((len(self.task_vectors), self.base.groups.n), float(weight)))
+
+    def references(self) -> list[tuple[int | None, Candidate]]:
+        """The base (index None) and each source alone (theta_base + tau_i), to merge with PLAIN."""
+        out = [(None, self.uniform(0))]
+        for i in range(len(self.task_vectors)):
+            alone = self.uniform(0)
+            alone.weight[i] = 1
+            out.append((i, alone))
+        return out

@@ -1,7 +1,7 @@
 """Merge methods on task vectors, with mergekit's semantics (mergekit 0.1.5 is the test oracle).
 
-Notation (papers.md §1.3): theta_base, tau_t = theta_t - theta_base, per-group coefficients
-w_t (weight), d_t (density), t (interpolation). For one tensor in group g:
+Notation (docs/method.md §1): theta_base, tau_t = theta_t - theta_base, per-group coefficients
+w_t (weight), d_t (density), t (interpolation). For one tensor in group g (docs/method.md §2):
 
   task_arithmetic  theta = base + lambda * sum_t w_t tau_t             (/ sum_t w_t if normalize)
   linear           theta = sum_t w_t theta_t / sum_t w_t               (no division if not normalize)
@@ -13,22 +13,20 @@ w_t (weight), d_t (density), t (interpolation). For one tensor in group g:
   slerp            theta = slerp(theta_1, theta_2; t) over each whole tensor (t=0 -> source 1)
   mergealign       theta = base + lambda_g tau_domain + (1 - lambda_g) tau_align   (lambda_g = t)
 
-Everything that does not change between candidates is computed once and cached: the magnitude
-thresholds of every tau for every density on the search grid (so a TIES trim is one comparison),
-the DARE drop noise per seed (a mask for density d is `noise < d`), and the SLERP angles. A TIES
-candidate is one elementwise expression per tensor (`ties_delta`), compiled into one fused kernel
-for real-size tensors (`Fused`), evaluated in chunks otherwise.
+Each method's facts (name, searched fields, default normalize) are declared once in
+`optimize.registry`. `ties` below is TIES in its three plain steps; the classes run it through
+`optimize.kernels` (cached masks, one fused kernel), which the tests prove equal to it.
 """
 
 from __future__ import annotations
 
-import hashlib
-import os
-import warnings
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+
+from optimize.kernels import Fused, MaskCache, add_elementwise, dare_delta, scalar, ties_delta
+from optimize.registry import MERGE_METHODS
 
 Tensor = torch.Tensor
 
@@ -43,79 +41,56 @@ class Candidate:
     t: np.ndarray | None = None
 
 
+def ties(
+    base: Tensor, taus: list[Tensor], weights, densities, normalize: bool, lambda_: float = 1.0
+) -> Tensor:
+    """TIES-merging of one tensor (docs/method.md §2.3), as mergekit does it."""
+    # 1. Trim: keep the top-d_t share of each task vector's entries by magnitude.
+    trimmed = []
+    for tau, d in zip(taus, densities):
+        k = max(1, int(d * tau.numel()))
+        threshold = tau.abs().flatten().kthvalue(tau.numel() - k + 1).values
+        trimmed.append(tau if d >= 1 else torch.where(tau.abs() >= threshold, tau, 0.0))
+    weighted = torch.stack([w * tau for w, tau in zip(weights, trimmed)])
+    # 2. Elect: each entry's sign is the sign of the weighted sum (mergekit's "sum"; 0 counts +).
+    sign = torch.where(weighted.sum(0) >= 0, 1.0, -1.0)
+    # 3. Disjoint merge: sum only the entries that agree with the elected sign.
+    agree = torch.sign(weighted) == sign
+    merged = (weighted * agree).sum(0)
+    if normalize:
+        w = torch.tensor([float(x) for x in weights]).view(-1, *[1] * base.dim())
+        div = (w * agree).sum(0)
+        merged = merged / torch.where(div == 0, 1.0, div)
+    return base + lambda_ * merged
+
+
 class MergeMethod:
+    """Writes the merge of one tensor into `out`; `name` keys its facts in the registry."""
+
     name: str
-    searched: tuple[str, ...] = ("weight",)  # which Candidate fields the search fills
+    searched: tuple[str, ...]  # from the registry: which Candidate fields the search fills
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        cls.searched = MERGE_METHODS[cls.name].searched
 
     def __init__(
         self,
-        normalize: bool,
+        normalize: bool | None = None,
         lambda_: float = 1.0,
         seed: int = 0,
         density_levels: tuple[float, ...] = (),
         roles: tuple[str, ...] = (),
     ):
-        self.normalize, self.lambda_, self.seed = normalize, lambda_, seed
-        self.density_levels = tuple(sorted(set(round(d, 6) for d in density_levels)))
-        self.roles = roles
-        self._thresholds: dict[tuple[int, str], dict[float, float]] = {}
-        self._noise: dict[tuple[int, str], Tensor] = {}
+        self.normalize = MERGE_METHODS[self.name].normalize if normalize is None else normalize
+        self.lambda_, self.seed, self.roles = lambda_, seed, roles
+        self.masks = MaskCache(seed, density_levels)
 
     def merge(
         self, name: str, g: int, base: Tensor, taus: list[Tensor | None], c: Candidate, out: Tensor
     ) -> None:
         """Write the merged tensor (float32) into `out`."""
         raise NotImplementedError
-
-    # ---- sparsification, cached --------------------------------------------------------------
-    def magnitude_threshold(self, i: int, name: str, tau: Tensor, density: float) -> float | None:
-        """mergekit's `magnitude` keeps the k = max(1, int(d n)) largest |tau|: the k-th largest
-        |tau| is the threshold (None: keep all). Cached per (source, tensor, density)."""
-        if density >= 1:
-            return None
-        cache = self._thresholds.setdefault((i, name), {})
-        d = round(float(density), 6)
-        if d not in cache:
-            flat = tau.abs().flatten()
-            n = flat.numel()
-            wanted = [d] + [x for x in self.density_levels if x < 1 and x not in cache]
-            if len(wanted) > 1:  # one sort gives the threshold of every grid density at once
-                ordered = torch.sort(flat).values
-                for x in wanted:
-                    cache[x] = ordered[n - max(1, int(x * n))].item()
-            else:
-                cache[d] = torch.kthvalue(flat, n - max(1, int(d * n)) + 1).values.item()
-        return cache[d]
-
-    def magnitude_mask(self, i: int, name: str, tau: Tensor, density: float) -> Tensor | None:
-        thr = self.magnitude_threshold(i, name, tau, density)
-        return None if thr is None else tau.abs() >= thr
-
-    def dare_noise(self, i: int, name: str, tau: Tensor) -> Tensor:
-        """Uniform int16 noise drawn once per (seed, source, tensor): the Bernoulli(d) keep mask
-        is `noise < cutoff(d)`, so masks are nested across densities and cost one comparison."""
-        key = (i, name)
-        if key not in self._noise:
-            gen = torch.Generator(device="cpu").manual_seed(_stable_hash(self.seed, i, name))
-            self._noise[key] = torch.randint(-(2**15), 2**15, tau.shape, generator=gen, dtype=torch.int16).to(
-                tau.device
-            )
-        return self._noise[key]
-
-    @staticmethod
-    def dare_cutoff(density: float) -> int:
-        return round(density * 2**16) - 2**15
-
-    def dare_mask(self, i: int, name: str, tau: Tensor, density: float) -> Tensor | None:
-        if density >= 1:
-            return None
-        return self.dare_noise(i, name, tau) < self.dare_cutoff(density)
-
-
-def _stable_hash(*parts) -> int:
-    """A seed from (seed, source, tensor name) that, unlike hash(), is the same in every process."""
-    digest = hashlib.sha256(repr(parts).encode()).digest()
-    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
 
 
 def _normalized(w: np.ndarray) -> np.ndarray:
@@ -152,7 +127,6 @@ class Linear(MergeMethod):
 
 class DareLinear(TaskArithmetic):
     name = "dare_linear"
-    searched = ("weight", "density")
 
     def merge(self, name, g, base, taus, c, out):
         out.copy_(base)
@@ -160,87 +134,24 @@ class DareLinear(TaskArithmetic):
             if tau is None or coef == 0:
                 continue
             d = float(c.density[i, g])
-            mask = self.dare_mask(i, name, tau, d)
+            mask = self.masks.dare_mask(i, name, tau, d)
             if mask is None:
                 out.add_(tau, alpha=float(coef))
             else:
                 out.add_(tau * mask, alpha=float(coef) / d)
 
 
-def sign_consensus(weighted: list[Tensor], weights: list[Tensor], normalize: bool) -> Tensor:
-    """TIES's disjoint merge of the trimmed, weighted task vectors: the elected sign of an entry
-    is that of their sum (mergekit's "sum" consensus) and only the entries of that sign are
-    summed; with `normalize`, divided by the weights of the sources that agree. Written with
-    the positive and negative parts, it is one elementwise expression (it fuses into one pass)."""
-    positive = sum(d.clamp(min=0) for d in weighted)
-    negative = sum(d.clamp(max=0) for d in weighted)
-    up = positive + negative >= 0
-    mixed = torch.where(up, positive, negative)
-    if normalize:
-        # mergekit divides by sum_t w_t [agrees]: sources without a delta in this tensor or
-        # trimmed here never agree, so they are left out of the divisor too.
-        div = torch.where(
-            up,
-            sum(w * (d > 0) for d, w in zip(weighted, weights)),
-            sum(w * (d < 0) for d, w in zip(weighted, weights)),
-        )
-        mixed = mixed / torch.where(div == 0, 1.0, div)
-    return mixed
-
-
-def ties_delta(taus, thresholds, weights, normalize: bool) -> Tensor:
-    """sum over agreeing sources of w_t * (tau_t where |tau_t| >= its magnitude threshold)."""
-    weighted = [torch.where(t.abs() >= th, t, 0.0) * w for t, th, w in zip(taus, thresholds, weights)]
-    return sign_consensus(weighted, weights, normalize)
-
-
-def dare_delta(taus, noises, cutoffs, scales, weights, normalize: bool) -> Tensor:
-    """As ties_delta, with DARE's random drop (noise < cutoff keeps) and rescale (w / d)."""
-    weighted = [torch.where(n < c, t, 0.0) * s for t, n, c, s in zip(taus, noises, cutoffs, scales)]
-    return sign_consensus(weighted, weights, normalize)
-
-
-class Fused:
-    """A merge expression compiled into one fused elementwise kernel (torch.compile): TIES on
-    SmolLM2-135M goes from ~1.45 s to ~0.2 s per candidate (BENCHMARKS.md). Compiled once per
-    process and number of sources (~15 s, cached on disk by Inductor). If compiling fails (no
-    C++ compiler, say) it warns once and returns None: the caller evaluates eagerly.
-    `ALIGNMERGE_COMPILE=0` turns it off."""
-
-    MIN_NUMEL = 1 << 16  # smaller tensors (tiny test models) stay eager: nothing to gain
-    enabled = os.environ.get("ALIGNMERGE_COMPILE", "1") != "0"
-
-    def __init__(self, fn):
-        self.fn, self.compiled = fn, None
-
-    def __call__(self, *args) -> Tensor | None:
-        if not Fused.enabled:
-            return None
-        try:
-            if self.compiled is None:
-                self.compiled = torch.compile(self.fn, dynamic=True)
-            return self.compiled(*args)
-        except Exception as err:  # any compiler failure: stay correct, go eager
-            warnings.warn(
-                f"torch.compile of {self.fn.__name__} failed ({err}); merging eagerly (slower)",
-                stacklevel=2,
-            )
-            Fused.enabled = False
-            return None
-
-
 class Ties(MergeMethod):
+    """`ties` above, with cached trim thresholds and the fused kernel of `optimize.kernels`."""
+
     name = "ties"
-    searched = ("weight", "density")
-    CHUNK = 1 << 18  # eager path: elements per chunk; the temporaries of one chunk stay in cache
     delta = staticmethod(ties_delta)
     fused = Fused(ties_delta)
 
     def operands(self, i: int, name: str, tau: Tensor, density: float, w: float):
-        """Per source: the tensors of the trim (flattened) and its scalars (0-d tensors, so a
-        compiled kernel is not specialized on their values)."""
-        thr = self.magnitude_threshold(i, name, tau, density)
-        return [tau.view(-1)], [_scalar(0.0 if thr is None else thr, tau), _scalar(w, tau)]
+        """Per source: the tensors of the trim (flattened) and its scalars (0-d tensors)."""
+        thr = self.masks.magnitude_threshold(i, name, tau, density)
+        return [tau.view(-1)], [scalar(0.0 if thr is None else thr, tau), scalar(w, tau)]
 
     def merge(self, name, g, base, taus, c, out):
         w = c.weight[:, g]
@@ -251,16 +162,7 @@ class Ties(MergeMethod):
         ops = [self.operands(i, name, taus[i], float(c.density[i, g]), float(w[i])) for i in used]
         tensors = [list(x) for x in zip(*(t for t, _ in ops))]  # per argument, one per source
         scalars = [list(x) for x in zip(*(s for _, s in ops))]
-        out_flat = out.view(-1)
-        if out_flat.numel() >= Fused.MIN_NUMEL:
-            delta = self.fused(*tensors, *scalars, self.normalize)
-            if delta is not None:
-                out_flat.add_(delta, alpha=self.lambda_)
-                return
-        for start in range(0, out_flat.numel(), self.CHUNK):
-            sl = slice(start, start + self.CHUNK)
-            chunk = [[t[sl] for t in arg] for arg in tensors]
-            out_flat[sl].add_(self.delta(*chunk, *scalars, self.normalize), alpha=self.lambda_)
+        add_elementwise(out, self.fused, self.delta, tensors, scalars, self.normalize, self.lambda_)
 
 
 class DareTies(Ties):
@@ -269,15 +171,11 @@ class DareTies(Ties):
     fused = Fused(dare_delta)
 
     def operands(self, i, name, tau, density, w):
-        noise = self.dare_noise(i, name, tau).view(-1)
+        noise = self.masks.dare_noise(i, name, tau).view(-1)
         keep_all = density >= 1
-        cutoff = torch.tensor(2**15 if keep_all else self.dare_cutoff(density), device=tau.device)
+        cutoff = torch.tensor(2**15 if keep_all else self.masks.dare_cutoff(density), device=tau.device)
         scale = w if keep_all else w / density
-        return [tau.view(-1), noise], [cutoff, _scalar(scale, tau), _scalar(w, tau)]
-
-
-def _scalar(x: float, like: Tensor) -> Tensor:
-    return torch.tensor(float(x), dtype=like.dtype, device=like.device)
+        return [tau.view(-1), noise], [cutoff, scalar(scale, tau), scalar(w, tau)]
 
 
 class Slerp(MergeMethod):
@@ -285,7 +183,6 @@ class Slerp(MergeMethod):
     nearly collinear tensors (|cos| > 0.9995) fall back to linear interpolation."""
 
     name = "slerp"
-    searched = ("t",)
     DOT_THRESHOLD = 0.9995
 
     def __init__(self, *args, **kwargs):
@@ -318,7 +215,6 @@ class MergeAlign(TaskArithmetic):
     theta = base + lambda * (t tau_domain + (1 - t) tau_align), t per group."""
 
     name = "mergealign"
-    searched = ("t",)
 
     def coefficients(self, c, g):
         t = float(c.t[g])

@@ -1,4 +1,5 @@
-"""The end of a search: pick the model, score it, write every output of the run folder."""
+"""The end of a search: pick the model, score it, write every output of the run folder; and
+`load_best`, the one reader of the chosen merge (best.yaml) for every later command."""
 
 from __future__ import annotations
 
@@ -13,52 +14,59 @@ import numpy as np
 import optuna
 import yaml
 
+from core.errors import OutputError
+from core.files import write_text_atomic, write_yaml_atomic
+from core.models import save_model_atomic
 from eval import plots
 from eval.loss import Scorer
-from eval.models import save_model_atomic
-from optimize.export import (
-    coefficient_table,
-    mergekit_config,
-    mergekit_paths,
-    model_card,
-    write_text_atomic,
-    write_yaml_atomic,
-)
-from optimize.methods import Candidate, TaskArithmetic
+from optimize.context import load_test_data
+from optimize.export import coefficient_table, mergekit_config, mergekit_paths, model_card
+from optimize.merge import PLAIN
+from optimize.methods import Candidate
+from optimize.storage import redact
+from optimize.study import choose
+from optimize.workers import written_stamp
 
 COMPLETE = optuna.trial.TrialState.COMPLETE
 
 
-def choose(study: optuna.Study, cfg) -> tuple[optuna.trial.FrozenTrial, list, str]:
-    """The chosen trial, the Pareto front (multi-objective) and the rule used, in words."""
-    if len(study.directions) == 1:
-        return study.best_trial, [], "lowest objective"
-    front = study.best_trials
-    a = np.array([t.values[0] for t in front])
-    d = np.array([t.values[1] for t in front])
-    if cfg.search.pareto_rule == "weighted":
-        i = int(np.argmin(a + cfg.search.alpha * d))
-        rule = f"front point with the lowest L_align + {cfg.search.alpha} * L_domain"
-    else:
-        span = lambda v: (v - v.min()) / (v.max() - v.min() if v.max() > v.min() else 1)  # noqa: E731
-        i = int(np.argmin(np.hypot(span(a), span(d))))
-        rule = "knee: front point closest to the ideal point after scaling both losses to [0, 1]"
-    return front[i], front, rule
+BEST = "best.yaml"
+
+
+def load_best(run_dir: str | Path) -> dict:
+    """The chosen merge of a finished search: best.yaml (method, scores, coefficients, params),
+    refused when it is not from the same write of the outputs as run.yaml (written last)."""
+    path = Path(run_dir) / BEST
+    try:
+        doc = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise OutputError(
+            f"{path} not found: the search of {run_dir} has not finished; run "
+            "`python -m optimize.search --config ...` again (it resumes)"
+        ) from None
+    except (OSError, yaml.YAMLError) as err:
+        raise OutputError(f"{path} cannot be read ({err}); run the search again to rewrite it") from None
+    if not isinstance(doc, dict) or not isinstance(doc.get("params"), dict):
+        raise OutputError(f"{path} has no `params` mapping; run the search again to rewrite it")
+    if doc.get("outputs_stamp") != written_stamp(Path(run_dir)):
+        raise OutputError(incomplete(run_dir))
+    return doc
+
+
+def incomplete(run_dir: str | Path) -> str:
+    return (
+        f"the outputs in {run_dir} are not one complete set (their writing was interrupted, or they "
+        "come from different runs): run the same search command again, it rewrites them from the study"
+    )
 
 
 def reference_losses(ctx, scorer: Scorer) -> dict[str, dict[str, float]]:
     """Base and each source alone, on the same sets: the numbers a merge is judged against."""
-    n, g = len(ctx.cfg.sources), ctx.base.groups.n
-    plain = TaskArithmetic(normalize=False)
-    saved = ctx.merger.method
-    ctx.merger.method = plain
-    out = {"base": scorer.losses(ctx.merger.apply(Candidate(weight=np.zeros((n, g)))))}
-    for i, s in enumerate(ctx.cfg.sources):
-        w = np.zeros((n, g))
-        w[i] = 1
-        out[f"source {s.name}"] = scorer.losses(ctx.merger.apply(Candidate(weight=w)))
-    ctx.merger.method = saved
-    return out
+    names = [s.name for s in ctx.cfg.sources]
+    return {
+        "base" if i is None else f"source {names[i]}": scorer.losses(ctx.merger.apply(c, PLAIN))
+        for i, c in ctx.merger.references()
+    }
 
 
 def versions() -> dict[str, str]:
@@ -84,17 +92,9 @@ def write_outputs(
     candidate = ctx.space.decode(best.params)
 
     # Scores of the chosen model on both search sets (and the test splits, when present).
-    from optimize.search import load_test_data
-
-    search_scorer = Scorer(
-        ctx.base.tokenizer, ctx.rows, cfg.data.max_length, cfg.data.batch_tokens, ctx.scorer.device
-    )
+    search_scorer = ctx.scorer_for(ctx.rows)
     test_rows = load_test_data(cfg) if cfg.output.test_splits else {}
-    test_scorer = (
-        Scorer(ctx.base.tokenizer, test_rows, cfg.data.max_length, cfg.data.batch_tokens, ctx.scorer.device)
-        if test_rows
-        else None
-    )
+    test_scorer = ctx.scorer_for(test_rows) if test_rows else None
     refs = reference_losses(ctx, search_scorer) if cfg.output.references else {}
     refs_test = reference_losses(ctx, test_scorer) if test_scorer and cfg.output.references else {}
     model = ctx.merger.apply(candidate)
@@ -121,8 +121,9 @@ def write_outputs(
         "sources": [{"name": s.name, "path": s.path, "role": s.role} for s in cfg.sources],
         "coefficients": coefficient_table(cfg, ctx.base.groups, candidate),
         "params": {k: float(v) for k, v in best.params.items()},
+        "outputs_stamp": stamp,  # the same in run.yaml and merged/: the outputs are one set
     }
-    write_yaml_atomic(run_dir / "best.yaml", best_doc)
+    write_yaml_atomic(run_dir / BEST, best_doc)
 
     if cfg.output.mergekit:
         write_mergekit_yaml(ctx, candidate)
@@ -138,14 +139,18 @@ def write_outputs(
 
     if cfg.output.save_model:
         card = model_card(cfg, best_doc, [])
-        save_model_atomic(model, ctx.base.tokenizer, run_dir / "merged", {"README.md": card})
+        save_model_atomic(model, ctx.base.tokenizer, run_dir / "merged", {"README.md": card}, stamp)
 
+    report = _report(ctx, study, best, front, rule, scores, refs, refs_test, plot_files, storage, interrupted)
+    write_text_atomic(run_dir / "report.md", report)
     ctx.timings["outputs_s"] = time.perf_counter() - t0
+    # run.yaml last: its stamp is what readers trust (a kill before this leaves the old one, which
+    # no longer matches the new best.yaml, so the half-written set is never read as whole)
     write_yaml_atomic(
         run_dir / "run.yaml",
         {
-            "config": cfg.model_dump(by_alias=True, mode="json"),
-            "storage": storage,
+            "config": cfg.model_dump(by_alias=True, mode="json") | {"storage": redact(cfg.storage)},
+            "storage": redact(storage),
             "study_name": study.study_name,
             "seeds": {"sampler": cfg.search.seed, "dare_masks": cfg.merge.seed},
             "versions": versions(),
@@ -154,8 +159,7 @@ def write_outputs(
             "outputs_stamp": stamp,  # what these outputs were made of (config + finished trials)
         },
     )
-    report = _report(ctx, study, best, front, rule, scores, refs, refs_test, plot_files, storage, interrupted)
-    return write_text_atomic(run_dir / "report.md", report)
+    return run_dir / "report.md"
 
 
 def write_mergekit_yaml(ctx, candidate: Candidate) -> Path:
@@ -225,7 +229,7 @@ def _report(ctx, study, best, front, rule, scores, refs, refs_test, plot_files, 
         f"(score: {cfg.search.score}, alpha {cfg.search.alpha}), "
         f"{ctx.space.n_params} parameters: {ctx.space.describe()}",
         f"- Trials: {', '.join(f'{v} {k.lower()}' for k, v in sorted(states.items()))} "
-        f"(target {cfg.search.n_trials}); study `{study.study_name}` in `{storage}`",
+        f"(target {cfg.search.n_trials}); study `{study.study_name}` in `{redact(storage)}`",
         f"- Chosen: trial {best.number}, by {rule}",
         "",
         "## Losses (mean response-token cross-entropy; lower is better)",

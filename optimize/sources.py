@@ -1,8 +1,9 @@
-"""Model sources and task vectors: tau_t = theta_t - theta_base (papers.md Eq. 1).
+"""Model sources and task vectors: tau_t = theta_t - theta_base (docs/method.md §1).
 
 A source is an HF folder (safetensors, sharded or not), a GGUF file (dequantized) or a PEFT LoRA
 adapter (tau = B @ A * scaling per adapted module, computed by peft; no dense expert copy).
-Sources that do not match the base are refused with an error naming the first mismatch.
+Sources that do not match the base are refused with an error naming the first mismatch. Pickled
+weights and remote code follow the loader policy of `core.models.model_format`.
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ import torch
 from safetensors import safe_open
 from tqdm.auto import tqdm
 
-from eval.models import ModelLoadError, load_model, load_tokenizer, model_format, resolve_model_path
+from core.errors import ModelLoadError
+from core.models import load_model, load_tokenizer, model_format, resolve_model_path
 
 TaskVector = dict[str, torch.Tensor]  # parameter name -> delta; absent names have delta 0
 
@@ -146,17 +148,19 @@ def _delta(name: str, source_weight: torch.Tensor, base_weight: torch.Tensor) ->
     return d if d.any() else None  # untouched tensors cost no memory
 
 
-def task_vector_hf(name: str, path: Path, base: Base) -> TaskVector:
+def task_vector_hf(name: str, path: Path, base: Base, trust_remote_code: bool = False) -> TaskVector:
     from transformers import AutoConfig
 
-    config = AutoConfig.from_pretrained(path)
-    tok_info = load_tokenizer(path) if any(path.glob("tokenizer*")) else None
+    files = sorted(path.glob("*.safetensors"))
+    if not files:  # pickled .bin weights, let through by model_format only with allow_pickle
+        return task_vector_loaded(name, path, base, allow_pickle=True, trust_remote_code=trust_remote_code)
+    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    tok_info = load_tokenizer(path, trust_remote_code) if any(path.glob("tokenizer*")) else None
     info = (
         model_info(config, tok_info)
         if tok_info
         else {**model_info(config, base.tokenizer), "chat_template": None}
     )
-    files = sorted(path.glob("*.safetensors"))
     handles = [safe_open(f, framework="pt", device="cpu") for f in files]
     where = {k: h for h in handles for k in h.keys()}
     shapes = {k: tuple(h.get_slice(k).get_shape()) for k, h in where.items()}
@@ -169,9 +173,12 @@ def task_vector_hf(name: str, path: Path, base: Base) -> TaskVector:
     return tv
 
 
-def task_vector_gguf(name: str, path: Path, base: Base) -> TaskVector:
-    model = load_model(path, torch.float32)
-    info = model_info(model.config, load_tokenizer(path))
+def task_vector_loaded(
+    name: str, path: Path, base: Base, allow_pickle: bool = False, trust_remote_code: bool = False
+) -> TaskVector:
+    """A source loaded whole: GGUF (dequantized) or pickled .bin weights."""
+    model = load_model(path, torch.float32, "cpu", allow_pickle, trust_remote_code)
+    info = model_info(model.config, load_tokenizer(path, trust_remote_code))
     state = dict(model.named_parameters())
     check_compatible(name, base, info, {n: tuple(p.shape) for n, p in state.items()})
     tv = {}
@@ -182,7 +189,7 @@ def task_vector_gguf(name: str, path: Path, base: Base) -> TaskVector:
     return tv
 
 
-def task_vector_lora(name: str, path: Path, base: Base) -> TaskVector:
+def task_vector_lora(name: str, path: Path, base: Base, trust_remote_code: bool = False) -> TaskVector:
     """Each adapted module's delta as peft computes it (B @ A * scaling, rank/alpha patterns,
     rsLoRA and fan_in_fan_out included). The adapter is injected into the working model, read,
     and unloaded again, which restores the base modules untouched."""
@@ -190,19 +197,18 @@ def task_vector_lora(name: str, path: Path, base: Base) -> TaskVector:
     from peft.tuners.lora import LoraLayer
     from peft.utils import ModulesToSaveWrapper
 
-    cfg = LoraConfig.from_pretrained(path)
+    cfg = LoraConfig.from_pretrained(path)  # JSON only: peft runs no code here, takes no such flag
     if getattr(cfg, "use_dora", False):
         raise ModelLoadError(
             f"source {name!r}: DoRA adapters are not supported (their delta is "
             "not B @ A); merge the adapter into the model and use the folder"
         )
     if (path / "tokenizer_config.json").exists():
-        tok = load_tokenizer(path)
+        tok = load_tokenizer(path, trust_remote_code)
         tmpl = getattr(tok, "chat_template", None)
         if tmpl is not None and tmpl != base.info["chat_template"]:
             raise _mismatch(name, "chat template", _short(base.info["chat_template"]), _short(tmpl))
-    with safe_open(_adapter_weights(path), framework="pt", device="cpu") as f:
-        _check_lora_shapes(name, base, {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()})
+    _check_lora_shapes(name, base, _adapter_shapes(path))
     peft_model = PeftModel.from_pretrained(base.model, str(path), adapter_name="source")
     tv = {}
     try:
@@ -224,14 +230,14 @@ def task_vector_lora(name: str, path: Path, base: Base) -> TaskVector:
     return tv
 
 
-def _adapter_weights(path: Path) -> Path:
+def _adapter_shapes(path: Path) -> dict[str, tuple]:
     f = path / "adapter_model.safetensors"
-    if not f.exists():
-        raise ModelLoadError(
-            f"{path}: no adapter_model.safetensors (pickled adapter_model.bin "
-            "is not loaded; re-save the adapter with safe_serialization=True)"
-        )
-    return f
+    if f.exists():
+        with safe_open(f, framework="pt", device="cpu") as st:
+            return {k: tuple(st.get_slice(k).get_shape()) for k in st.keys()}
+    # adapter_model.bin: model_format lets it through only with allow_pickle
+    state = torch.load(path / "adapter_model.bin", map_location="cpu", weights_only=True)
+    return {k: tuple(v.shape) for k, v in state.items()}
 
 
 _LORA_KEY = re.compile(
@@ -262,23 +268,29 @@ def _check_lora_shapes(name: str, base: Base, shapes: dict[str, tuple]) -> None:
             raise _mismatch(name, f"LoRA shape for {target}", want, shape)
 
 
-def load_task_vector(name: str, path: str, base: Base, allow_pickle: bool = False) -> TaskVector:
+def load_task_vector(
+    name: str, path: str, base: Base, allow_pickle: bool = False, trust_remote_code: bool = False
+) -> TaskVector:
     p = resolve_model_path(path)
-    fmt = model_format(p, allow_pickle)
-    loader = {"hf": task_vector_hf, "gguf": task_vector_gguf, "lora": task_vector_lora}[fmt]
-    return loader(name, p, base)
+    fmt = model_format(p, allow_pickle, trust_remote_code)
+    if fmt == "gguf":
+        return task_vector_loaded(name, p, base, allow_pickle, trust_remote_code)
+    loader = {"hf": task_vector_hf, "lora": task_vector_lora}[fmt]
+    return loader(name, p, base, trust_remote_code)
 
 
-def load_task_vectors(sources, base: Base, allow_pickle: bool = False) -> list[TaskVector]:
+def load_task_vectors(
+    sources, base: Base, allow_pickle: bool = False, trust_remote_code: bool = False
+) -> list[TaskVector]:
     """Once per run. Sources are checked one by one, so a bad source fails before the rest load."""
     out = []
     for s in tqdm(sources, desc="task vectors", unit="source", leave=False):
-        out.append(load_task_vector(s.name, s.path, base, allow_pickle))
+        out.append(load_task_vector(s.name, s.path, base, allow_pickle, trust_remote_code))
     return out
 
 
-def source_kind(path: str, allow_pickle: bool = False) -> str:
-    return model_format(resolve_model_path(path), allow_pickle)
+def source_kind(path: str, allow_pickle: bool = False, trust_remote_code: bool = False) -> str:
+    return model_format(resolve_model_path(path), allow_pickle, trust_remote_code)
 
 
 def adapter_base(path: str) -> str | None:

@@ -16,7 +16,8 @@ from dataclasses import dataclass
 import numpy as np
 import optuna
 
-from optimize.config import Config, ConfigError
+from core.errors import ConfigError
+from optimize.config import Config
 from optimize.methods import Candidate
 from optimize.sources import Groups
 

@@ -14,10 +14,9 @@ Optuna has heartbeats only for its RDB storage; `JournalHeartbeatStorage` adds t
 
 from __future__ import annotations
 
-import os
+import copy
 import random
 import re
-import socket
 import time
 import warnings
 from pathlib import Path
@@ -26,7 +25,10 @@ import optuna
 from optuna.storages import BaseStorage, JournalStorage, RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.storages._heartbeat import BaseHeartbeat
 from optuna.storages.journal import JournalFileBackend
-from optuna.trial import TrialState
+from optuna.trial import FrozenTrial, TrialState
+from sqlalchemy.engine import make_url
+
+from core.errors import StorageError
 
 # Optuna calls its heartbeat API "experimental" and says so on every use; we use it on purpose.
 warnings.filterwarnings(
@@ -37,16 +39,41 @@ JOURNAL = "journal:"
 HEARTBEAT_ATTR = "alignmerge:heartbeat"
 
 
-class StorageError(RuntimeError):
-    """A storage that cannot be opened; the message names the URL (password hidden) and the fix."""
+SECRET_PARAMS = {"password", "passwd", "pwd", "secret", "token"}
 
 
-def redact(url: str) -> str:
-    return re.sub(r"//([^:/@]+):[^@/]*@", r"//\1:***@", url)
+def redact(url: str | None) -> str | None:
+    """`url` fit to print or write: the password and secret query parameters shown as ***.
+    Never fails; a URL it cannot read has everything between // and the last @ masked."""
+    if not url or url.startswith((JOURNAL, "sqlite:")):  # no credentials (sqlite+pysqlcipher has)
+        return url
+    try:
+        parsed = make_url(url)
+        if "@" in (parsed.host or ""):  # a raw "@" in the password: SQLAlchemy ends it there
+            raise ValueError(url)
+        query = {k: "***" if k.lower() in SECRET_PARAMS else v for k, v in parsed.query.items()}
+        return parsed.set(query=query).render_as_string(hide_password=True).replace("=%2A%2A%2A", "=***")
+    except Exception:
+        head, slashes, rest = url.partition("//")
+        if not slashes:
+            head, rest = "", url
+        if "@" in rest:
+            rest = "***@" + rest.rpartition("@")[2]
+        keys = "|".join(SECRET_PARAMS)
+        return re.sub(rf"([?&](?:{keys})=)[^&]*", r"\1***", head + slashes + rest, flags=re.IGNORECASE)
 
 
-def worker_id() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}"
+class Retry(RetryHeartbeatStaleTrialCallback):
+    """Optuna's retry of a dead worker's trial: a waiting trial with the same parameters, run by
+    whichever worker takes it next. It does not inherit the dead run's worker and fail_reason."""
+
+    def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        trial = copy.copy(trial)
+        trial.user_attrs = {k: v for k, v in trial.user_attrs.items() if k not in ("worker", "fail_reason")}
+        super().__call__(study, trial)
+
+
+RETRY = Retry(max_retry=1)
 
 
 class JournalHeartbeatStorage(JournalStorage, BaseHeartbeat):
@@ -82,7 +109,7 @@ def open_storage(url: str, heartbeat_s: int) -> BaseStorage:
     """The Optuna storage for `url`, connected now: a server that cannot be reached fails here,
     before any model loads."""
     interval = heartbeat_s or None
-    retry = RetryHeartbeatStaleTrialCallback(max_retry=1) if interval else None
+    retry = RETRY if interval else None
     if url.startswith(JOURNAL):
         path = Path(url[len(JOURNAL) :].removeprefix("//"))
         if not path.parent.is_dir():
@@ -95,6 +122,16 @@ def open_storage(url: str, heartbeat_s: int) -> BaseStorage:
         except OSError as err:
             raise StorageError(f"storage {url}: cannot open the journal file: {err}") from None
         return JournalHeartbeatStorage(backend, interval, retry)
+    try:
+        parsed = make_url(url)
+    except Exception:  # RDBStorage below says what is wrong with the URL
+        parsed = None
+    password = parsed.password if parsed else None
+    if parsed and "@" in (parsed.host or ""):
+        raise StorageError(
+            f"storage {redact(url)}: the password holds a raw '@', which ends it for SQLAlchemy; "
+            "write each @ in it as %40 (postgresql://user:p%40ss@host/db)"
+        )
     engine_kwargs = {}
     if url.startswith(("postgresql", "mysql")):
         engine_kwargs["connect_args"] = {"connect_timeout": 10}
@@ -120,6 +157,7 @@ def open_storage(url: str, heartbeat_s: int) -> BaseStorage:
         ) from None
     except Exception as err:  # SQLAlchemy's errors: bad URL, refused connection, bad password...
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        first = first.replace(password, "***") if password else first
         raise StorageError(
             f"cannot open storage {redact(url)}: {first}. Check the URL, that the server runs and "
             "accepts this user, or use the default SQLite (no --storage) or journal:PATH"

@@ -24,17 +24,14 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
-from optimize.config import ConfigError, validate
+from core.config import Strict, validate
+from core.errors import ConfigError
 from synth.taxonomy import HARM_CATEGORIES
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class ModelSpec(_Strict):
+class ModelSpec(Strict):
     path: str = Field(description="HF folder, .gguf file, LoRA adapter folder, or `default`")
     name: str = ""
     base: str | None = Field(None, description="base model of a LoRA adapter")
@@ -53,13 +50,13 @@ class ExpertSpec(ModelSpec):
         return self
 
 
-class SamplingSpec(_Strict):
+class SamplingSpec(Strict):
     temperature: float = Field(0.0, ge=0)
     max_tokens: int = Field(512, ge=1)
     top_p: float = Field(1.0, gt=0, le=1)
 
 
-class JudgeSpec(_Strict):
+class JudgeSpec(Strict):
     kind: Literal["rules", "guard", "rules+guard"] = "rules"
     guard: ModelSpec | None = Field(None, description="guard model, e.g. a Llama Guard folder")
     guard_max_tokens: int = Field(20, ge=1)
@@ -71,7 +68,7 @@ class JudgeSpec(_Strict):
         return self
 
 
-class EngineSpec(_Strict):
+class EngineSpec(Strict):
     dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
     max_model_len: int = Field(2048, ge=64)
     batch_size: int = Field(8, ge=1, description="transformers backend: prompts per generate()")
@@ -84,7 +81,7 @@ class EngineSpec(_Strict):
     cache_dir: str | None = None
 
 
-class SynthConfig(_Strict):
+class SynthConfig(Strict):
     backend: Literal["auto", "vllm", "transformers"] = "auto"
     seed: int = 0
     generator: ModelSpec = Field(default_factory=lambda: ModelSpec(path="default"))

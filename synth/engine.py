@@ -18,11 +18,22 @@ import importlib.util
 import json
 import os
 import warnings
-from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from tqdm.auto import tqdm
+
+from core.errors import ModelLoadError
+from core.models import (
+    load_model,
+    load_tokenizer,
+    materialize_hf_folder,
+    model_format,
+    resolve_device,
+    resolve_dtype,
+    resolve_model_path,
+)
 
 Conversation = list[dict[str, str]]
 
@@ -70,6 +81,8 @@ class EngineSettings:
     kv_cache_gb: int = 2  # VLLM_CPU_KVCACHE_SPACE when not set in the environment
     cpu_all_cores: bool = True  # vLLM on CPU: compute on every core instead of reserving one
     cache_dir: str | None = None  # where GGUF models are materialized for vLLM
+    allow_pickle: bool = False  # pickled .bin weights (models, adapters); core.models.model_format
+    trust_remote_code: bool = False  # a model folder's own Python (auto_map)
 
 
 def vllm_available() -> bool:
@@ -101,7 +114,16 @@ def lora_base(ref: ModelRef) -> str | None:
         return ref.base
     base = json.loads(cfg.read_text()).get("base_model_name_or_path")
     if not base:
-        raise ValueError(f"{p}: adapter_config.json names no base model; set `base:` in the config")
+        raise ModelLoadError(f"{p}: adapter_config.json names no base model; set `base:` in the config")
+    return base
+
+
+def checked_base(ref: ModelRef, settings: EngineSettings) -> str | None:
+    """The loader policy of every stage (pickled weights, remote code: `core.models.model_format`)
+    on the model and, for a LoRA adapter, on its base, before anything loads. Returns the base."""
+    base = lora_base(ref)
+    for path in [ref.path] + ([base] if base else []):
+        model_format(resolve_model_path(path), settings.allow_pickle, settings.trust_remote_code)
     return base
 
 
@@ -135,21 +157,20 @@ class TransformersEngine(Engine):
     backend = "transformers"
 
     def __init__(self, ref: ModelRef, settings: EngineSettings):
-        from eval.models import load_model, load_tokenizer, resolve_device, resolve_dtype
-
         self.ref, self.settings = ref, settings
         self.device = resolve_device("auto")
         dtype = resolve_dtype(settings.dtype)
-        base = lora_base(ref)
+        base = checked_base(ref, settings)
+        policy = (settings.allow_pickle, settings.trust_remote_code)
         if base is None:
-            self.model = load_model(ref.path, dtype=dtype, device=self.device)
-            self.tokenizer = load_tokenizer(ref.path)
+            self.model = load_model(ref.path, dtype, self.device, *policy)
+            self.tokenizer = load_tokenizer(ref.path, settings.trust_remote_code)
         else:
             from peft import PeftModel
 
-            model = load_model(base, dtype=dtype, device=self.device)
+            model = load_model(base, dtype, self.device, *policy)
             self.model = PeftModel.from_pretrained(model, ref.path).merge_and_unload().eval()
-            self.tokenizer = load_tokenizer(base)
+            self.tokenizer = load_tokenizer(base, settings.trust_remote_code)
         self.tokenizer.padding_side = "left"
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
@@ -223,7 +244,7 @@ class VLLMEngine(Engine):
         from vllm import LLM
 
         self.ref, self.settings = ref, settings
-        base = lora_base(ref)
+        base = checked_base(ref, settings)
         model_path = hf_folder(base or ref.path, settings)
         eager = settings.enforce_eager
         if eager is None:
@@ -234,7 +255,10 @@ class VLLMEngine(Engine):
             "max_model_len": settings.max_model_len,
             "enforce_eager": eager,
             "tensor_parallel_size": settings.tensor_parallel_size,
+            "trust_remote_code": settings.trust_remote_code,
         }
+        if not settings.allow_pickle:  # vLLM would fall back to *.bin weights
+            kwargs["load_format"] = "safetensors"
         if torch.cuda.is_available():
             kwargs["gpu_memory_utilization"] = settings.gpu_memory_utilization
         self.lora = None
@@ -306,16 +330,15 @@ def cpu_env_defaults(settings: EngineSettings) -> None:
 
 
 def hf_folder(path: str, settings: EngineSettings) -> Path:
-    """A folder vLLM can load: HF folders as they are, GGUF files materialized once."""
-    from eval.models import materialize_hf_folder, resolve_model_path
-
+    """A folder vLLM can load: HF folders as they are, GGUF files materialized once (the caller
+    has applied the loader policy: `checked_base`)."""
     p = resolve_model_path(path)
     if p.is_dir():
         return p
     cache = Path(settings.cache_dir or os.environ.get("ALIGNMERGE_CACHE", "~/.cache/alignmerge"))
     digest = hashlib.sha256(f"{p.resolve()}:{p.stat().st_size}".encode()).hexdigest()[:12]
     out = cache.expanduser() / "hf-models" / f"{p.stem}-{digest}"
-    return materialize_hf_folder(p, out)
+    return materialize_hf_folder(p, out, trust_remote_code=settings.trust_remote_code)
 
 
 def open_engine(ref: ModelRef, backend: str, settings: EngineSettings) -> Engine:
@@ -350,92 +373,3 @@ class EngineSlot:
         if self.engine is not None:
             self.engine.close()
             self.engine = None
-
-
-@dataclass
-class Request:
-    """One prompt to a model; `key` identifies it in the cache (see `request_key`)."""
-
-    conversation: Conversation
-    sampling: Sampling
-    key: str = ""
-    meta: dict = field(default_factory=dict)
-
-
-def request_key(ref: ModelRef, req: Request) -> str:
-    ident = {"model": [ref.path, ref.base], "conv": req.conversation, "sampling": asdict(req.sampling)}
-    return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:24]
-
-
-class GenerationCache:
-    """Append-only JSONL: one line per finished request, `{"key", "model", "outputs"}`.
-    A line cut short by a crash is ignored (and regenerated)."""
-
-    def __init__(self, path: str | Path):
-        self.path = Path(path)
-        self.data: dict[str, list[str]] = {}
-        self.cut_short = False  # the last line has no newline: the next write starts a new one
-        if self.path.exists():
-            text = self.path.read_text()
-            self.cut_short = bool(text) and not text.endswith("\n")
-            for line in text.splitlines():
-                try:
-                    row = json.loads(line)
-                    self.data[row["key"]] = row["outputs"]
-                except (json.JSONDecodeError, KeyError, TypeError):
-                    continue
-
-    def __contains__(self, key: str) -> bool:
-        return key in self.data
-
-    def get(self, key: str) -> list[str]:
-        return self.data[key]
-
-    def add_many(self, rows: list[tuple[str, str, list[str]]]) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with self.path.open("a") as f:
-            if self.cut_short:
-                f.write("\n")
-                self.cut_short = False
-            for key, model, outputs in rows:
-                f.write(json.dumps({"key": key, "model": model, "outputs": outputs}) + "\n")
-                self.data[key] = outputs
-            f.flush()
-            os.fsync(f.fileno())
-
-
-def run_cached(
-    slot: EngineSlot,
-    ref: ModelRef,
-    requests: list[Request],
-    cache: GenerationCache,
-    desc: str,
-    keep: Callable[[str], bool] | None = None,
-) -> list[list[str]]:
-    """Outputs for every request, generating only those missing from `cache`, chunk by chunk.
-    The progress bar counts prompts done and, when `keep` is given, outputs kept and dropped."""
-    for r in requests:
-        r.key = r.key or request_key(ref, r)
-    todo = [r for r in requests if r.key not in cache]
-    kept = dropped = 0
-    for r in requests:
-        if r.key in cache and keep is not None:
-            k = sum(map(keep, cache.get(r.key)))
-            kept, dropped = kept + k, dropped + len(cache.get(r.key)) - k
-    bar = tqdm(total=len(requests), initial=len(requests) - len(todo), desc=desc, unit="prompt")
-    if keep is not None:
-        bar.set_postfix(kept=kept, dropped=dropped)
-    chunk = max(1, slot.settings.chunk_size)
-    for start in range(0, len(todo), chunk):
-        part = todo[start : start + chunk]
-        engine = slot.get(ref)
-        outs = engine.chat([r.conversation for r in part], [r.sampling for r in part])
-        cache.add_many([(r.key, ref.label, o) for r, o in zip(part, outs)])
-        bar.update(len(part))
-        if keep is not None:
-            for o in outs:
-                k = sum(map(keep, o))
-                kept, dropped = kept + k, dropped + len(o) - k
-            bar.set_postfix(kept=kept, dropped=dropped)
-    bar.close()
-    return [cache.get(r.key) for r in requests]

@@ -19,10 +19,13 @@ import sys
 import time
 from pathlib import Path
 
+from core.errors import ConfigError
+from core.files import atomic_dir, check_replaceable
 from eval.judge import RefusalJudge
-from eval.models import atomic_dir
-from synth.config import ConfigError, ModelSpec, SynthConfig, load_run_config, to_jsonable
-from synth.engine import EngineSettings, EngineSlot, GenerationCache, resolve_backend
+from synth.cache import GenerationCache
+from synth.card import render_card
+from synth.config import ModelSpec, SynthConfig, load_run_config, parse_synth, to_jsonable
+from synth.engine import EngineSettings, EngineSlot, resolve_backend
 from synth.pipelines import (
     Context,
     answer,
@@ -81,6 +84,9 @@ def generate(
 ) -> Path:
     """Run every pipeline and write the data folder `out`. Returns `out`."""
     out = Path(out)
+    check_replaceable(
+        out, "--out", kind="dataset"
+    )  # before any generation: a folder of the user's is never replaced
     cache_dir = Path(cache_dir or out.parent / "synth_cache")
     backend = resolve_backend(cfg.backend)
     slot = EngineSlot(backend, EngineSettings(**cfg.engine.model_dump()))
@@ -166,8 +172,6 @@ def write_atomic(out: Path, splits: dict[str, list[dict]], record: dict, templat
     """save_to_disk + card into a temporary sibling, then one rename onto `out`."""
     from datasets import Dataset, DatasetDict, Features, Value
 
-    from synth.card import render_card
-
     features = Features({c: Value("string") for c in COLUMNS})
     dd = DatasetDict(
         {
@@ -175,7 +179,7 @@ def write_atomic(out: Path, splits: dict[str, list[dict]], record: dict, templat
             for name, rows in splits.items()
         }
     )
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, kind="dataset") as tmp:
         # an empty split saved with the default sharding does not load back (datasets 5.2)
         dd.save_to_disk(str(tmp), num_shards={n: 1 for n, d in dd.items() if len(d) == 0})
         (tmp / "README.md").write_text(render_card(record, templates))
@@ -206,8 +210,6 @@ def main(argv: list[str] | None = None) -> int:
             if v is not None
         }
         if overrides:
-            from synth.config import parse_synth
-
             cfg = parse_synth({**cfg.model_dump(exclude_unset=True), **overrides})
     except (ConfigError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)

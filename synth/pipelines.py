@@ -1,4 +1,4 @@
-"""The four data pipelines of Hammoud et al. (papers.md 1.5), one function per step.
+"""The four data pipelines of Hammoud et al. (arXiv 2406.14563; docs/method.md §7), one function per step.
 
     harmful prompts (generator, or your file) -> every pool model answers -> judge -> one refusal
     benign-but-risky prompts (generator)      -> every pool model answers -> judge -> one answer
@@ -10,7 +10,6 @@ were dropped; the dataset card prints that table. All randomness comes from `cfg
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import json
 import math
@@ -19,9 +18,11 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from eval.data import read_prompt_file
 from eval.judge import BothJudge, GuardJudge, RefusalJudge, Verdict
+from synth.cache import GenerationCache, Request, run_cached
 from synth.config import ExpertSpec, ModelSpec, SamplingSpec, SynthConfig
-from synth.engine import EngineSlot, GenerationCache, ModelRef, Request, Sampling, run_cached
+from synth.engine import EngineSlot, ModelRef, Sampling
 from synth.prompts import Templates
 from synth.taxonomy import numbered
 from synth.text import DedupIndex, parse_question, question_regex
@@ -157,26 +158,6 @@ def harmful_from_generator(ctx: Context) -> list[Item]:
     )
     texts = [(prefill + o, c, gen.label) for c, out in zip(categories, outs) for o in out]
     return parse_and_dedup(ctx, "harmful prompts (generated)", texts)
-
-
-def read_prompt_file(path: str | Path) -> list[dict]:
-    """Rows with `prompt` (or question/text) and optional `category`, from JSONL or CSV."""
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"prompts_file {path} does not exist")
-    if path.suffix.lower() == ".csv":
-        with path.open(newline="") as f:
-            rows = list(csv.DictReader(f))
-    else:
-        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    out = []
-    for n, row in enumerate(rows, start=1):
-        low = {k.lower(): v for k, v in row.items()}
-        text = next((low[k] for k in ("prompt", "question", "text") if low.get(k)), None)
-        if text is None:
-            raise ValueError(f"{path} row {n}: no `prompt` (or `question`/`text`) column")
-        out.append({"prompt": str(text), "category": str(low.get("category") or "unspecified")})
-    return out
 
 
 def harmful_from_file(ctx: Context) -> list[Item]:

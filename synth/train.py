@@ -12,8 +12,9 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from core.files import atomic_dir
+from core.models import load_model, load_tokenizer
 from eval.loss import encode
-from eval.models import atomic_dir, load_model, load_tokenizer
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -81,6 +82,6 @@ def train_lora(
             bar.update(1)
             bar.set_postfix(loss=f"{loss.item():.3f}")
     bar.close()
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, kind="adapter") as tmp:
         model.to(getattr(torch, save_dtype)).save_pretrained(tmp, safe_serialization=True)
     return Path(out)

@@ -133,15 +133,8 @@ def compliant_answers(prompts: list[dict], backend: str, max_tokens: int, cache_
     """The base model's greedy answers to harmful requests, kept when the judge sees no refusal.
     Answers go to a JSONL cache as they finish, so a rerun does not generate them again."""
     from eval.judge import RefusalJudge
-    from synth.engine import (
-        EngineSettings,
-        EngineSlot,
-        GenerationCache,
-        ModelRef,
-        Request,
-        Sampling,
-        run_cached,
-    )
+    from synth.cache import GenerationCache, Request, run_cached
+    from synth.engine import EngineSettings, EngineSlot, ModelRef, Sampling
 
     slot = EngineSlot(backend, EngineSettings())
     requests = [
@@ -227,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import datasets
 
-    from eval.models import atomic_dir
+    from core.files import atomic_dir
     from synth.train import train_lora
 
     started = time.perf_counter()
@@ -255,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
     dd = datasets.DatasetDict({k: datasets.Dataset.from_list(v) for k, v in splits.items()})
     data_dir = root / "data" / "default"
     counts = {"compliant": len(compliant), "compliance": judged, "benign_repeat": args.benign_repeat}
-    with atomic_dir(data_dir) as tmp:
+    with atomic_dir(data_dir, kind="dataset") as tmp:
         dd.save_to_disk(str(tmp))
         (tmp / "README.md").write_text(card(splits, counts, args.seed, time.perf_counter() - started))
     print(

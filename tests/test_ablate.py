@@ -13,12 +13,15 @@ import torch
 import yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from core.errors import ConfigError
 from eval.data import load_pairs
 from eval.loss import Scorer
-from optimize.ablate import COLUMNS, load_ablation, main
-from optimize.config import ConfigError, validate_config
+from optimize.ablate import main
+from optimize.ablate_config import load_ablation
+from optimize.ablate_report import COLUMNS
+from optimize.config import validate_config
+from optimize.context import prepare
 from optimize.methods import Candidate, Ties
-from optimize.search import prepare
 from tests.conftest import SENTENCES, world_config
 
 LABELS = [

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
+from core.models import load_model, load_tokenizer
 from eval.analysis import cka_profile, hidden_states, linear_cka, prompt_batches, weight_metrics
-from eval.models import load_model, load_tokenizer
 from optimize.sources import layer_groups
 from tests.conftest import SENTENCES
 

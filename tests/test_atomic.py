@@ -2,7 +2,7 @@
 
 import pytest
 
-from eval.models import atomic_dir
+from core.files import atomic_dir
 
 
 def test_atomic_dir_replaces_only_on_success(tmp_path):
@@ -24,7 +24,7 @@ def test_atomic_files_get_the_usual_permissions(tmp_path):
     import os
     import stat
 
-    from optimize.export import write_text_atomic
+    from core.files import write_text_atomic
 
     umask = os.umask(0o022)
     try:

@@ -17,9 +17,10 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from eval.models import ModelLoadError, load_model, model_format
+from core.errors import ModelLoadError
+from core.models import load_model, model_format
 from optimize.config import validate_config
-from optimize.search import check_inputs
+from optimize.context import check_inputs
 from tests.conftest import world_config
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}

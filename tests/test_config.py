@@ -1,7 +1,8 @@
 import pytest
 import yaml
 
-from optimize.config import ConfigError, load_config, validate_config
+from core.errors import ConfigError
+from optimize.config import load_config, validate_config
 from optimize.search import main
 
 
@@ -81,7 +82,7 @@ def test_yaml_errors(tmp_path):
 def test_shipped_configs_validate():
     from pathlib import Path
 
-    from optimize.ablate import load_ablation
+    from optimize.ablate_config import load_ablation
 
     for path in sorted(Path("configs").glob("*.yaml")):
         if path.name.startswith("ablation"):

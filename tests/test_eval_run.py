@@ -10,11 +10,15 @@ import pytest
 import torch
 import yaml
 
+from core.errors import ConfigError
+from core.models import load_model, load_tokenizer
+from eval.behaviour import refusal_summary
 from eval.judge import Verdict
 from eval.loss import Scorer
-from eval.models import load_model, load_tokenizer
-from eval.run import main, mcq_scores, option_logprobs, parse_settings, refusal_summary
-from optimize.config import ConfigError, validate_config
+from eval.mcq import mcq_scores, option_logprobs
+from eval.run import main
+from eval.settings import parse_settings
+from optimize.config import validate_config
 from optimize.search import run
 from tests.conftest import SENTENCES, world_config
 from tests.tiny import make_tiny_llama

@@ -2,7 +2,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from eval.data import DataError, load_pairs
+from core.errors import DataError
+from eval.data import load_pairs
 from eval.loss import Scorer, encode
 
 ROWS = [

@@ -13,9 +13,9 @@ from mergekit.sparsify import magnitude
 from safetensors.torch import load_file
 
 from optimize.config import validate_config
+from optimize.context import prepare
 from optimize.export import mergekit_config, mergekit_paths
 from optimize.methods import Candidate, DareLinear, DareTies, Ties
-from optimize.search import prepare
 from tests.conftest import world_config
 
 
@@ -72,11 +72,11 @@ def test_matches_mergekit(world, tmp_path, monkeypatch, method, normalize, lora)
 def test_ties_cached_trim_equals_mergekit_magnitude(density):
     tau = torch.randn(300, 70, generator=torch.Generator().manual_seed(1))
     method = Ties(normalize=True, density_levels=(0.1, 0.5, 0.9))
-    ours = tau * method.magnitude_mask(0, "w", tau, density)
+    ours = tau * method.masks.magnitude_mask(0, "w", tau, density)
     torch.testing.assert_close(ours, magnitude(tau, density))
     # served from the cache the second time, same answer
-    assert (0, "w") in method._thresholds
-    torch.testing.assert_close(tau * method.magnitude_mask(0, "w", tau, density), ours)
+    assert (0, "w") in method.masks._thresholds
+    torch.testing.assert_close(tau * method.masks.magnitude_mask(0, "w", tau, density), ours)
 
 
 @pytest.mark.parametrize("cls", [DareTies, DareLinear])
@@ -84,7 +84,7 @@ def test_ties_cached_trim_equals_mergekit_magnitude(density):
 def test_dare_keep_rate_and_rescale(cls, density):
     tau = torch.randn(400, 500, generator=torch.Generator().manual_seed(2))
     method = cls(normalize=False, seed=7)
-    mask = method.dare_mask(0, "w", tau, density)
+    mask = method.masks.dare_mask(0, "w", tau, density)
     keep = mask.float().mean().item()
     assert abs(keep - density) < 0.005  # 200k Bernoulli draws: 0.005 is > 4 standard deviations
     base = torch.zeros_like(tau)
@@ -105,11 +105,11 @@ def test_dare_masks_are_seeded_and_nested():
         DareTies(normalize=False, seed=1),
         DareTies(normalize=False, seed=2),
     )
-    assert torch.equal(a.dare_mask(0, "w", tau, 0.5), b.dare_mask(0, "w", tau, 0.5))
-    assert not torch.equal(a.dare_mask(0, "w", tau, 0.5), c.dare_mask(0, "w", tau, 0.5))
-    assert not torch.equal(a.dare_mask(0, "w", tau, 0.5), a.dare_mask(1, "w", tau, 0.5))
+    assert torch.equal(a.masks.dare_mask(0, "w", tau, 0.5), b.masks.dare_mask(0, "w", tau, 0.5))
+    assert not torch.equal(a.masks.dare_mask(0, "w", tau, 0.5), c.masks.dare_mask(0, "w", tau, 0.5))
+    assert not torch.equal(a.masks.dare_mask(0, "w", tau, 0.5), a.masks.dare_mask(1, "w", tau, 0.5))
     # a higher density keeps a superset: masks come from one cached noise tensor
-    assert torch.all(a.dare_mask(0, "w", tau, 0.3) <= a.dare_mask(0, "w", tau, 0.6))
+    assert torch.all(a.masks.dare_mask(0, "w", tau, 0.3) <= a.masks.dare_mask(0, "w", tau, 0.6))
 
 
 def test_ties_sign_election_by_hand():
@@ -131,7 +131,7 @@ def test_ties_sign_election_by_hand():
 def test_fused_kernel_equals_the_eager_merge(world, tmp_path, monkeypatch, cls, normalize):
     """The torch.compile'd TIES/DARE kernel (used on real-size tensors) gives the eager, chunked
     result on every tensor of the tiny model, the mergekit-checked one above."""
-    from optimize.methods import Fused
+    from optimize.kernels import Fused
 
     ctx = prepare(validate_config(world_config(world, tmp_path / "run")))
     cand = random_candidate(ctx.base.groups.n, seed=3)
@@ -145,3 +145,24 @@ def test_fused_kernel_equals_the_eager_merge(world, tmp_path, monkeypatch, cls, 
     assert Fused.enabled and cls.fused.compiled is not None  # it compiled (no eager fallback)
     for n, p, _ in ctx.merger.params:
         torch.testing.assert_close(p.detach(), eager[n], rtol=1e-6, atol=1e-7, msg=n)
+
+
+@pytest.mark.parametrize("normalize", [False, True])
+@pytest.mark.parametrize("fused", [False, True])
+def test_ties_execution_equals_the_three_plain_steps(monkeypatch, normalize, fused):
+    """The cached, chunked or compiled TIES of `Ties.merge` gives what `methods.ties` (trim,
+    elect, disjoint merge, as written in the paper) gives, zero and negative weights included."""
+    from optimize.kernels import Fused
+    from optimize.methods import ties
+
+    gen = torch.Generator().manual_seed(5)
+    base = torch.randn(300, 250, generator=gen)  # 75k entries: above Fused.MIN_NUMEL
+    taus = [torch.randn(300, 250, generator=gen) * s for s in (1.0, 0.5, 2.0)]
+    weights, densities = np.array([[0.7], [-0.3], [1.2]]), np.array([[0.3], [0.5], [1.0]])
+    monkeypatch.setattr(Fused, "enabled", fused)
+    method = Ties(normalize=normalize, lambda_=0.8, density_levels=(0.3, 0.5))
+    out = torch.empty_like(base)
+    method.merge("w", 0, base, taus, Candidate(weight=weights, density=densities), out)
+    plain = ties(base, taus, weights[:, 0], densities[:, 0], normalize, lambda_=0.8)
+    torch.testing.assert_close(out, plain, rtol=1e-5, atol=1e-5)
+    assert not torch.equal(out, base)

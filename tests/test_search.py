@@ -11,7 +11,8 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from optimize.config import ConfigError, validate_config
+from core.errors import ConfigError
+from optimize.config import validate_config
 from optimize.search import run
 from tests.conftest import world_config
 

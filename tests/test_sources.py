@@ -5,7 +5,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from eval.models import ModelLoadError
+from core.errors import ModelLoadError
 from optimize.sources import SourceMismatchError, layer_groups, load_base, load_task_vector
 from tests.conftest import make_lora
 from tests.tiny import make_tiny_llama

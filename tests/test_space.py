@@ -2,7 +2,8 @@ import numpy as np
 import optuna
 import pytest
 
-from optimize.config import ConfigError, validate_config
+from core.errors import ConfigError
+from optimize.config import validate_config
 from optimize.methods import METHODS
 from optimize.sources import layer_groups
 from optimize.space import SearchSpace

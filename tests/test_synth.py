@@ -8,19 +8,13 @@ from pathlib import Path
 import pytest
 import yaml
 
+from eval.data import read_prompt_file
 from eval.judge import Verdict
+from synth.cache import GenerationCache, Request, request_key
 from synth.config import ConfigError, load_run_config, parse_synth
-from synth.engine import (
-    EngineSettings,
-    EngineSlot,
-    GenerationCache,
-    ModelRef,
-    Request,
-    Sampling,
-    request_key,
-)
+from synth.engine import EngineSettings, EngineSlot, ModelRef, Sampling
 from synth.generate import SPLITS, main
-from synth.pipelines import Context, Item, read_prompt_file, select_benign, select_refusals
+from synth.pipelines import Context, Item, select_benign, select_refusals
 from synth.prompts import Templates
 from synth.taxonomy import HARM_CATEGORIES
 from synth.text import DedupIndex, parse_question, question_regex

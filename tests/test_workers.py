@@ -19,8 +19,9 @@ import pytest
 import yaml
 from optuna.trial import TrialState
 
-from optimize.search import Quota, is_surplus, other_workers, slots_left
-from optimize.storage import StorageError, open_storage, redact
+from core.errors import StorageError
+from optimize.storage import open_storage, redact
+from optimize.workers import Quota, is_surplus, other_workers, slots_left
 from tests.conftest import SENTENCES, world_config, write_jsonl
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -226,11 +227,112 @@ def test_sqlite_search_killed_and_rerun_resumes_to_the_same_outputs(world, tmp_p
     assert files(killed_dir / "run") == files(clean_dir / "run")
     header = lambda d: set((d / "trials.csv").read_text().splitlines()[0].split(","))  # noqa: E731
     extra = header(killed_dir / "run") - header(clean_dir / "run")  # the retry is recorded
-    assert extra == {"system_attrs_failed_trial", "system_attrs_retry_history"}
+    assert extra == {"system_attrs_failed_trial", "system_attrs_retry_history", "user_attrs_fail_reason"}
     assert len(study.trials) == 7  # 6 finished + the killed one, recorded as failed
 
 
+# A worker held right after its trial is created (before the trial's first heartbeat and before
+# the trial function records its worker), so that a kill lands exactly there.
+STALLED_WORKER = """
+import os, sys, time
+import optuna
+from optimize.search import main
+
+ask = optuna.Study.ask
+
+def stalled_ask(self, *args, **kwargs):
+    trial = ask(self, *args, **kwargs)
+    if trial.number == int(os.environ["STALL_AT"]):
+        time.sleep(3600)
+    return trial
+
+optuna.Study.ask = stalled_ask
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.parametrize("heartbeat_s", [10, 0])
+def test_worker_killed_before_its_first_heartbeat_does_not_hang_the_rerun(world, tmp_path, heartbeat_s):
+    """A RUNNING trial without a heartbeat is never stale for Optuna: the rerun used to wait for it
+    forever (heartbeats on) or stop one trial short (off). It is failed once 2 * heartbeat_s (60 s
+    when off) have passed since its start, and retried."""
+    config, n = worker_config(world, tmp_path, heartbeat_s=heartbeat_s), 4
+    url = f"sqlite:///{tmp_path / 'run' / 'study.db'}"
+    stalled = subprocess.Popen(
+        [sys.executable, "-c", STALLED_WORKER, "--config", str(config), "--n-trials", str(n)],
+        env={**ENV, "STALL_AT": "2"},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    trials = wait_for(
+        "tiny", url, lambda ts: any(t.number == 2 and t.state == TrialState.RUNNING for t in ts)
+    )
+    time.sleep(0.5)  # the worker sits in the stall, nothing else happens
+    os.kill(stalled.pid, signal.SIGKILL)
+    stalled.wait()
+    study = optuna.load_study(study_name="tiny", storage=open_storage(url, 0))
+    orphan = study.trials[2]
+    assert orphan.state == TrialState.RUNNING and "worker" not in orphan.user_attrs
+
+    started = time.monotonic()
+    _, err = finish(start_worker(config, "--n-trials", str(n)), timeout=180)
+    assert time.monotonic() - started < (2 * heartbeat_s or 60) + 60
+    trials = check_study(study, n)
+    assert study.trials[2].state == TrialState.FAIL
+    assert "died before starting it" in study.trials[2].user_attrs["fail_reason"]
+    retry = [t for t in trials if t.system_attrs.get("failed_trial") == 2]
+    assert len(retry) == 1 and retry[0].state == TrialState.COMPLETE
+    assert "retried with its parameters" in err
+
+
+def test_heartbeat_off_killed_worker_trial_is_retried(world, tmp_path):
+    """With heartbeat_s 0 a killed local worker's trial is found by its dead pid; the rerun used to
+    stop one trial short."""
+    config = worker_config(world, tmp_path, heartbeat_s=0)
+    kill_one_worker_mid_trial(config, f"sqlite:///{tmp_path / 'run' / 'study.db'}", "tiny", n=4)
+
+
+def test_storage_password_is_never_written_or_printed(world, tmp_path, postgres_url):
+    """The server trusts loopback, so any password connects: the URL carries one in both places."""
+    secret = "Pw-Zq81"
+    url = postgres_url.replace("postgres@", f"postgres:{secret}1@") + f"?password={secret}2"
+    proc = start_worker(worker_config(world, tmp_path), "--storage", url, "--n-trials", "2")
+    out, err = finish(proc)
+    run = tmp_path / "run"
+    assert yaml.safe_load((run / "run.yaml").read_text())["storage"] == redact(url)
+    written = {p.name: p.read_text(errors="replace") for p in run.rglob("*") if p.is_file()}
+    assert {"run.yaml", "report.md", "trials.csv", "best.yaml"} <= set(written)
+    assert [name for name, text in written.items() if secret in text] == []
+    assert secret not in out + err
+
+
 # ----------------------------------------------------------------------------- in process
+def test_redact_hides_passwords():
+    assert (
+        redact("postgresql://u:secret@db.example:5432/optuna") == "postgresql://u:***@db.example:5432/optuna"
+    )
+    # SQLAlchemy ends the password at its first "@" and reads "ss@host" as the host
+    assert redact("postgresql://u:p@ss@host/db") == "postgresql://***@host/db"
+    assert redact("postgresql://u@host/db?password=hunter2&sslmode=require") == (
+        "postgresql://u@host/db?password=***&sslmode=require"
+    )
+    assert (
+        redact("mysql://u:a:b@h/db?token=t&Secret=s&pwd=p")
+        == "mysql://u:***@h/db?token=***&Secret=***&pwd=***"
+    )
+    for kept in ("sqlite:////runs/x/study.db", "journal:/shared/study.log", "postgresql://host/db"):
+        assert redact(kept) == kept
+    assert redact("postgresql://u:pw@host:port/db") == "postgresql://***@host:port/db"  # unparsable
+    assert redact("not a url u:pw@x") == "***@x"
+
+
+def test_password_with_a_raw_at_is_refused_before_connecting():
+    with pytest.raises(StorageError, match=r"postgresql://\*\*\*@127.0.0.1:1/db: the password holds") as err:
+        open_storage("postgresql://u:p@ss@127.0.0.1:1/db", 1)
+    assert "ss@" not in str(err.value) and "%40" in str(err.value)
+
+
 def test_surplus_trial_when_workers_race_at_the_end(tmp_path):
     study = optuna.create_study(storage=f"sqlite:///{tmp_path / 's.db'}")
     first = [study.ask() for _ in range(3)]  # three workers took the three slots

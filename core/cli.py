@@ -5,20 +5,14 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable
 
-from eval.data import DataError
-from eval.models import ModelLoadError
-from optimize.config import ConfigError
-from optimize.export import OutputError
-from optimize.storage import StorageError
-
-USER_ERRORS = (ConfigError, ModelLoadError, DataError, StorageError, OutputError)
+from core.errors import UserError
 
 
 def run_cli(work: Callable[[], object]) -> int:
     """Run a command's work and print its result (a report path); bad input -> exit code 2."""
     try:
         result = work()
-    except USER_ERRORS as err:
+    except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(result)

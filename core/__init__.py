@@ -1,0 +1,1 @@
+"""The ground floor: errors, file writing, model loading, config basics. Imports nothing of ours."""

@@ -1,0 +1,194 @@
+"""Writing files and folders so that nothing is ever half-written or lost.
+
+- Files and folders are written under a temporary sibling name, then renamed into place.
+- Outputs honour the umask (Python makes temporary files and folders private; we undo that).
+- Every folder alignmerge writes carries a marker file (`.alignmerge`). A command replaces an
+  existing folder only when it carries the marker: anything else is the user's and is refused.
+- Temporary siblings left by a killed process (`.<name>.tmp-<host>-<pid>-*`) are removed by the
+  next write of the same folder once that process is gone.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import socket
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+
+import yaml
+
+from core.errors import OutputError
+
+MARKER = ".alignmerge"
+
+
+def current_umask() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def write_text_atomic(path: str | Path, text: str) -> Path:
+    """Write to a temporary sibling, fsync, then rename: readers never see half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        os.fchmod(fd, 0o666 & ~current_umask())  # mkstemp makes it private; outputs should not be
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def write_yaml_atomic(path: str | Path, data) -> Path:
+    return write_text_atomic(path, yaml.safe_dump(data, sort_keys=False, allow_unicode=True))
+
+
+def read_marker(folder: str | Path) -> dict | None:
+    """The marker of a folder alignmerge wrote ({"kind", "stamp"}), None for any other folder."""
+    try:
+        doc = json.loads((Path(folder) / MARKER).read_text())
+    except (OSError, ValueError):
+        return None
+    return doc if isinstance(doc, dict) else None
+
+
+def check_replaceable(out: str | Path, what: str = "output folder", kind: str | None = None) -> None:
+    """Refuse (OutputError) to replace `out` unless it is missing, empty, or a folder of `kind`
+    that alignmerge wrote (any kind when `kind` is None)."""
+    out = Path(out)
+    if out.is_symlink() and not out.exists():
+        raise OutputError(f"{what} {out} is a broken symbolic link; remove it or choose another")
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise OutputError(f"{what} {out} is a file, not a folder; choose another path")
+    if any(out.iterdir()) and read_marker(out) is None:
+        raise OutputError(
+            f"{what} {out} exists and was not written by alignmerge (no {MARKER} marker inside); "
+            "it would be replaced: choose another path, or move that folder away"
+        )
+    found = (read_marker(out) or {}).get("kind")
+    if kind is not None and found is not None and found != kind:
+        raise OutputError(
+            f"{what} {out} holds another alignmerge output (a {found} folder); it would be replaced: "
+            "choose another path"
+        )
+
+
+def claim_run_dir(
+    run_dir: str | Path, legacy: tuple[str, ...] = ("study.db", "run.yaml", "best.yaml")
+) -> Path:
+    """Create the run folder, or accept an existing one that is ours (its marker, or files of an
+    earlier run in `legacy`, or empty) and mark it; refuse any other folder."""
+    run_dir = Path(run_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise OutputError(f"run folder {run_dir} is a file; set out: (or --out) to a folder")
+    if run_dir.is_dir() and read_marker(run_dir) is None:
+        if any(run_dir.iterdir()) and not any((run_dir / f).exists() for f in legacy):
+            raise OutputError(
+                f"run folder {run_dir} exists and holds files that alignmerge did not write; "
+                "outputs there could replace them: set out: (or --out) to a new folder"
+            )
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if read_marker(run_dir) is None:
+        write_text_atomic(run_dir / MARKER, json.dumps({"kind": "run"}) + "\n")
+    return run_dir
+
+
+def _owner_tag() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+def remove_stale_temporaries(out: Path) -> None:
+    """Remove `.<name>.tmp-<host>-<pid>-*` / `.<name>.old-<host>-<pid>` siblings of `out` whose
+    process on this host is gone (a kill mid-write), e.g. 16 GB of a half-written 8B model."""
+    host = socket.gethostname()
+    for kind in ("tmp", "old"):
+        for p in out.parent.glob(f".{out.name}.{kind}-*"):
+            tag = p.name[len(f".{out.name}.{kind}-") :]
+            if kind == "tmp":
+                tag = tag.rpartition("-")[0]  # drop mkdtemp's random suffix
+            p_host, _, pid = tag.rpartition("-")
+            if p_host == host and pid.isdigit() and not pid_alive(int(pid)):
+                shutil.rmtree(p, ignore_errors=True)
+
+
+@contextmanager
+def atomic_dir(out: str | os.PathLike, kind: str = "output", stamp: str | None = None):
+    """Yield a temporary sibling folder of `out`; on success it gets the marker and replaces `out`
+    by renames, so a crash never leaves a half-written folder under `out` (nor loses the previous
+    one). An existing `out` that alignmerge did not write is refused, before and after."""
+    out = Path(out)
+    check_replaceable(out, kind=kind)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(out)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{_owner_tag()}-", dir=out.parent))
+    try:
+        yield tmp
+        (tmp / MARKER).write_text(json.dumps({"kind": kind, "stamp": stamp}) + "\n")
+        honour_umask(tmp)
+        check_replaceable(out, kind=kind)
+        if out.exists():
+            old = out.with_name(f".{out.name}.old-{_owner_tag()}")
+            out.rename(old)
+            tmp.rename(out)
+            shutil.rmtree(old)
+        else:
+            tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def honour_umask(folder: Path) -> None:
+    """Give `folder` and everything in it the permissions the umask asks for: libraries that
+    write through temporary files (safetensors, tempfile) leave them private (0600)."""
+    umask = current_umask()
+    folder.chmod(0o777 & ~umask)
+    for p in folder.rglob("*"):
+        if not p.is_symlink():
+            p.chmod((0o777 if p.is_dir() else 0o666) & ~umask)
+
+
+def fingerprint(path: str | Path, full_below: int = 256 << 20) -> str:
+    """A content fingerprint of a file or folder that changes when a model is retrained at the
+    same path and is the same for copies on other machines: the sha256 of every file up to
+    `full_below` bytes, and of the size, first and last MiB of larger ones (weights shards)."""
+    path = Path(path)
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    digest = hashlib.sha256()
+    for f in files:
+        if f.name.startswith(".") and f != path:  # our marker, temporaries of a write under way
+            continue
+        size = f.stat().st_size
+        digest.update(f"{f.relative_to(path) if f != path else f.name}:{size}:".encode())
+        with f.open("rb") as fh:
+            if size <= full_below:
+                for block in iter(lambda: fh.read(1 << 20), b""):
+                    digest.update(block)
+            else:
+                digest.update(fh.read(1 << 20))
+                fh.seek(size - (1 << 20))
+                digest.update(fh.read(1 << 20))
+    return digest.hexdigest()[:16]

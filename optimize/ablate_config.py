@@ -1,0 +1,121 @@
+"""The ablation's own config (`configs/ablations.yaml`): which rows, their grids and budgets,
+and the search config they all run on."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import Field
+
+from core.config import Strict, read_yaml_mapping, validate
+from core.errors import ConfigError
+from eval.data import load_pairs
+from optimize.config import Config, load_config, validate_config
+
+ROWS = (
+    "references",
+    "task_arithmetic",
+    "ties",
+    "dare_ties",
+    "slerp",
+    "mergealign",
+    "lm_cocktail",
+    "searches",
+    "samplers",
+)
+COMPARED = ("tpe", "cmaes", "gp", "random", "nsga2")
+Share = Annotated[float, Field(gt=0, le=1)]
+Unit = Annotated[float, Field(ge=0, le=1)]
+
+
+class Grids(Strict):
+    weights: list[float] = Field([0.25, 0.5, 1.0], min_length=1)  # TIES / DARE-TIES, N = 2
+    densities: list[Share] = Field([0.25, 0.5, 1.0], min_length=1)
+    normalize: bool = False  # TIES / DARE-TIES; the paper's genome used false
+    slerp_t: list[Unit] = Field([0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0], min_length=1)
+    mergealign_lambda: list[Unit] = Field([0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9], min_length=1)
+
+
+class Searches(Strict):
+    n_trials: int = Field(16, ge=1)  # each of the two searches
+
+
+class Samplers(Strict):
+    names: list[Literal[COMPARED]] = Field(["tpe", "cmaes", "random", "gp"], min_length=1)
+    seeds: list[int] = Field([0, 1, 2], min_length=3)
+    n_trials: int = Field(16, ge=2)  # per study
+    # Scored on the first N search examples of each set (null: as many as the searches).
+    n_alignment: int | None = Field(12, ge=1)
+    n_domain: int | None = Field(12, ge=1)
+
+
+class Evaluation(Strict):
+    max_new_tokens: int = Field(32, ge=1)
+    limit: int | None = Field(None, ge=1)  # first N rows of each test split and of benign
+
+
+class SearchData(Strict):
+    # Search-split examples for every row (null: the search config's data.n_alignment / n_domain).
+    n_alignment: int | None = Field(None, ge=1)
+    n_domain: int | None = Field(None, ge=1)
+
+
+class Ablation(Strict):
+    name: str = Field("ablation", pattern=r"^[A-Za-z0-9_.-]+$")
+    out: str | None = None  # run folder; null -> runs/<name>
+    search_config: str  # base, sources, data, method, search space; relative to this file
+    rows: list[Literal[ROWS]] = Field(list(ROWS), min_length=1)
+    uniform_weight: float = 1.0  # task arithmetic row
+    cocktail_temperature: float = Field(1.0, gt=0)  # the paper's script: 1.0 (LM-Cocktail's: 5.0)
+    grids: Grids = Grids()
+    searches: Searches = Searches()
+    samplers: Samplers = Samplers()
+    evaluation: Evaluation = Evaluation()
+    data: SearchData = SearchData()
+    quick: dict[str, Any] | None = None  # --quick: these keys replace the ones above
+
+
+def _overlay(raw: dict, over: dict) -> dict:
+    out = dict(raw)
+    for k, v in over.items():
+        out[k] = _overlay(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def load_ablation(path: str | Path, quick: bool = False, out: str | None = None) -> tuple[Ablation, Config]:
+    """The validated ablation config and the search config it runs on; no model is loaded."""
+    path = Path(path)
+    raw = read_yaml_mapping(path)
+    abl = validate(Ablation, raw, str(path))
+    fast = validate(Ablation, _overlay(raw, abl.quick or {}), f"{path} with its quick section")
+    abl = fast if quick else abl
+    abl = abl.model_copy(update={"out": out}) if out else abl
+    return abl, search_config(abl, path.parent)
+
+
+def search_config(abl: Ablation, folder: Path) -> Config:
+    """The search config moved into the ablation's run folder, with the safety-aware objective."""
+    path = Path(abl.search_config)
+    path = path if path.is_absolute() else folder / path
+    cfg = load_config(path)
+    raw = cfg.model_dump(by_alias=True)
+    raw.update(name=abl.name, out=abl.out or f"runs/{abl.name}", study_name=None)
+    raw["search"].update(objective="weighted", score="both")
+    raw["data"].update({k: v for k, v in abl.data.model_dump().items() if v is not None})
+    raw["output"].update(save_model=False, mergekit=False, references=False, test_splits=False)
+    cfg = validate_config(raw, f"{path} (the ablation's search config)")
+    if "slerp" in abl.rows and len(cfg.sources) != 2:
+        raise ConfigError(f"rows: slerp needs exactly 2 sources, {path} has {len(cfg.sources)}")
+    if "mergealign" in abl.rows and sorted(s.role for s in cfg.sources) != ["alignment", "domain"]:
+        raise ConfigError(f"rows: mergealign needs one alignment and one domain source ({path})")
+    return cfg
+
+
+def load_test(cfg: Config, limit: int | None) -> dict[str, list[dict]]:
+    folder = cfg.data_dir
+    return {
+        "alignment": load_pairs(folder, "alignment_test", limit),
+        "domain": load_pairs(folder, "domain_test", limit),
+        "benign": load_pairs(folder, "benign", limit),
+    }

@@ -1,0 +1,85 @@
+"""Models side by side on the test splits, for the demo and the ablation: config variants of one
+search, the naive merges a user would try first, and the generation-based measure of any merge
+(docs/method.md §6). Every model is written into the same in-memory working model."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from eval.behaviour import refusals
+from eval.judge import RefusalJudge
+from eval.loss import Scorer
+from optimize.config import Config, validate_config
+from optimize.context import Context
+from optimize.merge import PLAIN
+from optimize.methods import Candidate, MergeMethod, Ties
+
+
+def variant(
+    cfg: Config, label: str, search: dict | None = None, data: dict | None = None, **output
+) -> Config:
+    """The config with other search/data/output settings; `label` names its run folder (under
+    the config's) and its study."""
+    raw = cfg.model_dump(by_alias=True)
+    raw["search"].update(search or {})
+    raw["data"].update(data or {})
+    raw["output"].update(output)
+    if label:
+        raw["out"] = str(cfg.run_dir / label)
+        raw["study_name"] = f"{cfg.study_name or cfg.name}-{label}"
+    return validate_config(raw, f"({label or 'demo'} variant)")
+
+
+def domain_only(ctx: Context, cfg: Config) -> Context:
+    """The context of the domain-only search (`cfg`): the same models, scored on the domain set."""
+    return dataclasses.replace(ctx, cfg=cfg, scorer=ctx.scorer_for({"domain": ctx.rows["domain"]}))
+
+
+def references(ctx: Context) -> dict[str, tuple[MergeMethod, Candidate]]:
+    """The base and each source alone (theta_base + tau_i), labelled for tables."""
+    sources = ctx.cfg.sources
+    return {
+        "base" if i is None else f"source: {sources[i].name} ({sources[i].role})": (PLAIN, c)
+        for i, c in ctx.merger.references()
+    }
+
+
+def naive_merges(ctx: Context) -> dict[str, tuple[MergeMethod, Candidate]]:
+    """Task arithmetic with weight 1 each; TIES with mergekit's usual defaults (weight 1, density
+    0.5, normalize): the merges a user tries before any search."""
+    ties = ctx.merger.uniform(1)
+    ties.density = np.full_like(ties.weight, 0.5)
+    return {
+        "task arithmetic, weights 1": (PLAIN, ctx.merger.uniform(1)),
+        "TIES, weights 1, density 0.5": (Ties(normalize=True), ties),
+    }
+
+
+def evaluate(
+    ctx: Context,
+    method: MergeMethod,
+    candidate: Candidate,
+    test: Scorer,
+    harmful: list[str],
+    benign: list[str],
+    max_new_tokens: int,
+) -> dict:
+    """Test losses, and the shares of harmful prompts refused and of benign prompts wrongly
+    refused (greedy answers, rule-based refusal judge)."""
+    with ctx.merger.applied(candidate, method) as model:
+        losses = test.losses(model)
+        judge = RefusalJudge()
+        harm = refusals(model, ctx.base.tokenizer, harmful, judge, max_new_tokens, batch_size=28)
+        ben = refusals(model, ctx.base.tokenizer, benign, judge, max_new_tokens, batch_size=25)
+    return {
+        "alignment_loss": losses["alignment"],
+        "domain_loss": losses["domain"],
+        "refused_harmful": harm["share"],
+        "refused_benign": ben["share"],
+        "examples": [
+            {"prompt": p, "answer": a, "verdict": v}
+            for p, a, v in list(zip(harmful, harm["answers"], harm["verdicts"]))[:3]
+        ],
+    }

@@ -1,0 +1,124 @@
+"""What a search holds in memory, built once and used by every trial: the base, the task
+vectors, the merger, the search space and the scorer. Inputs are checked first, before any model
+loads (paths, formats, data)."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from core.errors import DataError, ModelLoadError
+from core.files import fingerprint
+from core.models import model_format, resolve_device, resolve_dtype, resolve_model_path
+from eval.data import load_pairs
+from eval.loss import Scorer
+from optimize.config import Config
+from optimize.merge import InMemoryMerger
+from optimize.methods import METHODS
+from optimize.sources import Base, load_base, load_task_vectors
+from optimize.space import SearchSpace
+
+SCORED = {"both": ("alignment", "domain"), "domain": ("domain",), "alignment": ("alignment",)}
+
+
+def check_inputs(cfg: Config) -> dict[str, list[dict]]:
+    """Everything that can be checked without loading a model: paths, formats, data.
+    Returns the raw alignment and domain rows."""
+    check_models(cfg)
+    return load_data(cfg)
+
+
+def check_models(cfg: Config) -> None:
+    """The base and every source exist and are readable models (headers only, no weights)."""
+    for label, path in [("base", cfg.base)] + [(f"source {s.name!r}", s.path) for s in cfg.sources]:
+        try:
+            fmt = model_format(resolve_model_path(path), cfg.runtime.allow_pickle)
+        except ModelLoadError as err:
+            raise ModelLoadError(f"{label}: {err}") from None
+        if label == "base" and fmt == "lora":
+            raise ModelLoadError(f"base {path} is a LoRA adapter; the base must be a full model")
+
+
+def model_fingerprints(cfg: Config) -> dict[str, str]:
+    """A content fingerprint of the base and of every source (`core.files.fingerprint`)."""
+    paths = {"base": cfg.base} | {s.name: s.path for s in cfg.sources}
+    return {k: fingerprint(resolve_model_path(p)) for k, p in paths.items()}
+
+
+def load_data(cfg: Config) -> dict[str, list[dict]]:
+    d = cfg.data
+    folder = cfg.data_dir
+    return {
+        "alignment": load_pairs(
+            d.alignment or folder, None if d.alignment else d.alignment_split, d.n_alignment
+        ),
+        "domain": load_pairs(d.domain or folder, None if d.domain else d.domain_split, d.n_domain),
+    }
+
+
+def load_test_data(cfg: Config) -> dict[str, list[dict]]:
+    """The held-out test splits, when the run folder has them (they are never searched on)."""
+    folder = cfg.data_dir
+    out = {}
+    for name in ("alignment", "domain"):
+        try:
+            out[name] = load_pairs(folder, f"{name}_test")
+        except DataError:
+            pass
+    return out
+
+
+def make_scorer(cfg: Config, tokenizer, rows: dict[str, list[dict]], device: str) -> Scorer:
+    """A scorer of `rows` with the config's length and batch settings."""
+    return Scorer(tokenizer, rows, cfg.data.max_length, cfg.data.batch_tokens, device)
+
+
+@dataclass
+class Context:
+    """What a search needs in memory: built once, used by every trial."""
+
+    cfg: Config
+    base: Base
+    merger: InMemoryMerger
+    space: SearchSpace
+    scorer: Scorer  # on the sets the objective uses
+    rows: dict[str, list[dict]]
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def scorer_for(self, rows: dict[str, list[dict]]) -> Scorer:
+        """Another scorer on the same tokenizer, device and settings (test splits, subsets)."""
+        return make_scorer(self.cfg, self.base.tokenizer, rows, self.scorer.device)
+
+
+def prepare(cfg: Config, rows: dict[str, list[dict]] | None = None) -> Context:
+    rows = rows if rows is not None else check_inputs(cfg)
+    if cfg.runtime.threads:
+        torch.set_num_threads(cfg.runtime.threads)
+    device, dtype = resolve_device(cfg.runtime.device), resolve_dtype(cfg.runtime.dtype)
+    t0 = time.perf_counter()
+    base = load_base(cfg.base, dtype, device, cfg.runtime.allow_pickle, cfg.runtime.trust_remote_code)
+    t1 = time.perf_counter()
+    tvs = load_task_vectors(cfg.sources, base, cfg.runtime.allow_pickle)
+    t2 = time.perf_counter()
+    method_cls = METHODS[cfg.merge.method]
+    # The space decides the density grid, which the method caches masks for.
+    space = SearchSpace(cfg, base.groups, method_cls.searched)
+    method = method_cls(
+        normalize=cfg.normalize,
+        lambda_=cfg.merge.lambda_,
+        seed=cfg.merge.seed,
+        density_levels=space.density_levels,
+        roles=tuple(src.role for src in cfg.sources),
+    )
+    scorer = make_scorer(cfg, base.tokenizer, {k: rows[k] for k in SCORED[cfg.search.score]}, device)
+    return Context(
+        cfg,
+        base,
+        InMemoryMerger(base, tvs, method),
+        space,
+        scorer,
+        rows,
+        {"load_base_s": t1 - t0, "task_vectors_s": t2 - t1},
+    )

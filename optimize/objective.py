@@ -1,0 +1,86 @@
+"""The objective of a search, written once (docs/method.md §4), and the trial that evaluates it.
+
+  weighted   L = L_align + alpha * L_domain       (Hammoud et al., arXiv 2406.14563; alpha = 0.3)
+  score      `domain` (the EvoMM baseline) or `alignment`: that loss alone
+  pareto     (L_align, L_domain), two objectives
+
+L_align and L_domain are the mean response-token cross-entropies of the candidate on the
+alignment and domain *search* splits (`eval.loss.Scorer`, docs/method.md §3).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import optuna
+
+from optimize.workers import is_surplus, worker_id
+
+
+def weighted_loss(alpha: float, losses: dict[str, float]):
+    """L_align + alpha * L_domain (numbers or arrays)."""
+    return losses["alignment"] + alpha * losses["domain"]
+
+
+def objective_value(search, losses: dict[str, float]):
+    """The value Optuna minimizes for `losses` under the search settings (`optimize.config.Search`)."""
+    if search.objective == "pareto":
+        return losses["alignment"], losses["domain"]
+    if search.score == "domain":
+        return losses["domain"]
+    if search.score == "alignment":
+        return losses["alignment"]
+    return weighted_loss(search.alpha, losses)
+
+
+def describe(search) -> str:
+    """The objective in words, for reports and study signatures."""
+    if search.objective == "pareto":
+        return "pareto (L_align, L_domain)"
+    if search.score != "both":
+        return f"L_{'align' if search.score == 'alignment' else 'domain'}"
+    return f"L_align + {search.alpha} L_domain"
+
+
+def make_trial(ctx):
+    """The function Optuna calls per trial: suggest a candidate, merge it in place, score it
+    (pruned on the running batch losses when the objective is single), record the losses."""
+    cfg = ctx.cfg
+    prune = cfg.search.objective == "weighted" and cfg.search.pruner != "none"
+
+    def trial_fn(trial: optuna.Trial):
+        trial.set_user_attr("worker", worker_id())
+        if is_surplus(trial.study, trial, cfg.search.n_trials):
+            trial.set_user_attr("surplus", True)
+            trial.set_user_attr("fail_reason", "not run: other workers had taken the last slots")
+            trial.study.stop()
+            return float("nan")
+        t0 = time.perf_counter()
+        candidate = ctx.space.suggest(trial)
+        model = ctx.merger.apply(candidate)
+        t1 = time.perf_counter()
+
+        def on_batch(step, so_far):
+            if not prune:
+                return
+            partial = {k: sum(v) / len(v) for k, v in so_far.items() if v}
+            partial = {k: partial.get(k, 0.0) for k in ("alignment", "domain")}
+            trial.report(objective_value(cfg.search, partial), step)
+            if trial.should_prune():
+                raise optuna.TrialPruned()
+
+        losses = ctx.scorer.losses(model, on_batch=on_batch)
+        t2 = time.perf_counter()
+        for k, v in losses.items():
+            trial.set_user_attr(f"{k}_loss", v)
+        trial.set_user_attr("merge_s", round(t1 - t0, 4))
+        trial.set_user_attr("score_s", round(t2 - t1, 4))
+        value = objective_value(cfg.search, losses)
+        values = value if isinstance(value, tuple) else (value,)
+        if not all(math.isfinite(v) for v in values):
+            trial.set_user_attr("fail_reason", f"non-finite loss {losses}")
+            return float("nan")  # Optuna records the trial as failed and goes on
+        return value
+
+    return trial_fn

@@ -1,0 +1,112 @@
+"""The Optuna study of a search: sampler and pruner from the config, the signature that keeps a
+resumed or shared study comparable, and the pick of the chosen trial."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+
+import numpy as np
+import optuna
+
+from core.errors import ConfigError
+from optimize.context import model_fingerprints
+from optimize.objective import weighted_loss
+from optimize.registry import SAMPLERS
+from optimize.storage import redact
+from optimize.workers import worker_id
+
+
+def default_storage(cfg) -> str:
+    return f"sqlite:///{(cfg.run_dir / 'study.db').resolve()}"
+
+
+def make_sampler(cfg, space, seed: int | None) -> optuna.samplers.BaseSampler:
+    return SAMPLERS[cfg.search.sampler](cfg.search, space.grid, seed)
+
+
+def make_pruner(cfg, n_steps: int) -> optuna.pruners.BasePruner:
+    if cfg.search.objective == "pareto" or cfg.search.pruner == "none":
+        return optuna.pruners.NopPruner()  # Optuna cannot prune multi-objective trials
+    if cfg.search.pruner == "median":
+        return optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=max(1, n_steps // 4))
+    return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=n_steps)
+
+
+def open_study(cfg, storage, url: str, space, pruner, signature: dict) -> optuna.Study:
+    """Create the study, or join it when it exists (a resumed run, or another worker's study).
+    A worker that joins gets a sampler seed of its own: with the configured one it would draw
+    the same candidates as the worker that created the study (or as the run it resumes)."""
+    directions = ["minimize", "minimize"] if cfg.search.objective == "pareto" else ["minimize"]
+    name, seed = cfg.study_name or cfg.name, cfg.search.seed
+    sampler = make_sampler(cfg, space, seed)  # a bad sampler setting fails before the study is made
+    try:
+        study = optuna.create_study(
+            storage=storage, study_name=name, directions=directions, sampler=sampler, pruner=pruner
+        )
+        study.set_user_attr("signature", signature)
+        if cfg.search.enqueue_initial and cfg.search.sampler != "grid":
+            study.enqueue_trial(space.initial_params())
+    except optuna.exceptions.DuplicatedStudyError:
+        study = optuna.load_study(storage=storage, study_name=name, pruner=pruner)
+        if seed is not None:
+            mix = f"{seed}/{len(study.trials)}/{worker_id()}".encode()
+            seed = int.from_bytes(hashlib.sha256(mix).digest()[:4], "little")
+        study.sampler = make_sampler(cfg, space, seed)
+    old = study.user_attrs.get("signature")
+    if old is None:  # joined in the instant between its creation and its signature
+        study.set_user_attr("signature", old := signature)
+    if old != signature or [d.name.lower() for d in study.directions] != directions:
+        differ = [k for k in signature if not isinstance(old, dict) or old.get(k) != signature[k]]
+        lines = [
+            f"  {k}: study has {old.get(k) if isinstance(old, dict) else old}, config asks {signature[k]}"
+            for k in differ
+        ]
+        raise ConfigError(
+            f"study {name!r} in {redact(url)} was made with other settings, so its trials are not "
+            "comparable with this config's:\n" + "\n".join(lines) + "\nUse another --study-name or "
+            "--out, or delete the old study"
+        )
+    print(f"[alignmerge] worker {worker_id()}, sampler seed {seed}", file=sys.stderr)
+    return study
+
+
+def study_signature(ctx) -> dict:
+    """What must not change when a study is resumed or joined: whatever makes two trials'
+    values comparable (models, merge, objective, search space, the scored data)."""
+    cfg, s, m = ctx.cfg, ctx.cfg.search, ctx.cfg.merge
+    used = {k: v for k, v in ctx.rows.items() if k in ctx.scorer.examples}
+    data = json.dumps([used, cfg.data.max_length], sort_keys=True, default=str).encode()
+    return {
+        "sources": [f"{src.name} ({src.role})" for src in cfg.sources],  # not paths: they may
+        # differ between the machines of a multi-worker study; the weights' content may not
+        "weights": hashlib.sha256(json.dumps(model_fingerprints(cfg), sort_keys=True).encode()).hexdigest()[
+            :12
+        ],
+        "merge": f"{m.method} normalize={cfg.normalize} lambda={m.lambda_} seed={m.seed}",
+        "objective": f"{s.objective} score={s.score} alpha={s.alpha if s.objective == 'weighted' else None}",
+        "params": hashlib.sha256(
+            json.dumps(sorted(n for names in ctx.space.params.values() for n in names)).encode()
+        ).hexdigest()[:12]
+        + f" ({ctx.space.n_params} parameters: {ctx.space.describe()})",
+        "data": hashlib.sha256(data).hexdigest()[:12]
+        + f" ({', '.join(f'{len(v)} {k}' for k, v in used.items())})",
+    }
+
+
+def choose(study: optuna.Study, cfg) -> tuple[optuna.trial.FrozenTrial, list, str]:
+    """The chosen trial, the Pareto front (multi-objective) and the rule used, in words."""
+    if len(study.directions) == 1:
+        return study.best_trial, [], "lowest objective"
+    front = study.best_trials
+    a = np.array([t.values[0] for t in front])
+    d = np.array([t.values[1] for t in front])
+    if cfg.search.pareto_rule == "weighted":
+        i = int(np.argmin(weighted_loss(cfg.search.alpha, {"alignment": a, "domain": d})))
+        rule = f"front point with the lowest L_align + {cfg.search.alpha} * L_domain"
+    else:
+        span = lambda v: (v - v.min()) / (v.max() - v.min() if v.max() > v.min() else 1)  # noqa: E731
+        i = int(np.argmin(np.hypot(span(a), span(d))))
+        rule = "knee: front point closest to the ideal point after scaling both losses to [0, 1]"
+    return front[i], front, rule

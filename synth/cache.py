@@ -1,0 +1,114 @@
+"""Resumable generation: every finished request is appended to a JSONL cache at once, and a
+rerun generates only what is missing (`run_cached`)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from functools import cache
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from core.files import fingerprint
+from core.models import resolve_model_path
+from synth.engine import Conversation, EngineSlot, ModelRef, Sampling
+
+
+@dataclass
+class Request:
+    """One prompt to a model; `key` identifies it in the cache (see `request_key`)."""
+
+    conversation: Conversation
+    sampling: Sampling
+    key: str = ""
+    meta: dict = field(default_factory=dict)
+
+
+@cache
+def model_fingerprint(path: str | None) -> str | None:
+    """Content of the model at `path` (a retrain at the same path changes it); once per process."""
+    return None if path is None else fingerprint(resolve_model_path(path))
+
+
+def request_key(ref: ModelRef, req: Request) -> str:
+    model = [ref.path, ref.base, model_fingerprint(ref.path), model_fingerprint(ref.base)]
+    ident = {"model": model, "conv": req.conversation, "sampling": asdict(req.sampling)}
+    return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:24]
+
+
+class GenerationCache:
+    """Append-only JSONL: one line per finished request, `{"key", "model", "outputs"}`.
+    A line cut short by a crash is ignored (and regenerated)."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.data: dict[str, list[str]] = {}
+        self.cut_short = False  # the last line has no newline: the next write starts a new one
+        if self.path.exists():
+            text = self.path.read_text()
+            self.cut_short = bool(text) and not text.endswith("\n")
+            for line in text.splitlines():
+                try:
+                    row = json.loads(line)
+                    self.data[row["key"]] = row["outputs"]
+                except (json.JSONDecodeError, KeyError, TypeError):
+                    continue
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.data
+
+    def get(self, key: str) -> list[str]:
+        return self.data[key]
+
+    def add_many(self, rows: list[tuple[str, str, list[str]]]) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self.path.open("a") as f:
+            if self.cut_short:
+                f.write("\n")
+                self.cut_short = False
+            for key, model, outputs in rows:
+                f.write(json.dumps({"key": key, "model": model, "outputs": outputs}) + "\n")
+                self.data[key] = outputs
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def run_cached(
+    slot: EngineSlot,
+    ref: ModelRef,
+    requests: list[Request],
+    cache: GenerationCache,
+    desc: str,
+    keep: Callable[[str], bool] | None = None,
+) -> list[list[str]]:
+    """Outputs for every request, generating only those missing from `cache`, chunk by chunk.
+    The progress bar counts prompts done and, when `keep` is given, outputs kept and dropped."""
+    for r in requests:
+        r.key = r.key or request_key(ref, r)
+    todo = [r for r in requests if r.key not in cache]
+    kept = dropped = 0
+    for r in requests:
+        if r.key in cache and keep is not None:
+            k = sum(map(keep, cache.get(r.key)))
+            kept, dropped = kept + k, dropped + len(cache.get(r.key)) - k
+    bar = tqdm(total=len(requests), initial=len(requests) - len(todo), desc=desc, unit="prompt")
+    if keep is not None:
+        bar.set_postfix(kept=kept, dropped=dropped)
+    chunk = max(1, slot.settings.chunk_size)
+    for start in range(0, len(todo), chunk):
+        part = todo[start : start + chunk]
+        engine = slot.get(ref)
+        outs = engine.chat([r.conversation for r in part], [r.sampling for r in part])
+        cache.add_many([(r.key, ref.label, o) for r, o in zip(part, outs)])
+        bar.update(len(part))
+        if keep is not None:
+            for o in outs:
+                k = sum(map(keep, o))
+                kept, dropped = kept + k, dropped + len(o) - k
+            bar.set_postfix(kept=kept, dropped=dropped)
+    bar.close()
+    return [cache.get(r.key) for r in requests]

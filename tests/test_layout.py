@@ -1,0 +1,100 @@
+"""The code's floors (README, "How the code is laid out"): every import points down.
+
+  0  core       imports nothing of ours
+  1  eval       core
+  2  synth      eval, core         optimize  eval, core        (never each other)
+  3  the applications eval.run, optimize.demo, optimize.ablate: anything below; nothing imports them
+
+Function-local imports count too, and no two modules import each other, directly or in a ring.
+"""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGES = {"core": 0, "eval": 1, "synth": 2, "optimize": 2}
+APPS = {"eval.run", "optimize.demo", "optimize.ablate"}
+CLIS = ["optimize.search", "optimize.demo", "optimize.ablate", "eval.run", "synth.generate", "synth.world"]
+
+
+def modules() -> dict[str, Path]:
+    return {
+        ".".join(p.relative_to(ROOT).with_suffix("").parts): p
+        for pkg in PACKAGES
+        for p in sorted((ROOT / pkg).glob("*.py"))
+        if p.name != "__init__.py"
+    }
+
+
+def imports_of(path: Path) -> set[str]:
+    """Every module of ours that `path` imports, at any depth of its code."""
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+        else:
+            continue
+        out |= {n for n in names if n.split(".")[0] in PACKAGES}
+    known = modules()
+    return {n for n in out if n in known} | {n.rsplit(".", 1)[0] for n in out if n not in known and "." in n}
+
+
+def floor(module: str) -> int:
+    return 3 if module in APPS else PACKAGES[module.split(".")[0]]
+
+
+def test_every_import_points_down():
+    known = modules()
+    wrong = []
+    for mod, path in known.items():
+        for dep in imports_of(path) & set(known):
+            same_package = dep.split(".")[0] == mod.split(".")[0]
+            if dep in APPS and dep != mod:
+                wrong.append(f"{mod} imports the application {dep}")
+            elif not same_package and floor(dep) >= floor(mod):
+                wrong.append(f"{mod} (floor {floor(mod)}) imports {dep} (floor {floor(dep)})")
+    assert not wrong, "\n".join(wrong)
+
+
+def test_no_import_cycles():
+    known = modules()
+    graph = {m: imports_of(p) & set(known) - {m} for m, p in known.items()}
+    state: dict[str, int] = {}  # 1: on the stack, 2: done
+
+    def visit(m, stack):
+        state[m] = 1
+        for d in sorted(graph[m]):
+            if state.get(d) == 1:
+                pytest.fail("import cycle: " + " -> ".join(stack[stack.index(d) :] + [m, d]))
+            if d not in state:
+                visit(d, stack + [m])
+        state[m] = 2
+
+    for m in sorted(graph):
+        if m not in state:
+            visit(m, [])
+
+
+def test_no_module_over_400_lines_without_a_reason():
+    long = []
+    for mod, path in modules().items():
+        text = path.read_text()
+        if text.count("\n") > 400 and "longer than 400 lines because" not in text[:2000]:
+            long.append(f"{mod}: {text.count(chr(10))} lines")
+    assert not long, long
+
+
+@pytest.mark.parametrize("cli", CLIS)
+def test_every_command_starts(cli):
+    """`python -m <cli> --help` in a fresh interpreter: the module imports on its own."""
+    done = subprocess.run([sys.executable, "-m", cli, "--help"], cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "usage:" in done.stdout

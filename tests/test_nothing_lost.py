@@ -1,0 +1,170 @@
+"""Nothing a user has is ever lost, and nothing stale is ever served (README, security promises):
+a command replaces only folders it wrote itself; a killed write leaves no temporary folder behind
+for long; a run's outputs are read only as one complete set; caches and studies follow the
+content of the models, not their paths."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import stat
+import subprocess
+import sys
+
+import pytest
+import torch
+import yaml
+
+from core.errors import OutputError
+from core.files import MARKER, atomic_dir, check_replaceable, claim_run_dir, fingerprint
+from core.models import load_model, load_tokenizer, materialize_hf_folder, save_model_atomic
+from optimize.config import validate_config
+from optimize.report import load_best
+from optimize.search import run
+from tests.conftest import make_variant, world_config
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+
+
+def user_folder(path):
+    path.mkdir(parents=True)
+    (path / "thesis.tex").write_text("years of work")
+    return path
+
+
+def test_a_folder_alignmerge_did_not_write_is_never_replaced(tmp_path):
+    mine = user_folder(tmp_path / "mine")
+    with pytest.raises(OutputError, match="was not written by alignmerge"):
+        with atomic_dir(mine) as tmp:
+            (tmp / "x").write_text("new")
+    assert (mine / "thesis.tex").read_text() == "years of work" and not (mine / "x").exists()
+    with pytest.raises(OutputError, match="is a file"):
+        check_replaceable(mine / "thesis.tex")
+    with pytest.raises(OutputError, match="holds files that alignmerge did not write"):
+        claim_run_dir(mine)
+    # a folder it wrote is replaced; one of another kind (a dataset for an eval output) is not
+    with atomic_dir(tmp_path / "ours", kind="eval") as tmp:
+        (tmp / "a").write_text("1")
+    with atomic_dir(tmp_path / "ours", kind="eval") as tmp:
+        (tmp / "b").write_text("2")
+    assert sorted(p.name for p in (tmp_path / "ours").iterdir()) == [MARKER, "b"]
+    with pytest.raises(OutputError, match="holds another alignmerge output"):
+        check_replaceable(tmp_path / "ours", kind="dataset")
+
+
+def test_every_cli_refuses_an_out_folder_of_the_user(world, tmp_path):
+    """optimize.search (out:), synth.generate (--out) and eval.run (--out): exit 2, one line, the
+    folder untouched."""
+    mine = user_folder(tmp_path / "mine")
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump(world_config(world, mine, n_trials=1)))
+    proc = subprocess.run(
+        [sys.executable, "-m", "optimize.search", "--config", str(config)],
+        env=ENV,
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 2 and proc.stderr.strip().startswith("error:"), proc.stderr[-2000:]
+    assert "did not write" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    assert sorted(p.name for p in mine.iterdir()) == ["thesis.tex"]
+
+    from synth.config import parse_synth
+    from synth.generate import generate
+
+    cfg = parse_synth({"pool": [{"path": str(world["base"])}], "n_domain": 0})
+    with pytest.raises(OutputError, match="was not written by alignmerge"):
+        generate(cfg, mine)
+    assert sorted(p.name for p in mine.iterdir()) == ["thesis.tex"]
+
+
+def test_stale_temporaries_of_a_dead_writer_are_removed(tmp_path):
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    host = socket.gethostname()
+    stale = tmp_path / f".merged.tmp-{host}-{dead.pid}-abc123"
+    old = tmp_path / f".merged.old-{host}-{dead.pid}"
+    alive = tmp_path / f".merged.tmp-{host}-{os.getpid()}-xyz789"  # a write under way: kept
+    other_host = tmp_path / f".merged.tmp-elsewhere-{dead.pid}-q1"  # can't tell: kept
+    for p in (stale, old, alive, other_host):
+        p.mkdir()
+        (p / "model.safetensors").write_bytes(b"0" * 1000)
+    with atomic_dir(tmp_path / "merged", kind="model") as tmp:
+        (tmp / "config.json").write_text("{}")
+    assert not stale.exists() and not old.exists()
+    assert alive.exists() and other_host.exists()
+
+
+def test_outputs_honour_the_umask(world, tmp_path):
+    old = os.umask(0o022)
+    try:
+        model, tok = load_model(world["base"]), load_tokenizer(world["base"])
+        out = save_model_atomic(model, tok, tmp_path / "m")
+    finally:
+        os.umask(old)
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in [out, *out.iterdir()]}
+    assert modes["model.safetensors"] == 0o644 and modes["m"] == 0o755, modes
+    assert all(m in (0o644, 0o755) for m in modes.values()), modes
+
+
+def test_a_half_written_set_of_outputs_is_never_read_as_whole(world, tmp_path):
+    """A kill between best.yaml and run.yaml (written last) leaves a new best.yaml beside the old
+    run.yaml and merged/: every reader refuses the set; the same search command rewrites it."""
+    raw = world_config(world, tmp_path / "run", n_trials=2)
+    raw["output"] = {"plots": False, "references": False, "mergekit": False, "test_splits": False}
+    run(validate_config(raw))
+    run_dir = tmp_path / "run"
+    first_run_yaml = (run_dir / "run.yaml").read_text()
+    assert (
+        load_best(run_dir)["outputs_stamp"] == json.loads((run_dir / "merged" / MARKER).read_text())["stamp"]
+    )
+    raw["search"]["n_trials"] = 3
+    run(validate_config(raw))
+    (run_dir / "run.yaml").write_text(first_run_yaml)  # as if killed before run.yaml was written
+    with pytest.raises(OutputError, match="not one complete set"):
+        load_best(run_dir)
+    from eval.run import resolve_target
+
+    with pytest.raises(OutputError, match="not one complete set"):
+        resolve_target(str(run_dir))
+    run(validate_config(raw))  # the same command: no new trial, the outputs written again
+    assert load_best(run_dir)["params"]
+    assert resolve_target(str(run_dir)).params == load_best(run_dir)["params"]
+
+
+def test_a_model_retrained_at_the_same_path_is_never_served_stale(world, tmp_path):
+    model = shutil.copytree(world["a"], tmp_path / "expert")
+    before = fingerprint(model)
+    folder = materialize_hf_folder(model, tmp_path / "cache" / "expert", dtype=torch.float32)
+    assert materialize_hf_folder(model, folder, dtype=torch.float32) == folder  # reused as is
+    stamp = json.loads((folder / MARKER).read_text())["stamp"]
+    make_variant(world["base"], model, seed=9)  # retrained in place
+    assert fingerprint(model) != before
+    materialize_hf_folder(model, folder, dtype=torch.float32)
+    assert json.loads((folder / MARKER).read_text())["stamp"] != stamp
+    torch.testing.assert_close(
+        load_model(folder).model.embed_tokens.weight, load_model(model).model.embed_tokens.weight
+    )
+    # the study signature follows the weights: resuming on other weights is refused
+    raw = world_config(world, tmp_path / "run", n_trials=1)
+    raw["sources"][0]["path"] = str(model)
+    raw["output"] = {"plots": False, "references": False, "mergekit": False, "save_model": False}
+    run(validate_config(raw))
+    make_variant(world["base"], model, seed=10)
+    from core.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="weights: study has"):
+        run(validate_config({**raw, "search": {**raw["search"], "n_trials": 2}}))
+
+
+def test_the_synth_cache_follows_the_model_content(world, tmp_path):
+    from synth.cache import Request, model_fingerprint, request_key
+    from synth.engine import ModelRef, Sampling
+
+    model = shutil.copytree(world["a"], tmp_path / "expert")
+    req = Request([{"role": "user", "content": "hi"}], Sampling(temperature=0.0, max_tokens=4))
+    key = request_key(ModelRef(str(model)), req)
+    make_variant(world["base"], model, seed=11)
+    model_fingerprint.cache_clear()  # a new process (the rerun after a retrain)
+    assert request_key(ModelRef(str(model)), req) != key
