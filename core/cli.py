@@ -2,14 +2,57 @@
 
 from __future__ import annotations
 
+import argparse
+import csv
 import sys
 from collections.abc import Callable
+from pathlib import Path
+from typing import TypeVar
 
-from core.errors import UserError
+from core.config import cut
+from core.errors import ConfigError, DataError, UserError
+
+T = TypeVar("T")
+
+# What a reader of a user's file raises on a bad file (wrong encoding, bad JSON or CSV, rows of
+# the wrong shape, nesting too deep), as opposed to a bug of ours.
+BAD_FILE = (OSError, ValueError, LookupError, TypeError, AttributeError, RecursionError, csv.Error)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose mistakes (an unknown flag, a bad value) are a ConfigError, so that
+    `run_cli` prints them like any other: one `error:` line, exit code 2."""
+
+    def error(self, message: str):
+        raise ConfigError(f"{message} (see {self.prog} --help)")
+
+
+def positive_int(text: str) -> int:
+    """An argparse `type`: an integer >= 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def read_user_file(reader: Callable[[Path], T], path: str | Path, what: str, fix: str) -> T:
+    """`reader(path)` with any bad-file exception turned into a DataError naming `what` (the
+    config key or flag), the file and `fix` (what a good file looks like)."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{what}: {path} {'is not a file' if path.exists() else 'does not exist'}")
+    try:
+        return reader(path)
+    except UserError:
+        raise
+    except BAD_FILE as err:
+        problem = str(err) if isinstance(err, OSError | ValueError) else f"{type(err).__name__}: {err}"
+        raise DataError(f"{what}: {path}: {cut(problem, 300)} ({fix})") from None
 
 
 def run_cli(work: Callable[[], object]) -> int:
-    """Run a command's work and print its result (a report path); bad input -> exit code 2."""
+    """Run a command's work (argument parsing included) and print its result (a report path);
+    bad input -> one `error:` line on stderr, exit code 2."""
     try:
         result = work()
     except UserError as err:

@@ -42,22 +42,29 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
-def write_text_atomic(path: str | Path, text: str) -> Path:
-    """Write to a temporary sibling, fsync, then rename: readers never see half a file."""
+@contextmanager
+def atomic_file(path: str | Path):
+    """Yield a temporary sibling path of `path` (same suffix) to write; on success it is fsynced
+    and renamed onto `path`: readers never see half a file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{path.suffix}", dir=path.parent)
+    os.fchmod(fd, 0o666 & ~current_umask())  # mkstemp makes it private; outputs should not be
+    os.close(fd)
     try:
-        os.fchmod(fd, 0o666 & ~current_umask())  # mkstemp makes it private; outputs should not be
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
+        yield Path(tmp)
+        with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    finally:
         Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+
+
+def write_text_atomic(path: str | Path, text: str) -> Path:
+    """Write `text` to `path` atomically (`atomic_file`)."""
+    with atomic_file(path) as tmp:
+        tmp.write_text(text)
+    return Path(path)
 
 
 def write_yaml_atomic(path: str | Path, data) -> Path:
@@ -77,6 +84,9 @@ def check_replaceable(out: str | Path, what: str = "output folder", kind: str | 
     """Refuse (OutputError) to replace `out` unless it is missing, empty, or a folder of `kind`
     that alignmerge wrote (any kind when `kind` is None)."""
     out = Path(out)
+    file_above = next((p for p in out.parents if p.exists() and not p.is_dir()), None)
+    if file_above is not None:
+        raise OutputError(f"{what} {out} is inside {file_above}, which is a file; choose another path")
     if out.is_symlink() and not out.exists():
         raise OutputError(f"{what} {out} is a broken symbolic link; remove it or choose another")
     if not out.exists():

@@ -57,22 +57,41 @@ def load_pairs(path: str | Path, split: str | None = None, limit: int | None = N
     return rows[:limit] if limit else rows
 
 
-def read_jsonl(path: Path) -> list[dict]:
-    """Rows of a JSON Lines file; blank lines are skipped, a bad line is named by its number."""
-    rows = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+def json_lines(path: str | Path, fix: str) -> list[tuple[int, object]]:
+    """(line number, value) of every non-blank line of a JSON Lines file; a file that is missing,
+    not UTF-8 text, or has a bad line is a DataError naming it, with `fix`."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path} not found (or not a file); {fix}")
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise DataError(f"{path} is not UTF-8 text (byte {err.start}); {fix}") from None
+    out = []
+    for n, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         try:
-            row = json.loads(line)
+            out.append((n, json.loads(line)))
         except json.JSONDecodeError as err:
-            raise DataError(
-                f"{path}, line {n}: not valid JSON ({err.msg}); each line must be one JSON object "
-                "with 'prompt' and 'response'"
-            ) from None
+            raise DataError(f"{path}, line {n}: not valid JSON ({err.msg}); {fix}") from None
+        except RecursionError:
+            raise DataError(f"{path}, line {n}: nested too deeply; {fix}") from None
+    return out
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    """Rows of a prompt/response JSON Lines file: string fields only (other fields are dropped,
+    so a stray number or list never breaks the table); a bad line is named by its number."""
+    fix = "each line must be one JSON object with 'prompt' and 'response'"
+    rows = []
+    for n, row in json_lines(path, fix):
         if not isinstance(row, dict):
             raise DataError(f"{path}, line {n}: a JSON object with 'prompt' and 'response' expected")
-        rows.append(row)
+        for key in ("prompt", "response"):
+            if key in row and row[key] is not None and not isinstance(row[key], str):
+                raise DataError(f"{path}, line {n}: {key!r} must be a string, got {str(row[key])[:60]}")
+        rows.append({k: v for k, v in row.items() if isinstance(v, str)})
     if not rows:
         raise DataError(f"{path} is empty: it needs JSON lines with 'prompt' and 'response'")
     return rows
@@ -97,18 +116,35 @@ def split_prompts(data_dir: Path, split: str) -> list[dict]:
 def read_prompt_file(path: str | Path) -> list[dict]:
     """Rows with `prompt` (or question/text) and optional `category`, from JSONL or CSV."""
     path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"prompts_file {path} does not exist")
+    fix = (
+        "a prompt file is JSONL or CSV with a text column `prompt` (or `question`/`text`) "
+        "and optional `category`"
+    )
     if path.suffix.lower() == ".csv":
-        with path.open(newline="") as f:
-            rows = list(csv.DictReader(f))
+        if not path.is_file():
+            raise DataError(f"{path} not found (or not a file); {fix}")
+        try:
+            with path.open(newline="", encoding="utf-8") as f:
+                rows = list(enumerate(csv.DictReader(f), start=2))
+        except (UnicodeDecodeError, csv.Error) as err:
+            raise DataError(f"{path} cannot be read as CSV ({err}); {fix}") from None
     else:
-        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        rows = json_lines(path, fix)
     out = []
-    for n, row in enumerate(rows, start=1):
-        low = {k.lower(): v for k, v in row.items()}
+    for n, row in rows:
+        if not isinstance(row, dict):
+            raise DataError(f"{path}, line {n}: a JSON object expected; {fix}")
+        low = {str(k).lower(): v for k, v in row.items()}
         text = next((low[k] for k in ("prompt", "question", "text") if low.get(k)), None)
-        if text is None:
-            raise ValueError(f"{path} row {n}: no `prompt` (or `question`/`text`) column")
-        out.append({"prompt": str(text), "category": str(low.get("category") or "unspecified")})
+        if not isinstance(text, str) or not text.strip():
+            raise DataError(f"{path}, line {n}: no text `prompt` (or `question`/`text`); {fix}")
+        category = low.get("category")
+        out.append(
+            {
+                "prompt": text,
+                "category": category if isinstance(category, str) and category else "unspecified",
+            }
+        )
+    if not out:
+        raise DataError(f"{path} is empty; {fix}")
     return out

@@ -3,12 +3,12 @@ answer to the question (docs/eval.md)."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 
 from core.errors import DataError
+from eval.data import json_lines
 from eval.loss import Scorer
 
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
@@ -24,13 +24,10 @@ def read_mcq(path: str | Path) -> list[dict]:
     if not path.is_file():
         raise DataError(f"MCQ file not found: {path}")
     out = []
-    for n, line in enumerate(path.read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
+    for n, row in json_lines(path, fix):
         try:
-            row = json.loads(line)
             q, options, answer = row["question"], row["options"], row["answer"]
-        except (json.JSONDecodeError, KeyError, TypeError) as err:
+        except (KeyError, TypeError) as err:
             raise DataError(f"{path} line {n}: {type(err).__name__}: {err}; {fix}") from None
         if isinstance(answer, str) and answer.strip().upper() in LETTERS and len(answer.strip()) == 1:
             answer = LETTERS.index(answer.strip().upper())
@@ -41,7 +38,7 @@ def read_mcq(path: str | Path) -> list[dict]:
         )
         good_answer = isinstance(answer, int) and not isinstance(answer, bool) and good_options
         if not (isinstance(q, str) and q.strip() and good_answer and 0 <= answer < len(options)):
-            raise DataError(f"{path} line {n}: bad question, options or answer in {line[:100]!r}; {fix}")
+            raise DataError(f"{path} line {n}: bad question, options or answer in {str(row)[:100]!r}; {fix}")
         out.append({"question": q, "options": options, "answer": answer})
     if not out:
         raise DataError(f"{path}: no questions; {fix}")

@@ -31,9 +31,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import yaml
 
-from core.cli import run_cli
+from core.cli import ArgumentParser, read_user_file, run_cli
+from core.config import read_yaml_mapping
 from core.errors import ConfigError, DataError, ModelLoadError, OutputError
 from core.files import atomic_dir, check_replaceable, read_marker, write_text_atomic
 from core.models import (
@@ -52,7 +52,7 @@ from eval.judge import BothJudge, GuardJudge, RefusalJudge
 from eval.mcq import mcq_scores, option_logprobs, read_mcq
 from eval.run_report import jsonable, make_plots, write_report
 from eval.settings import EvalSettings, parse_settings
-from optimize.config import load_config, validate_config
+from optimize.config import check_runtime, load_config, validate_config
 from optimize.context import Context, check_models, make_scorer, prepare
 from optimize.merge import PLAIN, InMemoryMerger
 from optimize.methods import Candidate
@@ -114,7 +114,7 @@ def resolve_config(target: Target, config: str | None):
         return load_config(config)
     if target.run_dir is not None and (target.run_dir / "run.yaml").exists():
         run_yaml = target.run_dir / "run.yaml"
-        return validate_config(yaml.safe_load(run_yaml.read_text())["config"], f"({run_yaml})")
+        return validate_config(read_yaml_mapping(run_yaml).get("config"), f"({run_yaml})")
     raise ConfigError(
         f"{target.path} has no run.yaml beside it: give --config configs/X.yaml (it names the test "
         "data and, for the analysis, the base and the sources)"
@@ -122,12 +122,7 @@ def resolve_config(target: Target, config: str | None):
 
 
 def extra_prompts(path: str) -> list[dict]:
-    try:
-        rows = read_prompt_file(path)
-    except (OSError, ValueError) as err:  # json.JSONDecodeError is a ValueError
-        raise DataError(
-            f"eval.prompts: {path}: {err} (JSONL or CSV with `prompt` and optional `category`)"
-        ) from None
+    rows = read_user_file(read_prompt_file, path, "eval.prompts", "JSONL or CSV: prompt, category")
     return [{**r, "set": Path(path).name} for r in rows]
 
 
@@ -148,9 +143,10 @@ def load_inputs(args: argparse.Namespace) -> Inputs:
     """Everything checked before any model loads; bad input raises with the problem and the fix."""
     target = resolve_target(args.model)
     cfg = resolve_config(target, args.config)
+    check_runtime(cfg)  # a GPU config on a CPU node
     flags = {"backend": args.backend, "max_new_tokens": args.max_new_tokens, "tasks": args.tasks}
     flags |= {"prompts": args.prompts, "mcq": args.mcq}
-    settings = parse_settings(cfg.eval, {k: v for k, v in flags.items() if v})
+    settings = parse_settings(cfg.eval, {k: v for k, v in flags.items() if v is not None})
     data_dir = Path(cfg.data.dir) if cfg.data.dir else (target.run_dir or cfg.run_dir) / "data"
     try:
         test = {k: load_pairs(data_dir, f"{k}_test") for k in ("alignment", "domain")}
@@ -159,7 +155,7 @@ def load_inputs(args: argparse.Namespace) -> Inputs:
     harmful = [{**r, "set": "alignment_test"} for r in split_prompts(data_dir, "alignment_test")]
     for f in settings.prompts:
         harmful += extra_prompts(f)
-    mcq = {Path(f).name: read_mcq(f) for f in settings.mcq}
+    mcq = {Path(f).name: read_user_file(read_mcq, f, "eval.mcq", "JSONL: docs/eval.md") for f in settings.mcq}
     if settings.lm_eval.tasks and importlib.util.find_spec("lm_eval") is None:
         raise ConfigError(
             f"eval.lm_eval.tasks names {settings.lm_eval.tasks} but lm-eval is not installed: "
@@ -209,7 +205,7 @@ def load_merged(inp: Inputs) -> Loaded:
         how = f"rebuilt in memory from `{t.run_dir / 'best.yaml'}` on the base `{cfg.base}`"
         model = ctx.merger.apply(candidate)
     else:
-        tau = load_task_vector("merged model", str(t.folder), ctx.base, rt.allow_pickle)
+        tau = load_task_vector("merged model", str(t.folder), ctx.base, rt.allow_pickle, rt.trust_remote_code)
         ones = Candidate(weight=np.ones((1, ctx.base.groups.n)))
         model = InMemoryMerger(ctx.base, [tau], PLAIN).apply(ones)
         how = f"loaded from `{t.folder}` (as a delta on the base `{cfg.base}`)"
@@ -217,8 +213,12 @@ def load_merged(inp: Inputs) -> Loaded:
 
 
 # ----------------------------------------------------------------------------- generation + judging
-def open_engine(path: str, backend: str, dtype: str):
-    return open_synth_engine(ModelRef(str(path)), backend, EngineSettings(dtype=dtype))
+def open_engine(path: str, backend: str, runtime):
+    """A generation engine on `path` under the run's loader policy (`runtime` of the config)."""
+    settings = EngineSettings(
+        dtype=runtime.dtype, allow_pickle=runtime.allow_pickle, trust_remote_code=runtime.trust_remote_code
+    )
+    return open_synth_engine(ModelRef(str(path)), backend, settings)
 
 
 def engine_answers(engine, conversations: list[list[dict]], max_tokens: int) -> list[str]:
@@ -239,7 +239,7 @@ def judge_harmful(inp: Inputs, prompts: list[str], answers: list[str]):
     if s.judge == "rules":
         return rules.judge(prompts, answers), rules.name
     backend = "transformers" if s.backend == "transformers" else "auto"
-    with open_engine(s.guard, backend, inp.cfg.runtime.dtype) as engine:
+    with open_engine(s.guard, backend, inp.cfg.runtime) as engine:
         guard = GuardJudge(lambda convs: engine_answers(engine, convs, s.guard_max_tokens), engine.ref.label)
         judge = guard if s.judge == "guard" else BothJudge(rules, guard)
         return judge.judge(prompts, answers), f"{judge.name} ({engine.ref.label})"
@@ -305,7 +305,7 @@ def run(inp: Inputs) -> Path:
     texts = None
     if backend == "vllm":  # before the model loads in transformers: one copy in memory at a time
         log(f"generating {len(prompts)} answers with vLLM")
-        with open_engine(inp.target.folder, "vllm", cfg.runtime.dtype) as engine:
+        with open_engine(inp.target.folder, "vllm", cfg.runtime) as engine:
             texts = engine_answers(
                 engine, [[{"role": "user", "content": p}] for p in prompts], s.max_new_tokens
             )
@@ -375,8 +375,8 @@ def run(inp: Inputs) -> Path:
     return write_outputs(inp, metrics, answers)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m eval.run", description=__doc__.split("\n\n")[0])
+def build_parser() -> ArgumentParser:
+    p = ArgumentParser(prog="python -m eval.run", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", required=True, help="merged model folder, or run folder of optimize.search")
     p.add_argument("--config", help="run config (default: the run folder's run.yaml)")
     p.add_argument("--out", help="output folder (default: <run>/eval or runs/eval/<model name>)")
@@ -391,8 +391,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    return run_cli(lambda: run(load_inputs(args)))
+    return run_cli(lambda: run(load_inputs(build_parser().parse_args(argv))))
 
 
 if __name__ == "__main__":

@@ -45,9 +45,13 @@ def parse_settings(section: dict | None, overrides: dict | None = None) -> EvalS
     raw = dict(section or {})
     for key, value in (overrides or {}).items():
         if key == "tasks":
-            raw["lm_eval"] = {**(raw.get("lm_eval") or {}), "tasks": value}
+            lm_eval = raw.get("lm_eval") or {}
+            if isinstance(lm_eval, dict):  # else validation names the bad section
+                raw["lm_eval"] = {**lm_eval, "tasks": value}
         elif key in ("prompts", "mcq"):
-            raw[key] = [*(raw.get(key) or []), *value]
+            files = raw.get(key) or []
+            if isinstance(files, list):
+                raw[key] = [*files, *value]
         else:
             raw[key] = value
     return validate(EvalSettings, raw, prefix="eval")

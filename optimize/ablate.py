@@ -25,7 +25,6 @@ cache.json, so running the same command again skips finished work.
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from contextlib import contextmanager
@@ -33,7 +32,7 @@ from pathlib import Path
 
 import optuna
 
-from core.cli import run_cli
+from core.cli import ArgumentParser, run_cli
 from core.files import claim_run_dir
 from optimize.ablate_config import Ablation, load_ablation, load_test
 from optimize.ablate_report import Report
@@ -109,13 +108,13 @@ def ablate(abl: Ablation, cfg: Config, rows: dict, test: dict) -> Path:
 
 # ----------------------------------------------------------------------------- CLI
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m optimize.ablate", description=__doc__.split("\n\n")[0])
+    ap = ArgumentParser(prog="python -m optimize.ablate", description=__doc__.split("\n\n")[0])
     ap.add_argument("--config", default="configs/ablations.yaml")
     ap.add_argument("--out", help="run folder (default: runs/<name>)")
     ap.add_argument("--quick", action="store_true", help="the config's CI-sized `quick` budget")
-    args = ap.parse_args(argv)
 
     def work():
+        args = ap.parse_args(argv)
         abl, cfg = load_ablation(args.config, args.quick, args.out)
         rows = check_inputs(cfg)
         return ablate(abl, cfg, rows, load_test(cfg, abl.evaluation.limit))

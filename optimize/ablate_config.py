@@ -8,7 +8,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field
 
-from core.config import Strict, read_yaml_mapping, validate
+from core.config import Name, Seed, Strict, read_yaml_mapping, validate
 from core.errors import ConfigError
 from eval.data import load_pairs
 from optimize.config import Config, load_config, validate_config
@@ -43,7 +43,7 @@ class Searches(Strict):
 
 class Samplers(Strict):
     names: list[Literal[COMPARED]] = Field(["tpe", "cmaes", "random", "gp"], min_length=1)
-    seeds: list[int] = Field([0, 1, 2], min_length=3)
+    seeds: list[Seed] = Field([0, 1, 2], min_length=3)
     n_trials: int = Field(16, ge=2)  # per study
     # Scored on the first N search examples of each set (null: as many as the searches).
     n_alignment: int | None = Field(12, ge=1)
@@ -62,7 +62,7 @@ class SearchData(Strict):
 
 
 class Ablation(Strict):
-    name: str = Field("ablation", pattern=r"^[A-Za-z0-9_.-]+$")
+    name: Name = "ablation"
     out: str | None = None  # run folder; null -> runs/<name>
     search_config: str  # base, sources, data, method, search space; relative to this file
     rows: list[Literal[ROWS]] = Field(list(ROWS), min_length=1)

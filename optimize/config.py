@@ -6,13 +6,15 @@ and what is allowed. Command-line flags override the file (see `optimize.search`
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from core.config import Strict, read_yaml_mapping, validate
+from core.config import Name, Seed, Strict, clip, read_yaml_mapping, validate
+from core.errors import ConfigError
 from optimize.registry import (
     MERGE_METHODS,
     METHOD_NAMES,
@@ -25,7 +27,7 @@ PARAMETRIZATION = re.compile(r"^(global|layerwise|blocks:[1-9]\d*|gradient:([2-9
 
 
 class Source(Strict):
-    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    name: Name
     path: str
     # What the source brings; mergealign needs one `domain` and one `alignment` source.
     role: Literal["domain", "alignment", "other"] = "other"
@@ -37,7 +39,7 @@ class Source(Strict):
     def _check_parametrization(cls, v):
         if v is not None and not PARAMETRIZATION.match(v):
             raise ValueError(
-                f"parametrization {v!r} is not one of: global, layerwise, blocks:K, gradient:K (K>=2)"
+                f"parametrization {clip(v, 60)} is not one of: global, layerwise, blocks:K, gradient:K (K>=2)"
             )
         return v
 
@@ -47,7 +49,7 @@ class Merge(Strict):
     # null -> mergekit's default for the method (optimize.registry: ties and linear true).
     normalize: bool | None = None
     lambda_: float = Field(1.0, alias="lambda")
-    seed: int = 0  # DARE drop masks
+    seed: Seed = 0  # DARE drop masks
 
 
 class Bounds(Strict):
@@ -88,7 +90,7 @@ class Search(Strict):
     enqueue_initial: bool = True  # trial 0 = every weight at init_weight, every density 1
     init_weight: float | None = None  # null -> 1/number of sources, like mergekit-evolve
     pareto_rule: Literal["weighted", "knee"] = "weighted"
-    seed: int = 0
+    seed: Seed = 0
     timeout_s: float | None = Field(None, gt=0)
 
     @field_validator("parametrization")
@@ -134,15 +136,15 @@ class Data(Strict):
 class Runtime(Strict):
     device: str = "auto"  # auto -> cuda when present, else cpu
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    threads: int | None = Field(None, ge=1)
+    threads: int | None = Field(None, ge=1, le=4096)
     allow_pickle: bool = False
     trust_remote_code: bool = False
 
     @field_validator("device")
     @classmethod
     def _check_device(cls, v):
-        if not re.match(r"^(auto|cpu|cuda(:\d+)?|mps)$", v):
-            raise ValueError(f"device {v!r} is not one of: auto, cpu, cuda, cuda:N, mps")
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", v):
+            raise ValueError(f"device {clip(v, 60)} is not one of: auto, cpu, cuda, cuda:N, mps")
         return v
 
 
@@ -154,8 +156,11 @@ class Output(Strict):
     mergekit: bool = True  # write mergekit.yaml (and the safetensors folders it needs)
 
 
+SECTIONS = ("merge", "search", "data", "runtime", "output")  # `search:` left empty means the defaults
+
+
 class Config(Strict):
-    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    name: Name
     out: str | None = None  # run folder; null -> runs/<name>
     base: str = "default"
     sources: Annotated[list[Source], Field(min_length=1)]
@@ -168,16 +173,39 @@ class Config(Strict):
     study_name: str | None = None  # null -> name
     # Each running trial writes a heartbeat this often; a trial silent for 2x this long belongs to
     # a dead worker: it is marked failed and retried with the same parameters. 0 turns it off.
-    heartbeat_s: int = Field(10, ge=0)
+    heartbeat_s: int = Field(10, ge=0, le=86_400)
     # Sections read by other commands (synth.generate, eval.run); validated there.
     synth: dict[str, Any] | None = None
     eval: dict[str, Any] | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _empty_sections(cls, raw):
+        """A section whose keys are all commented out (`search:` alone) is YAML null: defaults."""
+        if isinstance(raw, dict):
+            return {k: v for k, v in raw.items() if not (k in SECTIONS and v is None)}
+        return raw
+
+    @field_validator("storage")
+    @classmethod
+    def _stored_on_disk(cls, v):
+        if v is not None and re.fullmatch(r"sqlite(\+\w+)?://(/?(:memory:)?)(\?.*)?", v):
+            raise ValueError(
+                f"storage {clip(v, 60)} is an in-memory SQLite database: the study would be lost when "
+                "the command ends; leave storage unset (the default keeps it in <run folder>/study.db) "
+                "or give sqlite:///path/to/study.db"
+            )
+        return v
 
     @model_validator(mode="after")
     def _consistent(self):
         names = [s.name for s in self.sources]
         if len(set(names)) != len(names):
-            raise ValueError(f"sources: names must be unique, got {names}")
+            raise ValueError(f"sources: names must be unique, got {clip(names)}")
+        paths = [os.path.normpath(s.path) for s in self.sources]
+        twice = next((p for i, p in enumerate(paths) if p in paths[:i]), None)
+        if twice is not None:
+            raise ValueError(f"sources: {clip(twice, 100)} is listed twice; list each source once")
         problem = check_sources(self.merge.method, [s.role for s in self.sources])
         if problem:
             raise ValueError(problem)
@@ -215,6 +243,33 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Co
         node = raw
         *parents, leaf = dotted.split(".")
         for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = value
+            if node.get(p) is None:  # missing, or `search:` left empty
+                node[p] = {}
+            node = node[p]
+            if not isinstance(node, dict):  # `search: 5`: validation says what is wrong
+                break
+        else:
+            node[leaf] = value
     return validate_config(raw, str(path))
+
+
+def check_runtime(cfg: Config) -> None:
+    """What the config cannot tell alone: its device exists on this machine. Call it before
+    loading anything (a GPU config on a CPU node fails here, not after minutes of loading)."""
+    device = cfg.runtime.device
+    if device in ("auto", "cpu"):
+        return
+    import torch  # only for a GPU device: the config stays importable without torch
+
+    if device == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError("runtime.device is mps but this machine has no MPS (Apple GPU); use auto or cpu")
+    if device.startswith("cuda"):
+        index = int(device.partition(":")[2] or 0)
+        found = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if index >= found:
+            build = f"CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"
+            raise ConfigError(
+                f"runtime.device is {device} but torch sees {found} CUDA GPU(s) (torch "
+                f"{torch.__version__}, {build}); use device: auto or cpu, or run on a GPU node with a "
+                "CUDA build of torch"
+            )

@@ -14,7 +14,7 @@ from core.files import fingerprint
 from core.models import model_format, resolve_device, resolve_dtype, resolve_model_path
 from eval.data import load_pairs
 from eval.loss import Scorer
-from optimize.config import Config
+from optimize.config import Config, check_runtime
 from optimize.merge import InMemoryMerger
 from optimize.methods import METHODS
 from optimize.sources import Base, load_base, load_task_vectors
@@ -26,6 +26,7 @@ SCORED = {"both": ("alignment", "domain"), "domain": ("domain",), "alignment": (
 def check_inputs(cfg: Config) -> dict[str, list[dict]]:
     """Everything that can be checked without loading a model: paths, formats, data.
     Returns the raw alignment and domain rows."""
+    check_runtime(cfg)
     check_models(cfg)
     return load_data(cfg)
 
@@ -34,7 +35,9 @@ def check_models(cfg: Config) -> None:
     """The base and every source exist and are readable models (headers only, no weights)."""
     for label, path in [("base", cfg.base)] + [(f"source {s.name!r}", s.path) for s in cfg.sources]:
         try:
-            fmt = model_format(resolve_model_path(path), cfg.runtime.allow_pickle)
+            fmt = model_format(
+                resolve_model_path(path), cfg.runtime.allow_pickle, cfg.runtime.trust_remote_code
+            )
         except ModelLoadError as err:
             raise ModelLoadError(f"{label}: {err}") from None
         if label == "base" and fmt == "lora":
@@ -100,7 +103,7 @@ def prepare(cfg: Config, rows: dict[str, list[dict]] | None = None) -> Context:
     t0 = time.perf_counter()
     base = load_base(cfg.base, dtype, device, cfg.runtime.allow_pickle, cfg.runtime.trust_remote_code)
     t1 = time.perf_counter()
-    tvs = load_task_vectors(cfg.sources, base, cfg.runtime.allow_pickle)
+    tvs = load_task_vectors(cfg.sources, base, cfg.runtime.allow_pickle, cfg.runtime.trust_remote_code)
     t2 = time.perf_counter()
     method_cls = METHODS[cfg.merge.method]
     # The space decides the density grid, which the method caches masks for.

@@ -11,13 +11,12 @@ written into the same in-memory working model; nothing is exported or reloaded.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
 from pathlib import Path
 
-from core.errors import UserError
+from core.cli import ArgumentParser, positive_int, run_cli
 from core.files import write_text_atomic
 from eval import plots
 from eval.data import load_pairs
@@ -60,44 +59,42 @@ def headline(results: dict[str, dict], aligned: str, expert: str) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m optimize.demo", description=__doc__.split("\n\n")[0])
+    ap = ArgumentParser(prog="python -m optimize.demo", description=__doc__.split("\n\n")[0])
     ap.add_argument("--config", default="configs/demo.yaml")
     ap.add_argument("--n-trials", type=int)
     ap.add_argument("--out")
-    ap.add_argument("--max-new-tokens", type=int, default=32)
-    args = ap.parse_args(argv)
-    started = time.perf_counter()
-    try:
+    ap.add_argument("--max-new-tokens", type=positive_int, default=32)
+
+    def work() -> Path:
+        args = ap.parse_args(argv)
+        started = time.perf_counter()
         cfg = load_config(args.config, overrides(n_trials=args.n_trials, out=args.out))
         rows = check_inputs(cfg)
         folder = cfg.data_dir
         harmful = [r["prompt"] for r in load_pairs(folder, "alignment_test")]
         benign = [r["prompt"] for r in load_pairs(folder, "benign")]
         test_rows = {k: load_pairs(folder, f"{k}_test") for k in ("alignment", "domain")}
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
 
-    cfg = variant(cfg, "", test_splits=False)
-    ctx = prepare(cfg, rows)
-    run(cfg, ctx=ctx)
-    # the domain-only model is rebuilt from its best.yaml here; no need to save or export it
-    dom_cfg = variant(
-        cfg, "domain_only", {"score": "domain"}, save_model=False, references=False, mergekit=False
-    )
-    run(dom_cfg, ctx=domain_only(ctx, dom_cfg))
+        cfg = variant(cfg, "", test_splits=False)
+        ctx = prepare(cfg, rows)
+        run(cfg, ctx=ctx)
+        # the domain-only model is rebuilt from its best.yaml here; no need to save or export it
+        dom_cfg = variant(
+            cfg, "domain_only", {"score": "domain"}, save_model=False, references=False, mergekit=False
+        )
+        run(dom_cfg, ctx=domain_only(ctx, dom_cfg))
 
-    test = ctx.scorer_for(test_rows)
-    results = {}
-    for name, (method, cand) in contenders(ctx, cfg.run_dir, dom_cfg.run_dir).items():
-        t0 = time.perf_counter()
-        results[name] = evaluate(ctx, method, cand, test, harmful, benign, args.max_new_tokens)
-        scores = {k: round(v, 4) for k, v in results[name].items() if k != "examples"}
-        print(f"[demo] {name}: {scores} ({time.perf_counter() - t0:.0f} s)", file=sys.stderr)
-    minutes = (time.perf_counter() - started) / 60
-    report = write_report(cfg, results, len(harmful), len(benign), minutes)
-    print(report)
-    return 0
+        test = ctx.scorer_for(test_rows)
+        results = {}
+        for name, (method, cand) in contenders(ctx, cfg.run_dir, dom_cfg.run_dir).items():
+            t0 = time.perf_counter()
+            results[name] = evaluate(ctx, method, cand, test, harmful, benign, args.max_new_tokens)
+            scores = {k: round(v, 4) for k, v in results[name].items() if k != "examples"}
+            print(f"[demo] {name}: {scores} ({time.perf_counter() - t0:.0f} s)", file=sys.stderr)
+        minutes = (time.perf_counter() - started) / 60
+        return write_report(cfg, results, len(harmful), len(benign), minutes)
+
+    return run_cli(work)
 
 
 def write_report(cfg, results: dict, n_harmful: int, n_benign: int, minutes: float) -> Path:

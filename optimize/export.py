@@ -71,7 +71,7 @@ def mergekit_paths(cfg: Config, run_dir: Path) -> tuple[str, list[str]]:
     (mergekit reads neither GGUF nor, without extra flags, LoRA adapters)."""
     import torch
 
-    materialized = run_dir / "sources"
+    materialized, rt = run_dir / "sources", cfg.runtime
 
     def rel(p: Path) -> str:
         # "./" keeps mergekit's model card from asking the Hub whether "sources/x" is a repo
@@ -79,26 +79,27 @@ def mergekit_paths(cfg: Config, run_dir: Path) -> tuple[str, list[str]]:
 
     base = resolve_model_path(cfg.base)
     if base.is_file():
-        base = materialize_hf_folder(base, materialized / "base", dtype=torch.float32)
+        base = materialize_hf_folder(base, materialized / "base", torch.float32, rt.trust_remote_code)
     sources = []
     for s in cfg.sources:
         p = resolve_model_path(s.path)
         if p.is_file():
-            p = materialize_hf_folder(p, materialized / s.name, dtype=torch.float32)
-        elif source_kind(s.path, cfg.runtime.allow_pickle) == "lora":
-            p = materialize_lora(base, p, materialized / s.name)
+            p = materialize_hf_folder(p, materialized / s.name, torch.float32, rt.trust_remote_code)
+        elif source_kind(s.path, rt.allow_pickle, rt.trust_remote_code) == "lora":
+            p = materialize_lora(base, p, materialized / s.name, rt.trust_remote_code)
         sources.append(rel(p))
     return rel(base), sources
 
 
-def materialize_lora(base: Path, adapter: Path, out: Path) -> Path:
+def materialize_lora(base: Path, adapter: Path, out: Path, trust_remote_code: bool = False) -> Path:
     """base + adapter merged by peft, saved as a float32 safetensors folder (once)."""
     import torch
     from peft import PeftModel
 
     def build():
-        model = PeftModel.from_pretrained(load_model(base, torch.float32), str(adapter)).merge_and_unload()
-        return model, load_tokenizer(base)
+        base_model = load_model(base, torch.float32, trust_remote_code=trust_remote_code)
+        model = PeftModel.from_pretrained(base_model, str(adapter)).merge_and_unload()
+        return model, load_tokenizer(base, trust_remote_code)
 
     return cached_model_folder(out, f"{fingerprint(base)}+{fingerprint(adapter)}:float32", build)
 

@@ -44,7 +44,7 @@ def load_best(run_dir: str | Path) -> dict:
             f"{path} not found: the search of {run_dir} has not finished; run "
             "`python -m optimize.search --config ...` again (it resumes)"
         ) from None
-    except (OSError, yaml.YAMLError) as err:
+    except (OSError, ValueError, yaml.YAMLError) as err:  # ValueError: not UTF-8 text
         raise OutputError(f"{path} cannot be read ({err}); run the search again to rewrite it") from None
     if not isinstance(doc, dict) or not isinstance(doc.get("params"), dict):
         raise OutputError(f"{path} has no `params` mapping; run the search again to rewrite it")

@@ -10,7 +10,6 @@ One trial: `space.suggest` -> `merger.apply` (in place) -> `scorer.losses` -> ob
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from pathlib import Path
@@ -20,7 +19,7 @@ from optuna.storages import fail_stale_trials
 from optuna.trial import TrialState
 from safetensors import SafetensorError
 
-from core.cli import run_cli
+from core.cli import ArgumentParser, run_cli
 from core.errors import OutputError
 from core.files import claim_run_dir
 from optimize.config import Config, load_config
@@ -97,8 +96,8 @@ def run(cfg: Config, storage: str | None = None, ctx: Context | None = None) -> 
 
 
 # ----------------------------------------------------------------------------- CLI
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+def build_parser() -> ArgumentParser:
+    p = ArgumentParser(
         prog="python -m optimize.search",
         description="Search per-layer merge coefficients that keep alignment while adding "
         "domain expertise. Flags override the config file.",
@@ -145,8 +144,11 @@ def overrides(**flags) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    return run_cli(lambda: run(load_config(args.config, overrides(**vars(args)))))
+    def work() -> Path:
+        args = build_parser().parse_args(argv)
+        return run(load_config(args.config, overrides(**vars(args))))
+
+    return run_cli(work)
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 from tqdm.auto import tqdm
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 from core.errors import ModelLoadError
 from core.models import load_model, load_tokenizer, model_format, resolve_model_path
@@ -79,9 +80,16 @@ class Base:
     info: dict = field(default_factory=dict)  # architecture, vocab, chat template
 
 
+def architecture(config) -> str:
+    """The causal-LM class name: a config read from GGUF names only its model_type (`llama`),
+    an HF folder's names the class (`LlamaForCausalLM`); both are compared as the class."""
+    named = getattr(config, "architectures", None)
+    return named[0] if named else MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(config.model_type, config.model_type)
+
+
 def model_info(config, tokenizer) -> dict:
     return {
-        "architecture": (getattr(config, "architectures", None) or [config.model_type])[0],
+        "architecture": architecture(config),
         "vocab_size": config.vocab_size,
         "chat_template": getattr(tokenizer, "chat_template", None),
     }

@@ -45,7 +45,7 @@ SECRET_PARAMS = {"password", "passwd", "pwd", "secret", "token"}
 def redact(url: str | None) -> str | None:
     """`url` fit to print or write: the password and secret query parameters shown as ***.
     Never fails; a URL it cannot read has everything between // and the last @ masked."""
-    if not url or url.startswith((JOURNAL, "sqlite:")):  # no credentials (sqlite+pysqlcipher has)
+    if not url or url.startswith((JOURNAL, "sqlite:")):  # no credentials (sqlite+pysqlcipher: has)
         return url
     try:
         parsed = make_url(url)

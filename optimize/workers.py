@@ -29,6 +29,7 @@ from optuna.storages import fail_stale_trials
 from optuna.trial import TrialState
 from tqdm.auto import tqdm
 
+from core.files import pid_alive
 from optimize.storage import RETRY, is_sqlite
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
@@ -116,16 +117,6 @@ def local_and_dead(worker: str) -> bool:
     counts as gone: it asks between trials, so none of its trials is running."""
     host, _, pid = worker.rpartition(":")
     return host == socket.gethostname() and (worker == worker_id() or not pid_alive(int(pid)))
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 class Quota:
@@ -247,9 +238,11 @@ def outputs_stamp(cfg, study: optuna.Study) -> str:
 
 
 def written_stamp(run_dir: Path) -> str | None:
+    """The stamp of the last complete write of a run folder's outputs (run.yaml, written last)."""
     if not (run_dir / "report.md").is_file() or not (run_dir / "run.yaml").is_file():
         return None
     try:
-        return (yaml.safe_load((run_dir / "run.yaml").read_text()) or {}).get("outputs_stamp")
-    except yaml.YAMLError:
+        doc = yaml.safe_load((run_dir / "run.yaml").read_text())
+    except (OSError, ValueError, yaml.YAMLError):  # ValueError: not UTF-8 text
         return None
+    return doc.get("outputs_stamp") if isinstance(doc, dict) else None

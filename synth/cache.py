@@ -13,6 +13,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from core.errors import ModelLoadError
 from core.files import fingerprint
 from core.models import resolve_model_path
 from synth.engine import Conversation, EngineSlot, ModelRef, Sampling
@@ -31,7 +32,10 @@ class Request:
 @cache
 def model_fingerprint(path: str | None) -> str | None:
     """Content of the model at `path` (a retrain at the same path changes it); once per process."""
-    return None if path is None else fingerprint(resolve_model_path(path))
+    try:
+        return None if path is None else fingerprint(resolve_model_path(path))
+    except ModelLoadError:  # not a local model (yet): its key is its path alone
+        return None
 
 
 def request_key(ref: ModelRef, req: Request) -> str:

@@ -23,10 +23,9 @@ import json
 from pathlib import Path
 from typing import Literal
 
-import yaml
 from pydantic import Field, field_validator, model_validator
 
-from core.config import Strict, validate
+from core.config import Name, Seed, Strict, clip, read_yaml_mapping, validate
 from core.errors import ConfigError
 from synth.taxonomy import HARM_CATEGORIES
 
@@ -79,11 +78,15 @@ class EngineSpec(Strict):
     kv_cache_gb: int = Field(2, ge=1, description="vLLM on CPU: KV cache (GiB)")
     cpu_all_cores: bool = Field(True, description="vLLM on CPU: no core reserved for the frontend")
     cache_dir: str | None = None
+    # The loader policy; load_run_config takes it from the run's `runtime:` section, so one run
+    # YAML has one policy for synth, the search and eval.
+    allow_pickle: bool = False
+    trust_remote_code: bool = False
 
 
 class SynthConfig(Strict):
     backend: Literal["auto", "vllm", "transformers"] = "auto"
-    seed: int = 0
+    seed: Seed = 0
     generator: ModelSpec = Field(default_factory=lambda: ModelSpec(path="default"))
     pool: list[ModelSpec] = Field(min_length=1, description="models whose refusals are kept")
     experts: list[ExpertSpec] = Field(default_factory=list)
@@ -115,7 +118,7 @@ class SynthConfig(Strict):
     def _known_categories(cls, v: list[str]) -> list[str]:
         unknown = [c for c in v if c not in HARM_CATEGORIES]
         if unknown or not v:
-            raise ValueError(f"unknown harm categories {unknown}; allowed: {list(HARM_CATEGORIES)}")
+            raise ValueError(f"unknown harm categories {clip(unknown)}; allowed: {list(HARM_CATEGORIES)}")
         return v
 
     @model_validator(mode="after")
@@ -129,18 +132,29 @@ def parse_synth(section: dict | None, prefix: str = "synth") -> SynthConfig:
     return validate(SynthConfig, section or {}, prefix=prefix)
 
 
+class RunPlace(Strict):
+    """The top-level keys synth reads besides `synth:`: where the run folder is."""
+
+    name: Name
+    out: str | None = None
+
+
 def load_run_config(path: str | Path) -> tuple[SynthConfig, str, Path]:
     """(synth config, run name, run folder) from a whole run YAML; other top-level keys belong
     to other parts of the project and are ignored here."""
     path = Path(path)
-    raw = yaml.safe_load(path.read_text()) or {}
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: the config must be a YAML mapping")
+    raw = read_yaml_mapping(path)
     if "synth" not in raw:
         raise ConfigError(f"{path}: no `synth:` section")
-    name = str(raw.get("name") or path.stem)
-    run_dir = Path(raw.get("out") or Path("runs") / name)
-    return parse_synth(raw["synth"]), name, run_dir
+    given = {k: raw[k] for k in ("name", "out") if raw.get(k) is not None}
+    place = validate(RunPlace, {"name": path.stem, **given}, str(path))
+    synth = raw["synth"]
+    runtime = raw.get("runtime")
+    if isinstance(synth, dict) and isinstance(runtime, dict):
+        policy = {k: runtime[k] for k in ("allow_pickle", "trust_remote_code") if k in runtime}
+        engine = synth.get("engine") if isinstance(synth.get("engine"), dict) else {}
+        synth = {**synth, "engine": {**policy, **engine}} if policy else synth
+    return parse_synth(synth), place.name, Path(place.out or Path("runs") / place.name)
 
 
 def to_jsonable(cfg: SynthConfig) -> dict:

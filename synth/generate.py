@@ -9,7 +9,6 @@ same command after a crash or Ctrl-C skips everything already generated.
 
 from __future__ import annotations
 
-import argparse
 import importlib.metadata
 import json
 import math
@@ -19,19 +18,23 @@ import sys
 import time
 from pathlib import Path
 
-from core.errors import ConfigError
+from core.cli import ArgumentParser, read_user_file, run_cli
+from core.errors import ConfigError, DataError, ModelLoadError, OutputError
 from core.files import atomic_dir, check_replaceable
+from core.models import resolve_model_path
+from eval.data import read_prompt_file
 from eval.judge import RefusalJudge
 from synth.cache import GenerationCache
 from synth.card import render_card
 from synth.config import ModelSpec, SynthConfig, load_run_config, parse_synth, to_jsonable
-from synth.engine import EngineSettings, EngineSlot, resolve_backend
+from synth.engine import EngineSettings, EngineSlot, lora_base, resolve_backend
 from synth.pipelines import (
     Context,
     answer,
     benign_from_generator,
     cut,
     domain_for_expert,
+    expert_examples,
     harmful_from_file,
     harmful_from_generator,
     judge_all,
@@ -41,7 +44,7 @@ from synth.pipelines import (
     select_refusals,
     split,
 )
-from synth.prompts import Templates
+from synth.prompts import HERE, Templates
 
 SPLITS = ("alignment_search", "alignment_test", "domain_search", "domain_test", "benign")
 COLUMNS = (
@@ -79,20 +82,82 @@ def schedule(cfg: SynthConfig, uses_generator: bool) -> list[ModelSpec]:
     return out
 
 
+PROMPTS_FIX = "JSONL or CSV rows with a `prompt` (or `question`/`text`) and optional `category`"
+
+
+def check_inputs(cfg: SynthConfig, out: Path) -> tuple[str, Templates]:
+    """Everything checked before any model loads: the output folder, every model path, every
+    file the config names, the backend. Returns the backend and the templates."""
+    check_replaceable(out, "--out", kind="dataset")  # a folder of the user's is never replaced
+    if blocker := next((p for p in out.parents if p.exists() and not p.is_dir()), None):
+        raise OutputError(f"--out {out}: {blocker} is a file, not a folder; set out: (or --out) to a folder")
+    check_models(cfg)
+    templates = check_files(cfg)
+    try:
+        return resolve_backend(cfg.backend), templates
+    except RuntimeError as err:
+        raise ConfigError(f"synth.{err}") from None
+
+
+def check_models(cfg: SynthConfig) -> None:
+    """Every model the run will load exists (and a LoRA adapter names its base)."""
+    used = [("generator", cfg.generator)] if not cfg.prompts_file or cfg.n_benign else []
+    used += [(f"pool.{i}", m) for i, m in enumerate(cfg.pool)]
+    used += [(f"experts.{i}", m) for i, m in enumerate(cfg.experts)]
+    used += [("judge.guard", cfg.judge.guard)] if cfg.judge.kind != "rules" else []
+    for key, spec in used:
+        try:
+            resolve_model_path(spec.path)
+            lora_base(ref(spec))
+        except (ModelLoadError, ValueError) as err:
+            raise ModelLoadError(f"synth.{key}: {err}") from None
+
+
+def check_files(cfg: SynthConfig) -> Templates:
+    """The prompt file, the experts' example files and the templates read as the pipelines will
+    read them; a bad one is a ConfigError or DataError naming the key and the file."""
+    try:
+        templates = Templates(cfg.templates_dir)
+    except FileNotFoundError as err:
+        raise ConfigError(f"synth.{err}") from None
+    if cfg.templates_dir:  # every file of it is UTF-8 text, the seeds a JSON list
+        what, fix = "synth.templates_dir", "UTF-8 text; benign_seeds.json: a JSON list of prompts"
+        for name in sorted(f.name for f in HERE.iterdir()):
+            read_user_file(lambda _, n=name: templates.raw(n), templates.path(name), what, fix)
+        read_user_file(lambda _: templates.seeds(), templates.path("benign_seeds.json"), what, fix)
+    if cfg.prompts_file and not read_user_file(
+        read_prompt_file, cfg.prompts_file, "synth.prompts_file", PROMPTS_FIX
+    ):
+        raise DataError(f"synth.prompts_file: {cfg.prompts_file} has no prompts ({PROMPTS_FIX})")
+    for i, e in enumerate(cfg.experts):
+        if e.examples_file:
+            fix = "a JSON list of questions, or " + PROMPTS_FIX
+            read_user_file(lambda _, e=e: expert_examples(e), e.examples_file, f"synth.experts.{i}", fix)
+    return templates
+
+
+def check_made(cfg: SynthConfig, splits: dict[str, list[dict]]) -> None:
+    """A search split asked for but left empty is an error: optimize.search would have nothing
+    to score. Raised before anything is written; the generations stay cached."""
+    for kind, key, asked in (("alignment", "n_safety", cfg.n_safety), ("domain", "n_domain", cfg.n_domain)):
+        if asked and not splits[f"{kind}_search"]:
+            raise DataError(
+                f"synth.generate made no {kind}_search rows ({key}: {asked} asked, "
+                f"{len(splits[f'{kind}_test'])} in {kind}_test; the [synth] lines above say which "
+                f"step dropped them): raise {key} or oversample, or use stronger models. Generations "
+                "are cached: the rerun only generates what is missing"
+            )
+
+
 def generate(
     cfg: SynthConfig, out: Path, name: str = "synth", cache_dir: Path | None = None, command: str = ""
 ) -> Path:
     """Run every pipeline and write the data folder `out`. Returns `out`."""
     out = Path(out)
-    check_replaceable(
-        out, "--out", kind="dataset"
-    )  # before any generation: a folder of the user's is never replaced
+    backend, templates = check_inputs(cfg, out)
     cache_dir = Path(cache_dir or out.parent / "synth_cache")
-    backend = resolve_backend(cfg.backend)
     slot = EngineSlot(backend, EngineSettings(**cfg.engine.model_dump()))
-    ctx = Context(
-        cfg, backend, slot, GenerationCache(cache_dir / "generations.jsonl"), Templates(cfg.templates_dir)
-    )
+    ctx = Context(cfg, backend, slot, GenerationCache(cache_dir / "generations.jsonl"), templates)
     timings: dict[str, float] = {}
     clock = time.perf_counter()
 
@@ -134,6 +199,7 @@ def generate(
     d_search, d_test = split(domain, cfg.test_fraction)
     splits = dict(zip(SPLITS, (a_search, a_test, d_search, d_test, benign_rows)))
     check_unique(splits)
+    check_made(cfg, splits)
 
     record = {
         "name": name,
@@ -186,8 +252,8 @@ def write_atomic(out: Path, splits: dict[str, list[dict]], record: dict, templat
         (tmp / "synth_run.json").write_text(json.dumps(record, indent=2) + "\n")
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m synth.generate", description=__doc__.split("\n\n")[1])
+def build_parser() -> ArgumentParser:
+    ap = ArgumentParser(prog="python -m synth.generate", description=__doc__.split("\n\n")[1])
     ap.add_argument("--config", required=True, help="run YAML with a `synth:` section")
     ap.add_argument("--out", help="data folder (default: <run folder>/data)")
     ap.add_argument("--n-safety", type=int, help="rows in alignment_search + alignment_test")
@@ -195,31 +261,24 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--n-benign", type=int, help="rows in benign")
     ap.add_argument("--seed", type=int)
     ap.add_argument("--backend", choices=["auto", "vllm", "transformers"])
-    args = ap.parse_args(argv)
-    try:
-        cfg, name, run_dir = load_run_config(args.config)
-        overrides = {
-            k: v
-            for k, v in {
-                "n_safety": args.n_safety,
-                "n_domain": args.n_domain,
-                "n_benign": args.n_benign,
-                "seed": args.seed,
-                "backend": args.backend,
-            }.items()
-            if v is not None
-        }
-        if overrides:
-            cfg = parse_synth({**cfg.model_dump(exclude_unset=True), **overrides})
-    except (ConfigError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    out = Path(args.out) if args.out else run_dir / "data"
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Bad flags, config or files: one `error:` line and exit code 2, before any model loads."""
     given = argv if argv is not None else sys.argv[1:]
-    command = shlex.join(["python", "-m", "synth.generate", *given])
-    path = generate(cfg, out, name, command=command)
-    print(f"[synth] wrote {path} ({path / 'README.md'})")
-    return 0
+
+    def work() -> Path:
+        args = build_parser().parse_args(given)
+        cfg, name, run_dir = load_run_config(args.config)
+        flags = {k: getattr(args, k) for k in ("n_safety", "n_domain", "n_benign", "seed", "backend")}
+        if overrides := {k: v for k, v in flags.items() if v is not None}:
+            cfg = parse_synth({**cfg.model_dump(exclude_unset=True), **overrides})
+        out = Path(args.out) if args.out else run_dir / "data"
+        command = shlex.join(["python", "-m", "synth.generate", *given])
+        return generate(cfg, out, name, command=command)  # the data folder
+
+    return run_cli(work)
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 
 import pytest
 
-from core.files import atomic_dir
+from core.files import MARKER, atomic_dir
 
 
 def test_atomic_dir_replaces_only_on_success(tmp_path):
@@ -17,7 +17,7 @@ def test_atomic_dir_replaces_only_on_success(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["merged"]  # no temporary left behind
     with atomic_dir(out) as tmp:
         (tmp / "b.txt").write_text("second")
-    assert sorted(p.name for p in out.iterdir()) == ["b.txt"]
+    assert sorted(p.name for p in out.iterdir()) == [MARKER, "b.txt"]  # its own folder from now on
 
 
 def test_atomic_files_get_the_usual_permissions(tmp_path):

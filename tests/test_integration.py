@@ -131,3 +131,18 @@ def test_eval_run_on_a_demo_search_with_the_real_vllm_engine(tmp_path):
         assert "vllm" in metrics["model"]["generation"].lower()
     assert math.isfinite(metrics["domain"]["domain_test_loss"])
     assert metrics["analysis"]
+
+
+def test_a_gguf_base_accepts_its_own_model_as_an_hf_folder_source(tmp_path):
+    """A `.gguf` base names only `llama` in its config; the same model as an HF folder names
+    `LlamaForCausalLM`: both are one architecture (this pair used to be always refused)."""
+    import torch
+
+    from core.models import materialize_hf_folder, resolve_dtype
+    from optimize.sources import load_base, load_task_vector
+
+    folder = materialize_hf_folder("default", tmp_path / "hf", dtype=torch.float32)
+    base = load_base("default", resolve_dtype("float32"), "cpu")
+    tau = load_task_vector("same model", str(folder), base)
+    assert base.info["architecture"] == "LlamaForCausalLM"
+    assert all(t.abs().max() < 1e-6 for t in tau.values())  # the same weights: no delta

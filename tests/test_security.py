@@ -47,7 +47,9 @@ def ships_code(folder: Path, marker: Path, config: str = "config.json", **extra)
 @pytest.fixture
 def remote(world, tmp_path) -> Path:
     """The tiny source `a`, shipping its own code under an unknown model_type."""
-    return ships_code(shutil.copytree(world["a"], tmp_path / "remote"), tmp_path / "code-ran", model_type="evil")
+    return ships_code(
+        shutil.copytree(world["a"], tmp_path / "remote"), tmp_path / "code-ran", model_type="evil"
+    )
 
 
 @pytest.fixture

@@ -361,7 +361,7 @@ def _harmful_file(tmp_path, n=4):
     return str(path)
 
 
-def test_guard_judge_decides_refusals(models, tmp_path):
+def test_guard_judge_decides_refusals(models, tmp_path, capsys):
     guard = str(make_tiny_llama(tmp_path / "guard", phrases=["unsafe"], favor="unsafe"))
     cfg = run_config(
         models,
@@ -372,12 +372,12 @@ def test_guard_judge_decides_refusals(models, tmp_path):
         pool=[{"path": models["aligned"], "name": "aligned"}],
         judge={"kind": "guard", "guard": {"path": guard, "name": "guard"}},
     )
-    assert main(["--config", write_config(tmp_path, cfg)]) == 0
-    dd, record = load(tmp_path / "run" / "data")
-    assert record["engine_loads"] == ["aligned", "guard"]
-    # the guard calls every answer unsafe, though the rules would have seen refusals
-    assert record["steps"][1]["dropped"] == {"no_model_refused": 4}
-    assert len(dd["alignment_search"]) == 0
+    # the guard calls every answer unsafe, though the rules would have seen refusals: nothing is
+    # kept, and an empty search split is an error (exit 2), not a data set
+    assert main(["--config", write_config(tmp_path, cfg)]) == 2
+    out = capsys.readouterr()
+    assert "made no alignment_search rows" in out.err and "no_model_refused" in out.out + out.err
+    assert not (tmp_path / "run" / "data").exists()
 
 
 def test_lora_adapter_as_pool_model(models, tmp_path):

@@ -227,7 +227,8 @@ def test_sqlite_search_killed_and_rerun_resumes_to_the_same_outputs(world, tmp_p
     assert files(killed_dir / "run") == files(clean_dir / "run")
     header = lambda d: set((d / "trials.csv").read_text().splitlines()[0].split(","))  # noqa: E731
     extra = header(killed_dir / "run") - header(clean_dir / "run")  # the retry is recorded
-    assert extra == {"system_attrs_failed_trial", "system_attrs_retry_history", "user_attrs_fail_reason"}
+    # fail_reason when the rerun found the dead pid before Optuna found the stale heartbeat
+    assert extra - {"user_attrs_fail_reason"} == {"system_attrs_failed_trial", "system_attrs_retry_history"}
     assert len(study.trials) == 7  # 6 finished + the killed one, recorded as failed
 
 
@@ -262,13 +263,9 @@ def test_worker_killed_before_its_first_heartbeat_does_not_hang_the_rerun(world,
         [sys.executable, "-c", STALLED_WORKER, "--config", str(config), "--n-trials", str(n)],
         env={**ENV, "STALL_AT": "2"},
         stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
+        stderr=subprocess.DEVNULL,
     )
-    trials = wait_for(
-        "tiny", url, lambda ts: any(t.number == 2 and t.state == TrialState.RUNNING for t in ts)
-    )
-    time.sleep(0.5)  # the worker sits in the stall, nothing else happens
+    wait_for("tiny", url, lambda ts: len(ts) > 2 and ts[2].state == TrialState.RUNNING)
     os.kill(stalled.pid, signal.SIGKILL)
     stalled.wait()
     study = optuna.load_study(study_name="tiny", storage=open_storage(url, 0))
@@ -309,18 +306,14 @@ def test_storage_password_is_never_written_or_printed(world, tmp_path, postgres_
 
 # ----------------------------------------------------------------------------- in process
 def test_redact_hides_passwords():
-    assert (
-        redact("postgresql://u:secret@db.example:5432/optuna") == "postgresql://u:***@db.example:5432/optuna"
-    )
+    plain = "postgresql://u:secret@db.example:5432/optuna"
+    assert redact(plain) == "postgresql://u:***@db.example:5432/optuna"
     # SQLAlchemy ends the password at its first "@" and reads "ss@host" as the host
     assert redact("postgresql://u:p@ss@host/db") == "postgresql://***@host/db"
-    assert redact("postgresql://u@host/db?password=hunter2&sslmode=require") == (
-        "postgresql://u@host/db?password=***&sslmode=require"
-    )
-    assert (
-        redact("mysql://u:a:b@h/db?token=t&Secret=s&pwd=p")
-        == "mysql://u:***@h/db?token=***&Secret=***&pwd=***"
-    )
+    query = "postgresql://u@host/db?password=hunter2&sslmode=require"
+    assert redact(query) == "postgresql://u@host/db?password=***&sslmode=require"
+    several = "mysql://u:a:b@h/db?token=t&Secret=s&pwd=p"
+    assert redact(several) == "mysql://u:***@h/db?Secret=***&pwd=***&token=***"  # the query sorted
     for kept in ("sqlite:////runs/x/study.db", "journal:/shared/study.log", "postgresql://host/db"):
         assert redact(kept) == kept
     assert redact("postgresql://u:pw@host:port/db") == "postgresql://***@host:port/db"  # unparsable
@@ -329,8 +322,8 @@ def test_redact_hides_passwords():
 
 def test_password_with_a_raw_at_is_refused_before_connecting():
     with pytest.raises(StorageError, match=r"postgresql://\*\*\*@127.0.0.1:1/db: the password holds") as err:
-        open_storage("postgresql://u:p@ss@127.0.0.1:1/db", 1)
-    assert "ss@" not in str(err.value) and "%40" in str(err.value)
+        open_storage("postgresql://u:top@secret@127.0.0.1:1/db", 1)
+    assert "secret" not in str(err.value) and "%40" in str(err.value)
 
 
 def test_surplus_trial_when_workers_race_at_the_end(tmp_path):
