@@ -43,8 +43,8 @@ def read_user_file(reader: Callable[[Path], T], path: str | Path, what: str, fix
         raise DataError(f"{what}: {path} {'is not a file' if path.exists() else 'does not exist'}")
     try:
         return reader(path)
-    except UserError:
-        raise
+    except UserError as err:  # the reader's own message names the file; add the key
+        raise type(err)(f"{what}: {err}") from None
     except BAD_FILE as err:
         problem = str(err) if isinstance(err, OSError | ValueError) else f"{type(err).__name__}: {err}"
         raise DataError(f"{what}: {path}: {cut(problem, 300)} ({fix})") from None

@@ -189,8 +189,8 @@ def fingerprint(path: str | Path, full_below: int = 256 << 20) -> str:
     files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
     digest = hashlib.sha256()
     for f in files:
-        if f.name.startswith(".") and f != path:  # our marker, temporaries of a write under way
-            continue
+        if (f.name.startswith(".") or f.suffix == ".md") and f != path:  # our marker, temporaries,
+            continue  # model cards: not what the model computes
         size = f.stat().st_size
         digest.update(f"{f.relative_to(path) if f != path else f.name}:{size}:".encode())
         with f.open("rb") as fh:

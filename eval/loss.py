@@ -11,6 +11,7 @@ a large share of a small model's forward, and prompt positions would be thrown a
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -36,12 +37,24 @@ def encode(tokenizer, prompt: str, response: str, max_length: int) -> Example | 
             "the chat template renders the prompt differently with and without the "
             "answer; cannot mask prompt tokens"
         )
+    # Tokenize only what can fit: max_length tokens cover at most max_length * (longest token)
+    # characters, so a 50 MB row costs what a short one does.
+    longest = longest_token(tokenizer)
+    if len(head) > max_length * longest:
+        return None  # the prompt alone is longer than max_length tokens
+    full = full[: len(head) + (max_length + 2) * longest]
     enc = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
     ids = enc["input_ids"][:max_length]
     n_prompt = sum(1 for start, _ in enc["offset_mapping"][: len(ids)] if start < len(head))
     if n_prompt >= len(ids) or n_prompt == 0:
         return None
     return Example(tuple(ids), n_prompt)
+
+
+@functools.lru_cache(maxsize=8)
+def longest_token(tokenizer) -> int:
+    """Characters of the tokenizer's longest vocabulary entry (a bound on text per token)."""
+    return max(len(t) for t in tokenizer.get_vocab())
 
 
 def length_batches(examples: list[Example], batch_tokens: int) -> list[list[int]]:

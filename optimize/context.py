@@ -99,7 +99,8 @@ def prepare(cfg: Config, rows: dict[str, list[dict]] | None = None) -> Context:
     rows = rows if rows is not None else check_inputs(cfg)
     if cfg.runtime.threads:
         torch.set_num_threads(cfg.runtime.threads)
-    device, dtype = resolve_device(cfg.runtime.device), resolve_dtype(cfg.runtime.dtype)
+    device = resolve_device(cfg.runtime.device)
+    dtype = resolve_dtype(cfg.runtime.dtype, device)
     t0 = time.perf_counter()
     base = load_base(cfg.base, dtype, device, cfg.runtime.allow_pickle, cfg.runtime.trust_remote_code)
     t1 = time.perf_counter()

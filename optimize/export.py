@@ -1,10 +1,13 @@
 """What a run leaves behind, written atomically: best.yaml, mergekit.yaml, the merged model.
 
 `mergekit.yaml` reproduces the best merge with `mergekit-yaml mergekit.yaml OUT` run from the run
-folder. Per-group coefficients become mergekit conditional parameters (`filter` is a substring of
-the tensor name, first match wins). Sources mergekit cannot read (GGUF) are written once as
+folder, and `merged/mergekit_config.yml` (the name mergekit gives it) the same from `merged/`.
+Per-group coefficients become mergekit conditional parameters (`filter` is a substring of the
+tensor name, first match wins). Sources mergekit cannot read (GGUF) are written once as
 safetensors folders under `<run>/sources/`, and so are LoRA sources merged into the base
-(mergekit's `model+lora` syntax needs an extra cache flag, so it would not run as-is).
+(mergekit's `model+lora` syntax needs an extra cache flag, so it would not run as-is). Full
+models from the Hugging Face cache are named `org/name@commit`, which mergekit fetches itself.
+The model card's front matter is what `huggingface_hub.ModelCardData` writes.
 """
 
 from __future__ import annotations
@@ -13,10 +16,12 @@ import os
 from pathlib import Path
 
 import numpy as np
+import yaml
 
 from core.files import fingerprint
 from core.models import (
     cached_model_folder,
+    hub_name,
     load_model,
     load_tokenizer,
     materialize_hf_folder,
@@ -24,7 +29,13 @@ from core.models import (
 )
 from optimize.config import Config
 from optimize.methods import Candidate
-from optimize.sources import Groups, source_kind
+from optimize.sources import Groups, adapter_base, source_kind
+
+MERGEKIT_CONFIG = "mergekit_config.yml"  # the recipe's name inside a model folder, as mergekit writes it
+DARE_NOTE = (
+    "# DARE drop masks are random: mergekit draws its own (use --random-seed), so the\n"
+    "# result matches ours in distribution, not bit for bit.\n"
+)
 
 
 def _r(x: float) -> float:
@@ -65,17 +76,22 @@ def _setting(values: np.ndarray, filters: list[list[str]]):
     return [{"filter": f, "value": _r(v)} for v, fs in zip(values, filters) for f in fs]
 
 
-def mergekit_paths(cfg: Config, run_dir: Path) -> tuple[str, list[str]]:
-    """Paths of base and sources as mergekit reads them, relative to the run folder. GGUF files
-    and LoRA adapters are written once as float32 safetensors folders under <run>/sources/
-    (mergekit reads neither GGUF nor, without extra flags, LoRA adapters)."""
+def mergekit_paths(cfg: Config, run_dir: Path, start: Path | None = None) -> tuple[str, list[str]]:
+    """Paths of base and sources as mergekit reads them, relative to `start` (the run folder by
+    default). GGUF files and LoRA adapters are written once as float32 safetensors folders under
+    <run>/sources/ (mergekit reads neither GGUF nor, without extra flags, LoRA adapters); full
+    models from the HF cache are `org/name@commit`."""
     import torch
 
     materialized, rt = run_dir / "sources", cfg.runtime
+    start = (start or run_dir).resolve()
 
-    def rel(p: Path) -> str:
+    def ref(path: str, p: Path) -> str:
+        name = hub_name(path)
+        if name and p.is_dir() and p.parent.name == "snapshots":
+            return f"{name}@{p.name}"
         # "./" keeps mergekit's model card from asking the Hub whether "sources/x" is a repo
-        return "./" + os.path.relpath(p.resolve(), run_dir.resolve())
+        return "./" + os.path.relpath(p.resolve(), start)
 
     base = resolve_model_path(cfg.base)
     if base.is_file():
@@ -87,8 +103,8 @@ def mergekit_paths(cfg: Config, run_dir: Path) -> tuple[str, list[str]]:
             p = materialize_hf_folder(p, materialized / s.name, torch.float32, rt.trust_remote_code)
         elif source_kind(s.path, rt.allow_pickle, rt.trust_remote_code) == "lora":
             p = materialize_lora(base, p, materialized / s.name, rt.trust_remote_code)
-        sources.append(rel(p))
-    return rel(base), sources
+        sources.append(ref(s.path, p))
+    return ref(cfg.base, base), sources
 
 
 def materialize_lora(base: Path, adapter: Path, out: Path, trust_remote_code: bool = False) -> Path:
@@ -134,21 +150,73 @@ def mergekit_config(
     return out
 
 
+def merged_mergekit_config(
+    cfg: Config, groups: Groups, param_names: list[str], c: Candidate, folder: Path
+) -> str:
+    """mergekit_config.yml of the merged model folder `folder`: the recipe of mergekit.yaml with
+    its local paths relative to `folder`, so it runs from there as mergekit's own does."""
+    base_path, source_paths = mergekit_paths(cfg, cfg.run_dir, start=folder)
+    mk = mergekit_config(cfg, groups, param_names, c, base_path, source_paths)
+    header = (
+        "# Reproduces this model; local paths are relative to this folder, so run it from here:\n"
+        f"#   mergekit-yaml {MERGEKIT_CONFIG} OUT\n"
+    )
+    if cfg.merge.method in ("dare_ties", "dare_linear"):
+        header += DARE_NOTE
+    return header + yaml.safe_dump(mk, sort_keys=False)
+
+
+def card_name(path: str) -> str:
+    """How a model card names a model: its Hub id when it has one, else its folder's name (a GGUF
+    file's name without .gguf)."""
+    name = hub_name(path)
+    if name:
+        return name
+    p = resolve_model_path(path).resolve()
+    return p.stem if p.is_file() else p.name
+
+
+def base_models(cfg: Config) -> list[str]:
+    """The card's `base_model`: the base, then every source. A local base takes the Hub id its
+    LoRA sources were made for, when they all name the same one."""
+    base = hub_name(cfg.base)
+    if base is None:
+        claimed = {hub_name(b) for s in cfg.sources if (b := adapter_base(s.path))}
+        base = claimed.pop() if len(claimed) == 1 else None
+    names = [base or card_name(cfg.base)] + [card_name(s.path) for s in cfg.sources]
+    return list(dict.fromkeys(names))
+
+
 def model_card(cfg: Config, best: dict, report_lines: list[str]) -> str:
+    from huggingface_hub import ModelCardData
+
+    names = base_models(cfg)
+    data = ModelCardData(
+        base_model=names,
+        library_name="transformers",
+        pipeline_tag="text-generation",
+        tags=["merge", "mergekit", "alignmerge"],
+    )
     sources = "\n".join(f"- `{s.name}` ({s.role}): `{s.path}`" for s in cfg.sources)
     scores = "\n".join(f"- {k}: {v}" for k, v in best["scores"].items())
+    base = f"`{names[0]}`" + (f" (config: `{cfg.base}`)" if cfg.base != names[0] else "")
+    if (base_file := resolve_model_path(cfg.base)).is_file():
+        base += f", dequantized from `{base_file.name}`"
+    recipe = "The coefficients are in `best.yaml` of the run folder"
+    if cfg.output.mergekit:
+        recipe += f"; `{MERGEKIT_CONFIG}` here (or `mergekit.yaml` there) reproduces this model"
     return f"""---
-tags: [merge, alignmerge]
+{data.to_yaml()}
 ---
 # {cfg.name} (merged with alignmerge)
 
-Merged from the base `{cfg.base}` and:
+Merged from the base {base} and:
 {sources}
 
 Method: `{cfg.merge.method}` (normalize: {cfg.normalize}, lambda: {cfg.merge.lambda_}), per-layer
 coefficients chosen by an Optuna search ({cfg.search.sampler}, objective `{cfg.search.objective}`,
-alpha {cfg.search.alpha}) on held-out alignment and domain cross-entropy. The coefficients are in
-`best.yaml` of the run folder; `mergekit.yaml` there reproduces this model.
+alpha {cfg.search.alpha}) on held-out alignment and domain cross-entropy.
+{recipe}.
 
 ## Scores (mean response-token cross-entropy, lower is better)
 {scores}

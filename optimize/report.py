@@ -20,11 +20,18 @@ from core.models import save_model_atomic
 from eval import plots
 from eval.loss import Scorer
 from optimize.context import load_test_data
-from optimize.export import coefficient_table, mergekit_config, mergekit_paths, model_card
+from optimize.export import (
+    MERGEKIT_CONFIG,
+    coefficient_table,
+    merged_mergekit_config,
+    mergekit_config,
+    mergekit_paths,
+    model_card,
+)
 from optimize.merge import PLAIN
 from optimize.methods import Candidate
 from optimize.storage import redact
-from optimize.study import choose
+from optimize.study import choose, trials_frame
 from optimize.workers import written_stamp
 
 COMPLETE = optuna.trial.TrialState.COMPLETE
@@ -128,7 +135,7 @@ def write_outputs(
     if cfg.output.mergekit:
         write_mergekit_yaml(ctx, candidate)
 
-    df = study.trials_dataframe()
+    df = trials_frame(study)
     buf = io.StringIO()
     df.to_csv(buf, index=False)
     write_text_atomic(run_dir / "trials.csv", buf.getvalue())
@@ -138,8 +145,12 @@ def write_outputs(
         plot_files = _plots(ctx, study, best, front, candidate, refs)
 
     if cfg.output.save_model:
-        card = model_card(cfg, best_doc, [])
-        save_model_atomic(model, ctx.base.tokenizer, run_dir / "merged", {"README.md": card}, stamp)
+        files = {"README.md": model_card(cfg, best_doc, [])}
+        if cfg.output.mergekit:
+            names = [n for n, _, _ in ctx.merger.params]
+            recipe = merged_mergekit_config(cfg, ctx.base.groups, names, candidate, run_dir / "merged")
+            files[MERGEKIT_CONFIG] = recipe
+        save_model_atomic(model, ctx.base.tokenizer, run_dir / "merged", files, stamp)
 
     report = _report(ctx, study, best, front, rule, scores, refs, refs_test, plot_files, storage, interrupted)
     write_text_atomic(run_dir / "report.md", report)

@@ -4,7 +4,10 @@
   parallel writers (Optuna's own advice; users hit "database is locked"), so we warn when we see
   another worker on it.
 - `postgresql://...` (or any SQLAlchemy URL): many workers on many machines.
-- `journal:PATH`: Optuna's journal file, for a shared file system without a database server.
+- `journal:PATH`, or the file path alone (`PATH.log`, `/shared/study.log`): Optuna's journal file,
+  for a shared file system without a database server. optuna-dashboard takes the path alone, so
+  `optuna-dashboard STORAGE` opens any storage given to `--storage` (the `journal:` form without
+  its prefix).
 
 Every storage we open has heartbeats: a running trial writes one every `heartbeat_s` seconds, and a
 trial silent for twice that long belongs to a dead worker. It is marked failed and retried once
@@ -36,6 +39,8 @@ warnings.filterwarnings(
 )
 
 JOURNAL = "journal:"
+SCHEME = re.compile(r"[A-Za-z][\w+.-]*:")  # a URL's `postgresql:`, `sqlite:`, `journal:`...
+SQLITE_HEADER = b"SQLite format 3\x00"
 HEARTBEAT_ATTR = "alignmerge:heartbeat"
 
 
@@ -105,23 +110,42 @@ class JournalHeartbeatStorage(JournalStorage, BaseHeartbeat):
         return self.retry
 
 
+def journal_path(url: str) -> Path | None:
+    """The journal file `url` names (`journal:PATH` or a path without a URL scheme), else None."""
+    if url.startswith(JOURNAL):
+        return Path(url[len(JOURNAL) :].removeprefix("//"))
+    return None if SCHEME.match(url) else Path(url)
+
+
+def open_journal(url: str, path: Path) -> JournalFileBackend:
+    if not url.startswith(JOURNAL) and not (path.suffix or "/" in url):  # a typo, not a file name
+        raise StorageError(
+            f"storage {url} is neither a URL (postgresql://..., sqlite:///PATH) nor a journal file "
+            "(PATH.log or journal:PATH)"
+        )
+    if not path.parent.is_dir():
+        raise StorageError(
+            f"storage {url}: folder {path.parent} does not exist; create it or name another "
+            "journal file (journal:/shared/folder/study.log)"
+        )
+    try:
+        if path.is_file():
+            with path.open("rb") as f:
+                if f.read(len(SQLITE_HEADER)) == SQLITE_HEADER:
+                    raise StorageError(f"storage {url} is a SQLite database; give sqlite:///{path.resolve()}")
+        return JournalFileBackend(str(path))
+    except OSError as err:
+        raise StorageError(f"storage {url}: cannot open the journal file: {err}") from None
+
+
 def open_storage(url: str, heartbeat_s: int) -> BaseStorage:
     """The Optuna storage for `url`, connected now: a server that cannot be reached fails here,
     before any model loads."""
     interval = heartbeat_s or None
     retry = RETRY if interval else None
-    if url.startswith(JOURNAL):
-        path = Path(url[len(JOURNAL) :].removeprefix("//"))
-        if not path.parent.is_dir():
-            raise StorageError(
-                f"storage {url}: folder {path.parent} does not exist; create it or name another "
-                "journal file (journal:/shared/folder/study.log)"
-            )
-        try:
-            backend = JournalFileBackend(str(path))
-        except OSError as err:
-            raise StorageError(f"storage {url}: cannot open the journal file: {err}") from None
-        return JournalHeartbeatStorage(backend, interval, retry)
+    path = journal_path(url)
+    if path is not None:
+        return JournalHeartbeatStorage(open_journal(url, path), interval, retry)
     try:
         parsed = make_url(url)
     except Exception:  # RDBStorage below says what is wrong with the URL

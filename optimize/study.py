@@ -1,18 +1,20 @@
 """The Optuna study of a search: sampler and pruner from the config, the signature that keeps a
-resumed or shared study comparable, and the pick of the chosen trial."""
+resumed or shared study comparable, the names of its values (shown by optuna-dashboard), and the
+pick of the chosen trial."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import sys
+import warnings
 
 import numpy as np
 import optuna
 
 from core.errors import ConfigError
 from optimize.context import model_fingerprints
-from optimize.objective import weighted_loss
+from optimize.objective import describe, weighted_loss
 from optimize.registry import SAMPLERS
 from optimize.storage import redact
 from optimize.workers import worker_id
@@ -20,6 +22,22 @@ from optimize.workers import worker_id
 
 def default_storage(cfg) -> str:
     return f"sqlite:///{(cfg.run_dir / 'study.db').resolve()}"
+
+
+def metric_names(search) -> list[str]:
+    """The name of each value a trial returns, as optuna-dashboard and Optuna's plots show it."""
+    return ["L_align", "L_domain"] if search.objective == "pareto" else [describe(search)]
+
+
+def trials_frame(study: optuna.Study):
+    """study.trials_dataframe() with the value columns it has when values are not named (`value`,
+    or `values_0`, `values_1`): trials.csv keeps one header whatever the objective."""
+    names = study.metric_names or []
+    if len(names) == 1:
+        renames = {f"value_{names[0]}": "value"}
+    else:
+        renames = {f"values_{name}": f"values_{i}" for i, name in enumerate(names)}
+    return study.trials_dataframe().rename(columns=renames)
 
 
 def make_sampler(cfg, space, seed: int | None) -> optuna.samplers.BaseSampler:
@@ -68,6 +86,10 @@ def open_study(cfg, storage, url: str, space, pruner, signature: dict) -> optuna
             "comparable with this config's:\n" + "\n".join(lines) + "\nUse another --study-name or "
             "--out, or delete the old study"
         )
+    if study.metric_names is None:  # also names the values of a study made before they were named
+        with warnings.catch_warnings():  # Optuna calls set_metric_names experimental
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            study.set_metric_names(metric_names(cfg.search))
     print(f"[alignmerge] worker {worker_id()}, sampler seed {seed}", file=sys.stderr)
     return study
 

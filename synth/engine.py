@@ -105,10 +105,12 @@ def resolve_backend(backend: str) -> str:
 
 
 def lora_base(ref: ModelRef) -> str | None:
-    """The base model of a LoRA adapter folder, or None when `ref` is a full model."""
-    p = Path(ref.path)
+    """The base model of a LoRA adapter folder, or None when `ref` is a full model. The adapter
+    may be a Hub id in the local cache; its base is a path or a Hub id, resolved by
+    `core.models.resolve_model_path` (the default model's Hub id is the packaged GGUF)."""
+    p = resolve_model_path(ref.path)
     cfg = p / "adapter_config.json"
-    if ref.path == "default" or not cfg.exists():
+    if p.is_file() or not cfg.exists():
         return None
     if ref.base:
         return ref.base

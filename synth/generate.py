@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 from core.cli import ArgumentParser, read_user_file, run_cli
-from core.errors import ConfigError, DataError, ModelLoadError, OutputError
+from core.errors import ConfigError, DataError, ModelLoadError
 from core.files import atomic_dir, check_replaceable
 from core.models import resolve_model_path
 from eval.data import read_prompt_file
@@ -89,8 +89,6 @@ def check_inputs(cfg: SynthConfig, out: Path) -> tuple[str, Templates]:
     """Everything checked before any model loads: the output folder, every model path, every
     file the config names, the backend. Returns the backend and the templates."""
     check_replaceable(out, "--out", kind="dataset")  # a folder of the user's is never replaced
-    if blocker := next((p for p in out.parents if p.exists() and not p.is_dir()), None):
-        raise OutputError(f"--out {out}: {blocker} is a file, not a folder; set out: (or --out) to a folder")
     check_models(cfg)
     templates = check_files(cfg)
     try:

@@ -13,7 +13,7 @@ import torch
 from tqdm.auto import tqdm
 
 from core.files import atomic_dir
-from core.models import load_model, load_tokenizer
+from core.models import hub_name, load_model, load_tokenizer
 from eval.loss import encode
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -82,6 +82,8 @@ def train_lora(
             bar.update(1)
             bar.set_postfix(loss=f"{loss.item():.3f}")
     bar.close()
+    # the adapter names its base portably (a Hub id), never this machine's install path
+    model.peft_config["default"].base_model_name_or_path = hub_name(base) or str(base)
     with atomic_dir(out, kind="adapter") as tmp:
         model.to(getattr(torch, save_dtype)).save_pretrained(tmp, safe_serialization=True)
     return Path(out)

@@ -89,3 +89,19 @@ def test_shipped_configs_validate():
             load_ablation(path)
         else:
             load_config(path)
+
+
+def test_dtype_auto_is_bf16_only_where_it_is_native(monkeypatch, tmp_path):
+    import torch
+
+    from core import models
+
+    cpuinfo = tmp_path / "cpuinfo"
+    monkeypatch.setattr(
+        models, "Path", lambda p: cpuinfo if p == "/proc/cpuinfo" else __import__("pathlib").Path(p)
+    )
+    cpuinfo.write_text("flags : fpu avx2 fma\n")
+    assert models.resolve_dtype("auto", "cpu") == torch.float32
+    cpuinfo.write_text("flags : fpu avx2 avx512f avx512_bf16\n")
+    assert models.resolve_dtype("auto", "cpu") == torch.bfloat16
+    assert models.resolve_dtype("float16", "cpu") == torch.float16  # an explicit choice is kept

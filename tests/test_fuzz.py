@@ -41,7 +41,7 @@ from core.config import allowed_keys, validate
 from core.errors import UserError
 from eval.data import load_pairs, read_prompt_file
 from eval.mcq import read_mcq
-from eval.run import extra_prompts
+from eval.run_inputs import extra_prompts
 from eval.settings import EvalSettings, parse_settings
 from optimize.ablate_config import Ablation, load_ablation
 from optimize.config import Config, load_config, validate_config
@@ -160,8 +160,11 @@ def call_case(id, fragment, call, open="") -> Case:
     return Case(id, fragment, call=call, open=open)
 
 
-def data_file(reader, content: str | bytes):
-    return lambda w, t: reader(write(t / "d.jsonl", content))
+def data_case(id, fragment, reader, content: str | bytes) -> Case:
+    """`reader(d.jsonl)` in-process, d.jsonl holding `content`."""
+    return Case(
+        id, fragment, files=lambda w, t: {"d.jsonl": content}, call=lambda w, t: reader(t / "d.jsonl")
+    )
 
 
 CASES = [
@@ -219,7 +222,7 @@ CASES = [
     synth_case("synth_prompts_missing", "does not exist", prompts_file="@tmp@/nope.jsonl"),
     synth_case("synth_prompts_not_utf8", "synth.prompts_file:", files={"p.jsonl": b"\xff\xfe"}),
     synth_case("synth_prompts_not_objects", "synth.prompts_file:", files={"p.jsonl": "[1, 2]\n"}),
-    synth_case("synth_prompts_empty", "has no prompts", files={"p.jsonl": ""}),
+    synth_case("synth_prompts_empty", "p.jsonl is empty", files={"p.jsonl": ""}),
     synth_case(
         "synth_examples_file_bad",
         "synth.experts.0:",
@@ -231,7 +234,7 @@ CASES = [
         "synth_model_missing", "synth.pool.0: model path does not exist", pool=[{"path": "@tmp@/nope"}]
     ),
     synth_case("synth_templates_dir_missing", "synth.templates_dir", templates_dir="@tmp@/nope"),
-    synth_case("synth_out_under_a_file", "is a file, not a folder", files={"f": "x"}, out="@tmp@/f"),
+    synth_case("synth_out_under_a_file", "which is a file", files={"f": "x"}, out="@tmp@/f"),
     call_case(
         "synth_empty_search_split",
         "synth.generate made no alignment_search rows",
@@ -290,27 +293,14 @@ CASES = [
         "--max-new-tokens",
         "0",
     ),
-    # ---- data files, read by the library itself (open: their fix is in files of other engineers)
-    call_case("pairs_not_utf8", "is not UTF-8", data_file(load_pairs, b"\xff"), "eval/data.py"),
-    call_case(
-        "pairs_deeply_nested",
-        "nested too deeply",
-        data_file(load_pairs, '{"prompt": ' + "[" * 10**5),
-        "eval/data.py",
+    # ---- data files, read by the library itself
+    data_case("pairs_not_utf8", "is not UTF-8", load_pairs, b"\xff"),
+    data_case("pairs_deeply_nested", "nested too deeply", load_pairs, '{"prompt": ' + "[" * 10**5),
+    data_case(
+        "pairs_number_prompt", "'prompt' must be a string", load_pairs, '{"prompt": 5, "response": "x"}\n'
     ),
-    call_case(
-        "pairs_number_prompt",
-        "'prompt' must be a string",
-        data_file(load_pairs, '{"prompt": 5, "response": "x"}\n'),
-        "eval/data.py",
-    ),
-    call_case(
-        "prompt_file_number_prompt",
-        "'prompt' must be a string",
-        data_file(read_prompt_file, '{"prompt": 5}\n'),
-        "eval/data.py",
-    ),
-    call_case("mcq_not_utf8", "is not UTF-8", data_file(read_mcq, b"\xff"), "eval/mcq.py"),
+    data_case("prompt_file_number_prompt", "line 1: no text", read_prompt_file, '{"prompt": 5}\n'),
+    data_case("mcq_not_utf8", "is not UTF-8", read_mcq, b"\xff"),
 ]
 REAL_PROCESSES = [
     "non_utf8_config",

@@ -93,3 +93,21 @@ def test_data_files(tmp_path):
     (tmp_path / "blank.jsonl").write_text('{"prompt": " ", "response": "b"}\n')
     with pytest.raises(DataError, match="no usable rows"), pytest.warns(UserWarning):
         load_pairs(tmp_path / "blank.jsonl")
+
+
+def test_a_huge_row_is_cut_before_it_is_tokenized(model_tok, monkeypatch):
+    """Only the text that can fit in max_length tokens is tokenized (a 50 MB row used to take a
+    minute and GBs); the example is the same as from the whole text."""
+    _, tok = model_tok
+    long = "what is the answer you know that " * 300
+    from eval import loss
+
+    whole = encode(tok, "what is it", long, 64)
+    seen = []
+    real = type(tok).__call__
+    monkeypatch.setattr(
+        type(tok), "__call__", lambda self, text, **kw: seen.append(len(text)) or real(self, text, **kw)
+    )
+    assert encode(tok, "what is it", long * 1000, 64) == whole  # 10 MB of response
+    assert max(seen) < 64 * loss.longest_token(tok) + 1000
+    assert encode(tok, long * 1000, "sure", 64) is None  # a prompt longer than max_length

@@ -124,7 +124,7 @@ def test_a_half_written_set_of_outputs_is_never_read_as_whole(world, tmp_path):
     (run_dir / "run.yaml").write_text(first_run_yaml)  # as if killed before run.yaml was written
     with pytest.raises(OutputError, match="not one complete set"):
         load_best(run_dir)
-    from eval.run import resolve_target
+    from eval.run_inputs import resolve_target
 
     with pytest.raises(OutputError, match="not one complete set"):
         resolve_target(str(run_dir))
