@@ -308,7 +308,7 @@ def test_bad_inputs_fail_with_the_fix(searched, world, tmp_path, capsys):
     )
     assert "bad.jsonl line 2" in _error(capsys, "--model", searched.run_dir, "--mcq", bad)
     bad.write_text("{not json\n")
-    assert "bad.jsonl line 1: JSONDecodeError" in _error(capsys, "--model", searched.run_dir, "--mcq", bad)
+    assert "bad.jsonl, line 1: not valid JSON" in _error(capsys, "--model", searched.run_dir, "--mcq", bad)
 
     raw = searched.model_dump(by_alias=True, mode="json")
     raw["eval"] = {"cka_promts": 4}
