@@ -136,7 +136,7 @@ def read_prompt_file(path: str | Path) -> list[dict]:
             raise DataError(f"{path}, line {n}: a JSON object expected; {fix}")
         low = {str(k).lower(): v for k, v in row.items()}
         text = next((low[k] for k in ("prompt", "question", "text") if low.get(k)), None)
-        if not isinstance(text, str) or not text.strip():
+        if not isinstance(text, str):  # a blank one is kept: the pipelines drop and count it
             raise DataError(f"{path}, line {n}: no text `prompt` (or `question`/`text`); {fix}")
         category = low.get("category")
         out.append(
