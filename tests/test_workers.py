@@ -110,7 +110,7 @@ def finish(proc: subprocess.Popen, timeout: float = 240) -> tuple[str, str]:
     return out, err
 
 
-def wait_for(study_name: str, storage, predicate, timeout: float = 120):
+def wait_for(study_name: str, storage, predicate, timeout: float = 300):  # a loaded machine is slow
     """Poll the study until predicate(trials) holds; returns the trials."""
     end = time.monotonic() + timeout
     while time.monotonic() < end:
