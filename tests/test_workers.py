@@ -95,17 +95,23 @@ def worker_config(world, tmp_path: Path, heartbeat_s: int = 1) -> Path:
 
 
 def start_worker(config: Path, *args: str) -> subprocess.Popen:
-    return subprocess.Popen(
+    # Output goes to files, not pipes: nobody reads a pipe while the test waits on the study, and
+    # a worker whose pipe fills up (progress bars, warnings) would block mid-trial.
+    out, err = (tempfile.TemporaryFile("w+") for _ in range(2))
+    proc = subprocess.Popen(
         [sys.executable, "-m", "optimize.search", "--config", str(config), *args],
         env=ENV,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
+        stdout=out,
+        stderr=err,
         text=True,
     )
+    proc.out_file, proc.err_file = out, err
+    return proc
 
 
 def finish(proc: subprocess.Popen, timeout: float = 240) -> tuple[str, str]:
-    out, err = proc.communicate(timeout=timeout)
+    proc.wait(timeout=timeout)
+    out, err = (f.seek(0) or f.read() for f in (proc.out_file, proc.err_file))
     assert proc.returncode == 0, err[-3000:]
     return out, err
 
