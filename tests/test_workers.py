@@ -109,6 +109,11 @@ def start_worker(config: Path, *args: str) -> subprocess.Popen:
     return proc
 
 
+def read_err(proc: subprocess.Popen) -> str:
+    err_file = getattr(proc, "err_file", None)
+    return err_file.seek(0) or err_file.read() if err_file else "(stderr not kept)"
+
+
 def finish(proc: subprocess.Popen, timeout: float = 240) -> tuple[str, str]:
     proc.wait(timeout=timeout)
     out, err = (f.seek(0) or f.read() for f in (proc.out_file, proc.err_file))
@@ -116,18 +121,23 @@ def finish(proc: subprocess.Popen, timeout: float = 240) -> tuple[str, str]:
     return out, err
 
 
-def wait_for(study_name: str, storage, predicate, timeout: float = 300):  # a loaded machine is slow
-    """Poll the study until predicate(trials) holds; returns the trials."""
-    end = time.monotonic() + timeout
+def wait_for(study_name: str, url: str, predicate, worker: subprocess.Popen, timeout: float = 300):
+    """Poll the study until predicate(trials) holds; returns the trials. One storage for the whole
+    wait: a fresh one per poll leaked a PostgreSQL connection each time until the garbage collector
+    ran, and with the server's 100 slots used up the worker under test could not connect. A worker
+    that exits fails the wait at once, with its stderr."""
+    storage, end = None, time.monotonic() + timeout
     while time.monotonic() < end:
+        if worker.poll() is not None:
+            raise AssertionError(f"the worker exited ({worker.returncode}) first: {read_err(worker)[-3000:]}")
         try:
-            study = optuna.load_study(study_name=study_name, storage=open_storage(storage, 0))
-            if predicate(trials := study.get_trials(deepcopy=False)):
+            storage = storage or open_storage(url, 0)
+            if predicate(trials := optuna.load_study(study_name=study_name, storage=storage).get_trials()):
                 return trials
         except (KeyError, StorageError):  # the study (or the run folder) is not made yet
             pass
         time.sleep(0.05)
-    raise AssertionError(f"timed out waiting on study {study_name}")
+    raise AssertionError(f"timed out waiting on study {study_name}: {read_err(worker)[-3000:]}")
 
 
 def check_study(study: optuna.Study, n: int):
@@ -182,7 +192,7 @@ def kill_one_worker_mid_trial(config: Path, url: str, name: str, args=(), n: int
         done = [t for t in trials if t.state == TrialState.COMPLETE]
         return len(done) >= 2 and any(len(t.params) == len(done[0].params) for t in running_of(trials, a.pid))
 
-    trials = wait_for(name, url, scoring)
+    trials = wait_for(name, url, scoring, a)
     os.kill(a.pid, signal.SIGKILL)
     a.wait()
     study = optuna.load_study(study_name=name, storage=open_storage(url, 0))
@@ -271,7 +281,7 @@ def test_worker_killed_before_its_first_heartbeat_does_not_hang_the_rerun(world,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    wait_for("tiny", url, lambda ts: len(ts) > 2 and ts[2].state == TrialState.RUNNING)
+    wait_for("tiny", url, lambda ts: len(ts) > 2 and ts[2].state == TrialState.RUNNING, stalled)
     os.kill(stalled.pid, signal.SIGKILL)
     stalled.wait()
     study = optuna.load_study(study_name="tiny", storage=open_storage(url, 0))
