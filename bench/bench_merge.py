@@ -37,6 +37,7 @@ from optimize.config import validate_config  # noqa: E402
 from optimize.context import prepare  # noqa: E402
 from optimize.export import mergekit_config  # noqa: E402
 from optimize.methods import Candidate  # noqa: E402
+from optimize.sources import stored_bytes  # noqa: E402
 
 CACHE = ROOT / "bench" / ".cache"
 
@@ -208,12 +209,10 @@ def main() -> None:
         ctx.scorer.losses(ctx.merger.apply(random_candidate(ctx, rng)))
         if t in (5, 50):
             rss[f"after_{t}_trials_mb"] = rss_mb()
-    params = sum(w.numel() for w in ctx.base.weights.values())
-    tv = sum(t.numel() for tv in ctx.merger.task_vectors for t in tv.values())
-    rss["float32_copies_mb"] = {
-        "base": params * 4 / 2**20,
-        "task_vectors": tv * 4 / 2**20,
-        "working_model": params * 4 / 2**20,
+    rss["held_mb"] = {
+        "base": sum(w.nbytes for w in ctx.base.weights.values()) / 2**20,
+        "task_vectors": sum(map(stored_bytes, ctx.merger.task_vectors)) / 2**20,
+        "working_model": sum(p.nbytes for p in ctx.base.model.parameters()) / 2**20,
     }
     results["rss"] = rss
     print("rss", json.dumps(rss, indent=1))

@@ -4,6 +4,7 @@ reading a YAML mapping from a file. Each command declares its own sections on to
 from __future__ import annotations
 
 import math
+import re
 import reprlib
 from pathlib import Path
 from typing import Annotated, Any, TypeVar, get_args
@@ -40,6 +41,21 @@ def _check_name(v: str) -> str:
 Name = Annotated[str, AfterValidator(_check_name)]
 # A random seed: numpy (Optuna's samplers) takes 0 <= seed < 2**32.
 Seed = Annotated[int, Field(ge=0, le=2**32 - 1)]
+
+_UNITS = {"": 1, "b": 1, "kb": 1e3, "mb": 1e6, "gb": 1e9, "tb": 1e12}
+_UNITS |= {"kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_size(text: str) -> int:
+    """`24GiB`, `80 GB`, `512MiB`, `2e9` -> bytes."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([a-z]*)\s*", str(text).lower())
+    if not m or m.group(2) not in _UNITS or float(m.group(1)) <= 0:
+        raise ValueError(f"{clip(text, 60)} is not a memory size (write e.g. 24GiB, 80GB or 512MiB)")
+    return int(float(m.group(1)) * _UNITS[m.group(2)])
+
+
+# A memory size such as "24GiB" or "80GB", checked when the config is read.
+MemorySize = Annotated[str, AfterValidator(lambda v: parse_size(v) and v)]
 
 _repr = reprlib.Repr()
 _repr.maxlevel, _repr.maxstring, _repr.maxother = 3, 120, 120

@@ -277,6 +277,29 @@ def resolve_dtype(name: str, device: str = "auto") -> torch.dtype:
     return DTYPES[dtype_name(name, device)]
 
 
+def checkpoint_dtype(path: str | os.PathLike) -> str | None:
+    """The dtype an HF folder's config.json declares its weights in (None: GGUF, or not said)."""
+    p = resolve_model_path(path)
+    try:
+        config = json.loads((p / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    name = config.get("dtype") or config.get("torch_dtype") if isinstance(config, dict) else None
+    return name if name in DTYPES else None
+
+
+def store_dtype_name(name: str, working: torch.dtype, path: str | os.PathLike) -> str:
+    """What theta_base and dense task vectors are kept in. `auto`: the working model's dtype when
+    it is 16-bit, else the checkpoint's own dtype when that is 16-bit (so the base is kept
+    exactly), else float32 (a dequantized GGUF's values need it)."""
+    if name != "auto":
+        return name
+    working_name = next(k for k, v in DTYPES.items() if v == working)
+    if working_name != "float32":
+        return working_name
+    return checkpoint_dtype(path) or "float32"
+
+
 def save_model_atomic(
     model,
     tokenizer,

@@ -50,7 +50,7 @@ from optimize.context import Context, make_scorer, prepare
 from optimize.merge import PLAIN, InMemoryMerger
 from optimize.methods import Candidate
 from optimize.report import versions
-from optimize.sources import load_task_vector
+from optimize.sources import DenseView, load_task_vector
 from synth.engine import EngineSettings, ModelRef, Sampling, vllm_available
 from synth.engine import open_engine as open_synth_engine
 
@@ -133,9 +133,8 @@ def analyse(inp: Inputs, loaded: Loaded) -> dict:
     ctx, cfg = loaded.ctx, inp.cfg
     groups = list(ctx.base.groups.names)
     names = [s.name for s in cfg.sources]
-    out = analysis.weight_metrics(
-        dict(zip(names, ctx.merger.task_vectors)), loaded.merged_tau, ctx.base.groups.of_param, len(groups)
-    )
+    sources = dict(zip(names, map(DenseView, ctx.merger.task_vectors)))
+    out = analysis.weight_metrics(sources, loaded.merged_tau, ctx.base.groups.of_param, len(groups))
     k = inp.settings.cka_prompts
     prompts = [r["prompt"] for r in inp.test["alignment"][:k] + inp.test["domain"][:k]]
     features = lambda model: analysis.hidden_states(  # noqa: E731

@@ -13,7 +13,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from core.config import Name, Seed, Strict, clip, read_yaml_mapping, validate
+from core.config import MemorySize, Name, Seed, Strict, clip, read_yaml_mapping, validate
 from core.errors import ConfigError
 from optimize.registry import (
     MERGE_METHODS,
@@ -137,6 +137,12 @@ class Runtime(Strict):
     device: str = "auto"  # auto -> cuda when present, else cpu
     # auto: bfloat16 where the device computes it natively (CUDA, AVX512-BF16/AMX), else float32
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "float32"
+    # theta_base and dense task vectors are kept in this dtype and merged in float32, one tensor at
+    # a time. auto: the working dtype when 16-bit, else the checkpoint's own 16-bit dtype, else float32.
+    store_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    # The search refuses to start when its memory estimate exceeds this (null: what the device has
+    # free now), e.g. 24GiB or 80GB.
+    max_memory: MemorySize | None = None
     threads: int | None = Field(None, ge=1, le=4096)
     allow_pickle: bool = False
     trust_remote_code: bool = False

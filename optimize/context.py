@@ -4,6 +4,7 @@ loads (paths, formats, data)."""
 
 from __future__ import annotations
 
+import sys
 import time
 from dataclasses import dataclass, field
 
@@ -11,10 +12,18 @@ import torch
 
 from core.errors import DataError, ModelLoadError
 from core.files import fingerprint
-from core.models import model_format, resolve_device, resolve_dtype, resolve_model_path
+from core.models import (
+    DTYPES,
+    model_format,
+    resolve_device,
+    resolve_dtype,
+    resolve_model_path,
+    store_dtype_name,
+)
 from eval.data import load_pairs
 from eval.loss import Scorer
 from optimize.config import Config, check_runtime
+from optimize.memory import check_memory
 from optimize.merge import InMemoryMerger
 from optimize.methods import METHODS
 from optimize.sources import Base, load_base, load_task_vectors
@@ -28,7 +37,9 @@ def check_inputs(cfg: Config) -> dict[str, list[dict]]:
     Returns the raw alignment and domain rows."""
     check_runtime(cfg)
     check_models(cfg)
-    return load_data(cfg)
+    rows = load_data(cfg)
+    print(f"[alignmerge] {check_memory(cfg).describe()}", file=sys.stderr)
+    return rows
 
 
 def check_models(cfg: Config) -> None:
@@ -101,8 +112,9 @@ def prepare(cfg: Config, rows: dict[str, list[dict]] | None = None) -> Context:
         torch.set_num_threads(cfg.runtime.threads)
     device = resolve_device(cfg.runtime.device)
     dtype = resolve_dtype(cfg.runtime.dtype, device)
+    store = DTYPES[store_dtype_name(cfg.runtime.store_dtype, dtype, resolve_model_path(cfg.base))]
     t0 = time.perf_counter()
-    base = load_base(cfg.base, dtype, device, cfg.runtime.allow_pickle, cfg.runtime.trust_remote_code)
+    base = load_base(cfg.base, dtype, device, cfg.runtime.allow_pickle, cfg.runtime.trust_remote_code, store)
     t1 = time.perf_counter()
     tvs = load_task_vectors(cfg.sources, base, cfg.runtime.allow_pickle, cfg.runtime.trust_remote_code)
     t2 = time.perf_counter()

@@ -3,10 +3,13 @@
 `mergekit.yaml` reproduces the best merge with `mergekit-yaml mergekit.yaml OUT` run from the run
 folder, and `merged/mergekit_config.yml` (the name mergekit gives it) the same from `merged/`.
 Per-group coefficients become mergekit conditional parameters (`filter` is a substring of the
-tensor name, first match wins). Sources mergekit cannot read (GGUF) are written once as
-safetensors folders under `<run>/sources/`, and so are LoRA sources merged into the base
-(mergekit's `model+lora` syntax needs an extra cache flag, so it would not run as-is). Full
-models from the Hugging Face cache are named `org/name@commit`, which mergekit fetches itself.
+tensor name, first match wins). Models mergekit cannot read (GGUF) are written once as
+safetensors folders under `<run>/sources/`, in the GGUF's own precision (float32 for quantized
+tensors, whose dequantized values need it). LoRA sources stay adapters, in mergekit's
+`base+adapter` form: nothing the size of a model is written per source, and the recipe's header
+gives the flags mergekit needs for them. Full models from the Hugging Face cache are named
+`org/name@commit`, which mergekit fetches itself. mergekit computes in float32 and writes the
+base checkpoint's dtype (`out_dtype`).
 The model card's front matter is what `huggingface_hub.ModelCardData` writes.
 """
 
@@ -18,15 +21,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from core.files import fingerprint
-from core.models import (
-    cached_model_folder,
-    hub_name,
-    load_model,
-    load_tokenizer,
-    materialize_hf_folder,
-    resolve_model_path,
-)
+from core.models import checkpoint_dtype, hub_name, materialize_hf_folder, resolve_model_path
 from optimize.config import Config
 from optimize.methods import Candidate
 from optimize.sources import Groups, adapter_base, source_kind
@@ -78,11 +73,8 @@ def _setting(values: np.ndarray, filters: list[list[str]]):
 
 def mergekit_paths(cfg: Config, run_dir: Path, start: Path | None = None) -> tuple[str, list[str]]:
     """Paths of base and sources as mergekit reads them, relative to `start` (the run folder by
-    default). GGUF files and LoRA adapters are written once as float32 safetensors folders under
-    <run>/sources/ (mergekit reads neither GGUF nor, without extra flags, LoRA adapters); full
-    models from the HF cache are `org/name@commit`."""
-    import torch
-
+    default): GGUF files become safetensors folders under <run>/sources/, LoRA adapters
+    `base+adapter`, full models from the HF cache `org/name@commit`."""
     materialized, rt = run_dir / "sources", cfg.runtime
     start = (start or run_dir).resolve()
 
@@ -93,31 +85,51 @@ def mergekit_paths(cfg: Config, run_dir: Path, start: Path | None = None) -> tup
         # "./" keeps mergekit's model card from asking the Hub whether "sources/x" is a repo
         return "./" + os.path.relpath(p.resolve(), start)
 
-    base = resolve_model_path(cfg.base)
-    if base.is_file():
-        base = materialize_hf_folder(base, materialized / "base", torch.float32, rt.trust_remote_code)
+    def readable(path: str, out: Path) -> str:
+        p = resolve_model_path(path)
+        if p.is_file():
+            p = materialize_hf_folder(p, out, gguf_dtype(p), rt.trust_remote_code)
+        return ref(path, p)
+
+    base = readable(cfg.base, materialized / "base")
     sources = []
     for s in cfg.sources:
-        p = resolve_model_path(s.path)
-        if p.is_file():
-            p = materialize_hf_folder(p, materialized / s.name, torch.float32, rt.trust_remote_code)
-        elif source_kind(s.path, rt.allow_pickle, rt.trust_remote_code) == "lora":
-            p = materialize_lora(base, p, materialized / s.name, rt.trust_remote_code)
-        sources.append(ref(s.path, p))
-    return ref(cfg.base, base), sources
+        if source_kind(s.path, rt.allow_pickle, rt.trust_remote_code) == "lora":
+            sources.append(f"{base}+{ref(s.path, resolve_model_path(s.path))}")
+        else:
+            sources.append(readable(s.path, materialized / s.name))
+    return base, sources
 
 
-def materialize_lora(base: Path, adapter: Path, out: Path, trust_remote_code: bool = False) -> Path:
-    """base + adapter merged by peft, saved as a float32 safetensors folder (once)."""
+def gguf_dtype(path: Path):
+    """The precision a GGUF's weights are exact in: float16/bfloat16 when every matrix is stored
+    so, else float32 (dequantized blocks are scale * q + min: more bits than 16)."""
+    import gguf
     import torch
-    from peft import PeftModel
 
-    def build():
-        base_model = load_model(base, torch.float32, trust_remote_code=trust_remote_code)
-        model = PeftModel.from_pretrained(base_model, str(adapter)).merge_and_unload()
-        return model, load_tokenizer(base, trust_remote_code)
+    kinds = {t.tensor_type.name for t in gguf.GGUFReader(path).tensors if len(t.shape) > 1}
+    exact = {frozenset({"F16"}): torch.float16, frozenset({"BF16"}): torch.bfloat16}
+    return exact.get(frozenset(kinds), torch.float32)
 
-    return cached_model_folder(out, f"{fingerprint(base)}+{fingerprint(adapter)}:float32", build)
+
+def mergekit_header(cfg: Config, recipe: str) -> str:
+    """The comment lines above a recipe: how to run it, and what differs from our merge."""
+    rt = cfg.runtime
+    flags = ""
+    if any(source_kind(s.path, rt.allow_pickle, rt.trust_remote_code) == "lora" for s in cfg.sources):
+        flags = " --lora-merge-cache lora_cache --lora-merge-dtype float32"
+    lines = [
+        "# Reproduces this merge; local paths are relative to this folder, so run it from here:\n"
+        f"#   mergekit-yaml {recipe} OUT{flags}\n"
+    ]
+    if flags:
+        lines.append(
+            "# mergekit applies each LoRA to the base first (into lora_cache/); float32 keeps its\n"
+            "# delta exact, as the search used it (bfloat16 halves the cache and rounds it).\n"
+        )
+    if cfg.merge.method in ("dare_ties", "dare_linear"):
+        lines.append(DARE_NOTE)
+    return "".join(lines)
 
 
 def mergekit_config(
@@ -126,6 +138,8 @@ def mergekit_config(
     method = cfg.merge.method
     filters = group_filters(groups, param_names)
     out: dict = {"merge_method": method, "dtype": "float32"}
+    if (stored := checkpoint_dtype(cfg.base)) and stored != "float32":
+        out["out_dtype"] = stored
     if method == "slerp":
         out["base_model"] = source_paths[0]
         out["models"] = [{"model": p} for p in source_paths]
@@ -157,13 +171,7 @@ def merged_mergekit_config(
     its local paths relative to `folder`, so it runs from there as mergekit's own does."""
     base_path, source_paths = mergekit_paths(cfg, cfg.run_dir, start=folder)
     mk = mergekit_config(cfg, groups, param_names, c, base_path, source_paths)
-    header = (
-        "# Reproduces this model; local paths are relative to this folder, so run it from here:\n"
-        f"#   mergekit-yaml {MERGEKIT_CONFIG} OUT\n"
-    )
-    if cfg.merge.method in ("dare_ties", "dare_linear"):
-        header += DARE_NOTE
-    return header + yaml.safe_dump(mk, sort_keys=False)
+    return mergekit_header(cfg, MERGEKIT_CONFIG) + yaml.safe_dump(mk, sort_keys=False)
 
 
 def card_name(path: str) -> str:

@@ -1,8 +1,10 @@
 """In-memory merging: every candidate is written in place into one working model.
 
-No disk writes, no reload, no model copy per trial: memory is theta_base (float32) + the task
-vectors + the working model, whatever the number of trials. The models a merge is judged against
-(the base, each source alone) are candidates of plain task arithmetic on the same merger.
+No disk writes, no reload, no model copy per trial: memory is theta_base and the task vectors (in
+the store dtype, LoRA factored) + the working model, whatever the number of trials. Each tensor is
+merged in float32: its base and deltas become float32 one tensor at a time. The models a merge
+is judged against (the base, each source alone) are candidates of plain task arithmetic on the
+same merger.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import numpy as np
 import torch
 
 from optimize.methods import Candidate, MergeMethod, TaskArithmetic
-from optimize.sources import Base, TaskVector
+from optimize.sources import Base, TaskVector, dense
 
 PLAIN = TaskArithmetic(normalize=False)  # theta_base + sum_t w_t tau_t: references, naive merges
 
@@ -43,7 +45,7 @@ class InMemoryMerger:
         method = method or self.method
         for name, p, g in self.params:
             out = self._buffer(p)
-            method.merge(name, g, self.base.weights[name], self._taus(name), candidate, out)
+            method.merge(name, g, self.base.weights[name].float(), self._taus(name), candidate, out)
             if out is not p.data:
                 p.data.copy_(out)
         return self.base.model
@@ -59,7 +61,7 @@ class InMemoryMerger:
         when the working model is bf16); tensors the merge leaves at the base are absent."""
         method, out = method or self.method, {}
         for name, _, g in self.params:
-            base = self.base.weights[name]
+            base = self.base.weights[name].float()
             merged = torch.empty_like(base)
             method.merge(name, g, base, self._taus(name), candidate, merged)
             if not torch.equal(merged, base):
@@ -67,7 +69,7 @@ class InMemoryMerger:
         return out
 
     def _taus(self, name: str) -> list[torch.Tensor | None]:
-        return [tv.get(name) for tv in self.task_vectors]
+        return [dense(tv[name]) if name in tv else None for tv in self.task_vectors]
 
     def uniform(self, weight: float) -> Candidate:
         """Every source at `weight` in every group (weight 0: the base)."""

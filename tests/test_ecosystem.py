@@ -63,7 +63,9 @@ def test_merged_card_and_mergekit_config_read_by_huggingface_hub_and_mergekit(wo
     recipe = yaml.safe_load((merged / "mergekit_config.yml").read_text())
     MergeConfiguration.model_validate(recipe)
     paths = [recipe["base_model"]] + [m["model"] for m in recipe["models"]]
-    assert all((merged / p / "config.json").exists() for p in paths), paths  # relative to merged/
+    full, (base, adapter) = paths[:-1], paths[-1].split("+")  # a LoRA source: mergekit's base+adapter
+    assert all((merged / p / "config.json").exists() for p in [*full, base]), paths  # relative to merged/
+    assert (merged / adapter / "adapter_config.json").exists(), paths
 
 
 def test_hub_id_resolves_from_the_local_hf_cache(world, tmp_path, monkeypatch):
@@ -122,9 +124,10 @@ def test_shipped_adapters_and_data_have_cards_and_no_machine_paths():
 @needs_default
 @pytest.mark.integration
 def test_shipped_adapters_load_as_sources_of_the_default_base():
-    from optimize.sources import load_base, load_task_vector
+    from optimize.sources import dense, load_base, load_task_vector
 
     base = load_base("default", torch.float32, "cpu")
     for adapter in ADAPTERS:
         tv = load_task_vector(adapter.name, str(adapter), base)
-        assert tv and all(torch.isfinite(d).all() and d.abs().sum() > 0 for d in tv.values())
+        deltas = map(dense, tv.values())
+        assert tv and all(torch.isfinite(d).all() and d.abs().sum() > 0 for d in deltas)

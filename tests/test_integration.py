@@ -71,15 +71,16 @@ def test_two_trial_search_on_the_default_model(tmp_path):
         "plots/losses.png",
         "plots/coefficients.png",
         "sources/base/config.json",
-        "sources/aligned/model.safetensors",
-        "sources/medical/model.safetensors",
     ]:
         assert (run_dir / f).exists(), f
+    assert sorted(p.name for p in (run_dir / "sources").iterdir()) == ["base"]  # adapters stay adapters
     best = yaml.safe_load((run_dir / "best.yaml").read_text())
     assert len(best["coefficients"]) == 32  # embeddings, 30 blocks, final norm (lm_head is tied)
     assert best["scores"]["alignment_loss_search"] > 0
     mk = yaml.safe_load((run_dir / "mergekit.yaml").read_text())
     assert mk["base_model"] == "./sources/base" and mk["merge_method"] == "ties"
+    assert all(m["model"].startswith("./sources/base+") for m in mk["models"])  # mergekit's LoRA form
+    assert "--lora-merge-cache" in (run_dir / "mergekit.yaml").read_text()
     # the merged folder loads back as a plain transformers model with the chat template
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -56,7 +56,13 @@ def test_matches_mergekit(world, tmp_path, monkeypatch, method, normalize, lora)
     run_merge(
         MergeConfiguration.model_validate(mk),
         str(tmp_path / "out"),
-        MergeOptions(quiet=True, write_model_card=False),
+        # the flags the recipe's header gives for LoRA sources (mergekit's base+adapter form)
+        MergeOptions(
+            quiet=True,
+            write_model_card=False,
+            lora_merge_cache=str(tmp_path / "lora_cache"),
+            lora_merge_dtype="float32",
+        ),
     )
     theirs = {}
     for f in (tmp_path / "out").glob("*.safetensors"):

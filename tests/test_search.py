@@ -69,22 +69,31 @@ def test_search_writes_every_output_and_mergekit_reproduces_it(world, tmp_path):
     text = (cfg.run_dir / "report.md").read_text()
     assert "| base |" in text and "merged (trial" in text and "plots/losses.png" in text
     assert "What was and was not evaluated" in (cfg.run_dir / "merged/README.md").read_text()
-    # mergekit-yaml, run as-is from the run folder, rebuilds the same model
-    out = tmp_path / "mk"
-    subprocess.run(
-        [
-            sys.executable.replace("python", "mergekit-yaml"),
-            "mergekit.yaml",
-            str(out),
-            "--no-write-model-card",
-        ],
-        cwd=cfg.run_dir,
-        check=True,
-        capture_output=True,
-    )
-    ours, theirs = load_file(cfg.run_dir / "merged/model.safetensors"), load_file(out / "model.safetensors")
+    mergekit_rebuilds_the_merged_model(cfg.run_dir, tmp_path / "mk")
+
+
+def mergekit_rebuilds_the_merged_model(run_dir, out):
+    """The command in mergekit.yaml's header, run as-is from the run folder, rebuilds the model."""
+    header = (run_dir / "mergekit.yaml").read_text().splitlines()[1]
+    command = header.removeprefix("#").split()
+    assert command[:3] == ["mergekit-yaml", "mergekit.yaml", "OUT"], header
+    command[0], command[2] = sys.executable.replace("python", "mergekit-yaml"), str(out)
+    subprocess.run([*command, "--no-write-model-card"], cwd=run_dir, check=True, capture_output=True)
+    ours, theirs = load_file(run_dir / "merged/model.safetensors"), load_file(out / "model.safetensors")
     for n in ours:
         torch.testing.assert_close(ours[n], theirs[n], rtol=1e-5, atol=1e-6)
+
+
+def test_lora_source_recipe_stays_an_adapter_and_mergekit_reproduces_it(world, tmp_path):
+    raw = world_config(world, tmp_path / "run", n_trials=2)
+    raw["sources"][1]["path"] = str(world["lora"])
+    raw["merge"] = {"method": "ties", "normalize": False}
+    cfg = validate_config(raw)
+    run(cfg)
+    recipe = yaml.safe_load((cfg.run_dir / "mergekit.yaml").read_text())
+    assert recipe["models"][1]["model"].startswith(recipe["base_model"] + "+")
+    assert not (cfg.run_dir / "sources").exists()  # nothing model-sized written for the adapter
+    mergekit_rebuilds_the_merged_model(cfg.run_dir, tmp_path / "mk")
 
 
 def test_rerun_resumes_and_counts_finished_trials(world, tmp_path):

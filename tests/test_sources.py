@@ -6,7 +6,14 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from core.errors import ModelLoadError
-from optimize.sources import SourceMismatchError, layer_groups, load_base, load_task_vector
+from optimize.sources import (
+    LowRank,
+    SourceMismatchError,
+    dense,
+    layer_groups,
+    load_base,
+    load_task_vector,
+)
 from tests.conftest import make_lora
 from tests.tiny import make_tiny_llama
 
@@ -39,13 +46,14 @@ def test_lora_task_vector_is_b_a_scaling_and_base_is_restored(world, base):
     before = {n: p.detach().clone() for n, p in base.model.named_parameters()}
     tv = load_task_vector("lora", str(world["lora"]), base)
     assert len(tv) == 4 * 3  # q, v, up in each of 4 layers; nothing dense for the rest
+    assert all(isinstance(d, LowRank) for d in tv.values())  # kept factored
     from safetensors.torch import load_file
 
     w = load_file(world["lora"] / "adapter_model.safetensors")
     cfg = json.loads((world["lora"] / "adapter_config.json").read_text())
     key = "base_model.model.model.layers.1.self_attn.q_proj"
     expected = w[f"{key}.lora_B.weight"] @ w[f"{key}.lora_A.weight"] * (cfg["lora_alpha"] / cfg["r"])
-    torch.testing.assert_close(tv["model.layers.1.self_attn.q_proj.weight"], expected)
+    torch.testing.assert_close(dense(tv["model.layers.1.self_attn.q_proj.weight"]), expected)
     after = dict(base.model.named_parameters())
     assert set(after) == set(before)  # the adapter was unloaded
     for n, p in before.items():

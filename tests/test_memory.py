@@ -1,0 +1,112 @@
+"""What a search holds: factored LoRA deltas, theta_base and task vectors in the store dtype
+(merged in float32), and the memory estimate that refuses a search that cannot fit, before any
+weight loads."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from peft import PeftModel
+from transformers import AutoModelForCausalLM
+
+from core.errors import ConfigError
+from optimize.config import validate_config
+from optimize.context import check_inputs, prepare
+from optimize.memory import estimate
+from optimize.methods import Candidate
+from optimize.search import main as search_main
+from optimize.sources import LowRank, dense, stored_bytes
+from tests.conftest import make_variant, world_config
+from tests.tiny import make_tiny_llama
+
+
+def test_factored_lora_equals_peft_merge(world):
+    """Every factored delta is exactly what peft's own merge adds to the base."""
+    cfg = world_config(world, world["root"] / "unused")
+    cfg["sources"][1]["path"] = str(world["lora"])
+    ctx = prepare(validate_config(cfg))
+    tv = ctx.merger.task_vectors[1]
+    assert tv and all(isinstance(d, LowRank) for d in tv.values())
+    base = AutoModelForCausalLM.from_pretrained(world["base"], dtype=torch.float32)
+    before = {n: p.detach().clone() for n, p in base.named_parameters()}
+    merged = dict(PeftModel.from_pretrained(base, str(world["lora"])).merge_and_unload().named_parameters())
+    for n, p in merged.items():
+        want = p.detach() - before[n]
+        got = dense(tv[n]) if n in tv else torch.zeros_like(want)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6, msg=n)
+    # factored: far fewer numbers than the dense deltas they stand for
+    assert stored_bytes(tv) < sum(merged[n].numel() * 4 for n in tv) / 2
+
+
+@pytest.fixture(scope="module")
+def bf16_world(world, tmp_path_factory):
+    """A base saved in bfloat16 and a fine-tune of it, also in bfloat16."""
+    root = tmp_path_factory.mktemp("bf16")
+    base = make_tiny_llama(root / "base", num_layers=4, seed=0, dtype="bfloat16")
+    expert = make_variant(base, root / "expert", seed=5)
+    model = AutoModelForCausalLM.from_pretrained(expert, dtype=torch.bfloat16)
+    model.save_pretrained(expert, safe_serialization=True)  # the fine-tune, stored in bf16 as well
+    return {**world, "base": base, "a": expert, "b": world["lora"]}
+
+
+def test_bf16_store_keeps_the_base_exactly_and_merges_close_to_float32(bf16_world, tmp_path):
+    raw = world_config(bf16_world, tmp_path / "run")
+    raw["merge"] = {"method": "task_arithmetic", "normalize": False}
+    ctx = {}
+    for store in ("auto", "float32"):
+        ctx[store] = prepare(validate_config({**raw, "runtime": {"store_dtype": store}}))
+    auto, full = ctx["auto"], ctx["float32"]
+    # auto: the working model is float32, the checkpoint bfloat16 -> kept in bfloat16, exactly
+    stored = auto.base.weights
+    assert {w.dtype for w in stored.values()} == {torch.bfloat16}
+    assert {w.dtype for w in full.base.weights.values()} == {torch.float32}
+    for n, w in stored.items():
+        assert torch.equal(w.float(), full.base.weights[n]), n
+    held = sum(w.nbytes for w in stored.values()) + sum(map(stored_bytes, auto.merger.task_vectors))
+    held_f32 = sum(w.nbytes for w in full.base.weights.values()) + sum(
+        map(stored_bytes, full.merger.task_vectors)
+    )
+    assert held < 0.6 * held_f32
+    rng = np.random.default_rng(0)
+    n_groups = auto.base.groups.n
+    cand = Candidate(weight=rng.uniform(0.2, 1, (2, n_groups)))
+    auto.merger.apply(cand)
+    ours = {n: p.detach().clone() for n, p, _ in auto.merger.params}
+    full.merger.apply(cand)
+    tau = full.merger.task_vectors[0]  # dense; the LoRA factors are float32 in both
+    for n, p, _ in full.merger.params:
+        # bf16 rounding of the dense task vector: at most 2^-9 of its largest entry (weight <= 1)
+        bound = 2**-8 * dense(tau[n]).abs().max() if n in tau else 0
+        assert (ours[n] - p.detach()).abs().max() <= bound + 1e-6, n
+
+
+def test_estimate_counts_what_a_search_holds(world, tmp_path):
+    raw = world_config(world, tmp_path / "run")
+    raw["sources"][1]["path"] = str(world["lora"])
+    cfg = validate_config(raw)
+    est = estimate(cfg)
+    ctx = prepare(cfg)
+    base = ctx.base
+    assert est.parts["working model"] == sum(p.nbytes for p in base.model.parameters())
+    assert est.parts["base copy"] == sum(w.nbytes for w in base.weights.values())
+    # source a moved every weight (dense), the LoRA source is held as its factors
+    assert est.parts["task vectors"] == sum(map(stored_bytes, ctx.merger.task_vectors))
+    assert est.peak > sum(est.parts[k] for k in ("working model", "base copy", "task vectors"))
+
+
+def test_a_search_that_cannot_fit_is_refused_before_loading(world, tmp_path, capsys):
+    raw = world_config(world, tmp_path / "run")
+    raw["runtime"] = {"max_memory": "1MiB"}
+    with pytest.raises(ConfigError, match=r"needs about .* GB but 0.00 GB is runtime.max_memory"):
+        check_inputs(validate_config(raw))
+    path = tmp_path / "small.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    assert search_main(["--config", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "store_dtype" in err and "largest part is" in err
+    assert not (tmp_path / "run").exists()  # nothing was started
+    raw["runtime"] = {"max_memory": "12 parsecs"}
+    with pytest.raises(ConfigError, match="runtime.max_memory.*not a memory size"):
+        validate_config(raw)
