@@ -317,17 +317,22 @@ def save_model_atomic(
 
 
 def materialize_hf_folder(
-    path: str | os.PathLike, out: str | os.PathLike, dtype=torch.bfloat16, trust_remote_code: bool = False
+    path: str | os.PathLike,
+    out: str | os.PathLike,
+    dtype=torch.bfloat16,
+    trust_remote_code: bool = False,
+    build=None,
 ) -> Path:
     """A safetensors HF folder for a model given as a GGUF file (or `default`), for tools that
-    cannot read GGUF (vLLM, mergekit). Written once per content of the model file."""
-    stamp = f"{fingerprint(resolve_model_path(path))}:{dtype}"
+    cannot read GGUF (vLLM, mergekit). Written once per content of the model file. `build`, when
+    given, returns the (model, tokenizer) already in memory in `dtype` (no second load)."""
 
-    def build():
+    def load():
         model = load_model(path, dtype=dtype, trust_remote_code=trust_remote_code)
         return model, load_tokenizer(path, trust_remote_code)
 
-    return cached_model_folder(out, stamp, build)
+    stamp = f"{fingerprint(resolve_model_path(path))}:{dtype}"
+    return cached_model_folder(out, stamp, build or load)
 
 
 def cached_model_folder(out: str | os.PathLike, stamp: str, build) -> Path:

@@ -71,10 +71,13 @@ def _setting(values: np.ndarray, filters: list[list[str]]):
     return [{"filter": f, "value": _r(v)} for v, fs in zip(values, filters) for f in fs]
 
 
-def mergekit_paths(cfg: Config, run_dir: Path, start: Path | None = None) -> tuple[str, list[str]]:
+def mergekit_paths(
+    cfg: Config, run_dir: Path, start: Path | None = None, base_in_memory=None
+) -> tuple[str, list[str]]:
     """Paths of base and sources as mergekit reads them, relative to `start` (the run folder by
     default): GGUF files become safetensors folders under <run>/sources/, LoRA adapters
-    `base+adapter`, full models from the HF cache `org/name@commit`."""
+    `base+adapter`, full models from the HF cache `org/name@commit`. `base_in_memory` (model,
+    dtype, tokenizer) saves a GGUF base from memory when it is held in the precision needed."""
     materialized, rt = run_dir / "sources", cfg.runtime
     start = (start or run_dir).resolve()
 
@@ -85,13 +88,15 @@ def mergekit_paths(cfg: Config, run_dir: Path, start: Path | None = None) -> tup
         # "./" keeps mergekit's model card from asking the Hub whether "sources/x" is a repo
         return "./" + os.path.relpath(p.resolve(), start)
 
-    def readable(path: str, out: Path) -> str:
+    def readable(path: str, out: Path, loaded=None) -> str:
         p = resolve_model_path(path)
         if p.is_file():
-            p = materialize_hf_folder(p, out, gguf_dtype(p), rt.trust_remote_code)
+            dtype = gguf_dtype(p)
+            build = (lambda: (loaded[0](), loaded[2])) if loaded and loaded[1] == dtype else None
+            p = materialize_hf_folder(p, out, dtype, rt.trust_remote_code, build)
         return ref(path, p)
 
-    base = readable(cfg.base, materialized / "base")
+    base = readable(cfg.base, materialized / "base", base_in_memory)
     sources = []
     for s in cfg.sources:
         if source_kind(s.path, rt.allow_pickle, rt.trust_remote_code) == "lora":

@@ -26,6 +26,7 @@ from core.models import (
     resolve_model_path,
     store_dtype_name,
 )
+from eval.loss import HEAD_CHUNK
 from optimize.config import Config
 
 PROCESS_BYTES = 0.7e9  # python + torch + transformers + tokenizers, measured on CPU (BENCHMARKS.md)
@@ -42,6 +43,7 @@ class Shapes:
     numel: int  # parameters (a tied lm_head counted once)
     largest: int  # entries of the largest tensor
     vocab: int
+    hidden: int
 
 
 def _safetensors_shapes(files: list[Path]) -> dict[str, tuple]:
@@ -67,17 +69,18 @@ def model_shapes(path: str, allow_pickle: bool = False, trust_remote_code: bool 
         files = sorted(p.glob("*.safetensors"))
         if not files:  # pickled weights: 4 bytes per parameter at most
             size = sum(f.stat().st_size for f in p.glob("*.bin"))
-            return Shapes(size // 2, size // 8, 0)
+            return Shapes(size // 2, size // 8, 0, 0)
         shapes = _safetensors_shapes(files)
         vocab_keys = [k for k in shapes if "embed_tokens" in k or "wte" in k]
     sizes = {k: math.prod(s) for k, s in shapes.items()}
-    vocab = max((max(shapes[k]) for k in vocab_keys), default=0)
-    return Shapes(sum(sizes.values()), max(sizes.values()), vocab)
+    embedding = max((shapes[k] for k in vocab_keys), key=math.prod, default=(0, 0))
+    return Shapes(sum(sizes.values()), max(sizes.values()), max(embedding), min(embedding))
 
 
-def lora_sizes(path: Path, store_bytes: int) -> tuple[int, int]:
+def lora_sizes(path: Path, store_bytes: int) -> tuple[int, int, int]:
     """A LoRA source held factored (float32, as peft loads it; modules_to_save dense): its bytes,
-    and the entries of the dense delta it stands for (what DARE's noise covers)."""
+    the entries of the dense delta it stands for (what DARE's noise covers), and of its largest
+    dense tensor."""
     f = path / "adapter_model.safetensors"
     shapes = _safetensors_shapes([f]) if f.exists() else {}
     held, out_dims, in_dims = 0, {}, {}
@@ -89,25 +92,29 @@ def lora_sizes(path: Path, store_bytes: int) -> tuple[int, int]:
             in_dims[module] = s[-1]
         elif ".lora_B" in k or ".lora_embedding_B" in k:
             out_dims[module] = s[0]
-    dense = sum(out_dims[m] * in_dims.get(m, 0) for m in out_dims)
-    return held, dense
+    dense = [out_dims[m] * in_dims.get(m, 0) for m in out_dims]
+    saved = [math.prod(s) for k, s in shapes.items() if ".lora_" not in k]
+    return held, sum(dense), max(dense + saved, default=0)
 
 
 @dataclass(frozen=True)
 class Estimate:
     device: str
-    parts: dict[str, int]  # what -> bytes
+    held: dict[str, int]  # what stays for the whole search -> bytes
+    transient: dict[str, int]  # what comes and goes, one at a time -> bytes
     limit: int | None  # bytes the search may use (None: unknown)
     limit_from: str
 
     @property
     def peak(self) -> int:
-        return sum(self.parts.values())
+        return sum(self.held.values()) + max(self.transient.values())
 
     def describe(self) -> str:
-        parts = ", ".join(f"{k} {gb(v)}" for k, v in self.parts.items() if v)
+        held = ", ".join(f"{k} {gb(v)}" for k, v in self.held.items() if v)
+        transient = " or ".join(f"{k} {gb(v)}" for k, v in self.transient.items() if v)
         limit = f" of {gb(self.limit)} ({self.limit_from})" if self.limit else ""
-        return f"memory estimate on {self.device}: {parts} -> peak ~{gb(self.peak)}{limit}"
+        peak = f"peak ~{gb(self.peak)}{limit}"
+        return f"memory estimate on {self.device}: {held}, + at most one of {transient} -> {peak}"
 
 
 def available(device: str) -> tuple[int | None, str]:
@@ -130,38 +137,38 @@ def estimate(cfg: Config) -> Estimate:
     wbytes, sbytes = working.itemsize, store.itemsize
     base = model_shapes(cfg.base, rt.allow_pickle, rt.trust_remote_code)
     method = cfg.merge.method
-    sources = 0
+    sources = largest = 0  # largest: entries of the largest tensor a source changes
     for s in cfg.sources:
         p = resolve_model_path(s.path)
         if model_format(p, rt.allow_pickle, rt.trust_remote_code) == "lora":
-            held, covered = lora_sizes(p, sbytes)
+            held, covered, biggest = lora_sizes(p, sbytes)
         else:
-            held, covered = base.numel * sbytes, base.numel
+            held, covered, biggest = base.numel * sbytes, base.numel, base.largest
         sources += held + (covered * 2 if method in DARE else 0)
-    n = len(cfg.sources)
-    scratch = base.largest * 4 * (n + 3) + (base.largest * 12 if method in SPARSE else 0)
-    logits = cfg.data.batch_tokens * max(base.vocab, 1) * 4 * 3  # logits, log-softmax, gathered
-    parts = {
-        "working model": base.numel * wbytes,
-        "base copy": base.numel * sbytes,
-        "task vectors": sources,
-        "merge scratch": scratch,
-        "scoring": logits,
-    }
+        largest = max(largest, biggest)
+    # merging one tensor: its base and each delta in float32, the output; the first trim sorts it
+    scratch = largest * 4 * (len(cfg.sources) + 2) + (largest * 12 if method in SPARSE else 0)
+    # scoring one batch: per-layer activations, and the head's logits HEAD_CHUNK positions at a time
+    scoring = cfg.data.batch_tokens * base.hidden * 4 * 16 + HEAD_CHUNK * base.vocab * 4 * 3
+    held = {"working model": base.numel * wbytes, "base copy": base.numel * sbytes, "task vectors": sources}
     if device == "cpu":
-        parts["process"] = int(PROCESS_BYTES)
+        held["process"] = int(PROCESS_BYTES)
+    transient = {"merge scratch": scratch, "scoring": scoring}
+    if model_format(resolve_model_path(cfg.base), rt.allow_pickle, rt.trust_remote_code) == "gguf":
+        transient["loading the GGUF"] = base.numel * wbytes  # dequantized, then rebuilt as a plain model
     if rt.max_memory:
         limit, limit_from = parse_size(rt.max_memory), "runtime.max_memory"
     else:
         limit, limit_from = available(device)
-    return Estimate(device, parts, limit, limit_from)
+    return Estimate(device, held, transient, limit, limit_from)
 
 
 def check_memory(cfg: Config) -> Estimate:
     """The estimate, or a ConfigError naming what to change when it does not fit."""
     est = estimate(cfg)
     if est.limit and est.peak > est.limit:
-        biggest = max(est.parts, key=est.parts.get)
+        parts = est.held | est.transient
+        biggest = max(parts, key=parts.get)
         raise ConfigError(
             f"this search needs about {gb(est.peak)} but {gb(est.limit)} is {est.limit_from} "
             f"({est.describe()}); the largest part is {biggest}. Lower it: runtime.store_dtype "

@@ -105,6 +105,8 @@ def write_outputs(
     test_scorer = ctx.scorer_for(test_rows) if test_rows else None
     refs = reference_losses(ctx, search_scorer) if cfg.output.references else {}
     refs_test = reference_losses(ctx, test_scorer) if test_scorer and cfg.output.references else {}
+    if cfg.output.mergekit:  # before the candidate goes in: a GGUF base is saved from memory
+        write_mergekit_yaml(ctx, candidate)
     model = ctx.merger.apply(candidate)
     search_losses = search_scorer.losses(model, progress=True)
     test_losses = test_scorer.losses(model, progress=True) if test_scorer else {}
@@ -132,9 +134,6 @@ def write_outputs(
         "outputs_stamp": stamp,  # the same in run.yaml and merged/: the outputs are one set
     }
     write_yaml_atomic(run_dir / BEST, best_doc)
-
-    if cfg.output.mergekit:
-        write_mergekit_yaml(ctx, candidate)
 
     df = trials_frame(study)
     buf = io.StringIO()
@@ -176,8 +175,11 @@ def write_outputs(
 
 def write_mergekit_yaml(ctx, candidate: Candidate) -> Path:
     cfg, run_dir = ctx.cfg, ctx.cfg.run_dir
-    base_path, source_paths = mergekit_paths(cfg, run_dir)
-    names = [n for n, _, _ in ctx.merger.params]
+    merger = ctx.merger
+    base_model = lambda: merger.apply(merger.uniform(0), PLAIN)  # noqa: E731  the base, as held
+    held = (base_model, next(merger.model.parameters()).dtype, ctx.base.tokenizer)
+    base_path, source_paths = mergekit_paths(cfg, run_dir, base_in_memory=held)
+    names = [n for n, _, _ in merger.params]
     mk = mergekit_config(cfg, ctx.base.groups, names, candidate, base_path, source_paths)
     text = mergekit_header(cfg, "mergekit.yaml") + yaml.safe_dump(mk, sort_keys=False)
     return write_text_atomic(run_dir / "mergekit.yaml", text)

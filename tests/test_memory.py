@@ -89,11 +89,11 @@ def test_estimate_counts_what_a_search_holds(world, tmp_path):
     est = estimate(cfg)
     ctx = prepare(cfg)
     base = ctx.base
-    assert est.parts["working model"] == sum(p.nbytes for p in base.model.parameters())
-    assert est.parts["base copy"] == sum(w.nbytes for w in base.weights.values())
+    assert est.held["working model"] == sum(p.nbytes for p in base.model.parameters())
+    assert est.held["base copy"] == sum(w.nbytes for w in base.weights.values())
     # source a moved every weight (dense), the LoRA source is held as its factors
-    assert est.parts["task vectors"] == sum(map(stored_bytes, ctx.merger.task_vectors))
-    assert est.peak > sum(est.parts[k] for k in ("working model", "base copy", "task vectors"))
+    assert est.held["task vectors"] == sum(map(stored_bytes, ctx.merger.task_vectors))
+    assert est.peak > sum(est.held[k] for k in ("working model", "base copy", "task vectors"))
 
 
 def test_a_search_that_cannot_fit_is_refused_before_loading(world, tmp_path, capsys):
