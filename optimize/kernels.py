@@ -41,8 +41,11 @@ class MaskCache:
         cache = self._thresholds.setdefault((i, name), {})
         d = round(float(density), 6)
         if d not in cache:
+            n = tau.numel()
+            if n > BISECT_NUMEL:  # an embedding matrix: no n-sized temporaries
+                cache[d] = kth_largest_abs(tau, max(1, int(d * n)))
+                return cache[d]
             flat = tau.abs().flatten()
-            n = flat.numel()
             wanted = [d] + [x for x in self.density_levels if x < 1 and x not in cache]
             if len(wanted) > 1:  # one sort gives the threshold of every grid density at once
                 ordered = torch.sort(flat).values
@@ -79,6 +82,31 @@ class MaskCache:
         return self.dare_noise(i, name, tau) < self.dare_cutoff(density)
 
 
+BISECT_NUMEL = 1 << 26  # above this (64M entries), thresholds by bisection: a sort would take 12 B/entry
+_BITS = {  # a non-negative float's bit pattern, read as an integer, grows with its value
+    torch.float32: (torch.int32, 0x7F800000),
+    torch.bfloat16: (torch.int16, 0x7F80),
+    torch.float16: (torch.int16, 0x7C00),
+}
+
+
+def kth_largest_abs(tau: Tensor, k: int, chunk: int = 1 << 24) -> float:
+    """The k-th largest |tau|, exactly, without sorting: bisection over the bit patterns of
+    non-negative floats (at most 31 passes), each pass counting in chunks."""
+    int_dtype, top = _BITS[tau.dtype]
+    flat = tau.reshape(-1)
+
+    def at_least(bits: int) -> int:  # entries with |tau| >= the float of `bits`
+        chunks = (flat[s : s + chunk] for s in range(0, flat.numel(), chunk))
+        return sum(int((c.abs().view(int_dtype) >= bits).sum()) for c in chunks)
+
+    lo, hi = 0, top  # at_least(lo) >= k holds; find the largest such bit pattern
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if at_least(mid) >= k else (lo, mid - 1)
+    return torch.tensor(lo, dtype=int_dtype).view(tau.dtype).item()
+
+
 def stable_hash(*parts) -> int:
     """A seed from (seed, source, tensor name) that, unlike hash(), is the same in every process."""
     digest = hashlib.sha256(repr(parts).encode()).digest()
@@ -104,14 +132,15 @@ def sign_consensus(weighted: list[Tensor], weights: list[Tensor], normalize: boo
 
 
 def ties_delta(taus, thresholds, weights, normalize: bool) -> Tensor:
-    """sum over agreeing sources of w_t * (tau_t where |tau_t| >= its magnitude threshold)."""
-    weighted = [torch.where(t.abs() >= th, t, 0.0) * w for t, th, w in zip(taus, thresholds, weights)]
+    """sum over agreeing sources of w_t * (tau_t where |tau_t| >= its magnitude threshold).
+    Task vectors come in their store dtype and are read as float32 inside the kernel."""
+    weighted = [torch.where(t.abs() >= th, t.float(), 0.0) * w for t, th, w in zip(taus, thresholds, weights)]
     return sign_consensus(weighted, weights, normalize)
 
 
 def dare_delta(taus, noises, cutoffs, scales, weights, normalize: bool) -> Tensor:
     """As ties_delta, with DARE's random drop (noise < cutoff keeps) and rescale (w / d)."""
-    weighted = [torch.where(n < c, t, 0.0) * s for t, n, c, s in zip(taus, noises, cutoffs, scales)]
+    weighted = [torch.where(n < c, t.float(), 0.0) * s for t, n, c, s in zip(taus, noises, cutoffs, scales)]
     return sign_consensus(weighted, weights, normalize)
 
 
@@ -163,5 +192,5 @@ def add_elementwise(out: Tensor, fused: Fused, fn, tensors, scalars, normalize: 
 
 
 def scalar(x: float, like: Tensor) -> Tensor:
-    """A 0-d tensor, so a compiled kernel is not specialized on the value."""
-    return torch.tensor(float(x), dtype=like.dtype, device=like.device)
+    """A float32 0-d tensor, so a compiled kernel is not specialized on the value."""
+    return torch.tensor(float(x), dtype=torch.float32, device=like.device)

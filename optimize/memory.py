@@ -28,9 +28,10 @@ from core.models import (
 )
 from eval.loss import HEAD_CHUNK
 from optimize.config import Config
+from optimize.kernels import BISECT_NUMEL
 
 PROCESS_BYTES = 0.7e9  # python + torch + transformers + tokenizers, measured on CPU (BENCHMARKS.md)
-SPARSE = ("ties", "dare_ties", "dare_linear")  # sort a tensor's |tau| once: values + int64 indices
+SPARSE = ("ties", "dare_ties")  # trimmed by magnitude: a sort of |tau| (values + int64 indices)
 DARE = ("dare_ties", "dare_linear")  # int16 drop noise per entry of every task vector
 
 
@@ -137,17 +138,21 @@ def estimate(cfg: Config) -> Estimate:
     wbytes, sbytes = working.itemsize, store.itemsize
     base = model_shapes(cfg.base, rt.allow_pickle, rt.trust_remote_code)
     method = cfg.merge.method
-    sources = largest = 0  # largest: entries of the largest tensor a source changes
+    sources = largest = lora_largest = n_lora = 0  # largest: entries of the largest tensor changed
     for s in cfg.sources:
         p = resolve_model_path(s.path)
         if model_format(p, rt.allow_pickle, rt.trust_remote_code) == "lora":
             held, covered, biggest = lora_sizes(p, sbytes)
+            lora_largest, n_lora = max(lora_largest, biggest), n_lora + 1
         else:
             held, covered, biggest = base.numel * sbytes, base.numel, base.largest
         sources += held + (covered * 2 if method in DARE else 0)
         largest = max(largest, biggest)
-    # merging one tensor: its base and each delta in float32, the output; the first trim sorts it
-    scratch = largest * 4 * (len(cfg.sources) + 2) + (largest * 12 if method in SPARSE else 0)
+    # merging one tensor: the float32 output buffer and the kernel's result, each LoRA delta
+    # multiplied out, and the trim's sort (12 B/entry) below BISECT_NUMEL entries
+    scratch = largest * 8 + lora_largest * 4 * n_lora
+    if method in SPARSE and largest <= BISECT_NUMEL:
+        scratch += largest * 12
     # scoring one batch: per-layer activations, and the head's logits HEAD_CHUNK positions at a time
     scoring = cfg.data.batch_tokens * base.hidden * 4 * 16 + HEAD_CHUNK * base.vocab * 4 * 3
     held = {"working model": base.numel * wbytes, "base copy": base.numel * sbytes, "task vectors": sources}

@@ -2,9 +2,10 @@
 
 No disk writes, no reload, no model copy per trial: memory is theta_base and the task vectors (in
 the store dtype, LoRA factored) + the working model, whatever the number of trials. Each tensor is
-merged in float32: its base and deltas become float32 one tensor at a time. The models a merge
-is judged against (the base, each source alone) are candidates of plain task arithmetic on the
-same merger.
+merged in float32 from its stored base and deltas (read as float32 inside the arithmetic; a LoRA
+delta is formed for its tensor only), into a float32 buffer rounded once into the working model.
+The models a merge is judged against (the base, each source alone) are candidates of plain task
+arithmetic on the same merger.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import numpy as np
 import torch
 
 from optimize.methods import Candidate, MergeMethod, TaskArithmetic
-from optimize.sources import Base, TaskVector, dense
+from optimize.sources import Base, TaskVector, stored
 
 PLAIN = TaskArithmetic(normalize=False)  # theta_base + sum_t w_t tau_t: references, naive merges
 
@@ -45,7 +46,7 @@ class InMemoryMerger:
         method = method or self.method
         for name, p, g in self.params:
             out = self._buffer(p)
-            method.merge(name, g, self.base.weights[name].float(), self._taus(name), candidate, out)
+            method.merge(name, g, self.base.weights[name], self._taus(name), candidate, out)
             if out is not p.data:
                 p.data.copy_(out)
         return self.base.model
@@ -63,13 +64,13 @@ class InMemoryMerger:
         for name, _, g in self.params:
             base = self.base.weights[name].float()
             merged = torch.empty_like(base)
-            method.merge(name, g, base, self._taus(name), candidate, merged)
+            method.merge(name, g, self.base.weights[name], self._taus(name), candidate, merged)
             if not torch.equal(merged, base):
                 out[name] = merged - base
         return out
 
     def _taus(self, name: str) -> list[torch.Tensor | None]:
-        return [dense(tv[name]) if name in tv else None for tv in self.task_vectors]
+        return [stored(tv[name]) if name in tv else None for tv in self.task_vectors]
 
     def uniform(self, weight: float) -> Candidate:
         """Every source at `weight` in every group (weight 0: the base)."""

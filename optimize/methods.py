@@ -89,7 +89,8 @@ class MergeMethod:
     def merge(
         self, name: str, g: int, base: Tensor, taus: list[Tensor | None], c: Candidate, out: Tensor
     ) -> None:
-        """Write the merged tensor (float32) into `out`."""
+        """Write the merged tensor into `out` (float32), computing in float32: `base` and `taus`
+        may come in a 16-bit store dtype."""
         raise NotImplementedError
 
 
@@ -200,7 +201,8 @@ class Slerp(MergeMethod):
 
     def merge(self, name, g, base, taus, c, out):
         t = float(c.t[g])
-        tau_a, tau_b = (tau if tau is not None else torch.zeros_like(base) for tau in taus)
+        base = base.float()
+        tau_a, tau_b = (tau.float() if tau is not None else torch.zeros_like(base) for tau in taus)
         theta = self.angle(name, base + tau_a, base + tau_b)
         if theta is None:
             ca, cb = 1 - t, t

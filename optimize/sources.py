@@ -50,8 +50,14 @@ TaskVector = dict[str, Delta]  # parameter name -> delta; absent names have delt
 
 
 def dense(delta: Delta) -> torch.Tensor:
-    """A stored delta as the float32 tensor the merge formulas take."""
+    """A stored delta as a float32 tensor."""
     return delta.dense() if isinstance(delta, LowRank) else delta.float()
+
+
+def stored(delta: Delta) -> torch.Tensor:
+    """A stored delta as the tensor the merge methods take: dense ones as stored (the methods read
+    them as float32), LoRA factors multiplied out (float32)."""
+    return delta.dense() if isinstance(delta, LowRank) else delta
 
 
 class DenseView(Mapping):

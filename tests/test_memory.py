@@ -14,8 +14,9 @@ from transformers import AutoModelForCausalLM
 from core.errors import ConfigError
 from optimize.config import validate_config
 from optimize.context import check_inputs, prepare
+from optimize.kernels import kth_largest_abs
 from optimize.memory import estimate
-from optimize.methods import Candidate
+from optimize.methods import Candidate, DareTies, TaskArithmetic, Ties
 from optimize.search import main as search_main
 from optimize.sources import LowRank, dense, stored_bytes
 from tests.conftest import make_variant, world_config
@@ -110,3 +111,34 @@ def test_a_search_that_cannot_fit_is_refused_before_loading(world, tmp_path, cap
     raw["runtime"] = {"max_memory": "12 parsecs"}
     with pytest.raises(ConfigError, match="runtime.max_memory.*not a memory size"):
         validate_config(raw)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_bisection_threshold_equals_the_sort(dtype):
+    gen = torch.Generator().manual_seed(0)
+    tau = (torch.randn(20_000, generator=gen) * 1e-3).to(dtype)
+    tau[:500] = tau[500:1000]  # ties
+    tau[1000:1100] = 0
+    ordered = torch.sort(tau.abs().float()).values
+    for k in (1, 7, 999, 10_000, 20_000):
+        assert kth_largest_abs(tau, k, chunk=3_000) == ordered[tau.numel() - k].item(), k
+
+
+@pytest.mark.parametrize("numel", [3_000, 1 << 17])  # eager chunks, and the fused kernel
+@pytest.mark.parametrize("method_cls", [Ties, DareTies, TaskArithmetic])
+def test_methods_read_16bit_deltas_as_float32(numel, method_cls, monkeypatch):
+    """A merge of bf16-stored base and deltas equals the merge of their float32 copies, bit for
+    bit: the arithmetic is float32 either way. Huge tensors' bisection thresholds equal the sort's."""
+    gen = torch.Generator().manual_seed(1)
+    base = torch.randn(numel, generator=gen).to(torch.bfloat16)
+    taus = [(torch.randn(numel, generator=gen) * 0.01).to(torch.bfloat16) for _ in range(2)]
+    cand = Candidate(weight=np.array([[0.7], [0.4]]), density=np.array([[0.3], [0.6]]))
+    outs = []
+    for half, bisect in ((True, False), (False, False), (True, True)):
+        monkeypatch.setattr("optimize.kernels.BISECT_NUMEL", 100 if bisect else 1 << 26)
+        method = method_cls(normalize=False, density_levels=(0.3, 0.6))
+        out = torch.empty(numel)
+        args = (base, taus) if half else (base.float(), [t.float() for t in taus])
+        method.merge("w", 0, args[0], args[1], cand, out)
+        outs.append(out)
+    assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
