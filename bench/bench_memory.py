@@ -214,6 +214,7 @@ def main() -> None:
     m.add_argument("--candidates", type=int, default=3)
     ap.add_argument("--shapes", nargs="+", default=["default", "1.7b"])
     ap.add_argument("--candidates", type=int, default=3)
+    ap.add_argument("--methods", nargs="+", default=["task_arithmetic", "ties"])
     ap.add_argument("--json", default=str(ROOT / "bench" / "results" / "memory.json"))
     args = ap.parse_args()
     if args.cmd == "measure":
@@ -230,7 +231,7 @@ def main() -> None:
         pools = {"dense": [make_dense(base, k) for k in (1, 2)], "lora": [make_lora(base, k) for k in (1, 2)]}
         n_rows = 16 if shape == "default" else 1
         for kind, sources in pools.items():
-            for method in ("task_arithmetic", "ties"):
+            for method in args.methods:
                 config = write_config(shape, base, sources, method, n_rows)
                 for design in ("new", "today"):
                     cfg = load_config(config)

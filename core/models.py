@@ -11,6 +11,7 @@ adapters) need `allow_pickle=True`; a folder that ships its own code (`auto_map`
 
 from __future__ import annotations
 
+import ctypes
 import importlib.util
 import json
 import os
@@ -298,6 +299,14 @@ def store_dtype_name(name: str, working: torch.dtype, path: str | os.PathLike) -
     if working_name != "float32":
         return working_name
     return checkpoint_dtype(path) or "float32"
+
+
+def release_freed_memory() -> None:
+    """Hand the heap pages freed by a load's temporaries back to the OS (glibc keeps them)."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
 
 
 def save_model_atomic(

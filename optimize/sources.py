@@ -212,9 +212,19 @@ def check_compatible(name: str, base: Base, info: dict, shapes: dict[str, tuple]
         )
 
 
+DELTA_CHUNK = 1 << 22  # tau is computed in float32 this many entries at a time
+
+
 def _delta(name: str, source_weight: torch.Tensor, base_weight: torch.Tensor) -> torch.Tensor | None:
-    d = source_weight.to(base_weight.device, torch.float32) - base_weight.float()
-    return d.to(base_weight.dtype) if d.any() else None  # untouched tensors cost no memory
+    """theta_t - theta_base in float32, stored in the base's dtype; None if it is all zero
+    (untouched tensors cost no memory). In chunks: whole, an embedding's float32 temporaries
+    would be 1.2 GB at 1.7B."""
+    d = torch.empty(base_weight.shape, dtype=base_weight.dtype, device=base_weight.device)
+    src, base, out = source_weight.reshape(-1), base_weight.reshape(-1), d.view(-1)
+    for s in range(0, out.numel(), DELTA_CHUNK):
+        c = slice(s, s + DELTA_CHUNK)
+        out[c] = src[c].to(base.device, torch.float32) - base[c].float()
+    return d if d.any() else None
 
 
 def task_vector_hf(name: str, path: Path, base: Base, trust_remote_code: bool = False) -> TaskVector:
@@ -230,13 +240,18 @@ def task_vector_hf(name: str, path: Path, base: Base, trust_remote_code: bool = 
         if tok_info
         else {**model_info(config, base.tokenizer), "chat_template": None}
     )
-    handles = [safe_open(f, framework="pt", device="cpu") for f in files]
-    where = {k: h for h in handles for k in h.keys()}
-    shapes = {k: tuple(h.get_slice(k).get_shape()) for k, h in where.items()}
+    where, shapes = {}, {}
+    for f in files:
+        with safe_open(f, framework="pt", device="cpu") as h:
+            where |= dict.fromkeys(h.keys(), f)
+            shapes |= {k: tuple(h.get_slice(k).get_shape()) for k in h.keys()}
     check_compatible(name, base, info, shapes)
     tv = {}
     for n, w in base.weights.items():
-        d = _delta(n, where[n].get_tensor(n), w)
+        # One tensor per opening: the file's pages read so far leave the process when it closes
+        # (a file kept open keeps them resident: +3.4 GB for a 1.7B model in bf16).
+        with safe_open(where[n], framework="pt", device="cpu") as h:
+            d = _delta(n, h.get_tensor(n), w)
         if d is not None:
             tv[n] = d
     return tv
