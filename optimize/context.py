@@ -15,7 +15,6 @@ from core.files import fingerprint
 from core.models import (
     DTYPES,
     model_format,
-    release_freed_memory,
     resolve_device,
     resolve_dtype,
     resolve_model_path,
@@ -118,7 +117,6 @@ def prepare(cfg: Config, rows: dict[str, list[dict]] | None = None) -> Context:
     base = load_base(cfg.base, dtype, device, cfg.runtime.allow_pickle, cfg.runtime.trust_remote_code, store)
     t1 = time.perf_counter()
     tvs = load_task_vectors(cfg.sources, base, cfg.runtime.allow_pickle, cfg.runtime.trust_remote_code)
-    release_freed_memory()
     t2 = time.perf_counter()
     method_cls = METHODS[cfg.merge.method]
     # The space decides the density grid, which the method caches masks for.

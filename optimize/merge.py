@@ -45,7 +45,7 @@ class InMemoryMerger:
         """Write `candidate`, merged by `method` (default: the search's), into the working model."""
         method = method or self.method
         for name, p, g in self.params:
-            out = self._buffer(p)
+            out = p.data if method.rounds_once else self._buffer(p)
             method.merge(name, g, self.base.weights[name], self._taus(name), candidate, out)
             if out is not p.data:
                 p.data.copy_(out)

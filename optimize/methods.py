@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from optimize.kernels import Fused, MaskCache, add_elementwise, dare_delta, scalar, ties_delta
+from optimize.kernels import CHUNK, Fused, MaskCache, add_elementwise, dare_delta, scalar, ties_delta
 from optimize.registry import MERGE_METHODS
 
 Tensor = torch.Tensor
@@ -69,6 +69,9 @@ class MergeMethod:
 
     name: str
     searched: tuple[str, ...]  # from the registry: which Candidate fields the search fills
+    # True: `merge` also takes a 16-bit `out` (the working model's tensor itself) and rounds each
+    # entry once, so no float32 buffer of the tensor's size is needed (docs/memory.md).
+    rounds_once = False
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -106,11 +109,22 @@ class TaskArithmetic(MergeMethod):
         w = c.weight[:, g]
         return self.lambda_ * (_normalized(w) if self.normalize else w)
 
+    rounds_once = True
+
     def merge(self, name, g, base, taus, c, out):
-        out.copy_(base)
-        for tau, coef in zip(taus, self.coefficients(c, g)):
-            if tau is not None and coef != 0:
-                out.add_(tau, alpha=float(coef))
+        coefs = self.coefficients(c, g)
+        terms = [(tau, float(k)) for tau, k in zip(taus, coefs) if tau is not None and k != 0]
+        if out.dtype == torch.float32:
+            out.copy_(base)
+            for tau, k in terms:
+                out.add_(tau, alpha=k)
+            return
+        flat = out.view(-1)  # a 16-bit model: the sum in float32, a chunk at a time, rounded once
+        for s in range(0, flat.numel(), CHUNK):
+            acc = base.view(-1)[s : s + CHUNK].float()
+            for tau, k in terms:
+                acc.add_(tau.view(-1)[s : s + CHUNK], alpha=k)
+            flat[s : s + CHUNK] = acc
 
 
 class Linear(MergeMethod):
@@ -128,6 +142,7 @@ class Linear(MergeMethod):
 
 class DareLinear(TaskArithmetic):
     name = "dare_linear"
+    rounds_once = False
 
     def merge(self, name, g, base, taus, c, out):
         out.copy_(base)
@@ -146,6 +161,7 @@ class Ties(MergeMethod):
     """`ties` above, with cached trim thresholds and the fused kernel of `optimize.kernels`."""
 
     name = "ties"
+    rounds_once = True  # base + lambda * delta: one addition per entry
     delta = staticmethod(ties_delta)
     fused = Fused(ties_delta)
 

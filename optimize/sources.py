@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 from core.errors import ModelLoadError
-from core.models import load_model, load_tokenizer, model_format, resolve_model_path
+from core.models import load_model, load_tokenizer, model_format, release_freed_memory, resolve_model_path
 
 
 @dataclass(frozen=True)
@@ -254,6 +254,8 @@ def task_vector_hf(name: str, path: Path, base: Base, trust_remote_code: bool = 
             d = _delta(n, h.get_tensor(n), w)
         if d is not None:
             tv[n] = d
+        if w.numel() >= DELTA_CHUNK:  # the chunks' float32 temporaries, freed: back to the OS
+            release_freed_memory()
     return tv
 
 
@@ -373,10 +375,13 @@ def load_task_vector(
 def load_task_vectors(
     sources, base: Base, allow_pickle: bool = False, trust_remote_code: bool = False
 ) -> list[TaskVector]:
-    """Once per run. Sources are checked one by one, so a bad source fails before the rest load."""
+    """Once per run. Sources are checked one by one, so a bad source fails before the rest load.
+    The heap pages each source's temporaries leave behind go back to the OS before the next one
+    loads (measured at 1.7B: 0.85 GB per dense source otherwise)."""
     out = []
     for s in tqdm(sources, desc="task vectors", unit="source", leave=False):
         out.append(load_task_vector(s.name, s.path, base, allow_pickle, trust_remote_code))
+        release_freed_memory()
     return out
 
 

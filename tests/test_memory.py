@@ -142,3 +142,23 @@ def test_methods_read_16bit_deltas_as_float32(numel, method_cls, monkeypatch):
         method.merge("w", 0, args[0], args[1], cand, out)
         outs.append(out)
     assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
+
+
+@pytest.mark.parametrize("method", ["task_arithmetic", "ties"])
+def test_a_16bit_model_is_written_in_place_as_through_a_float32_buffer(bf16_world, tmp_path, method):
+    """TIES and task arithmetic write a bf16 working model's tensors directly (no float32 buffer
+    the size of the largest tensor), with the same result as through the buffer."""
+    raw = world_config(bf16_world, tmp_path / "run")
+    raw["merge"] = {"method": method, "normalize": False}
+    ctx = prepare(validate_config({**raw, "runtime": {"dtype": "bfloat16"}}))
+    rng = np.random.default_rng(2)
+    n_groups = ctx.base.groups.n
+    cand = Candidate(weight=rng.uniform(0.2, 1, (2, n_groups)), density=rng.choice([0.4, 1.0], (2, n_groups)))
+    assert ctx.merger.method.rounds_once
+    direct = {n: p.detach().clone() for n, p in ctx.merger.apply(cand).named_parameters()}
+    assert not ctx.merger._scratch  # no float32 buffer was made
+    ctx.merger.method.rounds_once = False
+    buffered = dict(ctx.merger.apply(cand).named_parameters())
+    assert ctx.merger._scratch
+    for n, p in buffered.items():
+        assert p.dtype == torch.bfloat16 and torch.equal(direct[n], p.detach()), n
