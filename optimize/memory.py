@@ -29,6 +29,7 @@ from core.models import (
 from eval.loss import HEAD_CHUNK
 from optimize.config import Config
 from optimize.kernels import BISECT_NUMEL
+from optimize.methods import METHODS
 
 PROCESS_BYTES = 0.7e9  # python + torch + transformers + tokenizers, measured on CPU (BENCHMARKS.md)
 SPARSE = ("ties", "dare_ties")  # trimmed by magnitude: a sort of |tau| (values + int64 indices)
@@ -148,9 +149,11 @@ def estimate(cfg: Config) -> Estimate:
             held, covered, biggest = base.numel * sbytes, base.numel, base.largest
         sources += held + (covered * 2 if method in DARE else 0)
         largest = max(largest, biggest)
-    # merging one tensor: the float32 output buffer and the kernel's result, each LoRA delta
-    # multiplied out, and the trim's sort (12 B/entry) below BISECT_NUMEL entries
-    scratch = largest * 8 + lora_largest * 4 * n_lora
+    # merging one tensor: TIES's fused result (float32), a float32 buffer when a 16-bit model
+    # cannot be written in place, each LoRA delta multiplied out, and the trim's sort (12 B/entry)
+    # below BISECT_NUMEL entries
+    buffered = wbytes < 4 and not METHODS[method].rounds_once
+    scratch = largest * 4 * ((method in SPARSE) + buffered) + lora_largest * 4 * n_lora
     if method in SPARSE and largest <= BISECT_NUMEL:
         scratch += largest * 12
     # scoring one batch: per-layer activations, and the head's logits HEAD_CHUNK positions at a time
