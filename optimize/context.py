@@ -38,7 +38,7 @@ def check_inputs(cfg: Config) -> dict[str, list[dict]]:
     check_runtime(cfg)
     check_models(cfg)
     rows = load_data(cfg)
-    print(f"[alignmerge] {check_memory(cfg).describe()}", file=sys.stderr)
+    check_memory(cfg)
     return rows
 
 
@@ -113,6 +113,7 @@ def prepare(cfg: Config, rows: dict[str, list[dict]] | None = None) -> Context:
     device = resolve_device(cfg.runtime.device)
     dtype = resolve_dtype(cfg.runtime.dtype, device)
     store = DTYPES[store_dtype_name(cfg.runtime.store_dtype, dtype, resolve_model_path(cfg.base))]
+    print(f"[alignmerge] {check_memory(cfg).describe()}", file=sys.stderr)  # what is about to load
     t0 = time.perf_counter()
     base = load_base(cfg.base, dtype, device, cfg.runtime.allow_pickle, cfg.runtime.trust_remote_code, store)
     t1 = time.perf_counter()
