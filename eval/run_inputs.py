@@ -110,7 +110,11 @@ def load_inputs(args: argparse.Namespace) -> Inputs:
     flags = {"backend": args.backend, "max_new_tokens": args.max_new_tokens, "tasks": args.tasks}
     flags |= {"prompts": args.prompts, "mcq": args.mcq}
     settings = parse_settings(cfg.eval, {k: v for k, v in flags.items() if v is not None})
-    data_dir = Path(cfg.data.dir) if cfg.data.dir else (target.run_dir or cfg.run_dir) / "data"
+    data_dir = (
+        Path(cfg.data.test_dir or cfg.data.dir)
+        if cfg.data.test_dir or cfg.data.dir
+        else (target.run_dir or cfg.run_dir) / "data"
+    )
     try:
         test = {k: load_pairs(data_dir, f"{k}_test") for k in ("alignment", "domain")}
     except DataError as err:

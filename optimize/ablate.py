@@ -25,6 +25,7 @@ cache.json, so running the same command again skips finished work.
 
 from __future__ import annotations
 
+import shlex
 import sys
 import time
 from contextlib import contextmanager
@@ -34,7 +35,7 @@ import optuna
 
 from core.cli import ArgumentParser, run_cli
 from core.files import claim_run_dir
-from optimize.ablate_config import Ablation, load_ablation, load_test
+from optimize.ablate_config import Ablation, load_ablation, load_test, search_config_path
 from optimize.ablate_report import Report
 from optimize.ablate_rows import (
     Cache,
@@ -52,6 +53,7 @@ from optimize.config import Config
 from optimize.context import check_inputs, prepare
 from optimize.merge import PLAIN
 from optimize.study import default_storage
+from synth.generate import for_run
 
 
 @contextmanager
@@ -116,6 +118,9 @@ def main(argv: list[str] | None = None) -> int:
     def work():
         args = ap.parse_args(argv)
         abl, cfg = load_ablation(args.config, args.quick, args.out)
+        claim_run_dir(cfg.run_dir)
+        command = shlex.join(["python", "-m", "optimize.ablate", *(sys.argv[1:] if argv is None else argv)])
+        for_run(search_config_path(abl, Path(args.config).parent), cfg.data_dir, cfg.run_dir, command)
         rows = check_inputs(cfg)
         return ablate(abl, cfg, rows, load_test(cfg, abl.evaluation.limit))
 

@@ -94,10 +94,14 @@ def load_ablation(path: str | Path, quick: bool = False, out: str | None = None)
     return abl, search_config(abl, path.parent)
 
 
+def search_config_path(abl: Ablation, folder: Path) -> Path:
+    path = Path(abl.search_config)
+    return path if path.is_absolute() else folder / path
+
+
 def search_config(abl: Ablation, folder: Path) -> Config:
     """The search config moved into the ablation's run folder, with the safety-aware objective."""
-    path = Path(abl.search_config)
-    path = path if path.is_absolute() else folder / path
+    path = search_config_path(abl, folder)
     cfg = load_config(path)
     raw = cfg.model_dump(by_alias=True)
     raw.update(name=abl.name, out=abl.out or f"runs/{abl.name}", study_name=None)
@@ -113,7 +117,7 @@ def search_config(abl: Ablation, folder: Path) -> Config:
 
 
 def load_test(cfg: Config, limit: int | None) -> dict[str, list[dict]]:
-    folder = cfg.data_dir
+    folder = cfg.test_dir
     return {
         "alignment": load_pairs(folder, "alignment_test", limit),
         "domain": load_pairs(folder, "domain_test", limit),

@@ -14,11 +14,10 @@ from pathlib import Path
 
 import numpy as np
 import optuna
-from scipy.special import softmax
 
 from core.files import write_text_atomic
 from optimize.ablate_config import Ablation
-from optimize.compare import domain_only, evaluate, references, variant
+from optimize.compare import cocktail, domain_only, evaluate, variant
 from optimize.config import Config
 from optimize.context import Context, load_data, model_fingerprints
 from optimize.methods import Candidate, DareTies, Linear, MergeAlign, MergeMethod, Slerp, Ties
@@ -149,14 +148,12 @@ def grid_rows(ctx: Context, cache: Cache, abl: Ablation) -> tuple[list[Row], lis
 
 
 def cocktail_rows(ctx: Context, cache: Cache, temperature: float) -> list[Row]:
-    """LM-Cocktail (docs/method.md §6.3): lambda = softmax(-CE / T), theta = sum_t lambda_t theta_t."""
+    """LM-Cocktail (docs/method.md §6.3) on D_domain, then on D_domain u D_safety."""
     names = [s.name for s in ctx.cfg.sources]
-    alone = list(references(ctx).values())[1:]  # each source alone, in config order
-    per_source = [search_losses(ctx, cache, method, c) for method, c in alone]
     rows = []
     for data, sets in (("D_domain", ["domain"]), ("D_domain ∪ D_safety", ["domain", "alignment"])):
-        ce = np.array([np.mean([x for s in sets for x in losses[s]]) for losses in per_source])
-        lam = softmax(-ce / temperature)
+        cand, ce = cocktail(ctx, sets, temperature, lambda m, c: search_losses(ctx, cache, m, c))
+        lam = cand.weight[:, 0]
         rows.append(
             Row(
                 f"LM-Cocktail, {data}",
@@ -165,7 +162,7 @@ def cocktail_rows(ctx: Context, cache: Cache, temperature: float) -> list[Row]:
                 f"{data} search split{'s' if len(sets) > 1 else ''}: CE of each source",
                 ", ".join(f"{n} {w:.3f}" for n, w in zip(names, lam)),
                 Linear(normalize=True),
-                Candidate(weight=np.repeat(lam[:, None], ctx.base.groups.n, axis=1)),
+                cand,
                 {"ce": dict(zip(names, ce.tolist())), "weights": dict(zip(names, lam.tolist()))},
             )
         )

@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 
 import numpy as np
+from scipy.special import softmax
 
 from eval.behaviour import refusals
 from eval.judge import RefusalJudge
@@ -14,7 +15,7 @@ from eval.loss import Scorer
 from optimize.config import Config, validate_config
 from optimize.context import Context
 from optimize.merge import PLAIN
-from optimize.methods import Candidate, MergeMethod, Ties
+from optimize.methods import Candidate, DareTies, Linear, MergeMethod, Ties
 
 
 def variant(
@@ -46,15 +47,33 @@ def references(ctx: Context) -> dict[str, tuple[MergeMethod, Candidate]]:
     }
 
 
-def naive_merges(ctx: Context) -> dict[str, tuple[MergeMethod, Candidate]]:
-    """Task arithmetic with weight 1 each; TIES with mergekit's usual defaults (weight 1, density
-    0.5, normalize): the merges a user tries before any search."""
-    ties = ctx.merger.uniform(1)
-    ties.density = np.full_like(ties.weight, 0.5)
+def naive_merges(ctx: Context, cocktail_temperature: float = 1.0) -> dict[str, tuple[MergeMethod, Candidate]]:
+    """The merges a user tries before any search: task arithmetic with weight 1 each; TIES and
+    DARE-TIES with mergekit's documented example settings (weight 1, density 0.5, normalize);
+    LM-Cocktail on the domain search split (docs/method.md §6.3)."""
+    half = ctx.merger.uniform(1)
+    half.density = np.full_like(half.weight, 0.5)
     return {
         "task arithmetic, weights 1": (PLAIN, ctx.merger.uniform(1)),
-        "TIES, weights 1, density 0.5": (Ties(normalize=True), ties),
+        "TIES, weights 1, density 0.5": (Ties(normalize=True), half),
+        "DARE-TIES, weights 1, density 0.5": (DareTies(normalize=True, seed=ctx.cfg.search.seed), half),
+        "LM-Cocktail, D_domain": (Linear(normalize=True), cocktail(ctx, ["domain"], cocktail_temperature)[0]),
     }
+
+
+def cocktail(ctx: Context, sets: list[str], temperature: float, losses=None) -> tuple[Candidate, np.ndarray]:
+    """LM-Cocktail's weights lambda = softmax(-CE / T) over the sources, CE_t = source t's mean
+    response CE on the search split(s) `sets`; theta = sum_t lambda_t theta_t.
+    `losses(method, candidate)` gives per-example losses (default: scored now)."""
+
+    def scored(method, c):
+        with ctx.merger.applied(c, method) as model:
+            return ctx.scorer.example_losses(model)
+
+    per_source = [(losses or scored)(m, c) for m, c in list(references(ctx).values())[1:]]
+    ce = np.array([np.mean([x for s in sets for x in per[s]]) for per in per_source])
+    lam = softmax(-ce / temperature)
+    return Candidate(weight=np.repeat(lam[:, None], ctx.base.groups.n, axis=1)), ce
 
 
 def evaluate(
@@ -66,16 +85,16 @@ def evaluate(
     benign: list[str],
     max_new_tokens: int,
 ) -> dict:
-    """Test losses, and the shares of harmful prompts refused and of benign prompts wrongly
-    refused (greedy answers, rule-based refusal judge)."""
+    """Test losses (`alignment_loss`, `domain_loss`, and every other scored set by its name), and
+    the shares of harmful prompts refused and of benign prompts wrongly refused (greedy answers,
+    rule-based refusal judge)."""
     with ctx.merger.applied(candidate, method) as model:
         losses = test.losses(model)
         judge = RefusalJudge()
         harm = refusals(model, ctx.base.tokenizer, harmful, judge, max_new_tokens, batch_size=28)
         ben = refusals(model, ctx.base.tokenizer, benign, judge, max_new_tokens, batch_size=25)
     return {
-        "alignment_loss": losses["alignment"],
-        "domain_loss": losses["domain"],
+        **{k if k not in ("alignment", "domain") else f"{k}_loss": v for k, v in losses.items()},
         "refused_harmful": harm["share"],
         "refused_benign": ben["share"],
         "examples": [

@@ -122,6 +122,9 @@ class Search(Strict):
 class Data(Strict):
     # A run folder's data (a datasets.DatasetDict from synth.generate); null -> <out>/data.
     dir: str | None = None
+    # The held-out test splits (alignment_test, domain_test, benign), when they live elsewhere than
+    # `dir`, e.g. human-written test prompts beside a synth.generate search set; null: `dir`.
+    test_dir: str | None = None
     # Or JSONL files with `prompt` and `response` fields; these win over `dir`.
     alignment: str | None = None
     domain: str | None = None
@@ -225,6 +228,10 @@ class Config(Strict):
     @property
     def data_dir(self) -> Path:
         return Path(self.data.dir) if self.data.dir else self.run_dir / "data"
+
+    @property
+    def test_dir(self) -> Path:
+        return Path(self.data.test_dir) if self.data.test_dir else self.data_dir
 
     def parametrization_of(self, source: Source) -> str:
         return source.parametrization or self.search.parametrization

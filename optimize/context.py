@@ -74,7 +74,7 @@ def load_data(cfg: Config) -> dict[str, list[dict]]:
 
 def load_test_data(cfg: Config) -> dict[str, list[dict]]:
     """The held-out test splits, when the run folder has them (they are never searched on)."""
-    folder = cfg.data_dir
+    folder = cfg.test_dir
     out = {}
     for name in ("alignment", "domain"):
         try:

@@ -14,6 +14,9 @@ NOTICE = (
 )
 
 
+FILES = {"prompts_file": "harmful prompts", "benign_file": "benign prompts"}
+
+
 def render_card(record: dict, templates: Templates) -> str:
     cfg = record["config"]
     lines = [
@@ -47,12 +50,22 @@ def render_card(record: dict, templates: Templates) -> str:
         "## Models",
         "",
         f"- backend: `{record['backend']}`",
-        (
-            f"- generator (harmful and benign prompts): `{cfg['generator']['path']}`"
-            + (f" (harmful prompts from `{cfg['prompts_file']}`)" if cfg["prompts_file"] else "")
+        *(
+            [f"- generator (harmful and benign prompts): `{cfg['generator']['path']}`"]
+            if not (cfg["prompts_file"] and cfg["benign_file"])
+            else []
         ),
+        *[f"- {what} from the file `{cfg[k]}`" for k, what in FILES.items() if cfg.get(k)],
         *[f"- pool model `{m['name'] or m['path']}`: `{m['path']}`" for m in cfg["pool"]],
-        *[f"- expert `{e['name'] or e['path']}` on *{e['topic']}*: `{e['path']}`" for e in cfg["experts"]],
+        *[
+            f"- expert `{e['name'] or e['path']}` on *{e['topic']}*: `{e['path']}`"
+            + (
+                f", answering the exam questions of `{e['questions_file']}` (not its own)"
+                if e.get("questions_file")
+                else ""
+            )
+            for e in cfg["experts"]
+        ],
         (
             f"- judge of the harmful answers: `{cfg['judge']['kind']}`"
             + (f" (guard `{cfg['judge']['guard']['path']}`)" if cfg["judge"]["guard"] else "")

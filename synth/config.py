@@ -40,12 +40,17 @@ class ExpertSpec(ModelSpec):
     topic: str = Field(min_length=1)
     examples: list[str] = Field(default_factory=list, description="in-context exam questions")
     examples_file: str | None = Field(None, description="JSON list or JSONL/CSV with `question`")
+    questions_file: str | None = Field(
+        None,
+        description="exam questions (JSONL/CSV `question`/`prompt`) the expert answers instead of "
+        "writing its own: for experts too small to write good questions",
+    )
 
     @model_validator(mode="after")
     def _has_examples(self):
-        if not self.examples and not self.examples_file:
+        if not self.examples and not self.examples_file and not self.questions_file:
             who = self.name or self.path
-            raise ValueError(f"expert {who!r}: give `examples` or `examples_file`")
+            raise ValueError(f"expert {who!r}: give `examples`, `examples_file` or `questions_file`")
         return self
 
 
@@ -68,7 +73,9 @@ class JudgeSpec(Strict):
 
 
 class EngineSpec(Strict):
-    dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
+    # auto: bfloat16 where the device computes it natively (GPUs, AVX512-BF16/AMX CPUs), else
+    # float32 (vLLM on an AVX2 CPU in bfloat16 generates ~24 tokens/s for SmolLM2-135M)
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
     max_model_len: int = Field(2048, ge=64)
     batch_size: int = Field(8, ge=1, description="transformers backend: prompts per generate()")
     chunk_size: int = Field(256, ge=1, description="requests per engine call between cache writes")
@@ -93,11 +100,15 @@ class SynthConfig(Strict):
     prompts_file: str | None = Field(
         None, description="your harmful prompts (JSONL or CSV, column `prompt`): skips generation"
     )
+    benign_file: str | None = Field(
+        None, description="your benign prompts (JSONL or CSV, column `prompt`): skips generation"
+    )
     categories: list[str] = Field(default_factory=lambda: list(HARM_CATEGORIES))
     n_safety: int = Field(200, ge=0)
     n_domain: int = Field(200, ge=0)
     n_benign: int = Field(50, ge=0)
-    test_fraction: float = Field(0.2, gt=0, lt=1)
+    # 0: every row is a search row (the test splits live elsewhere, e.g. data.test_dir)
+    test_fraction: float = Field(0.2, ge=0, lt=1)
     oversample: float = Field(2.0, ge=1, description="prompts requested per row wanted")
     questions_per_request: int = Field(4, ge=1, description="`n` of each question request")
     near_dup_threshold: float = Field(0.7, gt=0, le=1, description="word 3-gram Jaccard")

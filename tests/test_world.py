@@ -1,8 +1,11 @@
-"""The default world's data: splits from the seed files are disjoint, balanced and seeded."""
+"""The default world's data: splits from the seed files are disjoint, balanced and seeded; the
+maths seeds are correct."""
 
+import re
 from collections import Counter
 
-from synth.world import HARM_SPLIT, MED_SPLIT, splits_from_seeds
+from synth.math_seeds import problems
+from synth.world import BENIGN_SPLIT, DOMAIN_SPLIT, EXPERTS, HARM_SPLIT, splits_from_seeds
 
 
 def test_splits_are_disjoint_balanced_and_seeded():
@@ -18,6 +21,33 @@ def test_splits_are_disjoint_balanced_and_seeded():
         per_cat = Counter(r["category"] for r in s[split])
         assert len(per_cat) == 14 and set(per_cat.values()) == {HARM_SPLIT[split]}
         assert all(r["response"] and r["judge_verdict"] == "refusal" for r in s[split])
+    for e in EXPERTS:
+        assert Counter(r["category"] for r in s[f"_{e}_harmful"]) == Counter(
+            {c: HARM_SPLIT[f"{e}_train"] for c in per_cat}
+        )
     for split in ("domain_search", "domain_test"):
-        assert set(Counter(r["category"] for r in s[split]).values()) == {MED_SPLIT[split]}
-    assert Counter(r["category"] for r in s["benign"]) == {"risky_looking": 35, "ordinary": 15}
+        per_topic = Counter((r["domain"], r["category"]) for r in s[split])
+        assert len(per_topic) == 16 and set(per_topic.values()) == {DOMAIN_SPLIT[split]}
+    for split in ("benign_search", "benign"):
+        expected = {kind: counts[split] for kind, counts in BENIGN_SPLIT.items()}
+        assert Counter(r["category"] for r in s[split]) == expected
+
+
+def test_math_answers_are_right():
+    rows = problems(0, 30)
+    assert len({r["question"] for r in rows}) == len(rows) == 240
+    for r in rows:
+        # every "a op b (op c...) = d" step of the worked answer holds
+        steps = re.findall(r"((?:\d+ [-+x/] )+\d+) = \$?(\d+)", r["answer"])
+        assert steps, r
+        for expr, result in steps:
+            assert eval(expr.replace("x", "*")) == int(result), r
+        assert re.search(r"The answer is \d+\.$", r["answer"]), r
+
+
+def test_math_seed_files_are_the_programs_output(tmp_path):
+    from synth.math_seeds import SEEDS, main
+
+    assert main(["--out", str(tmp_path), "--seed", "0"]) == 0
+    for name in ("math_qa.jsonl", "math_icl.jsonl"):
+        assert (tmp_path / name).read_bytes() == (SEEDS / name).read_bytes(), name
