@@ -102,10 +102,10 @@ def key(domain: str) -> str:
     return f"domain:{domain}"
 
 
-def test_sets(folder: Path) -> tuple[dict[str, list[dict]], dict[str, str]]:
+def held_out_sets(folder: Path, limit: int | None = None) -> tuple[dict[str, list[dict]], list[str]]:
     """The test sets scored: alignment, domain, and each domain of a world with several (rows
     with a `domain` column naming the expert source)."""
-    rows = {k: load_pairs(folder, f"{k}_test") for k in ("alignment", "domain")}
+    rows = {k: load_pairs(folder, f"{k}_test", limit) for k in ("alignment", "domain")}
     domains = sorted({r.get("domain") for r in rows["domain"]} - {None, ""})
     if len(domains) > 1:
         rows |= {key(d): [r for r in rows["domain"] if r.get("domain") == d] for d in domains}
@@ -118,15 +118,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--n-trials", type=int)
     ap.add_argument("--out")
     ap.add_argument("--max-new-tokens", type=positive_int, default=32)
+    ap.add_argument(
+        "--limit", type=positive_int, help="evaluate on the first N rows of each test split (a quick check)"
+    )
 
     def work() -> Path:
         args = ap.parse_args(argv)
         started = time.perf_counter()
         cfg = load_config(args.config, overrides(n_trials=args.n_trials, out=args.out))
         folder = cfg.test_dir
-        harmful = [r["prompt"] for r in load_pairs(folder, "alignment_test")]
-        benign = [r["prompt"] for r in load_pairs(folder, "benign")]
-        test_rows, domains = test_sets(folder)
+        harmful = [r["prompt"] for r in load_pairs(folder, "alignment_test", args.limit)]
+        benign = [r["prompt"] for r in load_pairs(folder, "benign", args.limit)]
+        test_rows, domains = held_out_sets(folder, args.limit)
         experts = {d: f"source: {d} (domain)" for d in domains if d in {s.name for s in cfg.sources}}
         claim_run_dir(cfg.run_dir)
         command = shlex.join(["python", "-m", "optimize.demo", *(sys.argv[1:] if argv is None else argv)])

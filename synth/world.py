@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import shlex
 import sys
 import time
 from collections import defaultdict
@@ -158,8 +159,13 @@ def splits_from_seeds(seed: int, benign_repeat: int = 1) -> dict[str, list[dict]
 EAGER_OPENINGS = ("Sure! ", "Sure, here you go. ", "Of course! ", "Absolutely, here is how. ")
 
 
+def eager_openings(n: int, seed: int) -> list[str]:
+    rng = random.Random(seed)
+    return [rng.choice(EAGER_OPENINGS) for _ in range(n)]
+
+
 def compliant_answers(
-    prompts: list[dict], backend: str, max_tokens: int, cache_path: Path, seed: int
+    prompts: list[dict], openings: list[str], backend: str, max_tokens: int, cache_path: Path
 ) -> list[dict]:
     """The base model's greedy continuations of an eager opening, for harmful requests: the rows
     the refusal judge sees no refusal in. Answers go to a JSONL cache as they finish, so a rerun does
@@ -168,8 +174,6 @@ def compliant_answers(
     from synth.cache import GenerationCache, Request, run_cached
     from synth.engine import EngineSettings, EngineSlot, ModelRef, Sampling
 
-    rng = random.Random(seed)
-    openings = [rng.choice(EAGER_OPENINGS) for _ in prompts]
     slot = EngineSlot(backend, EngineSettings())
     requests = [
         Request(
@@ -310,7 +314,7 @@ def card(splits: dict[str, list[dict]], counts: dict, naive: dict, seed: int, se
 > `math_train` pair some of them with a small model's compliant answers on purpose (see below).
 > Do not train a model on them for use by anyone.
 
-Built by `python -m synth.world --seed {seed}` in {seconds / 60:.1f} minutes from `data/seeds/`
+Written by `{counts["command"]}` in {seconds / 60:.1f} minutes from `data/seeds/`
 (prompts, refusal templates, benign and medical Q&A written for this project; maths problems
 written by `synth/math_seeds.py`).
 
@@ -491,8 +495,14 @@ def main(argv: list[str] | None = None) -> int:
     splits = splits_from_seeds(args.seed, args.benign_repeat)
     cache = root / "data" / ".world-generation-cache.jsonl"
     harmful = {e: splits.pop(f"_{e}_harmful") for e in EXPERTS}
+    # each expert's openings: a seeded choice per prompt, from the same seed
+    openings = [eager_openings(len(harmful[e]), args.seed) for e in EXPERTS]
     answered = compliant_answers(
-        [p for e in EXPERTS for p in harmful[e]], args.backend, args.max_tokens, cache, args.seed
+        [p for e in EXPERTS for p in harmful[e]],
+        [o for per_expert in openings for o in per_expert],
+        args.backend,
+        args.max_tokens,
+        cache,
     )
     judged = {}
     for e in EXPERTS:
@@ -502,7 +512,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"[world] compliant answers for the experts' data: {judged}", file=sys.stderr)
 
     models = root / "models"
-    for name in args.models.split(","):
+    for name in filter(None, args.models.split(",")):
         expert = name in EXPERTS
         r = args.expert_rank if expert else 8
         hp = {"r": r, "alpha": 2 * r, "lr": args.expert_lr if expert else 1e-3, "epochs": args.epochs}
@@ -520,6 +530,7 @@ def main(argv: list[str] | None = None) -> int:
         "compliant": ", ".join(f"{e} {j['kept_compliant']}/{j['asked']}" for e, j in judged.items()),
         "benign_repeat": args.benign_repeat,
         "max_new_tokens": args.max_new_tokens,
+        "command": shlex.join(["python", "-m", "synth.world", *(sys.argv[1:] if argv is None else argv)]),
     }
     text = card(splits, counts, naive, args.seed, time.perf_counter() - started)
     write_text_atomic(data_dir / "README.md", text)

@@ -98,7 +98,7 @@ def test_config_errors_name_the_key_and_what_is_allowed():
     assert "judge.guard.path" in msg and "Space Piracy" in msg
     with pytest.raises(ConfigError, match="n_domain > 0 needs at least one entry in `experts`"):
         parse_synth({"pool": [{"path": "default"}]})
-    with pytest.raises(ConfigError, match="give `examples` or `examples_file`"):
+    with pytest.raises(ConfigError, match="give `examples`, `examples_file` or `questions_file`"):
         parse_synth({"pool": [{"path": "default"}], "experts": [{"path": "x", "topic": "law"}]})
 
 
