@@ -338,7 +338,7 @@ class VLLMEngine(Engine):
         gc.collect()
 
 
-MAX_LORA_RANK = 64  # vLLM's LoRA rank bound: any adapter up to it shares the engine
+MAX_LORA_RANK = 16  # vLLM's LoRA rank bound: any adapter up to it shares the engine
 
 
 def lora_rank(ref: ModelRef) -> int:

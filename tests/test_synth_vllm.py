@@ -91,7 +91,7 @@ def test_demo_pipeline_slice_the_pool_writes_the_search_data(tmp_path, monkeypat
     for spec in section["pool"] + section["experts"]:
         spec["path"] = str(ROOT / spec["path"])
     section.update(n_safety=4, n_domain=4, n_benign=4, answer_sampling={"max_tokens": 24})
-    section["engine"] = {"max_model_len": 512}
+    section.update(backend="vllm", engine={"max_model_len": 512})  # the demo itself: transformers on CPU
     out = generate(parse_synth(section), tmp_path / "run" / "data", "demo-slice")
     dd = load_from_disk(str(out))
     record = json.loads((out / "synth_run.json").read_text())
