@@ -25,7 +25,8 @@ def variant(
     the config's) and its study."""
     raw = cfg.model_dump(by_alias=True)
     raw["search"].update(search or {})
-    raw["data"].update(data or {})
+    # the variant's run folder moves under this one; its data stays where it is
+    raw["data"].update({"dir": str(cfg.data_dir), "test_dir": str(cfg.test_dir)}, **(data or {}))
     raw["output"].update(output)
     if label:
         raw["out"] = str(cfg.run_dir / label)
