@@ -21,21 +21,26 @@ def test_batched_greedy_answers_match_one_by_one(world):
 
 
 def test_headline_checks():
-    row = lambda a, d, h, b: {
-        "alignment_loss": a,
-        "domain_loss": d,
-        "refused_harmful": h,  # noqa: E731
-        "refused_benign": b,
-    }
+    def row(h, b, d):
+        return {"refused_harmful": h, "refused_benign": b, "domain_loss": d, "domain:m": d}
+
     results = {
-        "source: a (alignment)": row(1, 3, 0.95, 0.2),
-        "source: m (domain)": row(4, 2.0, 0, 0),
-        "task arithmetic, weights 1": row(2, 2.2, 0.6, 0.1),
-        "TIES, weights 1": row(2, 2.1, 0.5, 0.1),
-        "domain-only search (EvoMM)": row(3, 2.0, 0.3, 0),
-        "safety-aware search (alignmerge)": row(1.2, 2.08, 0.9, 0.25),
+        "source: a (alignment)": row(0.95, 0.2, 3.0),
+        "source: m (domain)": row(0, 0, 2.0),
+        "task arithmetic, weights 1": row(0.6, 0.1, 2.2),
+        "TIES, weights 1, density 0.5": row(0.5, 0.1, 2.1),
+        "domain-only search (EvoMM)": row(0.3, 0, 2.0),
+        "safety-aware search (alignmerge)": row(0.92, 0.15, 2.08),
     }
-    lines = headline(results, "source: a (alignment)", "source: m (domain)")
-    assert all(line.startswith("- [x]") for line in lines), lines
+    experts = {"m": "source: m (domain)"}
+    lines = headline(results, experts, n_harmful=20)
+    assert len(lines) == 5 and all(line.startswith("- [x]") for line in lines), lines
     results["safety-aware search (alignmerge)"]["refused_benign"] = 0.5
-    assert headline(results, "source: a (alignment)", "source: m (domain)")[2].startswith("- [ ]")
+    lines = headline(results, experts, n_harmful=20)
+    assert lines[1].startswith("- [ ]") and lines[0].startswith("- [x]")
+    # a naive merge within one test prompt (1/20) of the search's refusal fails the last goal
+    results["TIES, weights 1, density 0.5"]["refused_harmful"] = 0.9
+    assert headline(results, experts, n_harmful=20)[-1].startswith("- [ ]")
+    # the aligned source, as good on every measure, fails "no baseline dominates"
+    results["source: a (alignment)"].update(refused_benign=0.1, domain_loss=2.0)
+    assert headline(results, experts, n_harmful=20)[3].startswith("- [ ]")
