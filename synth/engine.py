@@ -139,12 +139,11 @@ class Engine:
     def chat(self, conversations: Sequence[Conversation], sampling: Sequence[Sampling]) -> list[list[str]]:
         raise NotImplementedError
 
-    def serves(self, ref: ModelRef) -> bool:
-        """Whether this engine can answer as `ref` without loading another engine."""
+    def serves(self, ref: ModelRef) -> bool:  # can it answer as `ref` without another load?
         return same_model(self.ref, ref)
 
-    def use(self, ref: ModelRef) -> None:
-        """Answer as `ref` from now on (`serves(ref)` is true)."""
+    def use(self, ref: ModelRef) -> None:  # answer as `ref` from now on (it serves it)
+        pass
 
     def close(self) -> None:
         pass
@@ -272,21 +271,22 @@ class VLLMEngine(Engine):
         if torch.cuda.is_available():
             kwargs["gpu_memory_utilization"] = settings.gpu_memory_utilization
         self.base, self.lora, self.max_rank, self.loras = base, None, 0, 0
-        if base is not None:
-            # room for the other adapters of the same base (a pool of LoRAs): one engine serves them all
+        if base is not None:  # with room for other adapters of the base: one engine serves them all
             self.max_rank = max(MAX_LORA_RANK, lora_rank(ref))
             kwargs.update(enable_lora=True, max_lora_rank=self.max_rank)
             self.use(ref)
         self.llm = LLM(**kwargs)
 
     def serves(self, ref: ModelRef) -> bool:
-        if same_model(self.ref, ref):
-            return True
-        return self.base is not None and lora_base(ref) == self.base and lora_rank(ref) <= self.max_rank
+        lora = self.base is not None and lora_base(ref) == self.base and lora_rank(ref) <= self.max_rank
+        return same_model(self.ref, ref) or lora
 
     def use(self, ref: ModelRef) -> None:
         from vllm.lora.request import LoRARequest
 
+        if self.lora is not None and same_model(self.ref, ref):
+            return
+        tqdm.write(f"[synth] {ref.label}: served by the loaded engine (a LoRA of its base)")
         checked_base(ref, self.settings)  # the loader policy, on this adapter too
         self.ref, self.loras = ref, self.loras + 1
         self.lora = LoRARequest(ref.label, self.loras, str(Path(resolve_model_path(ref.path)).resolve()))
@@ -317,14 +317,9 @@ class VLLMEngine(Engine):
             idx = [i for i, c in enumerate(conversations) if _continues(c) == cont]
             if not idx:
                 continue
-            results = self.llm.chat(
-                [conversations[i] for i in idx],
-                [params[i] for i in idx],
-                use_tqdm=False,
-                lora_request=self.lora,
-                add_generation_prompt=not cont,
-                continue_final_message=cont,
-            )
+            convs, sampled = [conversations[i] for i in idx], [params[i] for i in idx]
+            modes = {"add_generation_prompt": not cont, "continue_final_message": cont}
+            results = self.llm.chat(convs, sampled, use_tqdm=False, lora_request=self.lora, **modes)
             for i, r in zip(idx, results):
                 out[i] = [o.text for o in r.outputs]
         return out
@@ -390,9 +385,7 @@ class EngineSlot:
 
     def get(self, ref: ModelRef) -> Engine:
         if self.engine is not None and self.engine.serves(ref):
-            if not same_model(self.engine.ref, ref):
-                tqdm.write(f"[synth] {ref.label}: the loaded engine serves it (LoRA of the same base)")
-                self.engine.use(ref)
+            self.engine.use(ref)
             return self.engine
         self.close()
         tqdm.write(f"[synth] loading {ref.label} ({resolve_backend(self.backend)} backend)")

