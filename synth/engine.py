@@ -284,8 +284,8 @@ class VLLMEngine(Engine):
     def use(self, ref: ModelRef) -> None:
         from vllm.lora.request import LoRARequest
 
-        if self.lora is not None and same_model(self.ref, ref):
-            return
+        if self.base is None or (self.lora is not None and same_model(self.ref, ref)):
+            return  # a full model, or this adapter already
         tqdm.write(f"[synth] {ref.label}: served by the loaded engine (a LoRA of its base)")
         checked_base(ref, self.settings)  # the loader policy, on this adapter too
         self.ref, self.loras = ref, self.loras + 1
