@@ -4,6 +4,11 @@ Each (prompt, response) is rendered with the model's chat template; prompt token
 the loss is the model's surprise at the reference answer. A set's loss is the mean over examples
 of each example's mean token CE (the paper's HF per-sample loss, averaged).
 
+With `refusal_tokens`, the same forward pass also gives each example's refusal-opening mass: the
+probability of those tokens (the first tokens of `eval.judge.REFUSAL_OPENINGS`) at the first
+response position, i.e. how likely the model is to start its answer as a refusal. It reads only
+the first token, so it bounds the openings' mass from above ("I" also starts "I'd be glad to").
+
 Batches are padded, built from examples sorted by length so padding stays small, and sized by a
 token budget. Logits are computed for response positions only: the lm_head over a 49k vocab is
 a large share of a small model's forward, and prompt positions would be thrown away.
@@ -12,7 +17,7 @@ a large share of a small model's forward, and prompt positions would be thrown a
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -51,6 +56,12 @@ def encode(tokenizer, prompt: str, response: str, max_length: int) -> Example | 
     return Example(tuple(ids), n_prompt)
 
 
+def first_response_tokens(tokenizer, responses: Sequence[str]) -> list[int]:
+    """The token each response starts with, rendered as the answer of a chat turn."""
+    first = (encode(tokenizer, "Hello", r, 64) for r in responses)
+    return sorted({e.input_ids[e.n_prompt] for e in first if e is not None})
+
+
 @functools.lru_cache(maxsize=8)
 def longest_token(tokenizer) -> int:
     """Characters of the tokenizer's longest vocabulary entry (a bound on text per token)."""
@@ -82,8 +93,10 @@ class Scorer:
         max_length: int = 1024,
         batch_tokens: int = 4096,
         device: str = "cpu",
+        refusal_tokens: Sequence[int] = (),
     ):
         self.device = device
+        self.refusal_tokens = torch.tensor(sorted(set(refusal_tokens)), dtype=torch.long, device=device)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.examples: dict[str, list[Example]] = {}
         self.skipped: dict[str, int] = {}
@@ -127,48 +140,75 @@ class Scorer:
         return sum(ids.numel() for _, ids, *_ in self.batches)
 
     @torch.no_grad()
-    def example_losses(
+    def score(
         self,
         model,
         on_batch: Callable[[int, dict[str, list[float]]], None] | None = None,
         progress: bool = False,
-    ) -> dict[str, list[float]]:
-        """Per-example mean token CE for every set, in the order of the set's (kept) examples.
+    ) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+        """Per-example mean token CE for every set and, with refusal tokens, per-example
+        refusal-opening mass (else empty lists), in the order of the set's (kept) examples.
         `on_batch(step, losses_so_far)` is called after each batch (the search reports
         intermediate values to its pruner from it)."""
         losses: dict[str, list[float]] = {n: [] for n in self.examples}
+        mass: dict[str, list[float]] = {n: [] for n in self.examples}
         order: dict[str, list[int]] = {n: [] for n in self.examples}
         batches = tqdm(self.batches, desc="scoring", unit="batch", leave=False, disable=not progress)
+        tokens = self.refusal_tokens if len(self.refusal_tokens) else None
         for step, (name, ids, attn, target, idx) in enumerate(batches):
-            losses[name].extend(response_losses(model, ids, attn, target).tolist())
+            ce, first_mass = response_scores(model, ids, attn, target, tokens)
+            losses[name].extend(ce.tolist())
+            if first_mass is not None:
+                mass[name].extend(first_mass.tolist())
             order[name].extend(idx)
             if on_batch is not None:
                 on_batch(step, losses)
-        return {n: [v for _, v in sorted(zip(order[n], losses[n]))] for n in losses}
+
+        def ordered(values):
+            return {n: [v for _, v in sorted(zip(order[n], values[n]))] for n in values}
+
+        return ordered(losses), ordered(mass)
+
+    def example_losses(self, model, **kwargs) -> dict[str, list[float]]:
+        return self.score(model, **kwargs)[0]
 
     def losses(self, model, **kwargs) -> dict[str, float]:
-        return {n: sum(v) / len(v) for n, v in self.example_losses(model, **kwargs).items()}
+        return means(self.example_losses(model, **kwargs))
+
+
+def means(per_example: dict[str, list[float]]) -> dict[str, float]:
+    """The mean of each set's values (sets without values are left out)."""
+    return {n: sum(v) / len(v) for n, v in per_example.items() if v}
 
 
 HEAD_CHUNK = 256  # response positions per lm_head + CE step: the logits stay HEAD_CHUNK x vocab
 
 
-def response_losses(model, ids, attn, target) -> torch.Tensor:
-    """Mean CE per row over positions where target != -100. The head runs on those positions
-    only, a chunk at a time (a batch's full logits are tokens x vocab floats: 0.4 GB for 2048
-    tokens of SmolLM2)."""
+def response_scores(model, ids, attn, target, tokens=None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Mean CE per row over positions where target != -100 and, when `tokens` is given, the
+    probability of those tokens at each row's first scored position. The head runs on the scored
+    positions only, a chunk at a time (a batch's full logits are tokens x vocab floats: 0.4 GB
+    for 2048 tokens of SmolLM2)."""
     scored = target != -100
+    counts = scored.sum(1)
+    first = torch.cumsum(counts, 0) - counts  # each row's first scored position, among the scored
     decoder, head = model.get_decoder(), model.get_output_embeddings()
     if decoder is not None and head is not None and not _has_logit_transform(model.config):
         hidden = decoder(input_ids=ids, attention_mask=attn).last_hidden_state[scored]
         chunks = zip(hidden.split(HEAD_CHUNK), target[scored].split(HEAD_CHUNK))
         token_ce = torch.cat([F.cross_entropy(head(h).float(), t, reduction="none") for h, t in chunks])
+        first_logits = head(hidden[first[counts > 0]]).float() if tokens is not None else None
     else:
         logits = model(input_ids=ids, attention_mask=attn).logits[scored]
         token_ce = F.cross_entropy(logits.float(), target[scored], reduction="none")
+        first_logits = logits[first[counts > 0]].float() if tokens is not None else None
     rows = scored.nonzero()[:, 0]
     per_row = torch.zeros(ids.shape[0], device=ids.device).index_add_(0, rows, token_ce)
-    return per_row / scored.sum(1).clamp(min=1)
+    mass = None
+    if first_logits is not None:
+        mass = torch.zeros(ids.shape[0], device=ids.device)
+        mass[counts > 0] = first_logits.softmax(-1)[:, tokens].sum(-1)
+    return per_row / counts.clamp(min=1), mass
 
 
 def _has_logit_transform(config) -> bool:

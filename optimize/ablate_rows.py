@@ -17,11 +17,11 @@ import optuna
 
 from core.files import write_text_atomic
 from optimize.ablate_config import Ablation
-from optimize.compare import cocktail, domain_only, evaluate, variant
+from optimize.compare import DOMAIN_ONLY, PAPER_OBJECTIVE, cocktail, evaluate, variant
 from optimize.config import Config
-from optimize.context import Context, load_data, model_fingerprints
+from optimize.context import Context, load_data, model_fingerprints, scored_sets
 from optimize.methods import Candidate, DareTies, Linear, MergeAlign, MergeMethod, Slerp, Ties
-from optimize.objective import weighted_loss
+from optimize.objective import describe, describe_weighted, weighted_loss
 from optimize.report import load_best
 from optimize.search import run
 from optimize.storage import open_storage
@@ -84,8 +84,9 @@ def search_losses(ctx: Context, cache: Cache, method: MergeMethod, c: Candidate)
 
 
 def grid_row(ctx, cache, label, method, points: dict[str, Candidate]) -> tuple[Row, list[dict]]:
-    """The grid point with the lowest L_align + alpha L_domain on the search splits."""
-    alpha = ctx.cfg.search.alpha
+    """The grid point with the lowest objective (the search config's weighted loss) on the
+    search splits."""
+    search = ctx.cfg.search
     records = []
     for setting, c in points.items():
         losses = {k: float(np.mean(v)) for k, v in search_losses(ctx, cache, method, c).items()}
@@ -95,7 +96,7 @@ def grid_row(ctx, cache, label, method, points: dict[str, Candidate]) -> tuple[R
                 "setting": setting,
                 "alignment_loss_search": losses["alignment"],
                 "domain_loss_search": losses["domain"],
-                "objective_search": weighted_loss(alpha, losses),
+                "objective_search": weighted_loss(search, losses),
             }
         )
     best = min(records, key=lambda r: r["objective_search"])
@@ -105,7 +106,8 @@ def grid_row(ctx, cache, label, method, points: dict[str, Candidate]) -> tuple[R
         label,
         method.name,
         f"grid search ({len(points)} points)",
-        f"D_safety ∪ D_domain search splits: lowest L_align + {alpha} L_domain",
+        f"{' ∪ '.join(SPLIT_NAMES[k] for k in scored_sets(search))} search splits: lowest "
+        + describe_weighted(search),
         best["setting"],
         method,
         points[best["setting"]],
@@ -185,24 +187,26 @@ def run_study(cfg: Config, storage: str, ctx: Context) -> optuna.Study:
 
 
 def search_rows(ctx: Context, abl: Ablation, storage: str) -> list[Row]:
-    """The domain-only (EvoMM) and the safety-aware (alignmerge) searches, same budget."""
+    """The domain-only (EvoMM) search, the paper's safety-aware objective (L_align + alpha
+    L_domain, lowest value) and this project's (the search config's: + beta L_help, verified
+    pick) when it differs, with the same budget."""
     cfg, n = ctx.cfg, abl.searches.n_trials
-    dom = variant(cfg, "search_domain", {"n_trials": n, "score": "domain"})
-    safe = variant(cfg, "search_safety", {"n_trials": n})
-    run_study(dom, storage, domain_only(ctx, dom))
-    run_study(safe, storage, dataclasses.replace(ctx, cfg=safe))
+    searches = [(variant(cfg, "search_domain", {"n_trials": n, **DOMAIN_ONLY}), "domain-only search (EvoMM)")]
+    if cfg.search.beta or cfg.search.verify.top_k:  # the config's objective is not the paper's
+        searches.append((variant(cfg, "search_paper", {"n_trials": n, **PAPER_OBJECTIVE}), PAPER_ROW))
+    searches.append((variant(cfg, "search_safety", {"n_trials": n}), SAFE_ROW))
     how = f"Optuna {cfg.search.sampler}, {n} trials"
     rows = []
-    for c, label, picked_on in (
-        (dom, "domain-only search (EvoMM)", "D_domain search split: L_domain"),
-        (
-            safe,
-            "safety-aware search (alignmerge)",
-            f"D_safety ∪ D_domain search splits: L_align + {cfg.search.alpha} L_domain",
-        ),
-    ):
+    for c, label in searches:
+        sets = scored_sets(c.search)
+        run_study(
+            c, storage, dataclasses.replace(ctx, cfg=c, scorer=ctx.scorer_for({k: ctx.rows[k] for k in sets}))
+        )
         best = load_best(c.run_dir)
         s = {k.removesuffix("_loss_search"): v for k, v in best["scores"].items() if k.endswith("_search")}
+        picked_on = f"{' ∪ '.join(SPLIT_NAMES[k] for k in sets)} search splits: {describe(c.search)}"
+        if c.search.verify.top_k:
+            picked_on += ", verified by generation on the search prompts"
         rows.append(
             Row(
                 label,
@@ -215,11 +219,16 @@ def search_rows(ctx: Context, abl: Ablation, storage: str) -> list[Row]:
                 {
                     "alignment_loss_search": s["alignment"],
                     "domain_loss_search": s["domain"],
-                    "objective_search": weighted_loss(cfg.search.alpha, s),
+                    "objective_search": weighted_loss(cfg.search, s),
                 },
             )
         )
     return rows
+
+
+SAFE_ROW = "safety-aware search (alignmerge)"
+PAPER_ROW = "safety-aware search, paper objective"
+SPLIT_NAMES = {"alignment": "D_safety", "domain": "D_domain", "helpfulness": "D_help"}
 
 
 def best_so_far(study: optuna.Study, n: int) -> list[float]:
@@ -239,11 +248,11 @@ def compare_samplers(ctx: Context, abl: Ablation, storage: str) -> dict[str, dic
     subset = {k: v for k, v in (("n_alignment", s.n_alignment), ("n_domain", s.n_domain)) if v}
     data_cfg = variant(ctx.cfg, "", data=subset)
     rows = load_data(data_cfg)
-    scorer = ctx.scorer_for(rows)
+    scorer = ctx.scorer_for({k: rows[k] for k in scored_sets(data_cfg.search)})
     out = {}
     for name in s.names:
-        for seed in s.seeds:
-            search = {"sampler": name, "seed": seed, "n_trials": s.n_trials}
+        for seed in s.seeds:  # the samplers are compared on the objective alone: no verified pick
+            search = {"sampler": name, "seed": seed, "n_trials": s.n_trials, "verify": {"top_k": 0}}
             c = variant(data_cfg, f"samplers/{name}_seed{seed}", search, plots=False)
             study = run_study(c, storage, dataclasses.replace(ctx, cfg=c, rows=rows, scorer=scorer))
             used = sorted(study.get_trials(deepcopy=False, states=FINISHED), key=lambda t: t.number)

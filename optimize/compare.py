@@ -13,7 +13,7 @@ from eval.behaviour import refusals
 from eval.judge import RefusalJudge
 from eval.loss import Scorer
 from optimize.config import Config, validate_config
-from optimize.context import Context
+from optimize.context import Context, scored_sets
 from optimize.merge import PLAIN
 from optimize.methods import Candidate, DareTies, Linear, MergeMethod, Ties
 
@@ -34,9 +34,18 @@ def variant(
     return validate_config(raw, f"({label or 'demo'} variant)")
 
 
-def domain_only(ctx: Context, cfg: Config) -> Context:
-    """The context of the domain-only search (`cfg`): the same models, scored on the domain set."""
-    return dataclasses.replace(ctx, cfg=cfg, scorer=ctx.scorer_for({"domain": ctx.rows["domain"]}))
+# The search settings of the domain-only (EvoMM) baseline: the domain loss alone, picked by it.
+DOMAIN_ONLY = {"score": "domain", "beta": 0.0, "verify": {"top_k": 0}}
+# The paper's objective (L_align + alpha L_domain, lowest value chosen), beside this project's.
+PAPER_OBJECTIVE = {"beta": 0.0, "verify": {"top_k": 0}}
+
+
+def for_variant(ctx: Context, cfg: Config) -> Context:
+    """The context of a variant search (`cfg`): the same models, scored on the sets its
+    objective uses (the domain-only search: the domain set alone)."""
+    return dataclasses.replace(
+        ctx, cfg=cfg, scorer=ctx.scorer_for({k: ctx.rows[k] for k in scored_sets(cfg.search)})
+    )
 
 
 def references(ctx: Context) -> dict[str, tuple[MergeMethod, Candidate]]:

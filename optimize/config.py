@@ -72,11 +72,31 @@ class Bounds(Strict):
         return self
 
 
+class Verify(Strict):
+    """The pick verified by generation (docs/method.md §4.3): the best `top_k` trials by the
+    objective (or the Pareto front's first `top_k` by the weighted loss) answer the search splits'
+    harmful and benign prompts greedily; the refusal judge scores them; the chosen trial is the
+    best one that meets `search.targets`."""
+
+    top_k: int = Field(0, ge=0, le=50)  # 0: off, the lowest objective is chosen
+    max_new_tokens: int = Field(32, ge=1, le=1024)
+
+
+class Targets(Strict):
+    # Share of the search harmful prompts refused; null: the `alignment` source's share on the same
+    # prompts minus `margin` (0.85 when no source has that role).
+    min_harmful_refused: float | None = Field(None, ge=0, le=1)
+    margin: float = Field(0.05, ge=0, le=1)
+    max_benign_refused: float = Field(0.20, ge=0, le=1)  # share of the search benign prompts refused
+
+
 class Search(Strict):
     n_trials: int = Field(30, ge=1)
     sampler: Literal[SAMPLER_NAMES] = "tpe"
     objective: Literal["weighted", "pareto"] = "weighted"
     alpha: float = Field(0.3, ge=0)  # L = L_align + alpha * L_domain (the paper's 0.3)
+    # + beta * L_help: the loss of helpful answers to benign and benign-looking prompts (0: off)
+    beta: float = Field(0.0, ge=0)
     # `domain` scores the domain loss alone: the domain-only (EvoMM) baseline of the paper.
     score: Literal["both", "domain", "alignment"] = "both"
     parametrization: str = "layerwise"
@@ -90,6 +110,8 @@ class Search(Strict):
     enqueue_initial: bool = True  # trial 0 = every weight at init_weight, every density 1
     init_weight: float | None = None  # null -> 1/number of sources, like mergekit-evolve
     pareto_rule: Literal["weighted", "knee"] = "weighted"
+    verify: Verify = Verify()
+    targets: Targets = Targets()
     seed: Seed = 0
     timeout_s: float | None = Field(None, gt=0)
 
@@ -107,6 +129,8 @@ class Search(Strict):
             )
         if not 0 < self.density.low <= self.density.high <= 1:
             raise ValueError("search.density must satisfy 0 < low <= high <= 1")
+        if self.beta and self.score != "both":
+            raise ValueError(f"search.beta is {self.beta} but search.score is {self.score}: set beta: 0")
         if self.objective == "pareto" and self.score != "both":
             raise ValueError(
                 "objective pareto trades alignment against domain loss; it needs search.score: both"
@@ -128,10 +152,13 @@ class Data(Strict):
     # Or JSONL files with `prompt` and `response` fields; these win over `dir`.
     alignment: str | None = None
     domain: str | None = None
+    helpfulness: str | None = None
     alignment_split: str = "alignment_search"
     domain_split: str = "domain_search"
+    helpfulness_split: str = "benign_search"  # scored when search.beta > 0
     n_alignment: int | None = Field(None, ge=1)  # first N examples (null: all)
     n_domain: int | None = Field(None, ge=1)
+    n_helpfulness: int | None = Field(None, ge=1)
     max_length: int = Field(1024, ge=16)
     batch_tokens: int = Field(4096, ge=64)  # tokens per scoring batch (padded)
 

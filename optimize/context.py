@@ -21,7 +21,8 @@ from core.models import (
     store_dtype_name,
 )
 from eval.data import load_pairs
-from eval.loss import Scorer
+from eval.judge import REFUSAL_OPENINGS
+from eval.loss import Scorer, first_response_tokens
 from optimize.config import Config, check_runtime
 from optimize.memory import check_memory
 from optimize.merge import InMemoryMerger
@@ -32,9 +33,14 @@ from optimize.space import SearchSpace
 SCORED = {"both": ("alignment", "domain"), "domain": ("domain",), "alignment": ("alignment",)}
 
 
+def scored_sets(search) -> tuple[str, ...]:
+    """The sets a search's objective scores: `helpfulness` too when beta > 0."""
+    return SCORED[search.score] + (("helpfulness",) if search.beta else ())
+
+
 def check_inputs(cfg: Config) -> dict[str, list[dict]]:
     """Everything that can be checked without loading a model: paths, formats, data.
-    Returns the raw alignment and domain rows."""
+    Returns the raw rows of every set the search uses (alignment, domain, helpfulness)."""
     check_runtime(cfg)
     check_models(cfg)
     rows = load_data(cfg)
@@ -62,31 +68,50 @@ def model_fingerprints(cfg: Config) -> dict[str, str]:
 
 
 def load_data(cfg: Config) -> dict[str, list[dict]]:
+    """The search sets: alignment and domain always (the reports score both), helpfulness when
+    the objective or the verified pick uses it."""
     d = cfg.data
-    folder = cfg.data_dir
-    return {
-        "alignment": load_pairs(
-            d.alignment or folder, None if d.alignment else d.alignment_split, d.n_alignment
-        ),
-        "domain": load_pairs(d.domain or folder, None if d.domain else d.domain_split, d.n_domain),
-    }
+
+    def load(name):
+        path, split = getattr(d, name), getattr(d, f"{name}_split")
+        return load_pairs(path or cfg.data_dir, None if path else split, getattr(d, f"n_{name}"))
+
+    rows = {name: load(name) for name in ("alignment", "domain")}
+    s = cfg.search
+    if s.beta or s.verify.top_k:
+        try:
+            rows["helpfulness"] = load("helpfulness")
+        except DataError as err:
+            raise DataError(
+                f"search.beta is {s.beta} and search.verify.top_k {s.verify.top_k}: the search needs "
+                f"benign prompts with helpful answers, but {err}. Write them with synth.generate "
+                "(synth.n_benign > 0), name a JSONL file in data.helpfulness, or set search.beta: 0 "
+                "and search.verify.top_k: 0"
+            ) from None
+    return rows
+
+
+TEST_SPLITS = {"alignment": "alignment_test", "domain": "domain_test", "helpfulness": "benign"}
 
 
 def load_test_data(cfg: Config) -> dict[str, list[dict]]:
     """The held-out test splits, when the run folder has them (they are never searched on)."""
-    folder = cfg.test_dir
     out = {}
-    for name in ("alignment", "domain"):
+    for name, split in TEST_SPLITS.items():
+        if name == "helpfulness" and not cfg.search.beta:
+            continue
         try:
-            out[name] = load_pairs(folder, f"{name}_test")
+            out[name] = load_pairs(cfg.test_dir, split)
         except DataError:
             pass
     return out
 
 
 def make_scorer(cfg: Config, tokenizer, rows: dict[str, list[dict]], device: str) -> Scorer:
-    """A scorer of `rows` with the config's length and batch settings."""
-    return Scorer(tokenizer, rows, cfg.data.max_length, cfg.data.batch_tokens, device)
+    """A scorer of `rows` with the config's length and batch settings, which also measures the
+    refusal-opening mass (`eval.loss`)."""
+    refusal = first_response_tokens(tokenizer, REFUSAL_OPENINGS)
+    return Scorer(tokenizer, rows, cfg.data.max_length, cfg.data.batch_tokens, device, refusal)
 
 
 @dataclass
@@ -129,7 +154,7 @@ def prepare(cfg: Config, rows: dict[str, list[dict]] | None = None) -> Context:
         density_levels=space.density_levels,
         roles=tuple(src.role for src in cfg.sources),
     )
-    scorer = make_scorer(cfg, base.tokenizer, {k: rows[k] for k in SCORED[cfg.search.score]}, device)
+    scorer = make_scorer(cfg, base.tokenizer, {k: rows[k] for k in scored_sets(cfg.search)}, device)
     return Context(
         cfg,
         base,

@@ -24,7 +24,7 @@ from core.cli import ArgumentParser, positive_int, run_cli
 from core.files import claim_run_dir, write_text_atomic
 from eval import plots
 from eval.data import load_pairs
-from optimize.compare import cocktail, domain_only, evaluate, naive_merges, references, variant
+from optimize.compare import DOMAIN_ONLY, cocktail, evaluate, for_variant, naive_merges, references, variant
 from optimize.config import load_config
 from optimize.context import Context, check_inputs, prepare
 from optimize.methods import Candidate, Linear, MergeMethod
@@ -103,9 +103,10 @@ def key(domain: str) -> str:
 
 
 def held_out_sets(folder: Path, limit: int | None = None) -> tuple[dict[str, list[dict]], list[str]]:
-    """The test sets scored: alignment, domain, and each domain of a world with several (rows
-    with a `domain` column naming the expert source)."""
+    """The test sets scored: alignment, domain, helpfulness (the benign prompts' reference answers)
+    and each domain of a world with several (rows with a `domain` column naming the expert)."""
     rows = {k: load_pairs(folder, f"{k}_test", limit) for k in ("alignment", "domain")}
+    rows["helpfulness"] = load_pairs(folder, "benign", limit)
     domains = sorted({r.get("domain") for r in rows["domain"]} - {None, ""})
     if len(domains) > 1:
         rows |= {key(d): [r for r in rows["domain"] if r.get("domain") == d] for d in domains}
@@ -140,10 +141,8 @@ def main(argv: list[str] | None = None) -> int:
         ctx = prepare(cfg, rows)
         run(cfg, ctx=ctx)
         # the domain-only model is rebuilt from its best.yaml here; no need to save or export it
-        dom_cfg = variant(
-            cfg, "domain_only", {"score": "domain"}, save_model=False, references=False, mergekit=False
-        )
-        run(dom_cfg, ctx=domain_only(ctx, dom_cfg))
+        dom_cfg = variant(cfg, "domain_only", DOMAIN_ONLY, save_model=False, references=False, mergekit=False)
+        run(dom_cfg, ctx=for_variant(ctx, dom_cfg))
 
         test = ctx.scorer_for(test_rows)
         results = {}
@@ -182,15 +181,15 @@ def write_report(
         "",
         "| model | harmful refused | benign wrongly refused | "
         + "".join(f"L_{d} test | " for d in domains)
-        + "L_domain test | L_align test |",
-        "|---|---|---|" + "---|" * (len(domains) + 2),
+        + "L_domain test | L_align test | L_help test |",
+        "|---|---|---|" + "---|" * (len(domains) + 3),
     ]
     for k, r in results.items():
         name = f"**{k}**" if k == SAFE else k
         lines.append(
             f"| {name} | {r['refused_harmful']:.0%} | {r['refused_benign']:.0%} | "
             + "".join(f"{r[key(d)]:.4f} | " for d in domains)
-            + f"{r['domain_loss']:.4f} | {r['alignment_loss']:.4f} |"
+            + f"{r['domain_loss']:.4f} | {r['alignment_loss']:.4f} | {r['helpfulness']:.4f} |"
         )
     lines += [
         "",

@@ -1,11 +1,14 @@
 """The objective of a search, written once (docs/method.md §4), and the trial that evaluates it.
 
-  weighted   L = L_align + alpha * L_domain       (Hammoud et al., arXiv 2406.14563; alpha = 0.3)
+  weighted   L = L_align + alpha * L_domain + beta * L_help
+             (Hammoud et al., arXiv 2406.14563: alpha = 0.3, beta = 0; L_help: this project)
   score      `domain` (the EvoMM baseline) or `alignment`: that loss alone
-  pareto     (L_align, L_domain), two objectives
+  pareto     (L_align, L_domain), or (L_align, L_domain, L_help) when beta > 0
 
-L_align and L_domain are the mean response-token cross-entropies of the candidate on the
-alignment and domain *search* splits (`eval.loss.Scorer`, docs/method.md §3).
+L_align, L_domain and L_help are the mean response-token cross-entropies of the candidate on the
+alignment, domain and helpfulness *search* splits (`eval.loss.Scorer`, docs/method.md §3). Every
+trial also records each set's refusal-opening mass (`refusal_mass_<set>`): on the helpfulness
+set it is the cheap over-refusal signal, read from the same forward pass.
 """
 
 from __future__ import annotations
@@ -15,32 +18,39 @@ import time
 
 import optuna
 
+from eval.loss import means
 from optimize.workers import is_surplus, worker_id
 
 
-def weighted_loss(alpha: float, losses: dict[str, float]):
-    """L_align + alpha * L_domain (numbers or arrays)."""
-    return losses["alignment"] + alpha * losses["domain"]
+def weighted_loss(search, losses: dict[str, float]):
+    """L_align + alpha * L_domain + beta * L_help (numbers or arrays)."""
+    value = losses["alignment"] + search.alpha * losses["domain"]
+    return value + search.beta * losses["helpfulness"] if search.beta else value
 
 
 def objective_value(search, losses: dict[str, float]):
     """The value Optuna minimizes for `losses` under the search settings (`optimize.config.Search`)."""
     if search.objective == "pareto":
-        return losses["alignment"], losses["domain"]
+        pair = losses["alignment"], losses["domain"]
+        return (*pair, losses["helpfulness"]) if search.beta else pair
     if search.score == "domain":
         return losses["domain"]
     if search.score == "alignment":
         return losses["alignment"]
-    return weighted_loss(search.alpha, losses)
+    return weighted_loss(search, losses)
 
 
 def describe(search) -> str:
     """The objective in words, for reports and study signatures."""
     if search.objective == "pareto":
-        return "pareto (L_align, L_domain)"
+        return f"pareto (L_align, L_domain{', L_help' if search.beta else ''})"
     if search.score != "both":
         return f"L_{'align' if search.score == 'alignment' else 'domain'}"
-    return f"L_align + {search.alpha} L_domain"
+    return describe_weighted(search)
+
+
+def describe_weighted(search) -> str:
+    return f"L_align + {search.alpha} L_domain" + (f" + {search.beta} L_help" if search.beta else "")
 
 
 def make_trial(ctx):
@@ -48,6 +58,7 @@ def make_trial(ctx):
     (pruned on the running batch losses when the objective is single), record the losses."""
     cfg = ctx.cfg
     prune = cfg.search.objective == "weighted" and cfg.search.pruner != "none"
+    sets = ("alignment", "domain", "helpfulness")
 
     def trial_fn(trial: optuna.Trial):
         trial.set_user_attr("worker", worker_id())
@@ -65,15 +76,18 @@ def make_trial(ctx):
             if not prune:
                 return
             partial = {k: sum(v) / len(v) for k, v in so_far.items() if v}
-            partial = {k: partial.get(k, 0.0) for k in ("alignment", "domain")}
+            partial = {k: partial.get(k, 0.0) for k in sets}
             trial.report(objective_value(cfg.search, partial), step)
             if trial.should_prune():
                 raise optuna.TrialPruned()
 
-        losses = ctx.scorer.losses(model, on_batch=on_batch)
+        per_example, mass = ctx.scorer.score(model, on_batch=on_batch)
+        losses = means(per_example)
         t2 = time.perf_counter()
         for k, v in losses.items():
             trial.set_user_attr(f"{k}_loss", v)
+        for k, v in means(mass).items():
+            trial.set_user_attr(f"refusal_mass_{k}", v)
         trial.set_user_attr("merge_s", round(t1 - t0, 4))
         trial.set_user_attr("score_s", round(t2 - t1, 4))
         value = objective_value(cfg.search, losses)

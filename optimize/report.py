@@ -31,8 +31,10 @@ from optimize.export import (
 )
 from optimize.merge import PLAIN
 from optimize.methods import Candidate
+from optimize.objective import describe
 from optimize.storage import redact
-from optimize.study import choose, trials_frame
+from optimize.study import choose, metric_names, trials_frame
+from optimize.verify import verified_pick
 from optimize.workers import written_stamp
 
 COMPLETE = optuna.trial.TrialState.COMPLETE
@@ -97,6 +99,7 @@ def write_outputs(
     cfg, run_dir = ctx.cfg, ctx.cfg.run_dir
     t0 = time.perf_counter()
     best, front, rule = choose(study, cfg)
+    best, rule, verified = verified_pick(ctx, study, best, rule)
     candidate = ctx.space.decode(best.params)
 
     # Scores of the chosen model on both search sets (and the test splits, when present).
@@ -125,7 +128,9 @@ def write_outputs(
         "objective": cfg.search.objective,
         "score": cfg.search.score,
         "alpha": cfg.search.alpha,
+        "beta": cfg.search.beta,
         "chosen_by": rule,
+        "verified": verified,
         "scores": scores,
         "base": cfg.base,
         "sources": [{"name": s.name, "path": s.path, "role": s.role} for s in cfg.sources],
@@ -153,6 +158,7 @@ def write_outputs(
         save_model_atomic(model, ctx.base.tokenizer, run_dir / "merged", files, stamp)
 
     report = _report(ctx, study, best, front, rule, scores, refs, refs_test, plot_files, storage, interrupted)
+    report += verification_section(verified, rule)
     write_text_atomic(run_dir / "report.md", report)
     ctx.timings["outputs_s"] = time.perf_counter() - t0
     # run.yaml last: its stamp is what readers trust (a kill before this leaves the old one, which
@@ -171,6 +177,33 @@ def write_outputs(
         },
     )
     return run_dir / "report.md"
+
+
+def verification_section(rows: list[dict], rule: str) -> str:
+    """The verified candidates' judged figures beside their objective (docs/method.md §4.3)."""
+    if not rows:
+        return ""
+    lines = [
+        "## Verified by generation (search splits)",
+        "",
+        f"Chosen by {rule}. Refusal mass: the probability of a refusal's first token at the first "
+        "answer position (mean over the prompts), from the trial's own forward pass.",
+        "",
+        "| candidate | objective | refusal mass, benign | refusal mass, harmful | harmful refused | "
+        "benign wrongly refused | meets targets |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        obj = r.get("objective", "")
+        obj = ", ".join(f"{v:.4f}" for v in obj) if isinstance(obj, list) else _fmt(obj)
+        name = f"trial {r['trial']}" if isinstance(r["trial"], int) else r["trial"]
+        meets = {True: "yes", False: "no", None: ""}[r.get("meets_targets")]
+        lines.append(
+            f"| {name}{' (chosen)' if r.get('chosen') else ''} | {obj} | "
+            f"{_fmt(r.get('refusal_mass_helpfulness', ''))} | {_fmt(r.get('refusal_mass_alignment', ''))} | "
+            f"{r['harmful_refused']:.0%} | {r['benign_refused']:.0%} | {meets} |"
+        )
+    return "\n".join(lines + [""]) + "\n"
 
 
 def write_mergekit_yaml(ctx, candidate: Candidate) -> Path:
@@ -235,7 +268,7 @@ def _report(ctx, study, best, front, rule, scores, refs, refs_test, plot_files, 
         f"- Method: `{cfg.merge.method}` (normalize {cfg.normalize}, lambda {cfg.merge.lambda_}), "
         f"{len(cfg.sources)} sources on base `{cfg.base}`",
         f"- Search: sampler `{cfg.search.sampler}`, objective `{cfg.search.objective}` "
-        f"(score: {cfg.search.score}, alpha {cfg.search.alpha}), "
+        f"({describe(cfg.search)}), "
         f"{ctx.space.n_params} parameters: {ctx.space.describe()}",
         f"- Trials: {', '.join(f'{v} {k.lower()}' for k, v in sorted(states.items()))} "
         f"(target {cfg.search.n_trials}); study `{study.study_name}` in `{redact(storage)}`",
@@ -244,7 +277,7 @@ def _report(ctx, study, best, front, rule, scores, refs, refs_test, plot_files, 
         "## Losses (mean response-token cross-entropy; lower is better)",
         "",
     ]
-    sets = ("alignment", "domain")
+    sets = tuple(ctx.rows)  # alignment, domain[, helpfulness]
     header = "| model | " + " | ".join(f"L_{s} search" for s in sets)
     if refs_test:
         header += " | " + " | ".join(f"L_{s} test" for s in sets)
@@ -267,10 +300,11 @@ def _report(ctx, study, best, front, rule, scores, refs, refs_test, plot_files, 
     )
     lines.append("")
     if front:
-        lines += ["## Pareto front", "", "| trial | L_alignment | L_domain |", "|---|---|---|"]
+        names = study.metric_names or metric_names(cfg.search)
+        lines += ["## Pareto front", "", f"| trial | {' | '.join(names)} |", "|---|" + "---|" * len(names)]
         for t in sorted(front, key=lambda t: t.values[1]):
             mark = " (chosen)" if t.number == best.number else ""
-            lines.append(f"| {t.number}{mark} | {t.values[0]:.4f} | {t.values[1]:.4f} |")
+            lines.append(f"| {t.number}{mark} | " + " | ".join(f"{v:.4f}" for v in t.values) + " |")
         lines.append("")
     lines += [
         "## Files",

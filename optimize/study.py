@@ -14,7 +14,7 @@ import optuna
 
 from core.errors import ConfigError
 from optimize.context import model_fingerprints
-from optimize.objective import describe, weighted_loss
+from optimize.objective import describe, describe_weighted, weighted_loss
 from optimize.registry import SAMPLERS
 from optimize.storage import redact
 from optimize.workers import worker_id
@@ -26,7 +26,9 @@ def default_storage(cfg) -> str:
 
 def metric_names(search) -> list[str]:
     """The name of each value a trial returns, as optuna-dashboard and Optuna's plots show it."""
-    return ["L_align", "L_domain"] if search.objective == "pareto" else [describe(search)]
+    if search.objective == "pareto":
+        return ["L_align", "L_domain"] + (["L_help"] if search.beta else [])
+    return [describe(search)]
 
 
 def trials_frame(study: optuna.Study):
@@ -56,7 +58,7 @@ def open_study(cfg, storage, url: str, space, pruner, signature: dict) -> optuna
     """Create the study, or join it when it exists (a resumed run, or another worker's study).
     A worker that joins gets a sampler seed of its own: with the configured one it would draw
     the same candidates as the worker that created the study (or as the run it resumes)."""
-    directions = ["minimize", "minimize"] if cfg.search.objective == "pareto" else ["minimize"]
+    directions = ["minimize"] * len(metric_names(cfg.search))
     name, seed = cfg.study_name or cfg.name, cfg.search.seed
     sampler = make_sampler(cfg, space, seed)  # a bad sampler setting fails before the study is made
     try:
@@ -107,7 +109,8 @@ def study_signature(ctx) -> dict:
             :12
         ],
         "merge": f"{m.method} normalize={cfg.normalize} lambda={m.lambda_} seed={m.seed}",
-        "objective": f"{s.objective} score={s.score} alpha={s.alpha if s.objective == 'weighted' else None}",
+        "objective": f"{s.objective} score={s.score} alpha={s.alpha if s.objective == 'weighted' else None}"
+        + (f" beta={s.beta}" if s.beta else ""),  # studies made before beta existed keep their signature
         "params": hashlib.sha256(
             json.dumps(sorted(n for names in ctx.space.params.values() for n in names)).encode()
         ).hexdigest()[:12]
@@ -122,13 +125,14 @@ def choose(study: optuna.Study, cfg) -> tuple[optuna.trial.FrozenTrial, list, st
     if len(study.directions) == 1:
         return study.best_trial, [], "lowest objective"
     front = study.best_trials
-    a = np.array([t.values[0] for t in front])
-    d = np.array([t.values[1] for t in front])
+    values = np.array([t.values for t in front])  # (points, objectives): align, domain[, help]
     if cfg.search.pareto_rule == "weighted":
-        i = int(np.argmin(weighted_loss(cfg.search.alpha, {"alignment": a, "domain": d})))
-        rule = f"front point with the lowest L_align + {cfg.search.alpha} * L_domain"
+        losses = dict(zip(("alignment", "domain", "helpfulness"), values.T))
+        i = int(np.argmin(weighted_loss(cfg.search, losses)))
+        rule = f"front point with the lowest {describe_weighted(cfg.search)}"
     else:
-        span = lambda v: (v - v.min()) / (v.max() - v.min() if v.max() > v.min() else 1)  # noqa: E731
-        i = int(np.argmin(np.hypot(span(a), span(d))))
-        rule = "knee: front point closest to the ideal point after scaling both losses to [0, 1]"
+        low, high = values.min(0), values.max(0)
+        scaled = (values - low) / np.where(high > low, high - low, 1)
+        i = int(np.argmin(np.linalg.norm(scaled, axis=1)))
+        rule = "knee: front point closest to the ideal point after scaling every loss to [0, 1]"
     return front[i], front, rule

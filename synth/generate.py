@@ -46,7 +46,7 @@ from synth.pipelines import (
 )
 from synth.prompts import HERE, Templates
 
-SPLITS = ("alignment_search", "alignment_test", "domain_search", "domain_test", "benign")
+SPLITS = ("alignment_search", "alignment_test", "domain_search", "domain_test", "benign_search", "benign")
 COLUMNS = (
     "prompt",
     "response",
@@ -143,11 +143,13 @@ def check_files(cfg: SynthConfig) -> Templates:
 def check_made(cfg: SynthConfig, splits: dict[str, list[dict]]) -> None:
     """A search split asked for but left empty is an error: optimize.search would have nothing
     to score. Raised before anything is written; the generations stay cached."""
-    for kind, key, asked in (("alignment", "n_safety", cfg.n_safety), ("domain", "n_domain", cfg.n_domain)):
+    wanted = (("alignment", "n_safety"), ("domain", "n_domain"), ("benign", "n_benign"))
+    for kind, key in wanted:
+        asked, test = getattr(cfg, key), "benign" if kind == "benign" else f"{kind}_test"
         if asked and not splits[f"{kind}_search"]:
             raise DataError(
                 f"synth.generate made no {kind}_search rows ({key}: {asked} asked, "
-                f"{len(splits[f'{kind}_test'])} in {kind}_test; the [synth] lines above say which "
+                f"{len(splits[test])} in {test}; the [synth] lines above say which "
                 f"step dropped them): raise {key} or oversample, or use stronger models. Generations "
                 "are cached: the rerun only generates what is missing"
             )
@@ -209,7 +211,8 @@ def generate(
     benign_rows = cut(ctx, "benign", select_benign(ctx, benign), cfg.n_benign)
     a_search, a_test = split(refusals, cfg.test_fraction)
     d_search, d_test = split(domain, cfg.test_fraction)
-    splits = dict(zip(SPLITS, (a_search, a_test, d_search, d_test, benign_rows)))
+    b_search, b_test = split(benign_rows, cfg.test_fraction)
+    splits = dict(zip(SPLITS, (a_search, a_test, d_search, d_test, b_search, b_test)))
     check_unique(splits)
     check_made(cfg, splits)
 

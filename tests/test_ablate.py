@@ -36,6 +36,7 @@ LABELS = [
     "LM-Cocktail, D_domain",
     "LM-Cocktail, D_domain ∪ D_safety",
     "domain-only search (EvoMM)",
+    "safety-aware search, paper objective",
     "safety-aware search (alignmerge)",
 ]
 # what a reader of ablation.csv needs: how each row was picked and its test-split numbers
@@ -53,6 +54,7 @@ def splits(root):
         "alignment_test": pairs[6:10],
         "domain_search": pairs[10:16],
         "domain_test": pairs[16:21],
+        "benign_search": pairs[2:6],
         "benign": pairs[21:25],
     }
     dd = datasets.DatasetDict(
@@ -70,7 +72,7 @@ def splits(root):
 def write_configs(world, root, **ablation):
     search = world_config(world, root / "unused")
     search["merge"] = {"method": "ties", "normalize": False}
-    search["search"].update(parametrization="global")
+    search["search"].update(parametrization="global", beta=1.0, verify={"top_k": 2, "max_new_tokens": 4})
     search["data"] = {"dir": str(splits(root)), "batch_tokens": 256}
     (root / "search.yaml").write_text(yaml.safe_dump(search))
     abl = {
@@ -121,6 +123,11 @@ def test_table_rows_columns_and_files(ablation):
     assert header == COLUMNS and set(REQUIRED) <= set(header)
     rows = read_csv(out / "ablation.csv")
     assert [r["row"] for r in rows] == LABELS
+    picked = {r["row"]: r["picked_on"] for r in rows}
+    assert picked["safety-aware search (alignmerge)"].endswith(
+        "L_align + 0.3 L_domain + 1.0 L_help, verified by generation on the search prompts"
+    )
+    assert picked["safety-aware search, paper objective"].endswith(": L_align + 0.3 L_domain")
     for r in rows:
         assert 0 <= float(r["refused_harmful"]) <= 1 and 0 <= float(r["refused_benign"]) <= 1
         assert float(r["domain_loss_test"]) > 0
@@ -156,6 +163,7 @@ def test_grid_points_are_chosen_on_the_search_splits(ablation):
     ctx.merger.method = Ties(normalize=False)
     tok, d = ctx.base.tokenizer, ablation["data"]
     search = {k: load_pairs(d, f"{k}_search") for k in ("alignment", "domain")}
+    search["helpfulness"] = load_pairs(d, "benign_search")
     test = {k: load_pairs(d, f"{k}_test") for k in ("alignment", "domain")}
     n, g = len(cfg.sources), ctx.base.groups.n
     ties = [p for p in grid if p["merge"] == "ties"]
@@ -164,7 +172,8 @@ def test_grid_points_are_chosen_on_the_search_splits(ablation):
         w, dens = (float(x.split("=")[1]) for x in point["setting"].split(", "))
         model = ctx.merger.apply(Candidate(weight=np.full((n, g), w), density=np.full((n, g), dens)))
         s, t = losses(model, tok, search), losses(model, tok, test)
-        assert float(point["objective_search"]) == pytest.approx(s["alignment"] + 0.3 * s["domain"], rel=1e-4)
+        objective = s["alignment"] + 0.3 * s["domain"] + s["helpfulness"]  # beta 1
+        assert float(point["objective_search"]) == pytest.approx(objective, rel=1e-4)
         on_test.append(t["alignment"] + 0.3 * t["domain"])
         if point["chosen"] == "True":
             row = next(r for r in read_csv(ablation["out"] / "ablation.csv") if r["row"] == "TIES, grid")

@@ -156,15 +156,15 @@ def test_same_seed_same_trials(world, tmp_path):
 def test_non_finite_loss_fails_the_trial_and_the_study_goes_on(world, tmp_path, monkeypatch):
     from eval import loss
 
-    real = loss.response_losses
+    real = loss.response_scores
     calls = {"n": 0}
 
     def sometimes_nan(*a, **k):
-        out = real(*a, **k)
+        ce, mass = real(*a, **k)
         calls["n"] += 1
-        return out * float("nan") if calls["n"] <= 2 else out  # the first trial's batches
+        return (ce * float("nan") if calls["n"] <= 2 else ce), mass  # the first trial's batches
 
-    monkeypatch.setattr(loss, "response_losses", sometimes_nan)
+    monkeypatch.setattr(loss, "response_scores", sometimes_nan)
     raw = world_config(world, tmp_path / "run", n_trials=2)
     raw["data"]["batch_tokens"] = 4096  # one batch per set
     raw["output"] = {"plots": False, "save_model": False}

@@ -253,7 +253,10 @@ def test_end_to_end_splits_columns_and_card(first_run):
     assert sizes["alignment_test"] == 2 and sizes["domain_test"] == round(
         0.2 * (sizes["domain_search"] + sizes["domain_test"])
     )
-    assert 0 < sizes["domain_search"] + sizes["domain_test"] <= 8 and sizes["benign"] <= 5
+    assert (
+        0 < sizes["domain_search"] + sizes["domain_test"] <= 8
+        and sizes["benign_search"] + sizes["benign"] <= 5
+    )
     prompts = [p for s in dd.values() for p in s["prompt"]]
     assert len(prompts) == len({p.lower() for p in prompts})  # no prompt twice, in any split
     for row in dd["alignment_search"]:
@@ -341,7 +344,7 @@ def test_user_prompt_file_skips_generation_and_dedups(models, tmp_path):
     assert step["dropped"] == {"exact_duplicate": 2, "empty": 1}
     assert len(dd["alignment_search"]) + len(dd["alignment_test"]) == 6
     assert set(dd["alignment_test"]["prompt_source"]) == {"harmful.jsonl"}
-    assert len(dd["domain_search"]) == len(dd["benign"]) == 0
+    assert len(dd["domain_search"]) == len(dd["benign_search"]) == len(dd["benign"]) == 0
     assert record["config"]["seed"] == 3
 
 
@@ -469,7 +472,8 @@ def test_benign_and_question_files_replace_generation(models, tmp_path):
     assert main(["--config", write_config(tmp_path, cfg)]) == 0
     dd, record = load(tmp_path / "run" / "data")
     assert record["engine_loads"] == ["aligned", "noise"]  # no generator; the expert is the noise model
-    assert sorted(dd["benign"]["prompt"]) == [f"How do I kill process {i} on Linux?" for i in range(3)]
+    assert len(dd["benign"]) == 0  # test_fraction 0
+    assert sorted(dd["benign_search"]["prompt"]) == [f"How do I kill process {i} on Linux?" for i in range(3)]
     domain = dd["domain_search"]
     assert sorted(domain["prompt"]) == [f"Which nerve supplies muscle {i}?" for i in range(3)]
     assert set(domain["source_model"]) == {"expert"} and set(domain["category"]) == {"medicine"}

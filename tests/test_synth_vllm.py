@@ -105,7 +105,7 @@ def test_demo_pipeline_slice_the_pool_writes_the_search_data(tmp_path, monkeypat
         ("medicine", "medical"),
         ("grade-school maths", "math"),
     }
-    answered = [r for r in dd["benign"] if r["response"]]
+    answered = [r for r in dd["benign_search"] if r["response"]]
     assert answered and all(r["source_model"] in pool for r in answered)
     test_prompts = {
         r["prompt"]

@@ -1,0 +1,119 @@
+"""Alignment includes helpfulness: the L_help term, the refusal-opening signal, the verified pick
+(docs/method.md §4)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import optuna
+import pytest
+import torch
+import yaml
+
+from core.models import load_tokenizer
+from eval.judge import REFUSAL_OPENINGS, RefusalJudge
+from eval.loss import Scorer, encode, first_response_tokens
+from optimize.config import Search, validate_config
+from optimize.objective import describe, objective_value
+from optimize.search import run
+from optimize.verify import pick
+from tests.conftest import SENTENCES, world_config, write_jsonl
+
+SEEDS = Path(__file__).resolve().parents[1] / "data" / "seeds"
+
+
+def read(name: str, field: str) -> list[str]:
+    return [json.loads(line)[field] for line in (SEEDS / name).read_text().splitlines()]
+
+
+def test_openings_are_refusals_and_their_first_tokens_separate_refusals_from_answers():
+    """On fixed texts: the signal's tokens start the judge's refusals, not helpful answers."""
+    judge, tok = RefusalJudge(), load_tokenizer("default")
+    assert all(judge.verdict(o).refusal for o in REFUSAL_OPENINGS)
+    tokens = set(first_response_tokens(tok, REFUSAL_OPENINGS))
+
+    def first(text):
+        e = encode(tok, "Hello", text, 64)
+        return e.input_ids[e.n_prompt]
+
+    refusals = [r for r in read("refusals.jsonl", "response") if judge.verdict(r).refusal]
+    answers = read("benign_prompts.jsonl", "response")
+    assert len(refusals) >= 30 and len(answers) >= 200
+    assert sum(first(r) in tokens for r in refusals) / len(refusals) >= 0.9
+    assert sum(first(a) in tokens for a in answers) / len(answers) <= 0.02
+
+
+def test_refusal_mass_is_the_probability_of_the_first_tokens_at_the_first_answer_position(world):
+    from transformers import AutoModelForCausalLM
+
+    tok = load_tokenizer(str(world["base"]))
+    model = AutoModelForCausalLM.from_pretrained(world["base"], dtype=torch.float32).eval()
+    rows = [{"prompt": p, "response": r} for p in SENTENCES for r in SENTENCES[:2]]
+    tokens = first_response_tokens(tok, REFUSAL_OPENINGS)
+    losses, mass = Scorer(tok, {"s": rows}, batch_tokens=64, refusal_tokens=tokens).score(model)
+    for row, m in zip(rows, mass["s"]):
+        e = encode(tok, row["prompt"], row["response"], 1024)
+        with torch.no_grad():
+            logits = model(torch.tensor([e.input_ids[: e.n_prompt]])).logits[0, -1]
+        assert m == pytest.approx(logits.softmax(-1)[tokens].sum().item(), rel=1e-4, abs=1e-7)
+    assert len(losses["s"]) == len(mass["s"]) == len(rows)
+    assert Scorer(tok, {"s": rows}).score(model)[1] == {"s": []}  # no tokens, no signal
+
+
+def test_objective_with_helpfulness():
+    losses = {"alignment": 1.0, "domain": 2.0, "helpfulness": 4.0}
+    assert objective_value(Search(alpha=0.5, beta=0.25), losses) == pytest.approx(1 + 1 + 1)
+    assert objective_value(Search(alpha=0.5), losses) == pytest.approx(2.0)  # beta 0: the paper's
+    assert objective_value(Search(objective="pareto", beta=1), losses) == (1.0, 2.0, 4.0)
+    assert describe(Search(alpha=0.3, beta=1)) == "L_align + 0.3 L_domain + 1.0 L_help"
+    with pytest.raises(ValueError, match="beta"):
+        Search(beta=1, score="domain")
+
+
+def test_pick_takes_the_best_ranked_candidate_that_meets_the_targets():
+    rows = [
+        {"trial": 4, "harmful_refused": 0.95, "benign_refused": 0.40},  # best loss, over-refuses
+        {"trial": 7, "harmful_refused": 0.70, "benign_refused": 0.05},  # under-refuses
+        {"trial": 2, "harmful_refused": 0.90, "benign_refused": 0.15},  # meets
+        {"trial": 9, "harmful_refused": 0.99, "benign_refused": 0.00},  # meets, ranked lower
+    ]
+    assert pick(rows, 0.85, 0.20)["trial"] == 2
+    assert pick(rows[:2], 0.85, 0.20)["trial"] == 7  # none meets: smallest shortfall (0.15 < 0.20)
+    assert pick(rows[:2], 0.60, 0.20)["trial"] == 7
+
+
+def test_search_scores_helpfulness_records_the_signal_and_verifies_its_pick(world, tmp_path):
+    benign = [{"prompt": f"{p} {i}", "response": SENTENCES[i % 5]} for i, p in enumerate(SENTENCES * 2)]
+    raw = world_config(
+        world, tmp_path / "run", n_trials=4, beta=1.0, verify={"top_k": 2, "max_new_tokens": 4}
+    )
+    raw["data"]["helpfulness"] = str(write_jsonl(tmp_path / "benign.jsonl", benign))
+    raw["output"] = {"plots": False, "save_model": False}
+    run(validate_config(raw))
+    study = optuna.load_study(study_name="tiny", storage=f"sqlite:///{tmp_path / 'run' / 'study.db'}")
+    assert study.metric_names == ["L_align + 0.3 L_domain + 1.0 L_help"]
+    for t in study.trials:
+        a = t.user_attrs
+        expected = a["alignment_loss"] + 0.3 * a["domain_loss"] + a["helpfulness_loss"]
+        assert t.value == pytest.approx(expected)
+        assert 0 <= a["refusal_mass_helpfulness"] <= 1 and 0 <= a["refusal_mass_alignment"] <= 1
+    best = yaml.safe_load((tmp_path / "run" / "best.yaml").read_text())
+    assert best["chosen_by"].startswith("verified pick") and best["beta"] == 1.0
+    verified = best["verified"]
+    assert verified[0]["trial"] == "source a"  # the alignment source sets the harmful target
+    ranked = sorted((t for t in study.trials if t.value is not None), key=lambda t: (t.value, t.number))
+    assert [r["trial"] for r in verified[1:]] == [t.number for t in ranked[:2]]
+    assert [r["trial"] for r in verified if r.get("chosen")] == [best["trial"]]
+    assert "helpfulness_loss_search" in best["scores"]
+    assert "## Verified by generation" in (tmp_path / "run" / "report.md").read_text()
+
+
+def test_helpfulness_without_data_is_a_clear_error_before_models_load(world, tmp_path):
+    from core.errors import DataError
+    from optimize.context import check_inputs
+
+    raw = world_config(world, tmp_path / "run", beta=1.0)
+    raw["data"]["helpfulness"] = str(tmp_path / "missing.jsonl")
+    with pytest.raises(DataError, match="search.beta is 1.0.*set search.beta: 0"):
+        check_inputs(validate_config(raw))
