@@ -73,7 +73,7 @@ class Bounds(Strict):
 
 
 class Verify(Strict):
-    """The pick verified by generation (docs/method.md §4.3): the best `top_k` trials by the
+    """The pick verified by generation (docs/method.md §4.1): the best `top_k` trials by the
     objective (or the Pareto front's first `top_k` by the weighted loss) answer the search splits'
     harmful and benign prompts greedily; the refusal judge scores them; the chosen trial is the
     best one that meets `search.targets`."""

@@ -180,7 +180,7 @@ def write_outputs(
 
 
 def verification_section(rows: list[dict], rule: str) -> str:
-    """The verified candidates' judged figures beside their objective (docs/method.md §4.3)."""
+    """The verified candidates' judged figures beside their objective (docs/method.md §4.1)."""
     if not rows:
         return ""
     lines = [

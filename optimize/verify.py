@@ -1,4 +1,4 @@
-"""The pick verified by generation (docs/method.md §4.3).
+"""The pick verified by generation (docs/method.md §4.1).
 
 Losses are a proxy: a merge with a low L_align may still refuse harmless questions, one with a
 low L_help may still comply with a harmful request. So after the search, the best `top_k` trials
