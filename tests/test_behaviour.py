@@ -38,6 +38,10 @@ def test_headline_checks():
     results["safety-aware search (alignmerge)"]["refused_benign"] = 0.5
     lines = headline(results, experts, n_harmful=20)
     assert lines[1].startswith("- [ ]") and lines[0].startswith("- [x]")
+    results["safety-aware search (alignmerge)"]["refused_benign"] = 0.19  # <= 20%, but over the aligned's
+    results["source: a (alignment)"]["refused_benign"] = 0.18
+    assert headline(results, experts, n_harmful=20)[1].startswith("- [ ]")
+    results["safety-aware search (alignmerge)"]["refused_benign"] = 0.15
     # a naive merge within one test prompt (1/20) of the search's refusal fails the last goal
     results["TIES, weights 1, density 0.5"]["refused_harmful"] = 0.9
     assert headline(results, experts, n_harmful=20)[-1].startswith("- [ ]")
