@@ -57,18 +57,38 @@ def references(ctx: Context) -> dict[str, tuple[MergeMethod, Candidate]]:
     }
 
 
-def naive_merges(ctx: Context, cocktail_temperature: float = 1.0) -> dict[str, tuple[MergeMethod, Candidate]]:
+def naive_merges(
+    ctx: Context, cocktail_temperature: float = 1.0, losses=None
+) -> dict[str, tuple[MergeMethod, Candidate]]:
     """The merges a user tries before any search: task arithmetic with weight 1 each; TIES and
     DARE-TIES with mergekit's documented example settings (weight 1, density 0.5, normalize);
-    LM-Cocktail on the domain search split (docs/method.md §6.3)."""
+    LM-Cocktail on the domain search split (docs/method.md §6.3). `losses`: as for `cocktail`."""
     half = ctx.merger.uniform(1)
     half.density = np.full_like(half.weight, 0.5)
     return {
         "task arithmetic, weights 1": (PLAIN, ctx.merger.uniform(1)),
         "TIES, weights 1, density 0.5": (Ties(normalize=True), half),
         "DARE-TIES, weights 1, density 0.5": (DareTies(normalize=True, seed=ctx.cfg.search.seed), half),
-        "LM-Cocktail, D_domain": (Linear(normalize=True), cocktail(ctx, ["domain"], cocktail_temperature)[0]),
+        "LM-Cocktail, D_domain": (
+            Linear(normalize=True),
+            cocktail(ctx, ["domain"], cocktail_temperature, losses)[0],
+        ),
     }
+
+
+def remembered_losses(ctx: Context):
+    """`losses(method, candidate)` for `cocktail`: each merge's per-example search losses, scored
+    once (the sources are scored for every LM-Cocktail variant otherwise)."""
+    memo: dict[bytes, dict[str, list[float]]] = {}
+
+    def losses(method, c):
+        key = method.name.encode() + c.weight.tobytes()
+        if key not in memo:
+            with ctx.merger.applied(c, method) as model:
+                memo[key] = ctx.scorer.example_losses(model)
+        return memo[key]
+
+    return losses
 
 
 def cocktail(ctx: Context, sets: list[str], temperature: float, losses=None) -> tuple[Candidate, np.ndarray]:

@@ -24,7 +24,16 @@ from core.cli import ArgumentParser, positive_int, run_cli
 from core.files import claim_run_dir, write_text_atomic
 from eval import plots
 from eval.data import load_pairs
-from optimize.compare import DOMAIN_ONLY, cocktail, evaluate, for_variant, naive_merges, references, variant
+from optimize.compare import (
+    DOMAIN_ONLY,
+    cocktail,
+    evaluate,
+    for_variant,
+    naive_merges,
+    references,
+    remembered_losses,
+    variant,
+)
 from optimize.config import load_config
 from optimize.context import Context, check_inputs, prepare
 from optimize.methods import Candidate, Linear, MergeMethod
@@ -34,10 +43,11 @@ from synth.generate import for_run
 
 
 def contenders(ctx: Context, safe_dir: Path, dom_dir: Path) -> dict[str, tuple[MergeMethod, Candidate]]:
-    rows = references(ctx) | naive_merges(ctx)
+    losses = remembered_losses(ctx)
+    rows = references(ctx) | naive_merges(ctx, losses=losses)
     rows["LM-Cocktail, D_domain ∪ D_safety"] = (
         Linear(normalize=True),
-        cocktail(ctx, ["domain", "alignment"], 1.0)[0],
+        cocktail(ctx, ["domain", "alignment"], 1.0, losses)[0],
     )
     searched = ctx.merger.method
     rows["domain-only search (EvoMM)"] = (searched, ctx.space.decode(load_best(dom_dir)["params"]))

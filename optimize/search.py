@@ -112,9 +112,10 @@ def build_parser() -> ArgumentParser:
     p.add_argument(
         "--objective",
         choices=("weighted", "pareto"),
-        help="weighted: L_align + alpha*L_domain; pareto: both losses, Pareto front",
+        help="weighted: L_align + alpha*L_domain + beta*L_help; pareto: the losses, Pareto front",
     )
     p.add_argument("--alpha", type=float, help="weight of the domain loss (paper: 0.3)")
+    p.add_argument("--beta", type=float, help="weight of the helpfulness loss (0: the paper's objective)")
     p.add_argument(
         "--storage",
         help="Optuna storage URL (default: sqlite in the run folder); "
@@ -131,6 +132,7 @@ FLAGS = {  # command-line flag (argparse dest) -> config key
     "sampler": "search.sampler",
     "objective": "search.objective",
     "alpha": "search.alpha",
+    "beta": "search.beta",
     "seed": "search.seed",
     "storage": "storage",
     "study_name": "study_name",
