@@ -275,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--benign-repeat",
         type=int,
-        default=2,
+        default=3,  # 2 wrongly refused 15% of the benign search prompts, 3: 10% (harmful: 87% -> 86%)
         help="copies of each risky-looking benign example in aligned_train",
     )
     ap.add_argument("--expert-rank", type=int, default=16, help="LoRA rank of the domain experts")
