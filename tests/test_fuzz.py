@@ -205,6 +205,17 @@ CASES = [
         search={"n_trials": True},
     ),
     search_case("name_dot_dot", "and not start with '.'", name=".."),
+    search_case(
+        "beta_with_domain_score",
+        "search.beta is 1.0 but search.score is domain",
+        search={"beta": 1, "score": "domain"},
+    ),
+    search_case(
+        "helpfulness_missing",
+        "search.beta is 0.5 and search.verify.top_k 0: the search needs benign prompts",
+        search={"beta": 0.5},
+        data={"helpfulness": "@tmp@/nope.jsonl"},
+    ),
     search_case("storage_in_memory", "is an in-memory SQLite database", "--storage", "sqlite://"),
     search_case("source_listed_twice", "is listed twice", sources=[{"name": n, "path": "@a@"} for n in "ab"]),
     search_case("negative_seed", "search.seed: Input should be greater than or equal to 0", "--seed", "-1"),
@@ -241,6 +252,14 @@ CASES = [
         lambda w, t: check_made(
             parse_synth({"pool": [{"path": "m"}], "n_domain": 0, "n_safety": 4}),
             {"alignment_search": [], "alignment_test": [], "domain_search": []},
+        ),
+    ),
+    call_case(
+        "synth_empty_benign_split",
+        "synth.generate made no benign_search rows (n_benign: 3 asked, 0 in benign",
+        lambda w, t: check_made(
+            parse_synth({"pool": [{"path": "m"}], "n_domain": 0, "n_safety": 0, "n_benign": 3}),
+            {"benign_search": [], "benign": []},
         ),
     ),
     # ---- eval.run
