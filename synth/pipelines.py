@@ -385,8 +385,9 @@ def cut(ctx: Context, name: str, rows: list[dict], n: int) -> list[dict]:
     ctx.ledger.add(f"{name}: cut to target {n}", len(rows), len(kept), {"over_target": len(rows) - len(kept)})
     if len(kept) < n:
         print(
-            f"[synth] WARNING {name}: {len(kept)} rows, fewer than the {n} asked for "
-            "(raise `oversample` or use a stronger generator)",
+            f"[synth] WARNING {name}: {len(kept)} rows, fewer than the {n} asked for (the lines "
+            "above say which step dropped them: give more prompts in the file, or raise `oversample` "
+            "when the generator writes them)",
             flush=True,
         )
     return kept
