@@ -154,7 +154,9 @@ def prepare(cfg: Config, rows: dict[str, list[dict]] | None = None) -> Context:
         density_levels=space.density_levels,
         roles=tuple(src.role for src in cfg.sources),
     )
-    scorer = make_scorer(cfg, base.tokenizer, {k: rows[k] for k in scored_sets(cfg.search)}, device)
+    # the objective's sets among `rows` (eval.run builds a context on test rows for its analysis)
+    scored = {k: rows[k] for k in scored_sets(cfg.search) if k in rows}
+    scorer = make_scorer(cfg, base.tokenizer, scored, device)
     return Context(
         cfg,
         base,
