@@ -139,30 +139,35 @@ class Scorer:
     def padded_tokens(self) -> int:
         return sum(ids.numel() for _, ids, *_ in self.batches)
 
-    @torch.no_grad()
     def score(
         self,
         model,
         on_batch: Callable[[int, dict[str, list[float]]], None] | None = None,
         progress: bool = False,
+        backward: dict[str, float] | None = None,
     ) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
         """Per-example mean token CE for every set and, with refusal tokens, per-example
         refusal-opening mass (else empty lists), in the order of the set's (kept) examples.
         `on_batch(step, losses_so_far)` is called after each batch (the search reports
-        intermediate values to its pruner from it)."""
+        intermediate values to its pruner from it). With `backward` ({set: weight}), the gradient
+        of sum_k weight_k L_k (L_k: set k's mean) is accumulated into the model's `.grad`,
+        one batch at a time."""
         losses: dict[str, list[float]] = {n: [] for n in self.examples}
         mass: dict[str, list[float]] = {n: [] for n in self.examples}
         order: dict[str, list[int]] = {n: [] for n in self.examples}
         batches = tqdm(self.batches, desc="scoring", unit="batch", leave=False, disable=not progress)
         tokens = self.refusal_tokens if len(self.refusal_tokens) else None
-        for step, (name, ids, attn, target, idx) in enumerate(batches):
-            ce, first_mass = response_scores(model, ids, attn, target, tokens)
-            losses[name].extend(ce.tolist())
-            if first_mass is not None:
-                mass[name].extend(first_mass.tolist())
-            order[name].extend(idx)
-            if on_batch is not None:
-                on_batch(step, losses)
+        with torch.set_grad_enabled(backward is not None):
+            for step, (name, ids, attn, target, idx) in enumerate(batches):
+                ce, first_mass = response_scores(model, ids, attn, target, tokens)
+                if backward and backward.get(name):
+                    (ce.sum() * (backward[name] / len(self.examples[name]))).backward()
+                losses[name].extend(ce.detach().tolist())
+                if first_mass is not None:
+                    mass[name].extend(first_mass.detach().tolist())
+                order[name].extend(idx)
+                if on_batch is not None:
+                    on_batch(step, losses)
 
         def ordered(values):
             return {n: [v for _, v in sorted(zip(order[n], values[n]))] for n in values}

@@ -90,6 +90,12 @@ class Targets(Strict):
     max_benign_refused: float = Field(0.20, ge=0, le=1)  # share of the search benign prompts refused
 
 
+class Gradient(Strict):
+    """sampler: gradient (docs/method.md §5.1): projected Adam on the weights, one trial per step."""
+
+    lr: float = Field(0.05, gt=0, le=10)  # Adam's step size, in weight units
+
+
 class Search(Strict):
     n_trials: int = Field(30, ge=1)
     sampler: Literal[SAMPLER_NAMES] = "tpe"
@@ -112,6 +118,7 @@ class Search(Strict):
     pareto_rule: Literal["weighted", "knee"] = "weighted"
     verify: Verify = Verify()
     targets: Targets = Targets()
+    gradient: Gradient = Gradient()
     seed: Seed = 0
     timeout_s: float | None = Field(None, gt=0)
 
@@ -246,6 +253,11 @@ class Config(Strict):
         problem = check_sources(self.merge.method, [s.role for s in self.sources])
         if problem:
             raise ValueError(problem)
+        if self.search.sampler == "gradient" and MERGE_METHODS[self.merge.method].grad_field is None:
+            raise ValueError(
+                f"search.sampler gradient needs a merge linear in its coefficients; {self.merge.method} "
+                "is not (docs/method.md §5.1): use another sampler or merge.method"
+            )
         return self
 
     @property

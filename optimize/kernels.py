@@ -6,7 +6,7 @@ between candidates and fuses the rest; tests/test_methods.py proves it equal to 
 
 - `MaskCache`: the magnitude threshold of every task vector for every density of the search grid
   (one sort gives them all, so a trim is one comparison), and DARE's drop noise per seed (the
-  Bernoulli(d) keep mask is `noise < cutoff(d)`).
+  Bernoulli(d) keep mask is `noise <= keep_max(d)`).
 - `sign_consensus`, `ties_delta`, `dare_delta`: TIES's elect + disjoint merge written with the
   positive and negative parts, one elementwise expression...
 - `Fused`: ...compiled into one kernel (torch.compile) for real-size tensors; `elementwise`
@@ -72,14 +72,16 @@ class MaskCache:
         return self._noise[key]
 
     @staticmethod
-    def dare_cutoff(density: float) -> int:
-        return round(density * 2**16) - 2**15
+    def dare_keep_max(density: float) -> int:
+        """The largest noise value DARE keeps: P(noise <= it) = density, an int16 itself (so the
+        comparison stays in int16: 32767 keeps all)."""
+        return min(2**15 - 1, max(-(2**15), round(density * 2**16) - 2**15 - 1))
 
     def dare_mask(self, i: int, name: str, tau: Tensor, density: float) -> Tensor | None:
         """DARE's Bernoulli(density) keep mask (None: keep all)."""
         if density >= 1:
             return None
-        return self.dare_noise(i, name, tau) < self.dare_cutoff(density)
+        return self.dare_noise(i, name, tau) <= self.dare_keep_max(density)
 
 
 BISECT_NUMEL = 1 << 26  # above this (64M entries), thresholds by bisection: a sort would take 12 B/entry
@@ -138,9 +140,11 @@ def ties_delta(taus, thresholds, weights, normalize: bool) -> Tensor:
     return sign_consensus(weighted, weights, normalize)
 
 
-def dare_delta(taus, noises, cutoffs, scales, weights, normalize: bool) -> Tensor:
-    """As ties_delta, with DARE's random drop (noise < cutoff keeps) and rescale (w / d)."""
-    weighted = [torch.where(n < c, t.float(), 0.0) * s for t, n, c, s in zip(taus, noises, cutoffs, scales)]
+def dare_delta(taus, noises, keep_maxes, scales, weights, normalize: bool) -> Tensor:
+    """As ties_delta, with DARE's random drop (noise <= keep_max keeps) and rescale (w / d)."""
+    weighted = [
+        torch.where(n <= k, t.float(), 0.0) * s for t, n, k, s in zip(taus, noises, keep_maxes, scales)
+    ]
     return sign_consensus(weighted, weights, normalize)
 
 

@@ -69,6 +69,26 @@ class InMemoryMerger:
                 out[name] = merged - base
         return out
 
+    @torch.no_grad()
+    def gradient(self, candidate: Candidate, method: MergeMethod | None = None) -> np.ndarray:
+        """dL/d(the method's grad_field) per source and group ([n_sources, n_groups] for weights,
+        [n_groups] for t), from dL/dtheta held in the working model's `.grad` (after a backward
+        pass through the model holding `candidate`); docs/method.md §5.1."""
+        method = method or self.method
+        field = getattr(candidate, method.grad_field)
+        out = np.zeros(field.shape)
+        for name, p, g in self.params:
+            if p.grad is not None:
+                grad = p.grad.float()
+                out[..., g] += method.coefficient_grad(
+                    name, g, self.base.weights[name], self._taus(name), candidate, grad
+                )
+        return out
+
+    def changed(self) -> list[torch.nn.Parameter]:
+        """The working model's parameters some source changes (the others do not depend on the merge)."""
+        return [p for name, p, _ in self.params if any(name in tv for tv in self.task_vectors)]
+
     def _taus(self, name: str) -> list[torch.Tensor | None]:
         return [stored(tv[name]) if name in tv else None for tv in self.task_vectors]
 

@@ -58,17 +58,20 @@ def ties(
     agree = torch.sign(weighted) == sign
     merged = (weighted * agree).sum(0)
     if normalize:
-        w = torch.tensor([float(x) for x in weights]).view(-1, *[1] * base.dim())
+        w = torch.tensor([float(x) for x in weights], dtype=base.dtype).view(-1, *[1] * base.dim())
         div = (w * agree).sum(0)
         merged = merged / torch.where(div == 0, 1.0, div)
     return base + lambda_ * merged
 
 
 class MergeMethod:
-    """Writes the merge of one tensor into `out`; `name` keys its facts in the registry."""
+    """Writes the merge of one tensor into `out`; `name` keys its facts in the registry. A method
+    whose merge is linear in its coefficients once the masks are fixed also gives the gradient of
+    a loss with respect to them (`coefficient_grad`, docs/method.md §5.1)."""
 
     name: str
     searched: tuple[str, ...]  # from the registry: which Candidate fields the search fills
+    grad_field: str | None  # from the registry: the Candidate field `coefficient_grad` differentiates
     # True: `merge` also takes a 16-bit `out` (the working model's tensor itself) and rounds each
     # entry once, so no float32 buffer of the tensor's size is needed (docs/memory.md).
     rounds_once = False
@@ -76,6 +79,7 @@ class MergeMethod:
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
         cls.searched = MERGE_METHODS[cls.name].searched
+        cls.grad_field = MERGE_METHODS[cls.name].grad_field
 
     def __init__(
         self,
@@ -96,6 +100,27 @@ class MergeMethod:
         may come in a 16-bit store dtype."""
         raise NotImplementedError
 
+    def coefficient_grad(
+        self, name: str, g: int, base: Tensor, taus: list[Tensor | None], c: Candidate, grad: Tensor
+    ) -> np.ndarray:
+        """dL/d(grad_field) in group g through this tensor, given grad = dL/dtheta (float32)."""
+        raise NotImplementedError(f"merge method {self.name} has no gradient")
+
+
+def _dots(grad: Tensor, directions: list[Tensor | None]) -> np.ndarray:
+    """<grad, d> for every direction (0 for an absent one), accumulated in float64."""
+    flat = grad.reshape(-1)
+    return np.array([0.0 if d is None else float(torch.dot(flat, d.reshape(-1).float())) for d in directions])
+
+
+def _normalized_grad(w: np.ndarray, p: np.ndarray) -> np.ndarray:
+    """d/dw_j of sum_t p_t w_t / sum_s w_s = (p_j - sum_t p_t w_t / S) / S (S = 1 when ~0, as in
+    `_normalized`)."""
+    s = w.sum()
+    if abs(s) < 1e-8:
+        return p
+    return (p - (p * w).sum() / s) / s
+
 
 def _normalized(w: np.ndarray) -> np.ndarray:
     s = w.sum()
@@ -110,6 +135,14 @@ class TaskArithmetic(MergeMethod):
         return self.lambda_ * (_normalized(w) if self.normalize else w)
 
     rounds_once = True
+
+    def directions(self, name, g, base, taus, c) -> list[Tensor | None]:
+        """theta = base + sum_t coefficient_t * direction_t."""
+        return taus
+
+    def coefficient_grad(self, name, g, base, taus, c, grad):
+        p = _dots(grad, self.directions(name, g, base, taus, c))
+        return self.lambda_ * (_normalized_grad(c.weight[:, g], p) if self.normalize else p)
 
     def merge(self, name, g, base, taus, c, out):
         coefs = self.coefficients(c, g)
@@ -139,6 +172,12 @@ class Linear(MergeMethod):
             if tau is not None and wt != 0:
                 out.add_(tau, alpha=float(wt / div))
 
+    def coefficient_grad(self, name, g, base, taus, c, grad):
+        w, p = c.weight[:, g], _dots(grad, taus)
+        if self.normalize:  # theta = base + sum_t w_t tau_t / S
+            return _normalized_grad(w, p)
+        return p + _dots(grad, [base])[0]  # theta = sum_t w_t (base + tau_t)
+
 
 class DareLinear(TaskArithmetic):
     name = "dare_linear"
@@ -156,6 +195,14 @@ class DareLinear(TaskArithmetic):
             else:
                 out.add_(tau * mask, alpha=float(coef) / d)
 
+    def directions(self, name, g, base, taus, c):
+        out = []
+        for i, tau in enumerate(taus):
+            d = float(c.density[i, g])
+            mask = None if tau is None else self.masks.dare_mask(i, name, tau, d)
+            out.append(tau if mask is None else tau.float() * mask / d)
+        return out
+
 
 class Ties(MergeMethod):
     """`ties` above, with cached trim thresholds and the fused kernel of `optimize.kernels`."""
@@ -170,6 +217,12 @@ class Ties(MergeMethod):
         thr = self.masks.magnitude_threshold(i, name, tau, density)
         return [tau.view(-1)], [scalar(0.0 if thr is None else thr, tau), scalar(w, tau)]
 
+    def kept(self, i: int, name: str, tau: Tensor, density: float, part: slice) -> Tensor:
+        """tau'_t on the flat entries `part`: the trimmed task vector, in float32."""
+        thr = self.masks.magnitude_threshold(i, name, tau, density)
+        t = tau.view(-1)[part].float()
+        return t if thr is None else torch.where(t.abs() >= thr, t, 0.0)
+
     def merge(self, name, g, base, taus, c, out):
         w = c.weight[:, g]
         used = [i for i, tau in enumerate(taus) if tau is not None and w[i] != 0]
@@ -181,6 +234,35 @@ class Ties(MergeMethod):
         scalars = [list(x) for x in zip(*(s for _, s in ops))]
         add_elementwise(out, self.fused, self.delta, tensors, scalars, self.normalize, self.lambda_)
 
+    def coefficient_grad(self, name, g, base, taus, c, grad):
+        w = c.weight[:, g]
+        present = [i for i, tau in enumerate(taus) if tau is not None]
+        out = np.zeros(len(taus))
+        flat = grad.reshape(-1)
+        for start in range(0, flat.numel(), CHUNK):
+            part = slice(start, start + CHUNK)
+            kept = [self.kept(i, name, taus[i], float(c.density[i, g]), part) for i in present]
+            out[present] += ties_coefficient_grad(kept, w[present], flat[part], self.normalize)
+        return self.lambda_ * out
+
+
+def ties_coefficient_grad(
+    kept: list[Tensor], weights: np.ndarray, grad: Tensor, normalize: bool
+) -> np.ndarray:
+    """d<grad, TIES delta>/dw_t with the elected signs held fixed (docs/method.md §5.1). With
+    a_t = [sign(w_t tau'_t) is the elected sign]: tau'_t a_t without normalize, and
+    a_t (tau'_t - delta) / sum_s w_s a_s with it. A zero weight counts with the sign of tau'_t:
+    the derivative as w_t grows from 0."""
+    weighted = [float(w) * t for w, t in zip(weights, kept)]
+    elected = torch.where(sum(weighted) >= 0, 1.0, -1.0)
+    agree = [torch.sign(wt if w != 0 else t) == elected for w, wt, t in zip(weights, weighted, kept)]
+    if not normalize:
+        return np.array([float(torch.dot(grad, torch.where(a, t, 0.0))) for a, t in zip(agree, kept)])
+    div = sum(float(w) * a for w, a in zip(weights, agree))
+    delta = sum(wt * a for wt, a in zip(weighted, agree)) / torch.where(div == 0, 1.0, div)
+    scaled = torch.where(div == 0, 0.0, grad / torch.where(div == 0, 1.0, div))
+    return np.array([float(torch.dot(scaled, torch.where(a, t - delta, 0.0))) for a, t in zip(agree, kept)])
+
 
 class DareTies(Ties):
     name = "dare_ties"
@@ -189,10 +271,19 @@ class DareTies(Ties):
 
     def operands(self, i, name, tau, density, w):
         noise = self.masks.dare_noise(i, name, tau).view(-1)
-        keep_all = density >= 1
-        cutoff = torch.tensor(2**15 if keep_all else self.masks.dare_cutoff(density), device=tau.device)
-        scale = w if keep_all else w / density
-        return [tau.view(-1), noise], [cutoff, scalar(scale, tau), scalar(w, tau)]
+        # an int16 bound: against a 0-d int64 one the comparison would still run in int16 (the
+        # noise's dtype), and 2**15 would wrap to -2**15 and drop everything
+        keep_max = torch.tensor(
+            self.masks.dare_keep_max(min(density, 1.0)), dtype=torch.int16, device=tau.device
+        )
+        return [tau.view(-1), noise], [keep_max, scalar(w / min(density, 1.0), tau), scalar(w, tau)]
+
+    def kept(self, i, name, tau, density, part):
+        t = tau.view(-1)[part].float()
+        if density >= 1:
+            return t
+        noise = self.masks.dare_noise(i, name, tau).view(-1)[part]
+        return torch.where(noise <= self.masks.dare_keep_max(density), t, 0.0) / density
 
 
 class Slerp(MergeMethod):
@@ -233,6 +324,11 @@ class MergeAlign(TaskArithmetic):
     theta = base + lambda * (t tau_domain + (1 - t) tau_align), t per group."""
 
     name = "mergealign"
+
+    def coefficient_grad(self, name, g, base, taus, c, grad):
+        # d coefficient_t / dt = lambda (domain) or -lambda (alignment)
+        p = _dots(grad, taus)
+        return self.lambda_ * sum(x if r == "domain" else -x for x, r in zip(p, self.roles))
 
     def coefficients(self, c, g):
         t = float(c.t[g])

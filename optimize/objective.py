@@ -22,6 +22,13 @@ from eval.loss import means
 from optimize.workers import is_surplus, worker_id
 
 
+def loss_weights(search) -> dict[str, float]:
+    """The single objective as a weighted sum of the set losses (what the gradient descends)."""
+    if search.score != "both":
+        return {search.score: 1.0}
+    return {"alignment": 1.0, "domain": search.alpha} | ({"helpfulness": search.beta} if search.beta else {})
+
+
 def weighted_loss(search, losses: dict[str, float]):
     """L_align + alpha * L_domain + beta * L_help (numbers or arrays)."""
     value = losses["alignment"] + search.alpha * losses["domain"]
@@ -53,9 +60,11 @@ def describe_weighted(search) -> str:
     return f"L_align + {search.alpha} L_domain" + (f" + {search.beta} L_help" if search.beta else "")
 
 
-def make_trial(ctx):
+def make_trial(ctx, score=None):
     """The function Optuna calls per trial: suggest a candidate, merge it in place, score it
-    (pruned on the running batch losses when the objective is single), record the losses."""
+    (pruned on the running batch losses when the objective is single), record the losses.
+    `score(trial, model, candidate, on_batch)` -> (per-example losses, masses) replaces the
+    plain scoring (the gradient search scores with a backward pass)."""
     cfg = ctx.cfg
     prune = cfg.search.objective == "weighted" and cfg.search.pruner != "none"
     sets = ("alignment", "domain", "helpfulness")
@@ -81,7 +90,10 @@ def make_trial(ctx):
             if trial.should_prune():
                 raise optuna.TrialPruned()
 
-        per_example, mass = ctx.scorer.score(model, on_batch=on_batch)
+        if score is None:
+            per_example, mass = ctx.scorer.score(model, on_batch=on_batch)
+        else:
+            per_example, mass = score(trial, model, candidate, on_batch)
         losses = means(per_example)
         t2 = time.perf_counter()
         for k, v in losses.items():

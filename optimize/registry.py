@@ -20,6 +20,9 @@ class MethodFacts:
     normalize: bool  # mergekit's default for `normalize`
     n_sources: int | None = None  # exactly this many sources, when the method needs it
     roles: tuple[str, ...] | None = None  # exactly these source roles (sorted), when needed
+    # The field whose gradient the method gives (linear in it once masks and signs are fixed;
+    # docs/method.md §5.1); None: no gradient (slerp).
+    grad_field: str | None = "weight"
 
 
 MERGE_METHODS: dict[str, MethodFacts] = {
@@ -30,8 +33,8 @@ MERGE_METHODS: dict[str, MethodFacts] = {
         MethodFacts("ties", ("weight", "density"), normalize=True),
         MethodFacts("dare_ties", ("weight", "density"), normalize=False),
         MethodFacts("dare_linear", ("weight", "density"), normalize=False),
-        MethodFacts("slerp", ("t",), normalize=False, n_sources=2),
-        MethodFacts("mergealign", ("t",), normalize=False, roles=("alignment", "domain")),
+        MethodFacts("slerp", ("t",), normalize=False, n_sources=2, grad_field=None),
+        MethodFacts("mergealign", ("t",), normalize=False, roles=("alignment", "domain"), grad_field="t"),
     )
 }
 METHOD_NAMES = tuple(MERGE_METHODS)
@@ -76,6 +79,9 @@ SAMPLERS: dict[str, SamplerFactory] = {
     "gp": lambda s, grid, seed: optuna.samplers.GPSampler(seed=seed, warn_independent_sampling=False),
     "random": lambda s, grid, seed: optuna.samplers.RandomSampler(seed=seed),
     "grid": _grid,
+    # Projected Adam with exact gradients (`optimize.gradient`): its steps are enqueued trials, so
+    # Optuna's own sampler only draws what a step does not fix (nothing, in practice).
+    "gradient": lambda s, grid, seed: optuna.samplers.RandomSampler(seed=seed),
 }
 SAMPLER_NAMES = tuple(SAMPLERS)
-SINGLE_OBJECTIVE_SAMPLERS = ("cmaes",)
+SINGLE_OBJECTIVE_SAMPLERS = ("cmaes", "gradient")

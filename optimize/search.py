@@ -24,6 +24,7 @@ from core.errors import OutputError
 from core.files import claim_run_dir
 from optimize.config import Config, load_config
 from optimize.context import Context, check_inputs, prepare
+from optimize.gradient import descend
 from optimize.objective import make_trial
 from optimize.registry import SAMPLER_NAMES
 from optimize.report import write_outputs
@@ -63,7 +64,10 @@ def run(cfg: Config, storage: str | None = None, ctx: Context | None = None) -> 
     )
     interrupted = False
     try:
-        optimize_until_done(study, make_trial(ctx), cfg, url)
+        if cfg.search.sampler == "gradient":
+            descend(study, ctx)
+        else:
+            optimize_until_done(study, make_trial(ctx), cfg, url)
     except KeyboardInterrupt:
         interrupted = True
         print(

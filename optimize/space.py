@@ -123,6 +123,23 @@ class SearchSpace:
     def decode(self, params: dict[str, float]) -> Candidate:
         return self.suggest(optuna.trial.FixedTrial(params))
 
+    def param_gradient(self, field: str, grad: np.ndarray) -> dict[str, float]:
+        """The gradient of a loss w.r.t. the Optuna parameters of `field`'s axes, from its gradient
+        per group (`InMemoryMerger.gradient`): every parametrization is linear in its values, so
+        it is the transposed expansion (J^T g, J[group, param] = d profile / d value)."""
+        out = {}
+        for axis, names in self.params.items():
+            if axis.field != field:
+                continue
+            per_group = grad if axis.source is None else grad[self.sources.index(axis.source)]
+            jacobian = np.stack([expand(axis, list(e), self.groups) for e in np.eye(len(names))], axis=1)
+            out.update(zip(names, (jacobian.T @ per_group).tolist()))
+        return out
+
+    def field_bounds(self, field: str) -> dict[str, tuple[float, float]]:
+        """The Optuna parameters of `field`'s axes and their bounds."""
+        return {n: (a.low, a.high) for a, names in self.params.items() if a.field == field for n in names}
+
     def initial_params(self) -> dict[str, float]:
         return {n: self.initial[a.field] for a, names in self.params.items() for n in names}
 

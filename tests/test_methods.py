@@ -172,3 +172,20 @@ def test_ties_execution_equals_the_three_plain_steps(monkeypatch, normalize, fus
     plain = ties(base, taus, weights[:, 0], densities[:, 0], normalize, lambda_=0.8)
     torch.testing.assert_close(out, plain, rtol=1e-5, atol=1e-5)
     assert not torch.equal(out, base)
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_dare_ties_at_density_one_keeps_every_entry(monkeypatch, fused):
+    """DARE keeps all at density 1: DARE-TIES is then TIES without a trim. (A keep bound of 2**15
+    compared with int16 noise wrapped to -2**15 and dropped the whole source.)"""
+    from optimize.kernels import Fused
+
+    gen = torch.Generator().manual_seed(6)
+    base = torch.randn(300, 250, generator=gen)
+    taus = [torch.randn(300, 250, generator=gen) for _ in range(2)]
+    cand = Candidate(weight=np.array([[0.7], [0.4]]), density=np.ones((2, 1)))
+    monkeypatch.setattr(Fused, "enabled", fused)
+    dare, plain = torch.empty_like(base), torch.empty_like(base)
+    DareTies(normalize=False, density_levels=(1.0,)).merge("w", 0, base, taus, cand, dare)
+    Ties(normalize=False, density_levels=(1.0,)).merge("w", 0, base, taus, cand, plain)
+    torch.testing.assert_close(dare, plain, rtol=1e-6, atol=1e-6)

@@ -1,0 +1,119 @@
+"""`search.sampler: gradient`: projected Adam on the merge coefficients, with exact gradients
+(docs/method.md §5.1).
+
+For the methods whose merge is linear in the weights once the masks and TIES's elected signs are
+fixed, one backward pass through the working model gives dL/dtheta, and
+
+    dL/dw_(t,g) = sum over group g's tensors of < dL/dtheta, d theta / dw_(t,g) >
+
+(`MergeMethod.coefficient_grad`; for task arithmetic d theta / dw_(t,g) = lambda tau_t). No copy
+of the model per source and no autograd through the merge. The parametrization maps it to the
+Optuna parameters (`SearchSpace.param_gradient`).
+
+Each step is a trial of the study: the candidate is merged in place and the whole search split is
+scored with gradients on, so a trial's value is the exact objective, comparable with every other
+sampler's trials (reports, plots, resume and many workers work unchanged). Densities stay at the
+starting point's: the best trial of the study when it has one (refining a black-box search's
+best: run tpe first, then gradient on the same study), else the initial point. A resumed descent
+restarts Adam from the study's best trial.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from contextlib import contextmanager
+
+import numpy as np
+import optuna
+from optuna.trial import TrialState
+
+from optimize.objective import loss_weights, make_trial
+from optimize.workers import ProgressBar, n_finished
+
+
+class Adam:
+    """Adam (Kingma & Ba, arXiv 1412.6980) on named coordinates, projected onto their bounds."""
+
+    def __init__(self, lr: float, bounds: dict[str, tuple[float, float]], betas=(0.9, 0.999), eps=1e-8):
+        self.lr, self.bounds, (self.b1, self.b2), self.eps = lr, bounds, betas, eps
+        self.m = dict.fromkeys(bounds, 0.0)
+        self.v = dict.fromkeys(bounds, 0.0)
+        self.t = 0
+
+    def step(self, params: dict[str, float], grad: dict[str, float]) -> dict[str, float]:
+        self.t += 1
+        out = dict(params)
+        for k, (low, high) in self.bounds.items():
+            self.m[k] = self.b1 * self.m[k] + (1 - self.b1) * grad[k]
+            self.v[k] = self.b2 * self.v[k] + (1 - self.b2) * grad[k] ** 2
+            m_hat, v_hat = self.m[k] / (1 - self.b1**self.t), self.v[k] / (1 - self.b2**self.t)
+            out[k] = float(np.clip(params[k] - self.lr * m_hat / (math.sqrt(v_hat) + self.eps), low, high))
+        return out
+
+
+@contextmanager
+def gradients_on(params):
+    """`.grad` accumulates for `params` inside the block, and is freed after it."""
+    for p in params:
+        p.requires_grad_(True)
+        p.grad = None
+    try:
+        yield
+    finally:
+        for p in params:
+            p.requires_grad_(False)
+            p.grad = None
+
+
+class GradientScore:
+    """The trial's scoring, with dObjective/dparameter kept for the next step (`self.grad`)."""
+
+    def __init__(self, ctx):
+        self.ctx, self.grad = ctx, None
+        self.weights = loss_weights(ctx.cfg.search)
+
+    def __call__(self, trial, model, candidate, on_batch):
+        ctx = self.ctx
+        with gradients_on(ctx.merger.changed()):
+            scores = ctx.scorer.score(model, backward=self.weights)
+            per_group = ctx.merger.gradient(candidate)
+        self.grad = ctx.space.param_gradient(ctx.merger.method.grad_field, per_group)
+        trial.set_user_attr("grad_norm", float(np.linalg.norm(list(self.grad.values()))))
+        return scores
+
+
+def start_point(study: optuna.Study, space) -> dict[str, float]:
+    """The best complete trial's parameters (a black-box search refined), else the initial point."""
+    done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    if done:
+        best = min(done, key=lambda t: t.value)
+        params = space.initial_params()
+        return {k: best.params.get(k, v) for k, v in params.items()}
+    return space.initial_params()
+
+
+def descend(study: optuna.Study, ctx) -> None:
+    """Projected Adam steps, one trial each, until the study holds search.n_trials finished trials."""
+    s = ctx.cfg.search
+    deadline = time.monotonic() + s.timeout_s if s.timeout_s else None
+    params = start_point(study, ctx.space)
+    score = GradientScore(ctx)
+    adam = Adam(s.gradient.lr, ctx.space.field_bounds(ctx.merger.method.grad_field))
+    trial_fn = make_trial(ctx, score=score)
+    bar = ProgressBar(s.n_trials, n_finished(study))
+    try:
+        while n_finished(study) < s.n_trials and (deadline is None or time.monotonic() < deadline):
+            score.grad = None
+            study.enqueue_trial(params, user_attrs={"gradient_step": adam.t})
+            study.optimize(trial_fn, n_trials=1, callbacks=[bar])
+            if score.grad is None or not np.isfinite(list(score.grad.values())).all():
+                print(
+                    "[alignmerge] gradient step failed (see the trial's fail_reason); stopping",
+                    file=sys.stderr,
+                )
+                return
+            params = adam.step(params, score.grad)
+    finally:
+        bar.close()
