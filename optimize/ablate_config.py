@@ -24,7 +24,7 @@ ROWS = (
     "searches",
     "samplers",
 )
-COMPARED = ("tpe", "cmaes", "gp", "random", "nsga2")
+COMPARED = ("tpe", "cmaes", "gp", "random", "nsga2", "gradient")
 Share = Annotated[float, Field(gt=0, le=1)]
 Unit = Annotated[float, Field(ge=0, le=1)]
 
@@ -42,7 +42,8 @@ class Searches(Strict):
 
 
 class Samplers(Strict):
-    names: list[Literal[COMPARED]] = Field(["tpe", "cmaes", "random", "gp"], min_length=1)
+    # gradient runs once: the descent from the initial point does not depend on the seed
+    names: list[Literal[COMPARED]] = Field(["tpe", "cmaes", "random", "gp", "gradient"], min_length=1)
     seeds: list[Seed] = Field([0, 1, 2], min_length=3)
     n_trials: int = Field(16, ge=2)  # per study
     # Scored on the first N search examples of each set (null: as many as the searches).

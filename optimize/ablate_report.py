@@ -180,7 +180,7 @@ class Report:
             ]
             for r in summary:
                 lines.append(
-                    f"| {r['sampler']} | {r['seeds']} | {r['mean']:.4f} | {r['std']:.4f} | "
+                    f"| {r['sampler']} | {r['seeds']} | {r['mean']:.4f} | {_std(r['std'])} | "
                     f"{r['min']:.4f} | {r['max']:.4f} | {r['seconds']:.0f} |"
                 )
             lines += [
@@ -194,3 +194,7 @@ class Report:
         timings = ", ".join(f"{k} {v:.0f}" for k, v in self.timings.items())
         lines += ["## Timings (s)", "", timings, ""]
         return "\n".join(lines)
+
+
+def _std(value: float | None) -> str:
+    return "–" if value is None else f"{value:.4f}"  # one seed: no spread

@@ -251,7 +251,8 @@ def compare_samplers(ctx: Context, abl: Ablation, storage: str) -> dict[str, dic
     scorer = ctx.scorer_for({k: rows[k] for k in scored_sets(data_cfg.search)})
     out = {}
     for name in s.names:
-        for seed in s.seeds:  # the samplers are compared on the objective alone: no verified pick
+        for seed in s.seeds[:1] if name == "gradient" else s.seeds:  # deterministic: one run
+            # the samplers are compared on the objective alone: no verified pick
             search = {"sampler": name, "seed": seed, "n_trials": s.n_trials, "verify": {"top_k": 0}}
             c = variant(data_cfg, f"samplers/{name}_seed{seed}", search, plots=False)
             study = run_study(c, storage, dataclasses.replace(ctx, cfg=c, rows=rows, scorer=scorer))
@@ -273,7 +274,7 @@ def sampler_summary(studies: dict[str, dict]) -> list[dict]:
                 "sampler": name,
                 "seeds": len(final),
                 "mean": float(np.mean(final)),
-                "std": float(np.std(final, ddof=1)),
+                "std": float(np.std(final, ddof=1)) if len(final) > 1 else None,
                 "min": float(np.min(final)),
                 "max": float(np.max(final)),
                 "seconds": float(np.mean([run["seconds"] for run in seeds.values()])),

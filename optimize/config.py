@@ -91,7 +91,7 @@ class Targets(Strict):
 
 
 class Gradient(Strict):
-    """sampler: gradient (docs/method.md §5.1): projected Adam on the weights, one trial per step."""
+    """sampler: gradient (docs/method.md §5.5): projected Adam on the weights, one trial per step."""
 
     lr: float = Field(0.05, gt=0, le=10)  # Adam's step size, in weight units
 
@@ -256,7 +256,7 @@ class Config(Strict):
         if self.search.sampler == "gradient" and MERGE_METHODS[self.merge.method].grad_field is None:
             raise ValueError(
                 f"search.sampler gradient needs a merge linear in its coefficients; {self.merge.method} "
-                "is not (docs/method.md §5.1): use another sampler or merge.method"
+                "is not (docs/method.md §5.5): use another sampler or merge.method"
             )
         return self
 

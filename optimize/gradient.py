@@ -1,5 +1,5 @@
 """`search.sampler: gradient`: projected Adam on the merge coefficients, with exact gradients
-(docs/method.md §5.1).
+(docs/method.md §5.5).
 
 For the methods whose merge is linear in the weights once the masks and TIES's elected signs are
 fixed, one backward pass through the working model gives dL/dtheta, and
@@ -71,7 +71,7 @@ class GradientScore:
     """The trial's scoring, with dObjective/dparameter kept for the next step (`self.grad`)."""
 
     def __init__(self, ctx):
-        self.ctx, self.grad = ctx, None
+        self.ctx, self.grad, self.params = ctx, None, None
         self.weights = loss_weights(ctx.cfg.search)
 
     def __call__(self, trial, model, candidate, on_batch):
@@ -80,6 +80,7 @@ class GradientScore:
             scores = ctx.scorer.score(model, backward=self.weights)
             per_group = ctx.merger.gradient(candidate)
         self.grad = ctx.space.param_gradient(ctx.merger.method.grad_field, per_group)
+        self.params = dict(trial.params)  # the point scored (a waiting trial may run before ours)
         trial.set_user_attr("grad_norm", float(np.linalg.norm(list(self.grad.values()))))
         return scores
 
@@ -114,6 +115,6 @@ def descend(study: optuna.Study, ctx) -> None:
                     file=sys.stderr,
                 )
                 return
-            params = adam.step(params, score.grad)
+            params = adam.step(score.params, score.grad)
     finally:
         bar.close()

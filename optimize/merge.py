@@ -73,7 +73,7 @@ class InMemoryMerger:
     def gradient(self, candidate: Candidate, method: MergeMethod | None = None) -> np.ndarray:
         """dL/d(the method's grad_field) per source and group ([n_sources, n_groups] for weights,
         [n_groups] for t), from dL/dtheta held in the working model's `.grad` (after a backward
-        pass through the model holding `candidate`); docs/method.md §5.1."""
+        pass through the model holding `candidate`); docs/method.md §5.5."""
         method = method or self.method
         field = getattr(candidate, method.grad_field)
         out = np.zeros(field.shape)

@@ -67,7 +67,7 @@ def ties(
 class MergeMethod:
     """Writes the merge of one tensor into `out`; `name` keys its facts in the registry. A method
     whose merge is linear in its coefficients once the masks are fixed also gives the gradient of
-    a loss with respect to them (`coefficient_grad`, docs/method.md §5.1)."""
+    a loss with respect to them (`coefficient_grad`, docs/method.md §5.5)."""
 
     name: str
     searched: tuple[str, ...]  # from the registry: which Candidate fields the search fills
@@ -249,7 +249,7 @@ class Ties(MergeMethod):
 def ties_coefficient_grad(
     kept: list[Tensor], weights: np.ndarray, grad: Tensor, normalize: bool
 ) -> np.ndarray:
-    """d<grad, TIES delta>/dw_t with the elected signs held fixed (docs/method.md §5.1). With
+    """d<grad, TIES delta>/dw_t with the elected signs held fixed (docs/method.md §5.5). With
     a_t = [sign(w_t tau'_t) is the elected sign]: tau'_t a_t without normalize, and
     a_t (tau'_t - delta) / sum_s w_s a_s with it. A zero weight counts with the sign of tau'_t:
     the derivative as w_t grows from 0."""

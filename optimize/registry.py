@@ -21,7 +21,7 @@ class MethodFacts:
     n_sources: int | None = None  # exactly this many sources, when the method needs it
     roles: tuple[str, ...] | None = None  # exactly these source roles (sorted), when needed
     # The field whose gradient the method gives (linear in it once masks and signs are fixed;
-    # docs/method.md §5.1); None: no gradient (slerp).
+    # docs/method.md §5.5); None: no gradient (slerp).
     grad_field: str | None = "weight"
 
 

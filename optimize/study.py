@@ -66,7 +66,7 @@ def open_study(cfg, storage, url: str, space, pruner, signature: dict) -> optuna
             storage=storage, study_name=name, directions=directions, sampler=sampler, pruner=pruner
         )
         study.set_user_attr("signature", signature)
-        if cfg.search.enqueue_initial and cfg.search.sampler != "grid":
+        if cfg.search.enqueue_initial and cfg.search.sampler not in ("grid", "gradient"):  # gradient: its own
             study.enqueue_trial(space.initial_params())
     except optuna.exceptions.DuplicatedStudyError:
         study = optuna.load_study(storage=storage, study_name=name, pruner=pruner)

@@ -1,4 +1,4 @@
-"""search.sampler: gradient (docs/method.md §5.1): the gradient of every supported method against
+"""search.sampler: gradient (docs/method.md §5.5): the gradient of every supported method against
 finite differences, on single tensors with real sign conflicts and through the tiny model, and
 the descent as trials of a study."""
 
@@ -130,6 +130,7 @@ def test_model_gradient_matches_finite_differences(world, tmp_path, merge, param
         def set_user_attr(self, *_):
             pass
 
+    Trial.params = params
     score(Trial(), ctx.merger.apply(ctx.space.decode(params)), ctx.space.decode(params), None)
     names = list(score.grad)[:4]
     eps = 1e-3
@@ -160,6 +161,16 @@ def test_gradient_descent_is_a_study_of_trials(world, tmp_path):
     assert steps[0].value == pytest.approx(best.value, rel=1e-5)
     assert min(t.value for t in steps[1:]) < steps[0].value  # Adam went downhill
     assert steps[1].params != steps[0].params
+    assert all(t.state.is_finished() for t in study.trials)  # nothing left waiting
+
+
+def test_a_fresh_descent_starts_at_the_initial_point(world, tmp_path):
+    raw = world_config(world, tmp_path / "run", sampler="gradient", n_trials=2)
+    raw["output"] = {"plots": False, "save_model": False, "references": False, "mergekit": False}
+    run(validate_config(raw))
+    study = optuna.load_study(study_name="tiny", storage=f"sqlite:///{tmp_path / 'run' / 'study.db'}")
+    assert [t.user_attrs.get("gradient_step") for t in study.trials] == [0, 1]
+    assert set(study.trials[0].params.values()) == {0.5}  # every weight 1/2
 
 
 def test_gradient_config_errors(world, tmp_path):

@@ -1,0 +1,188 @@
+"""Time to a good merge: the gradient search beside Optuna's black-box samplers (issue: exact
+gradients for per-layer coefficients; docs/method.md §5.5).
+
+    python bench/bench_gradient.py --config configs/demo.yaml --data runs/demo/data \
+        --n 6 --trials 48 --seeds 0 1 2 --samplers tpe cmaes random \
+        --parametrizations layerwise --json bench/results/gradient.json --plot docs/gradient.png
+
+One process loads the models once; every (parametrization, sampler, seed) is its own study of
+`--trials` trials in a temporary SQLite file (no pruning, so a black-box trial is one merge and one
+forward pass; no verified pick). The gradient search runs once per parametrization: it starts
+from the initial point and does not depend on the seed. Recorded per study: the best objective so
+far (search split) after each trial against wall-clock seconds and against forward-pass
+equivalents (seconds / the median black-box trial's seconds in this run), and the final pick's
+objective on the test splits (first `--n-test` rows of alignment_test, domain_test and benign:
+losses only, no generation). Only the search splits are searched on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import optuna
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from core.files import write_text_atomic  # noqa: E402
+from eval.data import load_pairs  # noqa: E402
+from optimize.compare import variant  # noqa: E402
+from optimize.config import load_config  # noqa: E402
+from optimize.context import TEST_SPLITS, check_inputs, prepare, scored_sets  # noqa: E402
+from optimize.objective import objective_value  # noqa: E402
+from optimize.search import run  # noqa: E402
+from optimize.space import SearchSpace  # noqa: E402
+
+COMPLETE = optuna.trial.TrialState.COMPLETE
+
+
+def study_curve(study: optuna.Study) -> list[dict]:
+    """Per finished trial: seconds since the study's first trial started, best value so far."""
+    trials = sorted(study.trials, key=lambda t: t.number)
+    start, best, out = trials[0].datetime_start, np.inf, []
+    for t in trials:
+        if t.state == COMPLETE:
+            best = min(best, t.value)
+        out.append(
+            {"trial": t.number, "seconds": (t.datetime_complete - start).total_seconds(), "best": best}
+        )
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--config", default="configs/demo.yaml")
+    ap.add_argument("--data", default="runs/demo/data", help="search data written by synth (the demo's)")
+    ap.add_argument("--n", type=int, default=6, help="examples per search set")
+    ap.add_argument("--n-test", type=int, default=40, help="rows per test split for the picks' test losses")
+    ap.add_argument("--trials", type=int, default=48)
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--samplers", nargs="+", default=["tpe", "cmaes", "random"])
+    ap.add_argument("--parametrizations", nargs="+", default=["layerwise"])
+    ap.add_argument("--lr", type=float, default=0.05)
+    ap.add_argument("--json", default="bench/results/gradient.json")
+    ap.add_argument("--plot", default="docs/gradient.png")
+    args = ap.parse_args()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+    tmp = Path(tempfile.mkdtemp(prefix="bench_gradient_"))
+    n = {"n_alignment": args.n, "n_domain": args.n, "n_helpfulness": args.n}
+    cfg = load_config(
+        args.config, {"out": str(tmp), "data.dir": args.data, **{f"data.{k}": v for k, v in n.items()}}
+    )
+    ctx = prepare(cfg, check_inputs(cfg))
+    test_rows = {k: load_pairs(cfg.test_dir, split, args.n_test) for k, split in TEST_SPLITS.items()}
+    test_scorer = ctx.scorer_for({k: test_rows[k] for k in scored_sets(cfg.search)})
+    storage = f"sqlite:///{tmp / 'bench.db'}"
+    quiet = {
+        "plots": False,
+        "save_model": False,
+        "references": False,
+        "test_splits": False,
+        "mergekit": False,
+    }
+    studies = []
+    for param in args.parametrizations:
+        for sampler in args.samplers + ["gradient"]:
+            for seed in args.seeds[:1] if sampler == "gradient" else args.seeds:
+                search = {
+                    "sampler": sampler,
+                    "seed": seed,
+                    "n_trials": args.trials,
+                    "parametrization": param,
+                    "pruner": "none",
+                    "verify": {"top_k": 0},
+                    "gradient": {"lr": args.lr},
+                }
+                c = variant(cfg, f"{param.replace(':', '')}-{sampler}-{seed}", search, **quiet)
+                space = SearchSpace(c, ctx.base.groups, ctx.merger.method.searched)
+                t0 = time.perf_counter()
+                run(c, storage=storage, ctx=dataclasses.replace(ctx, cfg=c, space=space))
+                wall = time.perf_counter() - t0
+                study = optuna.load_study(study_name=c.study_name, storage=storage)
+                best = study.best_trial
+                model = ctx.merger.apply(space.decode(best.params))
+                test = objective_value(c.search, test_scorer.losses(model))
+                studies.append(
+                    {
+                        "parametrization": param,
+                        "sampler": sampler,
+                        "seed": seed,
+                        "wall_s": wall,
+                        "curve": study_curve(study),
+                        "best_search": best.value,
+                        "best_trial": best.number,
+                        "test_objective": test,
+                        "trial_s": statistics.median(
+                            (t.datetime_complete - t.datetime_start).total_seconds() for t in study.trials
+                        ),
+                    }
+                )
+                print(
+                    f"{param} {sampler} seed {seed}: best {best.value:.4f} (trial {best.number}), "
+                    f"test {test:.4f}, {wall:.0f} s",
+                    file=sys.stderr,
+                )
+    forward_s = statistics.median(s["trial_s"] for s in studies if s["sampler"] != "gradient")
+    for s in studies:
+        for point in s["curve"]:
+            point["forward_equivalents"] = point["seconds"] / forward_s
+    doc = {
+        "command": "python " + " ".join(sys.argv),
+        "examples_per_set": args.n,
+        "test_rows_per_split": args.n_test,
+        "median_black_box_trial_s": forward_s,
+        "studies": studies,
+    }
+    write_text_atomic(Path(args.json), json.dumps(doc, indent=1))
+    if args.plot:
+        plot(doc, Path(args.plot))
+
+
+def plot(doc: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    params = sorted({s["parametrization"] for s in doc["studies"]})
+    fig, axes = plt.subplots(len(params), 2, figsize=(11, 4 * len(params)), squeeze=False)
+    colors = {}
+    for row, param in zip(axes, params):
+        for s in (s for s in doc["studies"] if s["parametrization"] == param):
+            color = colors.setdefault(s["sampler"], f"C{len(colors)}")
+            label = (
+                s["sampler"]
+                if s["seed"] == min(x["seed"] for x in doc["studies"] if x["sampler"] == s["sampler"])
+                else None
+            )
+            for ax, key in zip(row, ("seconds", "forward_equivalents")):
+                ax.plot(
+                    [p[key] for p in s["curve"]],
+                    [p["best"] for p in s["curve"]],
+                    color=color,
+                    label=label,
+                    alpha=0.8,
+                )
+        for ax, key in zip(row, ("wall-clock seconds", "forward-pass equivalents")):
+            ax.set_xlabel(key)
+            ax.set_ylabel("best objective so far (search split)")
+            ax.set_title(param)
+            ax.legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=90)
+    tmp.replace(path)
+
+
+if __name__ == "__main__":
+    main()
