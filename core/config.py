@@ -233,3 +233,40 @@ def read_yaml_mapping(path: str | Path) -> dict:
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of keys")
     return raw
+
+
+def apply_overrides(raw: dict, overrides: dict[str, Any] | None) -> dict:
+    """Set dotted keys (`search.n_trials`) in a raw config mapping, creating sections as needed,
+    before validation, so a bad override fails the way a bad file does."""
+    for dotted, value in (overrides or {}).items():
+        node = raw
+        *parents, leaf = dotted.split(".")
+        for i, p in enumerate(parents):
+            if node.get(p) is None:  # missing, or `search:` left empty
+                node[p] = {}
+            node = node[p]
+            if not isinstance(node, dict):  # `search: 5`, or a list such as `sources`
+                where = ".".join(parents[: i + 1])
+                raise ConfigError(
+                    f"cannot set {clip(dotted, 80)}: {clip(where, 60)} is a {type(node).__name__}, not a "
+                    "section of keys; edit the config file for it"
+                )
+        node[leaf] = value
+    return raw
+
+
+def parse_sets(items: list[str] | None) -> dict[str, Any]:
+    """`--set key=value` flags -> {dotted key: value}; the value is read as YAML (numbers, bools,
+    lists: `--set search.grid=[0.5,1]`)."""
+    out = {}
+    for item in items or []:
+        key, eq, text = item.partition("=")
+        if not eq or not re.fullmatch(r"[\w-]+(\.[\w-]+)*", key.strip()):
+            raise ConfigError(
+                f"--set {clip(item, 80)}: expected key=value with a dotted key, e.g. --set search.alpha=0.5"
+            )
+        try:
+            out[key.strip()] = yaml.safe_load(text) if text.strip() else None
+        except yaml.YAMLError:
+            out[key.strip()] = text
+    return out

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from core.cli import read_user_file
-from core.config import read_yaml_mapping
+from core.config import apply_overrides, parse_sets, read_yaml_mapping
 from core.errors import ConfigError, DataError, ModelLoadError, OutputError
 from core.files import check_replaceable, read_marker
 from core.models import (
@@ -72,12 +72,13 @@ def check_one_set(run_dir: Path, merged: Path) -> None:
         raise OutputError(incomplete(run_dir))
 
 
-def resolve_config(target: Target, config: str | None):
+def resolve_config(target: Target, config: str | None, sets: dict | None = None):
     if config:
-        return load_config(config)
+        return load_config(config, sets)
     if target.run_dir is not None and (target.run_dir / "run.yaml").exists():
         run_yaml = target.run_dir / "run.yaml"
-        return validate_config(read_yaml_mapping(run_yaml).get("config"), f"({run_yaml})")
+        raw = read_yaml_mapping(run_yaml).get("config")
+        return validate_config(apply_overrides(raw, sets) if isinstance(raw, dict) else raw, f"({run_yaml})")
     raise ConfigError(
         f"{target.path} has no run.yaml beside it: give --config configs/X.yaml (it names the test "
         "data and, for the analysis, the base and the sources)"
@@ -105,7 +106,7 @@ class Inputs:
 def load_inputs(args: argparse.Namespace) -> Inputs:
     """Everything checked before any model loads; bad input raises with the problem and the fix."""
     target = resolve_target(args.model)
-    cfg = resolve_config(target, args.config)
+    cfg = resolve_config(target, args.config, parse_sets(args.set))
     check_runtime(cfg)  # a GPU config on a CPU node
     flags = {"backend": args.backend, "max_new_tokens": args.max_new_tokens, "tasks": args.tasks}
     flags |= {"prompts": args.prompts, "mcq": args.mcq}

@@ -13,7 +13,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from core.config import MemorySize, Name, Seed, Strict, clip, read_yaml_mapping, validate
+from core.config import MemorySize, Name, Seed, Strict, apply_overrides, clip, read_yaml_mapping, validate
 from core.errors import ConfigError
 from optimize.registry import (
     MERGE_METHODS,
@@ -292,17 +292,7 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Co
     path = Path(path)
     raw = read_yaml_mapping(path)
     raw.setdefault("name", path.stem)
-    for dotted, value in (overrides or {}).items():
-        node = raw
-        *parents, leaf = dotted.split(".")
-        for p in parents:
-            if node.get(p) is None:  # missing, or `search:` left empty
-                node[p] = {}
-            node = node[p]
-            if not isinstance(node, dict):  # `search: 5`: validation says what is wrong
-                break
-        else:
-            node[leaf] = value
+    apply_overrides(raw, overrides)
     return validate_config(raw, str(path))
 
 

@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 from core.cli import ArgumentParser, positive_int, run_cli
+from core.config import parse_sets
 from core.files import claim_run_dir, write_text_atomic
 from eval import plots
 from eval.data import load_pairs
@@ -136,11 +137,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--limit", type=positive_int, help="evaluate on the first N rows of each test split (a quick check)"
     )
+    ap.add_argument(
+        "--set",
+        action="append",
+        metavar="KEY=VALUE",
+        help="override a config key, e.g. --set search.alpha=0.5 (repeatable; the value is YAML)",
+    )
 
     def work() -> Path:
         args = ap.parse_args(argv)
         started = time.perf_counter()
-        cfg = load_config(args.config, overrides(n_trials=args.n_trials, out=args.out))
+        sets = parse_sets(args.set)
+        cfg = load_config(args.config, sets | overrides(n_trials=args.n_trials, out=args.out))
         folder = cfg.test_dir
         harmful = [r["prompt"] for r in load_pairs(folder, "alignment_test", args.limit)]
         benign = [r["prompt"] for r in load_pairs(folder, "benign", args.limit)]
@@ -148,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
         experts = {d: f"source: {d} (domain)" for d in domains if d in {s.name for s in cfg.sources}}
         claim_run_dir(cfg.run_dir)
         command = shlex.join(["python", "-m", "optimize.demo", *(sys.argv[1:] if argv is None else argv)])
-        for_run(args.config, cfg.data_dir, cfg.run_dir, command)
+        for_run(args.config, cfg.data_dir, cfg.run_dir, command, sets)
         rows = check_inputs(cfg)
 
         cfg = variant(cfg, "", test_splits=False)

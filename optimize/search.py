@@ -20,6 +20,7 @@ from optuna.trial import TrialState
 from safetensors import SafetensorError
 
 from core.cli import ArgumentParser, run_cli
+from core.config import parse_sets
 from core.errors import OutputError
 from core.files import claim_run_dir
 from optimize.config import Config, load_config
@@ -128,6 +129,12 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--study-name", help="study name in the storage (default: config name)")
     p.add_argument("--out", help="run folder (default: runs/<name>)")
     p.add_argument("--seed", type=int, help="sampler seed")
+    p.add_argument(
+        "--set",
+        action="append",
+        metavar="KEY=VALUE",
+        help="override a config key, e.g. --set search.alpha=0.5 (repeatable; the value is YAML)",
+    )
     return p
 
 
@@ -152,7 +159,7 @@ def overrides(**flags) -> dict:
 def main(argv: list[str] | None = None) -> int:
     def work() -> Path:
         args = build_parser().parse_args(argv)
-        return run(load_config(args.config, overrides(**vars(args))))
+        return run(load_config(args.config, parse_sets(args.set) | overrides(**vars(args))))
 
     return run_cli(work)
 

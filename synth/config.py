@@ -25,7 +25,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from core.config import Name, Seed, Strict, clip, read_yaml_mapping, validate
+from core.config import Name, Seed, Strict, apply_overrides, clip, read_yaml_mapping, validate
 from core.errors import ConfigError
 from synth.taxonomy import HARM_CATEGORIES
 
@@ -150,11 +150,12 @@ class RunPlace(Strict):
     out: str | None = None
 
 
-def load_run_config(path: str | Path) -> tuple[SynthConfig, str, Path]:
-    """(synth config, run name, run folder) from a whole run YAML; other top-level keys belong
-    to other parts of the project and are ignored here."""
+def load_run_config(path: str | Path, overrides: dict | None = None) -> tuple[SynthConfig, str, Path]:
+    """(synth config, run name, run folder) from a whole run YAML (with dotted `overrides`, as
+    `--set` gives them); other top-level keys belong to other parts of the project and are
+    ignored here."""
     path = Path(path)
-    raw = read_yaml_mapping(path)
+    raw = apply_overrides(read_yaml_mapping(path), overrides)
     if "synth" not in raw:
         raise ConfigError(f"{path}: no `synth:` section")
     given = {k: raw[k] for k in ("name", "out") if raw.get(k) is not None}

@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 from core.cli import ArgumentParser, read_user_file, run_cli
+from core.config import parse_sets
 from core.errors import ConfigError, DataError, ModelLoadError
 from core.files import atomic_dir, check_replaceable
 from core.models import resolve_model_path
@@ -239,7 +240,9 @@ def generate(
     return out
 
 
-def for_run(config: str | Path, data_dir: Path, run_dir: Path, command: str) -> Path | None:
+def for_run(
+    config: str | Path, data_dir: Path, run_dir: Path, command: str, sets: dict | None = None
+) -> Path | None:
     """The search data of a run YAML with a `synth:` section, written to `data_dir` from the pool
     itself (None when the YAML has no such section). Generations are cached in
     `run_dir/synth_cache`, so a rerun generates nothing and costs seconds."""
@@ -247,7 +250,7 @@ def for_run(config: str | Path, data_dir: Path, run_dir: Path, command: str) -> 
 
     if "synth" not in read_yaml_mapping(Path(config)):
         return None
-    cfg, name, _ = load_run_config(config)
+    cfg, name, _ = load_run_config(config, sets)
     t0 = time.perf_counter()
     out = generate(cfg, data_dir, name, cache_dir=run_dir / "synth_cache", command=command)
     print(f"[synth] search data from the pool: {out} ({time.perf_counter() - t0:.0f} s)", file=sys.stderr)
@@ -291,6 +294,12 @@ def build_parser() -> ArgumentParser:
     ap.add_argument("--n-benign", type=int, help="rows in benign")
     ap.add_argument("--seed", type=int)
     ap.add_argument("--backend", choices=["auto", "vllm", "transformers"])
+    ap.add_argument(
+        "--set",
+        action="append",
+        metavar="KEY=VALUE",
+        help="override a config key, e.g. --set synth.n_safety=40 (repeatable; the value is YAML)",
+    )
     return ap
 
 
@@ -300,7 +309,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def work() -> Path:
         args = build_parser().parse_args(given)
-        cfg, name, run_dir = load_run_config(args.config)
+        cfg, name, run_dir = load_run_config(args.config, parse_sets(args.set))
         flags = {k: getattr(args, k) for k in ("n_safety", "n_domain", "n_benign", "seed", "backend")}
         if overrides := {k: v for k, v in flags.items() if v is not None}:
             cfg = parse_synth({**cfg.model_dump(exclude_unset=True), **overrides})

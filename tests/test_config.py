@@ -1,6 +1,7 @@
 import pytest
 import yaml
 
+from core.config import parse_sets
 from core.errors import ConfigError
 from optimize.config import load_config, validate_config
 from optimize.search import main
@@ -68,6 +69,33 @@ def test_cli_flags_override_and_fail_before_loading(tmp_path, capsys):
     assert "base: model path does not exist: /nonexistent/base" in capsys.readouterr().err
     assert main(["--config", str(path), "--n-trials", "0"]) == 2
     assert "search.n_trials" in capsys.readouterr().err
+
+
+def test_set_overrides_any_key_on_every_cli(world, tmp_path, capsys):
+    """`--set key=value` (YAML values) on search, demo, synth.generate and eval.run: a bad key or
+    value is one error line naming it, before anything loads."""
+    from eval.run import main as eval_main
+    from optimize.demo import main as demo_main
+    from synth.generate import main as synth_main
+
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(minimal(base="/nonexistent/base", synth={"pool": []})))
+    cfg = load_config(path, parse_sets(["search.alpha=0.5", "search.grid=[0.5, 1]", "search.verify.top_k=2"]))
+    assert (cfg.search.alpha, cfg.search.grid, cfg.search.verify.top_k) == (0.5, [0.5, 1], 2)
+    for argv, fragment in [
+        (["--set", "search.alpha=-1"], "search.alpha"),
+        (["--set", "search.alpah=1"], "search.alpah: unknown key"),
+        (["--set", "alpha"], "expected key=value"),
+        (["--set", "sources.0.path=x"], "'sources' is a list"),
+    ]:
+        assert main(["--config", str(path), *argv]) == 2
+        assert fragment in capsys.readouterr().err
+    assert demo_main(["--config", str(path), "--set", "search.n_trials=0"]) == 2
+    assert "search.n_trials" in capsys.readouterr().err
+    assert synth_main(["--config", str(path), "--set", "synth.n_safety=-3"]) == 2
+    assert "n_safety" in capsys.readouterr().err
+    assert eval_main(["--model", str(world["base"]), "--config", str(path), "--set", "search.sampler=x"]) == 2
+    assert "search.sampler" in capsys.readouterr().err
 
 
 def test_yaml_errors(tmp_path):
