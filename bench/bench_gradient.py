@@ -70,7 +70,11 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=0.05)
     ap.add_argument("--json", default="bench/results/gradient.json")
     ap.add_argument("--plot", default="docs/gradient.png")
+    ap.add_argument("--summary", metavar="JSON", help="only print the tables of a finished run's JSON")
     args = ap.parse_args()
+    if args.summary:
+        print(summary(json.loads(Path(args.summary).read_text())))
+        return
     optuna.logging.set_verbosity(optuna.logging.WARNING)
 
     tmp = Path(tempfile.mkdtemp(prefix="bench_gradient_"))
@@ -91,7 +95,7 @@ def main() -> None:
     }
     studies = []
     for param in args.parametrizations:
-        for sampler in args.samplers + ["gradient"]:
+        for sampler in ["gradient"] + args.samplers:
             for seed in args.seeds[:1] if sampler == "gradient" else args.seeds:
                 search = {
                     "sampler": sampler,
@@ -131,10 +135,17 @@ def main() -> None:
                     f"test {test:.4f}, {wall:.0f} s",
                     file=sys.stderr,
                 )
-    forward_s = statistics.median(s["trial_s"] for s in studies if s["sampler"] != "gradient")
+                write(args, studies)
+    write(args, studies)
+
+
+def write(args, studies: list[dict]) -> None:
+    """The results so far (written after every study, so a stopped run keeps what it measured)."""
+    black_box = [s["trial_s"] for s in studies if s["sampler"] != "gradient"]
+    forward_s = statistics.median(black_box) if black_box else None
     for s in studies:
         for point in s["curve"]:
-            point["forward_equivalents"] = point["seconds"] / forward_s
+            point["forward_equivalents"] = point["seconds"] / forward_s if forward_s else None
     doc = {
         "command": "python " + " ".join(sys.argv),
         "examples_per_set": args.n,
@@ -143,8 +154,52 @@ def main() -> None:
         "studies": studies,
     }
     write_text_atomic(Path(args.json), json.dumps(doc, indent=1))
-    if args.plot:
+    if args.plot and forward_s:
         plot(doc, Path(args.plot))
+
+
+def summary(doc: dict) -> str:
+    """Markdown: per (parametrization, sampler) the best search objective after 24 and 48 trials
+    and the pick's test objective (mean, min-max over seeds), seconds per study and per trial;
+    then when the gradient search first reached each black-box sampler's mean best at 48."""
+    lines = [
+        "| parametrization | sampler | seeds | best after 24 | best after 48 | test objective of the pick "
+        "| s per study | s per trial |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+
+    def spread(values):
+        return f"{statistics.mean(values):.3f} ({min(values):.3f}–{max(values):.3f})"
+
+    groups: dict[tuple, list] = {}
+    for s in doc["studies"]:
+        groups.setdefault((s["parametrization"], s["sampler"]), []).append(s)
+    for (param, sampler), runs in groups.items():
+        at = {k: [r["curve"][min(k, len(r["curve"])) - 1]["best"] for r in runs] for k in (24, 48)}
+        lines.append(
+            f"| {param} | {sampler} | {len(runs)} | {spread(at[24])} | {spread(at[48])} | "
+            f"{spread([r['test_objective'] for r in runs])} | "
+            f"{statistics.median(r['curve'][-1]['seconds'] for r in runs):.0f} | "
+            f"{statistics.median(r['trial_s'] for r in runs):.1f} |"
+        )
+    lines.append("")
+    for (param, sampler), runs in groups.items():
+        descent = groups.get((param, "gradient"))
+        if sampler == "gradient" or not descent:
+            continue
+        target = statistics.mean(r["curve"][-1]["best"] for r in runs)
+        wall = statistics.median(r["curve"][-1]["seconds"] for r in runs)
+        reached = next((p for p in descent[0]["curve"] if p["best"] <= target), None)
+        lines.append(
+            f"- {param}: {sampler}'s mean best after 48 trials ({target:.3f}, {wall:.0f} s per study): "
+            + (
+                f"the gradient search reached it at step {reached['trial'] + 1}, after "
+                f"{reached['seconds']:.0f} s = {reached['seconds'] / wall:.0%} of {sampler}'s time"
+                if reached
+                else "not reached by the gradient search"
+            )
+        )
+    return "\n".join(lines)
 
 
 def plot(doc: dict, path: Path) -> None:

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 from tqdm.auto import tqdm
 
 
@@ -157,17 +158,18 @@ class Scorer:
         order: dict[str, list[int]] = {n: [] for n in self.examples}
         batches = tqdm(self.batches, desc="scoring", unit="batch", leave=False, disable=not progress)
         tokens = self.refusal_tokens if len(self.refusal_tokens) else None
-        with torch.set_grad_enabled(backward is not None):
-            for step, (name, ids, attn, target, idx) in enumerate(batches):
+        for step, (name, ids, attn, target, idx) in enumerate(batches):
+            weight = (backward or {}).get(name)
+            with torch.set_grad_enabled(bool(weight)):
                 ce, first_mass = response_scores(model, ids, attn, target, tokens)
-                if backward and backward.get(name):
-                    (ce.sum() * (backward[name] / len(self.examples[name]))).backward()
-                losses[name].extend(ce.detach().tolist())
-                if first_mass is not None:
-                    mass[name].extend(first_mass.detach().tolist())
-                order[name].extend(idx)
-                if on_batch is not None:
-                    on_batch(step, losses)
+                if weight:
+                    (ce.sum() * (weight / len(self.examples[name]))).backward()
+            losses[name].extend(ce.detach().tolist())
+            if first_mass is not None:
+                mass[name].extend(first_mass.detach().tolist())
+            order[name].extend(idx)
+            if on_batch is not None:
+                on_batch(step, losses)
 
         def ordered(values):
             return {n: [v for _, v in sorted(zip(order[n], values[n]))] for n in values}
@@ -201,7 +203,10 @@ def response_scores(model, ids, attn, target, tokens=None) -> tuple[torch.Tensor
     if decoder is not None and head is not None and not _has_logit_transform(model.config):
         hidden = decoder(input_ids=ids, attention_mask=attn).last_hidden_state[scored]
         chunks = zip(hidden.split(HEAD_CHUNK), target[scored].split(HEAD_CHUNK))
-        token_ce = torch.cat([F.cross_entropy(head(h).float(), t, reduction="none") for h, t in chunks])
+        if torch.is_grad_enabled():  # keep no chunk's logits for the backward pass: recompute them
+            token_ce = torch.cat([checkpoint(_head_ce, head, h, t, use_reentrant=False) for h, t in chunks])
+        else:
+            token_ce = torch.cat([_head_ce(head, h, t) for h, t in chunks])
         first_logits = head(hidden[first[counts > 0]]).float() if tokens is not None else None
     else:
         logits = model(input_ids=ids, attention_mask=attn).logits[scored]
@@ -214,6 +219,10 @@ def response_scores(model, ids, attn, target, tokens=None) -> tuple[torch.Tensor
         mass = torch.zeros(ids.shape[0], device=ids.device)
         mass[counts > 0] = first_logits.softmax(-1)[:, tokens].sum(-1)
     return per_row / counts.clamp(min=1), mass
+
+
+def _head_ce(head, hidden: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(head(hidden).float(), target, reduction="none")
 
 
 def _has_logit_transform(config) -> bool:

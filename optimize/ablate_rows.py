@@ -22,6 +22,7 @@ from optimize.config import Config
 from optimize.context import Context, load_data, model_fingerprints, scored_sets
 from optimize.methods import Candidate, DareTies, Linear, MergeAlign, MergeMethod, Slerp, Ties
 from optimize.objective import describe, describe_weighted, weighted_loss
+from optimize.registry import MERGE_METHODS
 from optimize.report import load_best
 from optimize.search import run
 from optimize.storage import open_storage
@@ -251,6 +252,11 @@ def compare_samplers(ctx: Context, abl: Ablation, storage: str) -> dict[str, dic
     scorer = ctx.scorer_for({k: rows[k] for k in scored_sets(data_cfg.search)})
     out = {}
     for name in s.names:
+        if name == "gradient" and MERGE_METHODS[ctx.cfg.merge.method].grad_field is None:
+            print(
+                f"[ablate] samplers: no gradient run, {ctx.cfg.merge.method} has no gradient", file=sys.stderr
+            )
+            continue
         for seed in s.seeds[:1] if name == "gradient" else s.seeds:  # deterministic: one run
             # the samplers are compared on the objective alone: no verified pick
             search = {"sampler": name, "seed": seed, "n_trials": s.n_trials, "verify": {"top_k": 0}}

@@ -111,7 +111,8 @@ def descend(study: optuna.Study, ctx) -> None:
             study.optimize(trial_fn, n_trials=1, callbacks=[bar])
             if score.grad is None or not np.isfinite(list(score.grad.values())).all():
                 print(
-                    "[alignmerge] gradient step failed (see the trial's fail_reason); stopping",
+                    "[alignmerge] gradient: the last step gave no gradient (see its fail_reason: a "
+                    "non-finite loss, or other workers took the last slots); stopping",
                     file=sys.stderr,
                 )
                 return

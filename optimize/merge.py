@@ -79,15 +79,16 @@ class InMemoryMerger:
         out = np.zeros(field.shape)
         for name, p, g in self.params:
             if p.grad is not None:
-                grad = p.grad.float()
+                taus = self._taus(name)
                 out[..., g] += method.coefficient_grad(
-                    name, g, self.base.weights[name], self._taus(name), candidate, grad
+                    name, g, self.base.weights[name], taus, candidate, p.grad
                 )
         return out
 
-    def changed(self) -> list[torch.nn.Parameter]:
-        """The working model's parameters some source changes (the others do not depend on the merge)."""
-        return [p for name, p, _ in self.params if any(name in tv for tv in self.task_vectors)]
+    def changed(self, method: MergeMethod | None = None) -> list[torch.nn.Parameter]:
+        """The working model's parameters that depend on the merge coefficients."""
+        method = method or self.method
+        return [p for name, p, _ in self.params if method.depends([name in tv for tv in self.task_vectors])]
 
     def _taus(self, name: str) -> list[torch.Tensor | None]:
         return [stored(tv[name]) if name in tv else None for tv in self.task_vectors]

@@ -103,14 +103,28 @@ class MergeMethod:
     def coefficient_grad(
         self, name: str, g: int, base: Tensor, taus: list[Tensor | None], c: Candidate, grad: Tensor
     ) -> np.ndarray:
-        """dL/d(grad_field) in group g through this tensor, given grad = dL/dtheta (float32)."""
+        """dL/d(grad_field) in group g through this tensor, given grad = dL/dtheta (any float dtype)."""
         raise NotImplementedError(f"merge method {self.name} has no gradient")
 
+    def depends(self, present: list[bool]) -> bool:
+        """Whether a tensor that these sources change (`present`, per source) depends on the
+        coefficients once merged (its gradient is needed)."""
+        return any(present)
 
-def _dots(grad: Tensor, directions: list[Tensor | None]) -> np.ndarray:
-    """<grad, d> for every direction (0 for an absent one), accumulated in float64."""
-    flat = grad.reshape(-1)
-    return np.array([0.0 if d is None else float(torch.dot(flat, d.reshape(-1).float())) for d in directions])
+
+def _dots(grad: Tensor, directions: list[Tensor | None], masks=None, scales=None) -> np.ndarray:
+    """<grad, scale_t * mask_t * d_t> for every direction (0 for an absent one), a chunk at a
+    time in float32 (no full-size copy of a 16-bit tensor), summed in float64."""
+    flat, out = grad.reshape(-1), np.zeros(len(directions))
+    masks, scales = masks or [None] * len(directions), scales or [1.0] * len(directions)
+    for start in range(0, flat.numel(), CHUNK):
+        part = slice(start, start + CHUNK)
+        g = flat[part].float()
+        for i, (d, m) in enumerate(zip(directions, masks)):
+            if d is not None:
+                v = d.reshape(-1)[part].float()
+                out[i] += float(torch.dot(g, v if m is None else v * m.reshape(-1)[part])) * scales[i]
+    return out
 
 
 def _normalized_grad(w: np.ndarray, p: np.ndarray) -> np.ndarray:
@@ -136,12 +150,12 @@ class TaskArithmetic(MergeMethod):
 
     rounds_once = True
 
-    def directions(self, name, g, base, taus, c) -> list[Tensor | None]:
-        """theta = base + sum_t coefficient_t * direction_t."""
-        return taus
+    def direction_dots(self, name, g, taus, c, grad) -> np.ndarray:
+        """<grad, direction_t>, with theta = base + sum_t coefficient_t * direction_t."""
+        return _dots(grad, taus)
 
     def coefficient_grad(self, name, g, base, taus, c, grad):
-        p = _dots(grad, self.directions(name, g, base, taus, c))
+        p = self.direction_dots(name, g, taus, c, grad)
         return self.lambda_ * (_normalized_grad(c.weight[:, g], p) if self.normalize else p)
 
     def merge(self, name, g, base, taus, c, out):
@@ -174,9 +188,12 @@ class Linear(MergeMethod):
 
     def coefficient_grad(self, name, g, base, taus, c, grad):
         w, p = c.weight[:, g], _dots(grad, taus)
-        if self.normalize:  # theta = base + sum_t w_t tau_t / S
+        if self.normalize and abs(w.sum()) >= 1e-8:  # theta = base + sum_t w_t tau_t / S
             return _normalized_grad(w, p)
         return p + _dots(grad, [base])[0]  # theta = sum_t w_t (base + tau_t)
+
+    def depends(self, present):
+        return not self.normalize or super().depends(present)  # base * sum(w): every tensor moves
 
 
 class DareLinear(TaskArithmetic):
@@ -195,13 +212,14 @@ class DareLinear(TaskArithmetic):
             else:
                 out.add_(tau * mask, alpha=float(coef) / d)
 
-    def directions(self, name, g, base, taus, c):
-        out = []
-        for i, tau in enumerate(taus):
-            d = float(c.density[i, g])
-            mask = None if tau is None else self.masks.dare_mask(i, name, tau, d)
-            out.append(tau if mask is None else tau.float() * mask / d)
-        return out
+    def direction_dots(self, name, g, taus, c, grad):
+        """The directions are the dropped and rescaled task vectors, m_t * tau_t / d_t."""
+        masks = [
+            None if t is None else self.masks.dare_mask(i, name, t, float(c.density[i, g]))
+            for i, t in enumerate(taus)
+        ]
+        scales = [1.0 if m is None else 1 / float(c.density[i, g]) for i, m in enumerate(masks)]
+        return _dots(grad, taus, masks, scales)
 
 
 class Ties(MergeMethod):
@@ -242,7 +260,7 @@ class Ties(MergeMethod):
         for start in range(0, flat.numel(), CHUNK):
             part = slice(start, start + CHUNK)
             kept = [self.kept(i, name, taus[i], float(c.density[i, g]), part) for i in present]
-            out[present] += ties_coefficient_grad(kept, w[present], flat[part], self.normalize)
+            out[present] += ties_coefficient_grad(kept, w[present], flat[part].float(), self.normalize)
         return self.lambda_ * out
 
 

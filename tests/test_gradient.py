@@ -112,6 +112,7 @@ def objective(ctx, params):
     "merge, parametrization",
     [
         ({"method": "task_arithmetic", "normalize": True}, "layerwise"),
+        ({"method": "linear", "normalize": False}, "global"),  # every tensor moves, not only the changed
         ({"method": "mergealign"}, "gradient:2"),
     ],
 )
