@@ -248,8 +248,8 @@ def apply_overrides(raw: dict, overrides: dict[str, Any] | None) -> dict:
             if not isinstance(node, dict):  # `search: 5`, or a list such as `sources`
                 where = ".".join(parents[: i + 1])
                 raise ConfigError(
-                    f"cannot set {clip(dotted, 80)}: {clip(where, 60)} is a {type(node).__name__}, not a "
-                    "section of keys; edit the config file for it"
+                    f"cannot set {clip(dotted, 80)}: {clip(where, 60)} is not a section of keys (it is "
+                    f"{clip(node, 60)}); fix it in the config file"
                 )
         node[leaf] = value
     return raw

@@ -86,7 +86,7 @@ def test_set_overrides_any_key_on_every_cli(world, tmp_path, capsys):
         (["--set", "search.alpha=-1"], "search.alpha"),
         (["--set", "search.alpah=1"], "search.alpah: unknown key"),
         (["--set", "alpha"], "expected key=value"),
-        (["--set", "sources.0.path=x"], "'sources' is a list"),
+        (["--set", "sources.0.path=x"], "'sources' is not a section of keys"),
     ]:
         assert main(["--config", str(path), *argv]) == 2
         assert fragment in capsys.readouterr().err

@@ -185,7 +185,7 @@ CASES = [
     ),
     # ---- the search config
     search_case(
-        "section_not_a_mapping", "search: Input should be a valid dictionary", "--n-trials", "3", search=5
+        "section_not_a_mapping", "'search' is not a section of keys (it is 5)", "--n-trials", "3", search=5
     ),
     search_case(
         "out_is_a_file", "is a file; set out: (or --out) to a folder", out="@tmp@/f", files={"f": "x"}
