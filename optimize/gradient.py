@@ -73,10 +73,11 @@ class GradientScore:
     def __init__(self, ctx):
         self.ctx, self.grad, self.params = ctx, None, None
         self.weights = loss_weights(ctx.cfg.search)
+        self.differentiated = ctx.merger.changed()  # the same parameters at every step
 
     def __call__(self, trial, model, candidate, on_batch):
         ctx = self.ctx
-        with gradients_on(ctx.merger.changed()):
+        with gradients_on(self.differentiated):
             scores = ctx.scorer.score(model, backward=self.weights)
             per_group = ctx.merger.gradient(candidate)
         self.grad = ctx.space.param_gradient(ctx.merger.method.grad_field, per_group)
@@ -87,12 +88,10 @@ class GradientScore:
 
 def start_point(study: optuna.Study, space) -> dict[str, float]:
     """The best complete trial's parameters (a black-box search refined), else the initial point."""
-    done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-    if done:
-        best = min(done, key=lambda t: t.value)
-        params = space.initial_params()
-        return {k: best.params.get(k, v) for k, v in params.items()}
-    return space.initial_params()
+    initial = space.initial_params()
+    if not study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        return initial
+    return initial | {k: v for k, v in study.best_trial.params.items() if k in initial}
 
 
 def descend(study: optuna.Study, ctx) -> None:
