@@ -26,6 +26,15 @@ class ArgumentParser(argparse.ArgumentParser):
     def error(self, message: str):
         raise ConfigError(f"{message} (see {self.prog} --help)")
 
+    def add_set_flag(self, example: str, scope: str = "") -> None:
+        """`--set KEY=VALUE` (repeatable): config overrides, read by `core.config.parse_sets`."""
+        self.add_argument(
+            "--set",
+            action="append",
+            metavar="KEY=VALUE",
+            help=f"override a config key{scope}, e.g. --set {example} (repeatable; the value is YAML)",
+        )
+
 
 def positive_int(text: str) -> int:
     """An argparse `type`: an integer >= 1."""

@@ -264,12 +264,7 @@ def build_parser() -> ArgumentParser:
     p = ArgumentParser(prog="python -m eval.run", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", required=True, help="merged model folder, or run folder of optimize.search")
     p.add_argument("--config", help="run config (default: the run folder's run.yaml)")
-    p.add_argument(
-        "--set",
-        action="append",
-        metavar="KEY=VALUE",
-        help="override a config key, e.g. --set eval.max_new_tokens=64 (repeatable; the value is YAML)",
-    )
+    p.add_set_flag("eval.max_new_tokens=64")
     p.add_argument("--out", help="output folder (default: <run>/eval or runs/eval/<model name>)")
     p.add_argument("--backend", choices=("auto", "vllm", "transformers"), help="generation backend")
     p.add_argument("--max-new-tokens", type=int, help="tokens generated per answer (default 128)")

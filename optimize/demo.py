@@ -137,12 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--limit", type=positive_int, help="evaluate on the first N rows of each test split (a quick check)"
     )
-    ap.add_argument(
-        "--set",
-        action="append",
-        metavar="KEY=VALUE",
-        help="override a config key, e.g. --set search.alpha=0.5 (repeatable; the value is YAML)",
-    )
+    ap.add_set_flag("search.alpha=0.5")
 
     def work() -> Path:
         args = ap.parse_args(argv)

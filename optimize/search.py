@@ -42,9 +42,12 @@ from optimize.workers import (
 )
 
 
-def run(cfg: Config, storage: str | None = None, ctx: Context | None = None) -> Path:
+def run(
+    cfg: Config, storage: str | None = None, ctx: Context | None = None, reraise_interrupt: bool = False
+) -> Path:
     """The whole search; returns the path of the report. `ctx` reuses loaded models (a caller
-    running several searches on the same base and sources)."""
+    running several searches on the same base and sources). Ctrl-C ends the search and writes
+    the outputs of the finished trials; `reraise_interrupt` then raises it again (a sweep stops)."""
     started = time.perf_counter()
     rows = check_inputs(cfg)  # before any model loads
     claim_run_dir(cfg.run_dir)  # a folder of the user's is refused, never written into
@@ -87,17 +90,21 @@ def run(cfg: Config, storage: str | None = None, ctx: Context | None = None) -> 
                 f"(by another worker or an earlier run): {cfg.run_dir}",
                 file=sys.stderr,
             )
-            return cfg.run_dir / "report.md"
-        print(f"[alignmerge] writing outputs to {cfg.run_dir}", file=sys.stderr)
-        try:
-            return write_outputs(ctx, study, redact(url), interrupted=interrupted, stamp=stamp)
-        except (OSError, SafetensorError) as err:  # disk full, quota, permissions
-            raise OutputError(
-                f"could not write the outputs in {cfg.run_dir}: {err}. Files already there are "
-                "intact (each is written under a temporary name, then renamed); the study keeps "
-                f"its {n_finished(study)} finished trials: free space and run the same command "
-                "again to write the outputs"
-            ) from None
+            report = cfg.run_dir / "report.md"
+        else:
+            print(f"[alignmerge] writing outputs to {cfg.run_dir}", file=sys.stderr)
+            try:
+                report = write_outputs(ctx, study, redact(url), interrupted=interrupted, stamp=stamp)
+            except (OSError, SafetensorError) as err:  # disk full, quota, permissions
+                raise OutputError(
+                    f"could not write the outputs in {cfg.run_dir}: {err}. Files already there are "
+                    "intact (each is written under a temporary name, then renamed); the study keeps "
+                    f"its {n_finished(study)} finished trials: free space and run the same command "
+                    "again to write the outputs"
+                ) from None
+    if interrupted and reraise_interrupt:
+        raise KeyboardInterrupt
+    return report
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -129,12 +136,7 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--study-name", help="study name in the storage (default: config name)")
     p.add_argument("--out", help="run folder (default: runs/<name>)")
     p.add_argument("--seed", type=int, help="sampler seed")
-    p.add_argument(
-        "--set",
-        action="append",
-        metavar="KEY=VALUE",
-        help="override a config key, e.g. --set search.alpha=0.5 (repeatable; the value is YAML)",
-    )
+    p.add_set_flag("search.alpha=0.5")
     return p
 
 

@@ -294,12 +294,7 @@ def build_parser() -> ArgumentParser:
     ap.add_argument("--n-benign", type=int, help="rows in benign")
     ap.add_argument("--seed", type=int)
     ap.add_argument("--backend", choices=["auto", "vllm", "transformers"])
-    ap.add_argument(
-        "--set",
-        action="append",
-        metavar="KEY=VALUE",
-        help="override a config key, e.g. --set synth.n_safety=40 (repeatable; the value is YAML)",
-    )
+    ap.add_set_flag("synth.n_safety=40")
     return ap
 
 
