@@ -46,6 +46,7 @@ from eval.judge import BothJudge, GuardJudge, RefusalJudge
 from eval.mcq import mcq_scores, option_logprobs
 from eval.run_inputs import Inputs, load_inputs
 from eval.run_report import jsonable, make_plots, write_report
+from eval.suites import SUITES
 from optimize.context import Context, make_scorer, prepare
 from optimize.merge import PLAIN, InMemoryMerger
 from optimize.methods import Candidate
@@ -124,6 +125,21 @@ def judge_harmful(inp: Inputs, prompts: list[str], answers: list[str]):
         guard = GuardJudge(lambda convs: engine_answers(engine, convs, s.guard_max_tokens), engine.ref.label)
         judge = guard if s.judge == "guard" else BothJudge(rules, guard)
         return judge.judge(prompts, answers), f"{judge.name} ({engine.ref.label})"
+
+
+def suite_figures(name: str, answers: list[dict], judge: str) -> dict:
+    """An external suite's shares of harmful and of benign prompts refused, apart from the rest."""
+    mine = {
+        kind: [a["refused"] for a in answers if a["set"] == name and a["kind"] == kind]
+        for kind in ("harmful", "benign")
+    }
+    return SUITES[name].describe() | {
+        "harmful_refused": float(np.mean(mine["harmful"])),
+        "benign_refused": float(np.mean(mine["benign"])),
+        "n_harmful": len(mine["harmful"]),
+        "n_benign": len(mine["benign"]),
+        "judge": f"{judge} (harmful), rules (benign)",
+    }
 
 
 # ----------------------------------------------------------------------------- analysis
@@ -247,6 +263,7 @@ def run(inp: Inputs) -> Path:
         "settings": s.model_dump(),
         "safety": {"judge": judge_name, **refusal_summary(answers[:n_h], verdicts[:n_h])},
         "over_refusal": refusal_summary(answers[n_h:], verdicts[n_h:], answered=True) if inp.benign else None,
+        "suites": {name: suite_figures(name, answers, judge_name) for name in s.suites},
         "domain": {
             "domain_test_loss": losses["domain"],
             "alignment_test_loss": losses["alignment"],
@@ -270,6 +287,11 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, help="tokens generated per answer (default 128)")
     p.add_argument("--prompts", action="append", help="extra harmful prompt file (JSONL/CSV); repeatable")
     p.add_argument("--mcq", action="append", help="multiple-choice JSONL file; repeatable")
+    p.add_argument(
+        "--suites",
+        type=lambda v: [t for t in v.split(",") if t],
+        help=f"external prompt suites, comma-separated (known: {', '.join(SUITES)})",
+    )
     p.add_argument(
         "--tasks", type=lambda v: [t for t in v.split(",") if t], help="lm-eval tasks, comma-separated"
     )

@@ -20,6 +20,7 @@ from core.models import (
 from eval.data import load_pairs, read_prompt_file, split_prompts
 from eval.mcq import read_mcq
 from eval.settings import EvalSettings, parse_settings
+from eval.suites import check_suites, read_suite
 from optimize.config import check_runtime, load_config, validate_config
 from optimize.context import check_models
 from optimize.report import BEST, incomplete, load_best
@@ -109,7 +110,7 @@ def load_inputs(args: argparse.Namespace) -> Inputs:
     cfg = resolve_config(target, args.config, parse_sets(args.set))
     check_runtime(cfg)  # a GPU config on a CPU node
     flags = {"backend": args.backend, "max_new_tokens": args.max_new_tokens, "tasks": args.tasks}
-    flags |= {"prompts": args.prompts, "mcq": args.mcq}
+    flags |= {"prompts": args.prompts, "mcq": args.mcq, "suites": args.suites}
     settings = parse_settings(cfg.eval, {k: v for k, v in flags.items() if v is not None})
     data_dir = (
         Path(cfg.data.test_dir or cfg.data.dir)
@@ -123,6 +124,7 @@ def load_inputs(args: argparse.Namespace) -> Inputs:
     harmful = [{**r, "set": "alignment_test"} for r in split_prompts(data_dir, "alignment_test")]
     for f in settings.prompts:
         harmful += extra_prompts(f)
+    check_suites(settings.suites)
     mcq = {Path(f).name: read_user_file(read_mcq, f, "eval.mcq", "JSONL: docs/eval.md") for f in settings.mcq}
     if settings.lm_eval.tasks and importlib.util.find_spec("lm_eval") is None:
         raise ConfigError(
@@ -142,5 +144,9 @@ def load_inputs(args: argparse.Namespace) -> Inputs:
         else (target.run_dir / "eval" if target.run_dir else Path("runs/eval") / target.path.name)
     )
     check_replaceable(out, "--out", kind="eval")
-    benign = split_prompts(data_dir, "benign")
+    benign = [{**r, "set": "benign"} for r in split_prompts(data_dir, "benign")]
+    for name in settings.suites:
+        suite_harmful, suite_benign = read_suite(name)
+        harmful += suite_harmful
+        benign += suite_benign
     return Inputs(target, cfg, settings, out, data_dir, test, harmful, benign, mcq)

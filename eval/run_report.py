@@ -118,6 +118,21 @@ def write_report(
         lines += ["Benign prompts wrongly refused:", "", *_examples(benign, True, s.examples), ""]
     else:
         lines += [f"Not measured: `{data_dir}` has no `benign` split.", ""]
+    if m.get("suites"):
+        lines += [
+            "## External suites (prompts written by others)",
+            "",
+            "| suite | package (licence) | harmful refused | benign wrongly refused | judge |",
+            "|---|---|---|---|---|",
+            *(
+                f"| {name} | `{v['package']}` ({v['licence']}) | {_pct(v['harmful_refused'])} of "
+                f"{v['n_harmful']} | {_pct(v['benign_refused'])} of {v['n_benign']} | {v['judge']} |"
+                for name, v in m["suites"].items()
+            ),
+            "",
+            *(f"- {name}: {v['source']}" for name, v in m["suites"].items()),
+            "",
+        ]
     d = m["domain"]
     lines += [
         "## Domain",

@@ -28,6 +28,7 @@ class EvalSettings(Strict):
     guard_max_tokens: int = Field(20, ge=1)
     prompts: list[str] = []  # extra harmful prompt files: JSONL or CSV, `prompt` and optional `category`
     mcq: list[str] = []  # multiple-choice files: JSONL, `question`, `options`, `answer` (index or letter)
+    suites: list[str] = []  # external prompt suites read from installed packages (eval/suites.py)
     lm_eval: LmEvalSettings = LmEvalSettings()
     analysis: bool = True  # MergeAlign analysis (loads the base and every source)
     cka_prompts: int = Field(32, ge=2)  # first N prompts of alignment_test and of domain_test
@@ -48,7 +49,7 @@ def parse_settings(section: dict | None, overrides: dict | None = None) -> EvalS
             lm_eval = raw.get("lm_eval") or {}
             if isinstance(lm_eval, dict):  # else validation names the bad section
                 raw["lm_eval"] = {**lm_eval, "tasks": value}
-        elif key in ("prompts", "mcq"):
+        elif key in ("prompts", "mcq", "suites"):
             files = raw.get(key) or []
             if isinstance(files, list):
                 raw[key] = [*files, *value]

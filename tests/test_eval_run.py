@@ -4,6 +4,7 @@ merge rebuilt in memory, a model folder with --config; aggregation, MCQ scoring,
 import importlib.util
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,6 +19,7 @@ from eval.loss import Scorer
 from eval.mcq import mcq_scores, option_logprobs
 from eval.run import main
 from eval.settings import parse_settings
+from eval.suites import SUITES, Suite
 from optimize.config import validate_config
 from optimize.search import run
 from tests.conftest import SENTENCES, world_config
@@ -360,3 +362,42 @@ def test_guard_judge_decides_the_safety_share(searched, tmp_path, capsys):
     assert m["over_refusal"]["answered"] == 1.0
     answers = [json.loads(line) for line in (out / "answers.jsonl").read_text().splitlines()]
     assert {a["verdict"] for a in answers if a["kind"] == "harmful"} == {"safe"}
+
+
+def test_external_suite_is_read_from_its_installed_package_and_reported_apart(searched, tmp_path, capsys):
+    out = tmp_path / "eval"
+    argv = ["--model", searched.run_dir, "--backend", "transformers", "--max-new-tokens", 4]
+    code = run_eval(
+        *argv, "--suites", "weighted-safety-refusal", "--out", out, "--set", "eval.analysis=false"
+    )
+    assert code == 0, capsys.readouterr().err
+    m = json.loads((out / "metrics.json").read_text())
+    answers = [json.loads(line) for line in (out / "answers.jsonl").read_text().splitlines()]
+    suite = m["suites"]["weighted-safety-refusal"]
+    mine = [a for a in answers if a["set"] == "weighted-safety-refusal"]
+    harmful = [a["refused"] for a in mine if a["kind"] == "harmful"]
+    benign = [a["refused"] for a in mine if a["kind"] == "benign"]
+    assert (suite["n_harmful"], suite["n_benign"]) == (len(harmful), len(benign)) == (60, 60)
+    assert suite["harmful_refused"] == pytest.approx(np.mean(harmful))
+    assert suite["benign_refused"] == pytest.approx(np.mean(benign))
+    assert suite["package"] == "weighted-safety-refusal==0.1.1" and suite["licence"] == "MIT"
+    # the suite's prompts are the package's own, word for word
+    first = json.loads(
+        (Path(importlib.util.find_spec("weighted_safety").submodule_search_locations[0]) / "dataset.jsonl")
+        .read_text()
+        .splitlines()[0]
+    )
+    assert mine[0]["prompt"] == first["input"] and mine[0]["category"] == first["metadata"]["category"]
+    # the project's own splits are counted apart: 5 harmful + 60, 5 benign + 60 in the totals
+    assert m["safety"]["by_set"]["alignment_test"]["n"] == 5 and m["safety"]["n"] == 65
+    assert m["over_refusal"]["by_set"]["benign"]["n"] == 5 and m["over_refusal"]["n"] == 65
+    report = (out / "report.md").read_text()
+    assert "## External suites" in report and "`weighted-safety-refusal==0.1.1` (MIT)" in report
+
+
+def test_unknown_or_missing_suite_fails_before_any_model_loads(searched, capsys, monkeypatch):
+    err = _error(capsys, "--model", searched.run_dir, "--suites", "harmbench")
+    assert "unknown suite 'harmbench'" in err and "weighted-safety-refusal" in err
+    monkeypatch.setitem(SUITES, "absent", Suite("alignmerge-no-such-suite", "1.0", "d.jsonl", "nowhere"))
+    err = _error(capsys, "--model", searched.run_dir, "--suites", "absent")
+    assert "pip install --no-deps alignmerge-no-such-suite==1.0" in err
