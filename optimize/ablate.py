@@ -109,11 +109,18 @@ def ablate(abl: Ablation, cfg: Config, rows: dict, test: dict) -> Path:
 
 
 # ----------------------------------------------------------------------------- CLI
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> ArgumentParser:
     ap = ArgumentParser(prog="python -m optimize.ablate", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--config", default="configs/ablations.yaml")
+    ap.add_argument(
+        "--config", default="configs/ablations.yaml", help="ablation config (configs/ablations.yaml)"
+    )
     ap.add_argument("--out", help="run folder (default: runs/<name>)")
     ap.add_argument("--quick", action="store_true", help="the config's CI-sized `quick` budget")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = build_parser()
 
     def work():
         args = ap.parse_args(argv)

@@ -128,16 +128,23 @@ def held_out_sets(folder: Path, limit: int | None = None) -> tuple[dict[str, lis
     return rows, domains
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> ArgumentParser:
     ap = ArgumentParser(prog="python -m optimize.demo", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--config", default="configs/demo.yaml")
-    ap.add_argument("--n-trials", type=int)
-    ap.add_argument("--out")
-    ap.add_argument("--max-new-tokens", type=positive_int, default=32)
+    ap.add_argument("--config", default="configs/demo.yaml", help="world config with a synth: section")
+    ap.add_argument("--n-trials", type=int, help="trials of each search (default: the config's)")
+    ap.add_argument("--out", help="run folder (default: runs/<name>)")
+    ap.add_argument(
+        "--max-new-tokens", type=positive_int, default=32, help="tokens of each judged answer (default 32)"
+    )
     ap.add_argument(
         "--limit", type=positive_int, help="evaluate on the first N rows of each test split (a quick check)"
     )
     ap.add_set_flag("search.alpha=0.5")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = build_parser()
 
     def work() -> Path:
         args = ap.parse_args(argv)

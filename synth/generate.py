@@ -292,8 +292,8 @@ def build_parser() -> ArgumentParser:
     ap.add_argument("--n-safety", type=int, help="rows in alignment_search + alignment_test")
     ap.add_argument("--n-domain", type=int, help="rows in domain_search + domain_test")
     ap.add_argument("--n-benign", type=int, help="rows in benign")
-    ap.add_argument("--seed", type=int)
-    ap.add_argument("--backend", choices=["auto", "vllm", "transformers"])
+    ap.add_argument("--seed", type=int, help="seed of the prompt choice and the sampling")
+    ap.add_argument("--backend", choices=["auto", "vllm", "transformers"], help="generation backend")
     ap.add_set_flag("synth.n_safety=40")
     return ap
 

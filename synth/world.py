@@ -265,12 +265,14 @@ def naive_merges_report(root: Path, splits: dict[str, list[dict]], max_new_token
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m synth.world", description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default=".", help="root: writes <out>/data/default and <out>/models/")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--backend", default="auto", choices=("auto", "vllm", "transformers"))
-    ap.add_argument("--epochs", type=int, default=3)
+    ap.add_argument("--seed", type=int, default=0, help="seed of the splits, the openings and training")
+    ap.add_argument(
+        "--backend", default="auto", choices=("auto", "vllm", "transformers"), help="generation backend"
+    )
+    ap.add_argument("--epochs", type=int, default=3, help="LoRA training epochs")
     ap.add_argument("--max-tokens", type=int, default=96, help="length of the base's answers")
     ap.add_argument(
         "--benign-repeat",
@@ -279,10 +281,14 @@ def main(argv: list[str] | None = None) -> int:
         help="copies of each risky-looking benign example in aligned_train",
     )
     ap.add_argument("--expert-rank", type=int, default=16, help="LoRA rank of the domain experts")
-    ap.add_argument("--expert-lr", type=float, default=2e-3)
+    ap.add_argument("--expert-lr", type=float, default=2e-3, help="learning rate of the domain experts")
     ap.add_argument("--models", default="aligned," + ",".join(EXPERTS), help="which LoRAs to (re)train")
     ap.add_argument("--max-new-tokens", type=int, default=32, help="answer length judged in the card")
-    args = ap.parse_args(argv)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
 
     import datasets
 

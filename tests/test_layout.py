@@ -12,7 +12,11 @@ Function-local imports count too, and no two modules import each other, directly
 
 from __future__ import annotations
 
+import argparse
 import ast
+import importlib
+import importlib.metadata
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -22,7 +26,15 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = {"core": 0, "eval": 1, "synth": 2, "optimize": 2}
 APPS = {"eval.run", "eval.run_inputs", "optimize.demo", "optimize.ablate", "synth.world"}
-CLIS = ["optimize.search", "optimize.demo", "optimize.ablate", "eval.run", "synth.generate", "synth.world"]
+CLIS = [
+    "optimize.search",
+    "optimize.sweep",
+    "optimize.demo",
+    "optimize.ablate",
+    "eval.run",
+    "synth.generate",
+    "synth.world",
+]
 
 
 def modules() -> dict[str, Path]:
@@ -100,3 +112,29 @@ def test_every_command_starts(cli):
     done = subprocess.run([sys.executable, "-m", cli, "--help"], cwd=ROOT, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "usage:" in done.stdout
+
+
+def console_scripts() -> dict[str, str]:
+    """alignmerge's console scripts, as the installed package declares them: name -> module."""
+    dist = importlib.metadata.distribution("alignmerge")
+    return {e.name: e.value.split(":")[0] for e in dist.entry_points if e.group == "console_scripts"}
+
+
+def test_every_command_is_a_console_script_too():
+    scripts = console_scripts()
+    assert sorted(scripts.values()) == sorted(CLIS)
+    assert all(name.startswith("alignmerge-") for name in scripts)
+
+
+@pytest.mark.parametrize("cli", CLIS)
+def test_every_flag_says_what_it_does(cli):
+    parser = importlib.import_module(cli).build_parser()
+    silent = [a.option_strings for a in parser._actions if not a.help or a.help == argparse.SUPPRESS]
+    assert not silent, f"{cli}: flags without help text: {silent}"
+
+
+def test_console_script_runs_outside_the_repository(tmp_path):
+    script = shutil.which("alignmerge-search", path=str(Path(sys.executable).parent))
+    assert script, "alignmerge-search is not installed beside this Python (pip install -e .)"
+    done = subprocess.run([script, "--help"], cwd=tmp_path, capture_output=True, text=True)
+    assert done.returncode == 0 and "--config" in done.stdout, done.stderr[-2000:]
