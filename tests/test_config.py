@@ -1,9 +1,12 @@
+from pathlib import Path
+
 import pytest
 import yaml
+from pydantic import BaseModel
 
-from core.config import parse_sets
+from core.config import _model_in, parse_sets
 from core.errors import ConfigError
-from optimize.config import load_config, validate_config
+from optimize.config import Config, load_config, validate_config
 from optimize.search import main
 
 
@@ -133,3 +136,35 @@ def test_dtype_auto_is_bf16_only_where_it_is_native(monkeypatch, tmp_path):
     cpuinfo.write_text("flags : fpu avx2 avx512f avx512_bf16\n")
     assert models.resolve_dtype("auto", "cpu") == torch.bfloat16
     assert models.resolve_dtype("float16", "cpu") == torch.float16  # an explicit choice is kept
+
+
+def readme_config() -> dict:
+    """The YAML block of the README's "Config" section."""
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    return yaml.safe_load(text.split("### Config", 1)[1].split("```yaml", 1)[1].split("```", 1)[0])
+
+
+def undocumented(model, doc: dict, prefix: str = "") -> list[str]:
+    """Keys of `model` missing from `doc`, or shown there with a value other than their default."""
+    out = []
+    for name, field in model.model_fields.items():
+        key, where = field.alias or name, f"{prefix}{field.alias or name}"
+        if key not in doc:
+            out.append(f"{where}: missing")
+            continue
+        sub, value = _model_in(field.annotation), doc[key]
+        if sub is not None and isinstance(value, dict):
+            out += undocumented(sub, value, where + ".")
+        elif not field.is_required() and not (sub is not None and isinstance(value, list) and value):
+            default = field.get_default(call_default_factory=True)
+            if isinstance(default, BaseModel):  # bounds are shown as [low, high]
+                default = list(default.model_dump(by_alias=True, mode="json").values())
+            if value != default:
+                out.append(f"{where}: README shows {value!r}, the default is {default!r}")
+    return out
+
+
+def test_readme_config_reference_lists_every_key_with_its_default():
+    doc = readme_config()
+    assert undocumented(Config, doc) == []
+    validate_config(doc)  # and it is a valid config as written
