@@ -6,6 +6,7 @@ and what is allowed. Command-line flags override the file (see `optimize.search`
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 from pathlib import Path
@@ -200,7 +201,22 @@ class Output(Strict):
     mergekit: bool = True  # write mergekit.yaml (and the safetensors folders it needs)
 
 
-SECTIONS = ("merge", "search", "data", "runtime", "output")  # `search:` left empty means the defaults
+class Tracking(Strict):
+    """Experiment tracking (optimize/tracking.py): every finished trial logged to trackio."""
+
+    backend: Literal["none", "trackio"] = "none"
+    project: Name | None = None  # null -> alignmerge-<name>
+    dir: str | None = None  # trackio's store (TRACKIO_DIR); null -> <run folder>/trackio
+
+
+SECTIONS = (
+    "merge",
+    "search",
+    "data",
+    "runtime",
+    "output",
+    "tracking",
+)  # `search:` left empty means the defaults
 
 
 class Config(Strict):
@@ -213,6 +229,7 @@ class Config(Strict):
     data: Data = Data()
     runtime: Runtime = Runtime()
     output: Output = Output()
+    tracking: Tracking = Tracking()
     storage: str | None = None  # Optuna storage URL; null -> sqlite in the run folder
     study_name: str | None = None  # null -> name
     # Each running trial writes a heartbeat this often; a trial silent for 2x this long belongs to
@@ -316,3 +333,12 @@ def check_runtime(cfg: Config) -> None:
                 f"{torch.__version__}, {build}); use device: auto or cpu, or run on a GPU node with a "
                 "CUDA build of torch"
             )
+
+
+def check_tracking(cfg: Config) -> None:
+    """Before any model loads: the tracking backend is installed."""
+    if cfg.tracking.backend == "trackio" and importlib.util.find_spec("trackio") is None:
+        raise ConfigError(
+            "tracking.backend is trackio but trackio is not installed: pip install 'alignmerge[tracking]' "
+            "(or pip install trackio), or set tracking.backend: none"
+        )

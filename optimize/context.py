@@ -23,7 +23,7 @@ from core.models import (
 from eval.data import load_pairs
 from eval.judge import REFUSAL_OPENINGS
 from eval.loss import Scorer, first_response_tokens
-from optimize.config import Config, check_runtime
+from optimize.config import Config, check_runtime, check_tracking
 from optimize.memory import check_memory
 from optimize.merge import InMemoryMerger
 from optimize.methods import METHODS
@@ -42,6 +42,7 @@ def check_inputs(cfg: Config) -> dict[str, list[dict]]:
     """Everything that can be checked without loading a model: paths, formats, data.
     Returns the raw rows of every set the search uses (alignment, domain, helpfulness)."""
     check_runtime(cfg)
+    check_tracking(cfg)
     check_models(cfg)
     rows = load_data(cfg)
     check_memory(cfg)

@@ -94,7 +94,7 @@ def start_point(study: optuna.Study, space) -> dict[str, float]:
     return initial | {k: v for k, v in study.best_trial.params.items() if k in initial}
 
 
-def descend(study: optuna.Study, ctx) -> None:
+def descend(study: optuna.Study, ctx, callbacks=()) -> None:
     """Projected Adam steps, one trial each, until the study holds search.n_trials finished trials."""
     s = ctx.cfg.search
     deadline = time.monotonic() + s.timeout_s if s.timeout_s else None
@@ -107,7 +107,7 @@ def descend(study: optuna.Study, ctx) -> None:
         while n_finished(study) < s.n_trials and (deadline is None or time.monotonic() < deadline):
             score.grad = None
             study.enqueue_trial(params, user_attrs={"gradient_step": adam.t})
-            study.optimize(trial_fn, n_trials=1, callbacks=[bar])
+            study.optimize(trial_fn, n_trials=1, callbacks=[bar, *callbacks])
             if score.grad is None or not np.isfinite(list(score.grad.values())).all():
                 print(
                     "[alignmerge] gradient: the last step gave no gradient (see its fail_reason: a "

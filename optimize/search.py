@@ -28,9 +28,10 @@ from optimize.context import Context, check_inputs, prepare
 from optimize.gradient import descend
 from optimize.objective import make_trial
 from optimize.registry import SAMPLER_NAMES
-from optimize.report import write_outputs
+from optimize.report import load_best, write_outputs
 from optimize.storage import is_sqlite, open_storage, redact
 from optimize.study import default_storage, make_pruner, open_study, study_signature
+from optimize.tracking import Tracker
 from optimize.workers import (
     n_finished,
     optimize_until_done,
@@ -67,11 +68,13 @@ def run(
         file=sys.stderr,
     )
     interrupted = False
+    tracker = Tracker(cfg, study) if cfg.tracking.backend == "trackio" else None
+    callbacks = [tracker] if tracker else []
     try:
         if cfg.search.sampler == "gradient":
-            descend(study, ctx)
+            descend(study, ctx, callbacks)
         else:
-            optimize_until_done(study, make_trial(ctx), cfg, url)
+            optimize_until_done(study, make_trial(ctx), cfg, url, callbacks)
     except KeyboardInterrupt:
         interrupted = True
         print(
@@ -102,6 +105,8 @@ def run(
                     f"its {n_finished(study)} finished trials: free space and run the same command "
                     "again to write the outputs"
                 ) from None
+    if tracker:
+        tracker.finish(load_best(cfg.run_dir).get("scores"), step=len(study.trials))
     if interrupted and reraise_interrupt:
         raise KeyboardInterrupt
     return report

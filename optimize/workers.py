@@ -176,7 +176,7 @@ def warn_sqlite_workers():
     )
 
 
-def optimize_until_done(study: optuna.Study, trial_fn, cfg, storage_url: str) -> None:
+def optimize_until_done(study: optuna.Study, trial_fn, cfg, storage_url: str, callbacks=()) -> None:
     """Run `trial_fn` until the study (all workers together) holds n_trials finished trials. A
     worker with nothing left to start waits while other workers' trials run: if one of them dies,
     its trial goes stale (no heartbeat) or is found orphaned (`fail_orphaned_trials`), is marked
@@ -196,7 +196,7 @@ def optimize_until_done(study: optuna.Study, trial_fn, cfg, storage_url: str) ->
                     trial_fn,
                     n_trials=None,
                     timeout=deadline - time.monotonic() if deadline else None,
-                    callbacks=[quota, guard, bar],
+                    callbacks=[quota, guard, bar, *callbacks],
                 )
                 if not quota.reached:  # timeout, failure guard, or the sampler ran out (grid)
                     return

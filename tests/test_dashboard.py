@@ -3,10 +3,15 @@ or a journal file's path) is the one the dashboard takes, and it shows the study
 the names of the objectives."""
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 from wsgiref.util import setup_testing_defaults
 
 import optuna
 import pytest
+import yaml
 from optuna_dashboard import wsgi
 
 from core.errors import StorageError
@@ -15,6 +20,8 @@ from optimize.search import run
 from optimize.storage import HEARTBEAT_ATTR, JournalHeartbeatStorage, open_storage
 from optimize.study import trials_frame
 from tests.conftest import world_config
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def api(app, path: str) -> dict:
@@ -73,3 +80,43 @@ def test_named_values_keep_the_trials_table_header(names, columns):
     study.set_metric_names(names)
     study.add_trial(optuna.trial.create_trial(values=[1.0] * len(names)))
     assert [c for c in trials_frame(study).columns if c.startswith("value")] == columns
+
+
+READ_TRACKIO = """
+import json, sys
+from trackio.sqlite_storage import SQLiteStorage
+project, run = sys.argv[1:]
+print(json.dumps({"runs": SQLiteStorage.get_runs(project), "logs": SQLiteStorage.get_logs(project, run),
+                  "config": SQLiteStorage.get_run_config(project, run)}))
+"""
+
+
+def test_tracking_logs_every_trial_to_a_local_trackio_store(world, tmp_path):
+    """tracking.backend trackio: one trackio run per study, a step per trial with its objective,
+    losses and parameters, then the chosen trial's scores; stdout stays the report's path."""
+    raw = world_config(world, tmp_path / "run", n_trials=3, parametrization="global")
+    raw["output"] = {"plots": False, "save_model": False, "mergekit": False}
+    raw["storage"] = f"journal:{tmp_path / 'journal.log'}"
+    raw["tracking"] = {"backend": "trackio", "dir": str(tmp_path / "trackio")}
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    env = {k: v for k, v in os.environ.items() if k != "TRACKIO_DIR"}
+    cmd = [sys.executable, "-m", "optimize.search", "--config", str(config)]
+    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip() == str(tmp_path / "run" / "report.md")
+
+    env["TRACKIO_DIR"] = str(tmp_path / "trackio")
+    read = [sys.executable, "-c", READ_TRACKIO, "alignmerge-tiny", "tiny"]
+    found = json.loads(subprocess.run(read, env=env, capture_output=True, text=True, check=True).stdout)
+    assert found["runs"] == ["tiny"]
+    logs = {row["step"]: row for row in found["logs"]}
+    study = optuna.load_study(study_name="tiny", storage=open_storage(raw["storage"], 0))
+    for t in study.trials:
+        assert logs[t.number]["L_align + 0.3 L_domain"] == pytest.approx(t.value)
+        assert logs[t.number]["alignment_loss"] == pytest.approx(t.user_attrs["alignment_loss"])
+        assert {f"param/{k}" for k in t.params} <= set(logs[t.number])
+    best = yaml.safe_load((tmp_path / "run" / "best.yaml").read_text())
+    chosen = logs[len(study.trials)]
+    assert chosen["chosen/objective"] == pytest.approx(best["scores"]["objective"])
+    assert found["config"]["search"]["n_trials"] == 3 and "journal.log" in found["config"]["storage"]
