@@ -130,6 +130,8 @@ def labeled_points(
             alpha=0.85,
             zorder=5 if star else 3,
         )
+        # labelled on the plot too (the legend stays for points on the same spot)
+        ax.annotate(name, (x, y), xytext=(6, 4), textcoords="offset points", fontsize=7, alpha=0.8)
     ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)

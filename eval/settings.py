@@ -15,6 +15,7 @@ class LmEvalSettings(Strict):
     limit: float | None = Field(None, gt=0)  # examples per task (a fraction if < 1): for quick checks
     batch_size: int = Field(8, ge=1)
     apply_chat_template: bool = False
+    include_path: list[str] = []  # folders of the user's own task YAMLs (alignmerge's are always found)
 
 
 class EvalSettings(Strict):

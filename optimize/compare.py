@@ -44,7 +44,11 @@ def for_variant(ctx: Context, cfg: Config) -> Context:
     """The context of a variant search (`cfg`): the same models, scored on the sets its
     objective uses (the domain-only search: the domain set alone)."""
     return dataclasses.replace(
-        ctx, cfg=cfg, scorer=ctx.scorer_for({k: ctx.rows[k] for k in scored_sets(cfg.search)})
+        ctx,
+        cfg=cfg,
+        scorer=ctx.scorer_for({k: ctx.rows[k] for k in scored_sets(cfg.search)}),
+        # its own timings: the loading was shared, the search and outputs are its own
+        timings={k: v for k, v in ctx.timings.items() if k in ("load_base_s", "task_vectors_s")},
     )
 
 
@@ -114,16 +118,29 @@ def evaluate(
     harmful: list[str],
     benign: list[str],
     max_new_tokens: int,
+    suites: dict[str, tuple[list[str], list[str]]] | None = None,
 ) -> dict:
     """Test losses (`alignment_loss`, `domain_loss`, and every other scored set by its name), and
     the shares of harmful prompts refused and of benign prompts wrongly refused (greedy answers,
-    rule-based refusal judge)."""
+    rule-based refusal judge); the same shares on each external suite's (harmful, benign) prompts
+    (`suites`, eval/suites.py) under "suites"."""
+    judge = RefusalJudge()
+
+    def share(model, prompts: list[str], batch_size: int) -> dict:
+        return refusals(model, ctx.base.tokenizer, prompts, judge, max_new_tokens, batch_size=batch_size)
+
     with ctx.merger.applied(candidate, method) as model:
         losses = test.losses(model)
-        judge = RefusalJudge()
-        harm = refusals(model, ctx.base.tokenizer, harmful, judge, max_new_tokens, batch_size=28)
-        ben = refusals(model, ctx.base.tokenizer, benign, judge, max_new_tokens, batch_size=25)
+        harm, ben = share(model, harmful, 28), share(model, benign, 25)
+        external = {
+            name: {
+                "refused_harmful": share(model, h, 30)["share"],
+                "refused_benign": share(model, b, 30)["share"],
+            }
+            for name, (h, b) in (suites or {}).items()
+        }
     return {
+        **({"suites": external} if external else {}),
         **{k if k not in ("alignment", "domain") else f"{k}_loss": v for k, v in losses.items()},
         "refused_harmful": harm["share"],
         "refused_benign": ben["share"],

@@ -25,6 +25,8 @@ from core.config import parse_sets
 from core.files import claim_run_dir, write_text_atomic
 from eval import plots
 from eval.data import load_pairs
+from eval.settings import parse_settings
+from eval.suites import SUITES, check_suites, read_suite
 from optimize.compare import (
     DOMAIN_ONLY,
     cocktail,
@@ -156,6 +158,11 @@ def main(argv: list[str] | None = None) -> int:
         benign = [r["prompt"] for r in load_pairs(folder, "benign", args.limit)]
         test_rows, domains = held_out_sets(folder, args.limit)
         experts = {d: f"source: {d} (domain)" for d in domains if d in {s.name for s in cfg.sources}}
+        suite_names = parse_settings(cfg.eval).suites  # eval.suites: also read by eval.run
+        check_suites(suite_names)
+        suites = {
+            n: tuple([r["prompt"] for r in rows][: args.limit] for rows in read_suite(n)) for n in suite_names
+        }
         claim_run_dir(cfg.run_dir)
         command = shlex.join(["python", "-m", "optimize.demo", *(sys.argv[1:] if argv is None else argv)])
         for_run(args.config, cfg.data_dir, cfg.run_dir, command, sets)
@@ -172,17 +179,19 @@ def main(argv: list[str] | None = None) -> int:
         results = {}
         for name, (method, cand) in contenders(ctx, cfg.run_dir, dom_cfg.run_dir).items():
             t0 = time.perf_counter()
-            results[name] = evaluate(ctx, method, cand, test, harmful, benign, args.max_new_tokens)
-            scores = {k: round(v, 4) for k, v in results[name].items() if k != "examples"}
+            results[name] = evaluate(ctx, method, cand, test, harmful, benign, args.max_new_tokens, suites)
+            scores = {
+                k: v if k == "suites" else round(v, 4) for k, v in results[name].items() if k != "examples"
+            }
             print(f"[demo] {name}: {scores} ({time.perf_counter() - t0:.0f} s)", file=sys.stderr)
         minutes = (time.perf_counter() - started) / 60
-        return write_report(cfg, results, experts, len(harmful), len(benign), minutes)
+        return write_report(cfg, results, experts, len(harmful), len(benign), minutes, suites)
 
     return run_cli(work)
 
 
 def write_report(
-    cfg, results: dict, experts: dict[str, str], n_harmful: int, n_benign: int, minutes: float
+    cfg, results: dict, experts: dict[str, str], n_harmful: int, n_benign: int, minutes: float, suites=()
 ) -> Path:
     plot = plots.labeled_points(
         {k: (r["domain_loss"], 100 * r["refused_harmful"]) for k, r in results.items()},
@@ -205,8 +214,9 @@ def write_report(
         "",
         "| model | harmful refused | benign wrongly refused | "
         + "".join(f"L_{d} test | " for d in domains)
-        + "L_domain test | L_align test | L_help test |",
-        "|---|---|---|" + "---|" * (len(domains) + 3),
+        + "L_domain test | L_align test | L_help test |"
+        + "".join(f" {n}: harmful refused | {n}: benign wrongly refused |" for n in suites),
+        "|---|---|---|" + "---|" * (len(domains) + 3 + 2 * len(suites)),
     ]
     for k, r in results.items():
         name = f"**{k}**" if k == SAFE else k
@@ -214,6 +224,10 @@ def write_report(
             f"| {name} | {r['refused_harmful']:.0%} | {r['refused_benign']:.0%} | "
             + "".join(f"{r[key(d)]:.4f} | " for d in domains)
             + f"{r['domain_loss']:.4f} | {r['alignment_loss']:.4f} | {r['helpfulness']:.4f} |"
+            + "".join(
+                f" {r['suites'][n]['refused_harmful']:.0%} | {r['suites'][n]['refused_benign']:.0%} |"
+                for n in suites
+            )
         )
     lines += [
         "",
@@ -223,6 +237,12 @@ def write_report(
         "",
         f"![demo](plots/{plot.name})",
         "",
+        *(
+            f"- {n}: {SUITES[n].describe()['package']} ({SUITES[n].describe()['licence']}), "
+            f"{len(suites[n][0])} harmful and {len(suites[n][1])} benign prompts written by others "
+            "(eval/suites.py), judged by the same rules"
+            for n in suites
+        ),
         "- Safety-aware search: [report.md](report.md) (losses, coefficients, plots)",
         "- Domain-only search: [domain_only/report.md](domain_only/report.md)",
         "- Search data written by the pool: [data/README.md](data/README.md)",

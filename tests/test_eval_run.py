@@ -401,3 +401,21 @@ def test_unknown_or_missing_suite_fails_before_any_model_loads(searched, capsys,
     monkeypatch.setitem(SUITES, "absent", Suite("alignmerge-no-such-suite", "1.0", "d.jsonl", "nowhere"))
     err = _error(capsys, "--model", searched.run_dir, "--suites", "absent")
     assert "pip install --no-deps alignmerge-no-such-suite==1.0" in err
+
+
+@pytest.mark.skipif(importlib.util.find_spec("lm_eval") is None, reason="lm-eval is not installed")
+def test_lm_eval_runs_the_shipped_local_task_on_a_merged_folder(searched, tmp_path, capsys):
+    """A real lm_eval.simple_evaluate on alignmerge's own task (eval/lm_eval_tasks): no network,
+    the merged folder loaded by lm-eval's `hf` model; its accuracy is the share of questions whose
+    own answer has the highest log-likelihood, which we recompute from lm-eval's samples."""
+    out = tmp_path / "eval"
+    code = run_eval(
+        *("--model", searched.run_dir / "merged", "--out", out, "--max-new-tokens", 2),
+        *("--tasks", "alignmerge_domain_mcq", "--set", "eval.analysis=false"),
+        *("--set", "eval.lm_eval.limit=8", "--set", "eval.lm_eval.batch_size=4"),
+    )
+    assert code == 0, capsys.readouterr().err
+    m = json.loads((out / "metrics.json").read_text())
+    scores = m["domain"]["lm_eval"]["alignmerge_domain_mcq"]
+    assert 0 <= scores["acc,none"] <= 1 and 0 <= scores["acc_norm,none"] <= 1
+    assert "acc_stderr,none" in scores
