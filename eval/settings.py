@@ -36,6 +36,11 @@ class EvalSettings(Strict):
     examples: int = Field(3, ge=0)  # example answers per kind in the report
 
     @model_validator(mode="after")
+    def _suites_once(self):
+        self.suites = list(dict.fromkeys(self.suites))  # a suite named twice is measured once
+        return self
+
+    @model_validator(mode="after")
     def _guard_named(self):
         if self.judge != "rules" and not self.guard:
             raise ValueError(f"judge {self.judge!r} needs eval.guard: the folder of a guard model")

@@ -70,11 +70,21 @@ def check_suites(names: list[str]) -> None:
         SUITES[name].path()
 
 
+def suite_prompts(names: list[str], limit: int | None = None) -> dict[str, tuple[list[str], list[str]]]:
+    """Each suite's (harmful, benign) prompt texts, the first `limit` of each kind."""
+    check_suites(names)
+    return {n: tuple([r["prompt"] for r in rows][:limit] for rows in read_suite(n)) for n in names}
+
+
 def read_suite(name: str) -> tuple[list[dict], list[dict]]:
     """The suite's (harmful, benign) prompts as eval rows: prompt, category, set = the suite."""
-    path = SUITES[name].path()
+    path, reinstall = SUITES[name].path(), f"reinstall {SUITES[name].distribution}"
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as err:
+        raise DataError(f"eval suite {name}: cannot read {path} ({err}); {reinstall}") from None
     harmful, benign = [], []
-    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for i, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
@@ -82,12 +92,12 @@ def read_suite(name: str) -> tuple[list[dict], list[dict]]:
             kind, category = row["metadata"]["type"], row["metadata"]["category"]
             prompt = row["input"]
         except (ValueError, KeyError, TypeError) as err:
-            raise DataError(
-                f"{path}:{i}: not a suite row ({err}); reinstall {SUITES[name].distribution}"
-            ) from None
+            raise DataError(f"{path}:{i}: not a suite row ({err}); {reinstall}") from None
         if kind not in ("harmful", "benign") or not isinstance(prompt, str) or not prompt.strip():
-            raise DataError(f"{path}:{i}: type {kind!r} or its prompt is unusable; reinstall the package")
+            raise DataError(f"{path}:{i}: type {kind!r} or its prompt is unusable; {reinstall}")
         (harmful if kind == "harmful" else benign).append(
             {"prompt": prompt, "category": category, "set": name}
         )
+    if not harmful or not benign:
+        raise DataError(f"eval suite {name}: {path} lacks harmful or benign prompts; {reinstall}")
     return harmful, benign

@@ -35,6 +35,7 @@ import optuna
 
 from core.cli import ArgumentParser, run_cli
 from core.files import claim_run_dir
+from eval.suites import suite_prompts
 from optimize.ablate_config import Ablation, load_ablation, load_test, search_config_path
 from optimize.ablate_report import Report
 from optimize.ablate_rows import (
@@ -66,6 +67,7 @@ def timed(timings: dict, name: str):
 def ablate(abl: Ablation, cfg: Config, rows: dict, test: dict) -> Path:
     timings: dict[str, float] = {}
     started = time.perf_counter()
+    suites = suite_prompts(abl.evaluation.suites, abl.evaluation.limit)
     claim_run_dir(cfg.run_dir)
     storage = cfg.storage or default_storage(cfg)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -98,7 +100,7 @@ def ablate(abl: Ablation, cfg: Config, rows: dict, test: dict) -> Path:
         with timed(timings, "searches"):
             contenders += search_rows(ctx, abl, storage)
     with timed(timings, "evaluation"):
-        results = evaluate_rows(ctx, cache, contenders, test, abl.evaluation.max_new_tokens)
+        results = evaluate_rows(ctx, cache, contenders, test, abl.evaluation.max_new_tokens, suites)
     report = Report(abl, cfg, storage, contenders, results, grid, test, timings, started)
     report.write()
     if "samplers" in abl.rows:

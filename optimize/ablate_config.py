@@ -54,6 +54,9 @@ class Samplers(Strict):
 class Evaluation(Strict):
     max_new_tokens: int = Field(32, ge=1)
     limit: int | None = Field(None, ge=1)  # first N rows of each test split and of benign
+    suites: list[
+        str
+    ] = []  # external prompt suites measured too (eval/suites.py), e.g. [weighted-safety-refusal]
 
 
 class SearchData(Strict):

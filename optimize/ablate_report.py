@@ -81,13 +81,23 @@ class Report:
                     "domain_loss_test": r["domain_loss"],
                     "alignment_loss_test": r["alignment_loss"],
                     "refused_benign": r["refused_benign"],
+                    **{
+                        f"{name}: {k}": v
+                        for name, shares in r.get("suites", {}).items()
+                        for k, v in shares.items()
+                    },
                 }
             )
         return out
 
+    def suite_columns(self) -> list[str]:
+        return [
+            f"{n}: {k}" for n in self.abl.evaluation.suites for k in ("refused_harmful", "refused_benign")
+        ]
+
     def write(self) -> Path:
         run_dir, table = self.cfg.run_dir, self.table()
-        write_text_atomic(run_dir / "ablation.csv", _csv(table, COLUMNS))
+        write_text_atomic(run_dir / "ablation.csv", _csv(table, COLUMNS + self.suite_columns()))
         if self.grid:
             write_text_atomic(run_dir / "grid.csv", _csv(self.grid, GRID_COLUMNS))
         figures = [
@@ -144,14 +154,18 @@ class Report:
             f"Run time so far: {minutes:.1f} min.",
             "",
             "| model | merge | task weighting | picked on | chosen setting | harmful refused (test) ↑ "
-            "| L_domain test ↓ | L_align test ↓ | benign wrongly refused ↓ |",
-            "|---|---|---|---|---|---|---|---|---|",
+            "| L_domain test ↓ | L_align test ↓ | benign wrongly refused ↓ |"
+            + "".join(
+                f" {n}: harmful refused ↑ | {n}: benign wrongly refused ↓ |" for n in abl.evaluation.suites
+            ),
+            "|---|---|---|---|---|---|---|---|---|" + "---|" * len(self.suite_columns()),
         ]
         for t in table:
             lines.append(
                 f"| {t['row']} | {t['merge']} | {t['weighting']} | {t['picked_on']} | {t['setting']} | "
                 f"{_pct(t['refused_harmful'])} | {t['domain_loss_test']:.4f} | "
                 f"{t['alignment_loss_test']:.4f} | {_pct(t['refused_benign'])} |"
+                + "".join(f" {_pct(t[c])} |" for c in self.suite_columns())
             )
         lines += [
             "",

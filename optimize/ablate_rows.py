@@ -289,7 +289,9 @@ def sampler_summary(studies: dict[str, dict]) -> list[dict]:
     return sorted(out, key=lambda r: r["mean"])
 
 
-def evaluate_rows(ctx: Context, cache: Cache, contenders: list[Row], test: dict, max_new_tokens: int) -> dict:
+def evaluate_rows(
+    ctx: Context, cache: Cache, contenders: list[Row], test: dict, max_new_tokens: int, suites=None
+) -> dict:
     scorer = ctx.scorer_for({k: test[k] for k in ("alignment", "domain")})
     harmful, benign = [r["prompt"] for r in test["alignment"]], [r["prompt"] for r in test["benign"]]
     results = {}
@@ -297,7 +299,9 @@ def evaluate_rows(ctx: Context, cache: Cache, contenders: list[Row], test: dict,
         t0 = time.perf_counter()
         results[row.label] = cache.get(
             key("test", row.method, row.candidate),
-            lambda row=row: evaluate(ctx, row.method, row.candidate, scorer, harmful, benign, max_new_tokens),
+            lambda row=row: evaluate(
+                ctx, row.method, row.candidate, scorer, harmful, benign, max_new_tokens, suites
+            ),
         )
         r = results[row.label]
         print(

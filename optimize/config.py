@@ -342,3 +342,6 @@ def check_tracking(cfg: Config) -> None:
             "tracking.backend is trackio but trackio is not installed: pip install 'alignmerge[tracking]' "
             "(or pip install trackio), or set tracking.backend: none"
         )
+    if cfg.tracking.backend != "none" and cfg.tracking.dir and Path(cfg.tracking.dir).exists():
+        if not Path(cfg.tracking.dir).is_dir():
+            raise ConfigError(f"tracking.dir {clip(cfg.tracking.dir, 100)} is a file; name a folder")

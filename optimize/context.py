@@ -38,14 +38,16 @@ def scored_sets(search) -> tuple[str, ...]:
     return SCORED[search.score] + (("helpfulness",) if search.beta else ())
 
 
-def check_inputs(cfg: Config) -> dict[str, list[dict]]:
-    """Everything that can be checked without loading a model: paths, formats, data.
-    Returns the raw rows of every set the search uses (alignment, domain, helpfulness)."""
+def check_inputs(cfg: Config, memory: bool = True) -> dict[str, list[dict]]:
+    """Everything that can be checked without loading a model: paths, formats, data, and (unless
+    the models are already loaded: `memory` false) that they fit. Returns the raw rows of every
+    set the search uses (alignment, domain, helpfulness)."""
     check_runtime(cfg)
     check_tracking(cfg)
     check_models(cfg)
     rows = load_data(cfg)
-    check_memory(cfg)
+    if memory:
+        check_memory(cfg)
     return rows
 
 

@@ -26,7 +26,7 @@ from core.files import claim_run_dir, write_text_atomic
 from eval import plots
 from eval.data import load_pairs
 from eval.settings import parse_settings
-from eval.suites import SUITES, check_suites, read_suite
+from eval.suites import SUITES, suite_prompts
 from optimize.compare import (
     DOMAIN_ONLY,
     cocktail,
@@ -158,11 +158,7 @@ def main(argv: list[str] | None = None) -> int:
         benign = [r["prompt"] for r in load_pairs(folder, "benign", args.limit)]
         test_rows, domains = held_out_sets(folder, args.limit)
         experts = {d: f"source: {d} (domain)" for d in domains if d in {s.name for s in cfg.sources}}
-        suite_names = parse_settings(cfg.eval).suites  # eval.suites: also read by eval.run
-        check_suites(suite_names)
-        suites = {
-            n: tuple([r["prompt"] for r in rows][: args.limit] for rows in read_suite(n)) for n in suite_names
-        }
+        suites = suite_prompts(parse_settings(cfg.eval).suites, args.limit)  # also eval.run's
         claim_run_dir(cfg.run_dir)
         command = shlex.join(["python", "-m", "optimize.demo", *(sys.argv[1:] if argv is None else argv)])
         for_run(args.config, cfg.data_dir, cfg.run_dir, command, sets)

@@ -50,7 +50,7 @@ def run(
     running several searches on the same base and sources). Ctrl-C ends the search and writes
     the outputs of the finished trials; `reraise_interrupt` then raises it again (a sweep stops)."""
     started = time.perf_counter()
-    rows = check_inputs(cfg)  # before any model loads
+    rows = check_inputs(cfg, memory=ctx is None)  # before any model loads
     claim_run_dir(cfg.run_dir)  # a folder of the user's is refused, never written into
     url = storage or cfg.storage or default_storage(cfg)
     store = open_storage(url, cfg.heartbeat_s)  # an unreachable server fails before models load
@@ -83,6 +83,8 @@ def run(
             file=sys.stderr,
         )
     if not study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        if interrupted and reraise_interrupt:
+            raise KeyboardInterrupt
         raise RuntimeError("no trial completed; see the failed trials' fail_reason in the study")
     ctx.timings["search_s"] = time.perf_counter() - started
     with outputs_lock(cfg.run_dir):
@@ -106,7 +108,11 @@ def run(
                     "again to write the outputs"
                 ) from None
     if tracker:
-        tracker.finish(load_best(cfg.run_dir).get("scores"), step=len(study.trials))
+        try:
+            scores = load_best(cfg.run_dir).get("scores")
+        except OutputError:  # another worker is rewriting the outputs right now
+            scores = None
+        tracker.finish(scores, step=len(study.trials))
     if interrupted and reraise_interrupt:
         raise KeyboardInterrupt
     return report

@@ -18,6 +18,8 @@ shown beside them to judge over-fitting, not to pick.
 
 from __future__ import annotations
 
+import csv
+import gc
 import itertools
 import json
 import re
@@ -39,7 +41,8 @@ from optimize.report import load_best
 from optimize.search import overrides, run
 
 # Search keys that change how candidates are sampled or scored, not what is loaded: points that
-# differ only in these share one context (the models stay in memory).
+# differ only in these share one context (the models stay in memory). Not init_weight (the space's
+# initial point), and the sampler only between non-grid samplers (grid has its own densities).
 SCORING_KEYS = {
     "alpha",
     "beta",
@@ -55,7 +58,6 @@ SCORING_KEYS = {
     "pareto_rule",
     "timeout_s",
     "enqueue_initial",
-    "init_weight",
 }
 
 
@@ -87,10 +89,11 @@ def parse_grid(items: list[str]) -> dict[str, list[Any]]:
 
 def label_of(point: dict[str, Any]) -> str:
     """A point's folder and study label: `alpha=0.1,method=ties` (last part of each key)."""
-    text = ",".join(
-        f"{k.rsplit('.', 1)[-1]}={v if isinstance(v, str) else json.dumps(v, separators=(',', ':'))}"
-        for k, v in point.items()
-    )
+
+    def show(v) -> str:
+        return v if isinstance(v, str) else json.dumps(v, separators=(",", ":"), default=str)
+
+    text = ",".join(f"{k.rsplit('.', 1)[-1]}={show(v)}" for k, v in point.items())
     return re.sub(r"[^\w.=,:+-]", "_", text)[:120]
 
 
@@ -98,7 +101,7 @@ def points_of(path: str, grid: dict[str, list], sets: dict, out: Path) -> list[t
     """Every grid point's config, all validated before any model loads."""
     points = [dict(zip(grid, values)) for values in itertools.product(*grid.values())]
     labels = [label_of(p) for p in points]
-    if len(set(labels)) != len(labels):
+    if len({label.casefold() for label in labels}) != len(labels):  # one folder on a case-blind disk
         raise ConfigError("--grid: two points get the same label; use values that differ in their text")
     configs = []
     base = load_config(path, sets)
@@ -106,6 +109,8 @@ def points_of(path: str, grid: dict[str, list], sets: dict, out: Path) -> list[t
         fixed = {"out": str(out / label), "study_name": f"{base.name}[{label}]"}
         if base.data.dir is None and "data.dir" not in point:  # the config's own run folder's data
             fixed["data.dir"] = str(base.data_dir)
+        if base.tracking.dir is None:  # trackio keeps its first folder for the whole process
+            fixed["tracking.dir"] = str(out / "trackio")
         try:
             configs.append((point, load_config(path, sets | point | fixed)))
         except UserError as err:
@@ -118,28 +123,33 @@ def loaded_part(cfg: Config) -> dict:
     """What a context depends on: the config without its scoring keys, names and places."""
     raw = cfg.model_dump(mode="json", exclude={"name", "out", "study_name", "storage", "heartbeat_s"})
     raw["search"] = {k: v for k, v in raw["search"].items() if k not in SCORING_KEYS}
+    raw["search"]["grid_densities"] = cfg.search.sampler == "grid"
     return raw
 
 
-def context_for(cfg: Config, ctx: Context | None) -> Context:
-    """The previous point's context when this point loads the same things, else a new one."""
-    if ctx is not None and loaded_part(ctx.cfg) == loaded_part(cfg):
-        if all(k in ctx.rows for k in scored_sets(cfg.search)) and (
-            "helpfulness" in ctx.rows or not cfg.search.verify.top_k
-        ):
-            return for_variant(ctx, cfg)
-    return prepare(cfg, check_inputs(cfg))
+def reusable(ctx: Context | None, cfg: Config) -> bool:
+    """Whether `cfg` can run on the previous point's context: the same models and space, and the
+    sets it scores already loaded."""
+    return (
+        ctx is not None
+        and loaded_part(ctx.cfg) == loaded_part(cfg)
+        and all(k in ctx.rows for k in scored_sets(cfg.search))
+        and ("helpfulness" in ctx.rows or not cfg.search.verify.top_k)
+    )
 
 
 def summary_row(point: dict, cfg: Config) -> dict:
     row = {"point": label_of(point), **point}
     try:
         best = load_best(cfg.run_dir)
-    except OutputError:
+        with open(cfg.run_dir / "trials.csv", newline="") as f:
+            finished = sum(r["state"] in ("COMPLETE", "PRUNED") for r in csv.DictReader(f))
+    except (OutputError, OSError, KeyError, csv.Error):
         return row | {"status": "not finished"}
+    n = cfg.search.n_trials
     chosen = next((v for v in best.get("verified") or [] if v.get("chosen")), {})
     return row | {
-        "status": "done",
+        "status": "done" if finished >= n else f"interrupted ({finished}/{n} trials)",
         "trial": best["trial"],
         **{k: v for k, v in best["scores"].items()},
         **{
@@ -191,13 +201,23 @@ def sweep(path: str, grid: dict[str, list], sets: dict, out: Path | None, storag
     base = load_config(path, sets)
     out = Path(out or f"runs/{base.name}-sweep")
     configs = points_of(path, grid, sets, out)
+    for point, cfg in configs:  # paths and data of every point, before any model loads
+        try:
+            check_inputs(cfg, memory=False)
+        except UserError as err:
+            raise type(err)(f"sweep point {label_of(point)}: {err}") from None
     claim_run_dir(out)
     storage = storage or base.storage or f"sqlite:///{(out / 'sweep.db').resolve()}"
     rows = [summary_row(p, c) for p, c in configs]
     ctx = None
     for i, (point, cfg) in enumerate(configs):
         print(f"[sweep] point {i + 1}/{len(configs)}: {label_of(point)}", file=sys.stderr)
-        ctx = context_for(cfg, ctx)
+        if reusable(ctx, cfg):
+            ctx = for_variant(ctx, cfg)
+        else:
+            ctx = None  # the previous point's models leave memory before the next ones load
+            gc.collect()
+            ctx = prepare(cfg, check_inputs(cfg))
         try:
             run(cfg, storage, ctx, reraise_interrupt=True)
         finally:  # also when interrupted: the summary shows the points finished so far

@@ -25,6 +25,11 @@ from optimize.storage import redact
 from optimize.study import metric_names
 
 
+def tracking_dir(cfg) -> Path:
+    """Where trackio stores the runs: tracking.dir, else $TRACKIO_DIR, else <run folder>/trackio."""
+    return Path(cfg.tracking.dir or os.environ.get("TRACKIO_DIR") or cfg.run_dir / "trackio").resolve()
+
+
 def numbers(prefix: str, values: dict) -> dict[str, float]:
     return {
         f"{prefix}{k}": float(v) for k, v in values.items() if isinstance(v, int | float) and math.isfinite(v)
@@ -35,15 +40,18 @@ class Tracker:
     """An Optuna callback logging each finished trial to trackio (one run per study)."""
 
     def __init__(self, cfg, study: optuna.Study):
-        folder = Path(cfg.tracking.dir) if cfg.tracking.dir else cfg.run_dir / "trackio"
-        if "trackio" in sys.modules and os.environ.get("TRACKIO_DIR") != str(folder.resolve()):
+        folder = tracking_dir(cfg)
+        if "trackio" not in sys.modules:
+            os.environ["TRACKIO_DIR"] = str(folder)  # trackio reads it once, on import
+        import trackio
+        import trackio.utils
+
+        if Path(trackio.utils.TRACKIO_DIR).resolve() != folder:
             print(
-                f"[alignmerge] tracking: trackio was imported before this search; it logs to its "
-                f"first folder ({os.environ.get('TRACKIO_DIR', 'its default')}), not {folder}",
+                f"[alignmerge] tracking: trackio was imported earlier in this process and keeps "
+                f"logging to {trackio.utils.TRACKIO_DIR}, not {folder}",
                 file=sys.stderr,
             )
-        os.environ.setdefault("TRACKIO_DIR", str(folder.resolve()))  # read by trackio on import
-        import trackio
 
         self.trackio = trackio
         self.project = cfg.tracking.project or f"alignmerge-{cfg.name}"

@@ -14,6 +14,7 @@ import hashlib
 import json
 import math
 import random
+import sys
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,7 +45,7 @@ class Ledger:
         step = Step(name, n_in, kept, Counter(dropped or {}))
         self.steps.append(step)
         why = ", ".join(f"{k} {v}" for k, v in step.dropped.items() if v) or "none dropped"
-        print(f"[synth] {name}: {n_in} in, {kept} kept ({why})", flush=True)
+        print(f"[synth] {name}: {n_in} in, {kept} kept ({why})", file=sys.stderr, flush=True)
         return step
 
 
@@ -294,7 +295,9 @@ def select_benign(ctx: Context, items: list[Item]) -> list[dict]:
         rows.append(row(it, m, None if m else "refused_by_all"))
     ctx.ledger.add("benign answers (prompts kept even if all refused)", len(items), len(rows))
     if refused:
-        print(f"[synth] {refused} benign prompts were refused by every pool model", flush=True)
+        print(
+            f"[synth] {refused} benign prompts were refused by every pool model", file=sys.stderr, flush=True
+        )
     return rows
 
 
@@ -388,6 +391,7 @@ def cut(ctx: Context, name: str, rows: list[dict], n: int) -> list[dict]:
             f"[synth] WARNING {name}: {len(kept)} rows, fewer than the {n} asked for (the lines "
             "above say which step dropped them: give more prompts in the file, or raise `oversample` "
             "when the generator writes them)",
+            file=sys.stderr,
             flush=True,
         )
     return kept

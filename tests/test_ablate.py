@@ -14,8 +14,11 @@ import yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from core.errors import ConfigError
+from eval.behaviour import refusals
 from eval.data import load_pairs
+from eval.judge import RefusalJudge
 from eval.loss import Scorer
+from eval.suites import suite_prompts
 from optimize.ablate import main
 from optimize.ablate_config import load_ablation
 from optimize.ablate_report import COLUMNS
@@ -23,6 +26,8 @@ from optimize.config import validate_config
 from optimize.context import prepare
 from optimize.methods import Candidate, Ties
 from tests.conftest import SENTENCES, world_config
+
+SUITE = "weighted-safety-refusal"
 
 LABELS = [
     "base",
@@ -87,7 +92,7 @@ def write_configs(world, root, **ablation):
         },
         "searches": {"n_trials": 3},
         "samplers": {"names": SAMPLERS, "seeds": [0, 1, 2], "n_trials": 3, "n_alignment": 4, "n_domain": 4},
-        "evaluation": {"max_new_tokens": 4},
+        "evaluation": {"max_new_tokens": 4, "suites": [SUITE]},
         "quick": {"samplers": {"n_trials": 2}, "searches": {"n_trials": 1}},
         **ablation,
     }
@@ -120,7 +125,8 @@ def test_table_rows_columns_and_files(ablation):
     assert (out / "plots/ablation.png").stat().st_size > 0 and (out / "plots/samplers.png").exists()
     with open(out / "ablation.csv") as f:
         header = next(csv.reader(f))
-    assert header == COLUMNS and set(REQUIRED) <= set(header)
+    assert header == COLUMNS + [f"{SUITE}: refused_harmful", f"{SUITE}: refused_benign"]
+    assert set(REQUIRED) <= set(header)
     rows = read_csv(out / "ablation.csv")
     assert [r["row"] for r in rows] == LABELS
     picked = {r["row"]: r["picked_on"] for r in rows}
@@ -148,6 +154,11 @@ def test_test_columns_are_the_test_split_scores_of_the_chosen_model(world, ablat
     base = read_csv(ablation["out"] / "ablation.csv")[0]
     assert float(base["domain_loss_test"]) == pytest.approx(expect["domain"], rel=1e-4)
     assert float(base["alignment_loss_test"]) == pytest.approx(expect["alignment"], rel=1e-4)
+    # the external suite's prompts, answered and judged apart from the test splits
+    for kind, prompts in zip(("harmful", "benign"), suite_prompts([SUITE])[SUITE]):
+        assert len(prompts) == 60
+        share = refusals(model, tok, prompts, RefusalJudge(), max_new_tokens=4)["share"]
+        assert float(base[f"{SUITE}: refused_{kind}"]) == pytest.approx(share)
 
 
 def test_grid_points_are_chosen_on_the_search_splits(ablation):

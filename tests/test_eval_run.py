@@ -406,8 +406,7 @@ def test_unknown_or_missing_suite_fails_before_any_model_loads(searched, capsys,
 @pytest.mark.skipif(importlib.util.find_spec("lm_eval") is None, reason="lm-eval is not installed")
 def test_lm_eval_runs_the_shipped_local_task_on_a_merged_folder(searched, tmp_path, capsys):
     """A real lm_eval.simple_evaluate on alignmerge's own task (eval/lm_eval_tasks): no network,
-    the merged folder loaded by lm-eval's `hf` model; its accuracy is the share of questions whose
-    own answer has the highest log-likelihood, which we recompute from lm-eval's samples."""
+    the merged folder loaded by lm-eval's `hf` model, lm-eval's metrics in metrics.json."""
     out = tmp_path / "eval"
     code = run_eval(
         *("--model", searched.run_dir / "merged", "--out", out, "--max-new-tokens", 2),

@@ -1,13 +1,16 @@
 """The sweep runner on the tiny world: every point its own study in one storage, resumed, summed up."""
 
+import datetime
 import json
+from types import SimpleNamespace
 
 import optuna
 import pytest
 import yaml
 
 import optimize.sweep as sweep_mod
-from optimize.sweep import label_of, main, parse_grid
+from optimize.config import load_config
+from optimize.sweep import label_of, main, parse_grid, reusable
 from tests.conftest import world_config
 
 
@@ -90,6 +93,10 @@ def test_grid_values_are_yaml_and_labels_name_the_point():
         (["search.alpha=0.1,-1"], "sweep point alpha=-1"),
         (["out=a,b"], "give each key once"),
         (["search.n_trials=2,3"], "give each key once"),
+        (
+            ["data.alignment=/nonexistent/a.jsonl"],
+            "sweep point alignment=_nonexistent_a.jsonl: data not found",
+        ),
     ],
 )
 def test_bad_grids_fail_before_anything_runs(config_file, tmp_path, capsys, grid, expected):
@@ -99,3 +106,18 @@ def test_bad_grids_fail_before_anything_runs(config_file, tmp_path, capsys, grid
     err = capsys.readouterr().err
     assert err.startswith("error: ") and expected in err, err
     assert not out.exists()
+
+
+def test_points_share_loaded_models_only_when_nothing_loaded_differs(config_file):
+    def point(**sets):
+        return load_config(config_file, {f"search.{k}": v for k, v in sets.items()})
+
+    first = point(alpha=0.3)
+    ctx = SimpleNamespace(cfg=first, rows={"alignment": [], "domain": []})
+    assert reusable(ctx, point(alpha=1.0, seed=3, sampler="cmaes"))
+    assert not reusable(ctx, point(sampler="grid"))  # the grid's own densities
+    assert not reusable(ctx, point(init_weight=0.9))  # the space's initial point
+    assert not reusable(ctx, point(parametrization="global"))
+    assert not reusable(ctx, point(beta=1.0))  # helpfulness was not loaded
+    assert not reusable(None, first)
+    assert label_of({"name": datetime.date(2024, 1, 2)}) == "name=_2024-01-02_"
