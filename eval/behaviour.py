@@ -7,6 +7,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+from tqdm.auto import tqdm
 
 from eval.judge import refusal_rate
 
@@ -28,7 +29,8 @@ def greedy_answers(
     out = [""] * len(texts)
     device = next(model.parameters()).device
     try:
-        for start in range(0, len(order), batch_size):
+        starts = range(0, len(order), batch_size)
+        for start in tqdm(starts, desc="generating", unit="batch", leave=False, disable=len(starts) < 2):
             idx = order[start : start + batch_size]
             enc = tokenizer(
                 [texts[i] for i in idx], return_tensors="pt", padding=True, add_special_tokens=False

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import optuna
+from tqdm.auto import tqdm
 
 from core.files import write_text_atomic
 from optimize.ablate_config import Ablation
@@ -89,7 +90,7 @@ def grid_row(ctx, cache, label, method, points: dict[str, Candidate]) -> tuple[R
     search splits."""
     search = ctx.cfg.search
     records = []
-    for setting, c in points.items():
+    for setting, c in tqdm(points.items(), desc=label, unit="point", leave=False):
         losses = {k: float(np.mean(v)) for k, v in search_losses(ctx, cache, method, c).items()}
         records.append(
             {

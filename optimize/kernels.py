@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import sys
 import warnings
 
 import torch
@@ -166,6 +167,11 @@ class Fused:
             return None
         try:
             if self.compiled is None:
+                print(
+                    f"[alignmerge] compiling the fused merge kernel {self.fn.__name__} (once per process; "
+                    "15-40 s on a small CPU)",
+                    file=sys.stderr,
+                )
                 self.compiled = torch.compile(self.fn, dynamic=True)
             return self.compiled(*args)
         except Exception as err:  # any compiler failure: stay correct, go eager
