@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from core.config import Strict, validate
 
@@ -35,10 +35,10 @@ class EvalSettings(Strict):
     cka_prompts: int = Field(32, ge=2)  # first N prompts of alignment_test and of domain_test
     examples: int = Field(3, ge=0)  # example answers per kind in the report
 
-    @model_validator(mode="after")
-    def _suites_once(self):
-        self.suites = list(dict.fromkeys(self.suites))  # a suite named twice is measured once
-        return self
+    @field_validator("suites")
+    @classmethod
+    def _suites_once(cls, v):
+        return list(dict.fromkeys(v))  # a suite named twice is measured once
 
     @model_validator(mode="after")
     def _guard_named(self):
