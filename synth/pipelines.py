@@ -45,7 +45,7 @@ class Ledger:
         step = Step(name, n_in, kept, Counter(dropped or {}))
         self.steps.append(step)
         why = ", ".join(f"{k} {v}" for k, v in step.dropped.items() if v) or "none dropped"
-        print(f"[synth] {name}: {n_in} in, {kept} kept ({why})", file=sys.stderr, flush=True)
+        print(f"[synth] {name}: {n_in} in, {kept} kept ({why})", file=sys.stderr)
         return step
 
 
@@ -295,9 +295,7 @@ def select_benign(ctx: Context, items: list[Item]) -> list[dict]:
         rows.append(row(it, m, None if m else "refused_by_all"))
     ctx.ledger.add("benign answers (prompts kept even if all refused)", len(items), len(rows))
     if refused:
-        print(
-            f"[synth] {refused} benign prompts were refused by every pool model", file=sys.stderr, flush=True
-        )
+        print(f"[synth] {refused} benign prompts were refused by every pool model", file=sys.stderr)
     return rows
 
 
@@ -392,7 +390,6 @@ def cut(ctx: Context, name: str, rows: list[dict], n: int) -> list[dict]:
             "above say which step dropped them: give more prompts in the file, or raise `oversample` "
             "when the generator writes them)",
             file=sys.stderr,
-            flush=True,
         )
     return kept
 
