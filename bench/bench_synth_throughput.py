@@ -22,7 +22,8 @@ import sys
 import tempfile
 import time
 
-from synth.engine import EngineSettings, ModelRef, Sampling, hf_folder, open_engine
+from core.vllm_env import vllm_folder  # noqa: E402
+from synth.engine import EngineSettings, ModelRef, Sampling, open_engine
 from synth.prompts import Templates
 
 
@@ -78,7 +79,7 @@ def main() -> None:
     args = ap.parse_args()
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
 
-    folder = str(hf_folder(args.model, EngineSettings()))  # vLLM cannot read GGUF
+    folder = str(vllm_folder(args.model))  # vLLM cannot read GGUF
     if args.child:
         seeds = Templates().seeds()
         convs = [[{"role": "user", "content": seeds[i % len(seeds)]}] for i in range(args.prompts)]

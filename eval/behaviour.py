@@ -1,14 +1,22 @@
 """Generation-based behaviour of a model held in memory: does it refuse harmful prompts, does it
-wrongly refuse benign ones. Greedy decoding with transformers on left-padded batches, so the
-search's working model is evaluated as it is, with no export or reload."""
+wrongly refuse benign ones. Greedy decoding of the search's working model as it is, with no
+export: by transformers on left-padded batches, or by a vLLM engine in this process whose weights
+are overwritten with the model's before each call (`VLLMGreedy`, ~4x faster on CPU)."""
 
 from __future__ import annotations
 
+import contextlib
+import gc
+import os
+import sys
 from collections.abc import Sequence
 
 import torch
 from tqdm.auto import tqdm
 
+from core.errors import ConfigError
+from core.models import dtype_name
+from core.vllm_env import cpu_env_defaults, vllm_available, vllm_folder
 from eval.judge import refusal_rate
 
 
@@ -52,11 +60,117 @@ def greedy_answers(
     return out
 
 
+class VLLMGreedy:
+    """Greedy answers of in-memory models by one vLLM engine, started once on the base model's
+    folder in this process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`, so its model is reachable): before
+    each call the model's parameters are copied into the engine's (`load_weights`, which stacks
+    q/k/v and gate/up the way vLLM's layers hold them). CPU only for now: on a GPU the engine would
+    reserve the memory the search uses."""
+
+    def __init__(
+        self, folder, dtype: torch.dtype, max_model_len: int = 2048, trust_remote_code: bool = False
+    ):
+        from vllm import LLM
+
+        cpu_env_defaults(kv_cache_gb=1)
+        self.dtype = dtype
+        saved = os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING")
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        try:
+            self.llm = LLM(
+                model=str(folder),
+                dtype=dtype_name(str(dtype).removeprefix("torch.")),
+                max_model_len=max_model_len,
+                enforce_eager=True,
+                load_format="safetensors",
+                trust_remote_code=trust_remote_code,
+                seed=0,
+            )
+        finally:
+            if saved is None:
+                os.environ.pop("VLLM_ENABLE_V1_MULTIPROCESSING")
+            else:
+                os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = saved
+
+    def load(self, model) -> None:
+        """The model's weights into the engine: vLLM's in-place reload, which also redoes what the
+        engine did to its weights after loading (on CPU: packing them for oneDNN)."""
+        state = model.state_dict()
+        self.llm.collective_rpc(
+            "reload_weights", kwargs={"weights_iterator": iter(state.items()), "is_checkpoint_format": True}
+        )
+
+    def __call__(self, model, prompts: Sequence[str], max_new_tokens: int) -> list[str]:
+        from vllm import SamplingParams
+
+        self.load(model)
+        params = SamplingParams(temperature=0.0, max_tokens=max_new_tokens)
+        convs = [[{"role": "user", "content": p}] for p in prompts]
+        return [r.outputs[0].text.strip() for r in self.llm.chat(convs, params, use_tqdm=False)]
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):  # the engine may already be gone
+            self.llm.llm_engine.engine_core.shutdown()
+        del self.llm
+        gc.collect()
+
+
+class Generation:
+    """The greedy generator of a search, started on first use: `kind` auto (vLLM on CPU when it
+    is installed, else transformers), vllm, or transformers (runtime.generation)."""
+
+    def __init__(self, kind: str, base_path, device: str, trust_remote_code: bool = False):
+        if kind == "vllm" and device != "cpu":
+            raise ConfigError(
+                f"runtime.generation: vllm runs on the CPU only (on {device} its engine would reserve the "
+                "memory the search uses); set runtime.generation: auto or transformers"
+            )
+        self.kind, self.base_path, self.trust = kind, base_path, trust_remote_code
+        self.uses_vllm = kind == "vllm" or (kind == "auto" and device == "cpu" and vllm_available())
+        self.engine: VLLMGreedy | None = None
+
+    def describe(self) -> str:
+        if not self.uses_vllm:
+            return "transformers generate"
+        from vllm import __version__
+
+        return f"vLLM {__version__} in this process, each merge's weights loaded in place"
+
+    def answers(
+        self, model, tokenizer, prompts: Sequence[str], max_new_tokens: int, batch_size: int
+    ) -> list[str]:
+        if not self.uses_vllm:
+            return greedy_answers(model, tokenizer, prompts, max_new_tokens, batch_size)
+        dtype = next(model.parameters()).dtype
+        if self.engine is None or self.engine.dtype != dtype:
+            self.close()
+            print("[alignmerge] starting the vLLM engine for greedy answers (once)", file=sys.stderr)
+            self.engine = VLLMGreedy(
+                vllm_folder(self.base_path, trust_remote_code=self.trust), dtype, trust_remote_code=self.trust
+            )
+        return self.engine(model, prompts, max_new_tokens)
+
+    def close(self) -> None:
+        if self.engine is not None:
+            self.engine.close()
+            self.engine = None
+
+
 def refusals(
-    model, tokenizer, prompts: Sequence[str], judge, max_new_tokens: int = 64, batch_size: int = 16
+    model,
+    tokenizer,
+    prompts: Sequence[str],
+    judge,
+    max_new_tokens: int = 64,
+    batch_size: int = 16,
+    generation: Generation | None = None,
 ) -> dict:
-    """Share of prompts the model refuses (by `judge`), with the answers and verdicts."""
-    answers = greedy_answers(model, tokenizer, prompts, max_new_tokens, batch_size)
+    """Share of prompts the model refuses (by `judge`), with the answers and verdicts; the answers
+    by `generation` when given, else by transformers."""
+    if generation is None:
+        answers = greedy_answers(model, tokenizer, prompts, max_new_tokens, batch_size)
+    else:
+        answers = generation.answers(model, tokenizer, prompts, max_new_tokens, batch_size)
     verdicts = judge.judge(list(prompts), answers)
     share = sum(v.refusal for v in verdicts) / len(verdicts) if verdicts else float("nan")
     return {"share": share, "answers": answers, "verdicts": [v.label for v in verdicts]}

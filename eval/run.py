@@ -39,6 +39,7 @@ from core.models import (
     resolve_device,
     resolve_dtype,
 )
+from core.vllm_env import vllm_available
 from eval import analysis
 from eval.behaviour import greedy_answers, refusal_summary
 from eval.harness import run_lm_eval
@@ -52,7 +53,7 @@ from optimize.merge import PLAIN, InMemoryMerger
 from optimize.methods import Candidate
 from optimize.report import versions
 from optimize.sources import DenseView, load_task_vector
-from synth.engine import EngineSettings, ModelRef, Sampling, vllm_available
+from synth.engine import EngineSettings, ModelRef, Sampling
 from synth.engine import open_engine as open_synth_engine
 
 

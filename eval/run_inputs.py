@@ -17,6 +17,7 @@ from core.models import (
     model_format,
     resolve_model_path,
 )
+from core.vllm_env import vllm_available
 from eval.data import load_pairs, read_prompt_file, split_prompts
 from eval.mcq import read_mcq
 from eval.settings import EvalSettings, parse_settings
@@ -25,7 +26,6 @@ from optimize.config import check_runtime, load_config, validate_config
 from optimize.context import check_models
 from optimize.report import BEST, incomplete, load_best
 from optimize.workers import written_stamp
-from synth.engine import vllm_available
 
 
 @dataclass

@@ -107,6 +107,7 @@ def ablate(abl: Ablation, cfg: Config, rows: dict, test: dict) -> Path:
         with timed(timings, "samplers"):
             report.samplers = compare_samplers(ctx, abl, storage)
         report.write()
+    ctx.generation.close()
     return cfg.run_dir / "ablation.md"
 
 

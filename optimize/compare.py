@@ -127,7 +127,9 @@ def evaluate(
     judge = RefusalJudge()
 
     def share(model, prompts: list[str], batch_size: int) -> dict:
-        return refusals(model, ctx.base.tokenizer, prompts, judge, max_new_tokens, batch_size=batch_size)
+        return refusals(
+            model, ctx.base.tokenizer, prompts, judge, max_new_tokens, batch_size, generation=ctx.generation
+        )
 
     with ctx.merger.applied(candidate, method) as model:
         losses = test.losses(model)

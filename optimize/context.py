@@ -20,6 +20,7 @@ from core.models import (
     resolve_model_path,
     store_dtype_name,
 )
+from eval.behaviour import Generation
 from eval.data import load_pairs
 from eval.judge import REFUSAL_OPENINGS
 from eval.loss import Scorer, first_response_tokens
@@ -127,6 +128,7 @@ class Context:
     space: SearchSpace
     scorer: Scorer  # on the sets the objective uses
     rows: dict[str, list[dict]]
+    generation: Generation  # greedy answers (the verified pick, comparisons), started on first use
     timings: dict[str, float] = field(default_factory=dict)
 
     def scorer_for(self, rows: dict[str, list[dict]]) -> Scorer:
@@ -139,6 +141,7 @@ def prepare(cfg: Config, rows: dict[str, list[dict]] | None = None) -> Context:
     if cfg.runtime.threads:
         torch.set_num_threads(cfg.runtime.threads)
     device = resolve_device(cfg.runtime.device)
+    generation = Generation(cfg.runtime.generation, cfg.base, device, cfg.runtime.trust_remote_code)
     dtype = resolve_dtype(cfg.runtime.dtype, device)
     store = DTYPES[store_dtype_name(cfg.runtime.store_dtype, dtype, resolve_model_path(cfg.base))]
     print(f"[alignmerge] {check_memory(cfg).describe()}", file=sys.stderr)  # what is about to load
@@ -167,5 +170,6 @@ def prepare(cfg: Config, rows: dict[str, list[dict]] | None = None) -> Context:
         space,
         scorer,
         rows,
+        generation,
         {"load_base_s": t1 - t0, "task_vectors_s": t2 - t1},
     )

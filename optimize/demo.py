@@ -24,6 +24,7 @@ from core.cli import ArgumentParser, positive_int, run_cli
 from core.config import parse_sets
 from core.files import claim_run_dir, write_text_atomic
 from eval import plots
+from eval.behaviour import Generation
 from eval.data import load_pairs
 from eval.settings import parse_settings
 from eval.suites import SUITES, suite_prompts
@@ -180,14 +181,22 @@ def main(argv: list[str] | None = None) -> int:
                 k: v if k == "suites" else round(v, 4) for k, v in results[name].items() if k != "examples"
             }
             print(f"[demo] {name}: {scores} ({time.perf_counter() - t0:.0f} s)", file=sys.stderr)
+        ctx.generation.close()
         minutes = (time.perf_counter() - started) / 60
-        return write_report(cfg, results, experts, len(harmful), len(benign), minutes, suites)
+        return write_report(cfg, results, experts, len(harmful), len(benign), minutes, suites, ctx.generation)
 
     return run_cli(work)
 
 
 def write_report(
-    cfg, results: dict, experts: dict[str, str], n_harmful: int, n_benign: int, minutes: float, suites=()
+    cfg,
+    results: dict,
+    experts: dict[str, str],
+    n_harmful: int,
+    n_benign: int,
+    minutes: float,
+    suites=(),
+    generation: Generation | None = None,
 ) -> Path:
     plot = plots.labeled_points(
         {k: (r["domain_loss"], 100 * r["refused_harmful"]) for k, r in results.items()},
@@ -205,7 +214,8 @@ def write_report(
         f"`{cfg.merge.method}`, sampler `{cfg.search.sampler}`, {cfg.search.n_trials} trials per "
         f"search, alpha {cfg.search.alpha}; search data in `{cfg.data_dir}`. Measured on the **test** "
         f"splits of `{cfg.test_dir}` ({n_harmful} harmful prompts, {n_benign} benign prompts; greedy "
-        f"answers judged by the rule-based refusal judge; losses are mean response cross-entropy). "
+        f"answers{f' ({generation.describe()})' if generation else ''} judged by the rule-based refusal "
+        "judge; losses are mean response cross-entropy). "
         f"Whole demo: {minutes:.1f} min.",
         "",
         "| model | harmful refused | benign wrongly refused | "

@@ -55,7 +55,17 @@ def run(
     url = storage or cfg.storage or default_storage(cfg)
     store = open_storage(url, cfg.heartbeat_s)  # an unreachable server fails before models load
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    ctx = ctx or prepare(cfg, rows)
+    if ctx is not None:
+        return searched(cfg, ctx, store, url, started, reraise_interrupt)
+    ctx = prepare(cfg, rows)
+    try:
+        return searched(cfg, ctx, store, url, started, reraise_interrupt)
+    finally:
+        ctx.generation.close()  # the vLLM engine of the verified pick, if one started
+
+
+def searched(cfg: Config, ctx: Context, store, url: str, started: float, reraise_interrupt: bool) -> Path:
+    """The trials, then the outputs (`run` after the inputs are checked and the models loaded)."""
     pruner = make_pruner(cfg, len(ctx.scorer.batches))
     study = open_study(cfg, store, url, ctx.space, pruner, study_signature(ctx))
     fail_stale_trials(study)

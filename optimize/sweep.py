@@ -215,7 +215,9 @@ def sweep(path: str, grid: dict[str, list], sets: dict, out: Path | None, storag
         if reusable(ctx, cfg):
             ctx = for_variant(ctx, cfg)
         else:
-            ctx = None  # the previous point's models leave memory before the next ones load
+            if ctx is not None:  # the previous point's models leave memory before the next ones load
+                ctx.generation.close()
+            ctx = None
             gc.collect()
             ctx = prepare(cfg, check_inputs(cfg))
         try:
@@ -223,6 +225,7 @@ def sweep(path: str, grid: dict[str, list], sets: dict, out: Path | None, storag
         finally:  # also when interrupted: the summary shows the points finished so far
             rows[i] = summary_row(point, cfg)
             write_summary(out, rows, grid)
+    ctx.generation.close()
     return out / "sweep.md"
 
 

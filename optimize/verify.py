@@ -63,8 +63,9 @@ def judged(
     """Shares of `harmful` and of `benign` prompts the merge refuses (greedy answers, rules)."""
     judge, tok = RefusalJudge(), ctx.base.tokenizer
     model = ctx.merger.apply(candidate, method)
-    h = refusals(model, tok, harmful, judge, max_new_tokens, batch_size=28)["share"]
-    return h, refusals(model, tok, benign, judge, max_new_tokens, batch_size=25)["share"]
+    gen = ctx.generation
+    h = refusals(model, tok, harmful, judge, max_new_tokens, batch_size=28, generation=gen)["share"]
+    return h, refusals(model, tok, benign, judge, max_new_tokens, batch_size=25, generation=gen)["share"]
 
 
 def verified_pick(
@@ -119,6 +120,6 @@ def verified_pick(
     rule = (
         f"verified pick: the {len(trials)} best candidates by the objective answered "
         f"the search splits' {len(harmful)} harmful and {len(benign)} benign prompts (greedy, "
-        f"{n} tokens, rule-based judge); chosen: {how} the targets ({targets})"
+        f"{n} tokens, {ctx.generation.describe()}, rule-based judge); chosen: {how} the targets ({targets})"
     )
     return chosen, rule, rows

@@ -13,10 +13,7 @@ to a JSONL cache as soon as its chunk finishes, and a rerun generates only what 
 from __future__ import annotations
 
 import gc
-import hashlib
-import importlib.util
 import json
-import os
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -29,12 +26,12 @@ from core.models import (
     dtype_name,
     load_model,
     load_tokenizer,
-    materialize_hf_folder,
     model_format,
     resolve_device,
     resolve_dtype,
     resolve_model_path,
 )
+from core.vllm_env import cpu_env_defaults, vllm_available, vllm_folder
 
 Conversation = list[dict[str, str]]
 
@@ -84,10 +81,6 @@ class EngineSettings:
     cache_dir: str | None = None  # where GGUF models are materialized for vLLM
     allow_pickle: bool = False  # pickled .bin weights (models, adapters); core.models.model_format
     trust_remote_code: bool = False  # a model folder's own Python (auto_map)
-
-
-def vllm_available() -> bool:
-    return importlib.util.find_spec("vllm") is not None
 
 
 def resolve_backend(backend: str) -> str:
@@ -249,12 +242,12 @@ class VLLMEngine(Engine):
         import torch
 
         if not torch.cuda.is_available():
-            cpu_env_defaults(settings)
+            cpu_env_defaults(settings.kv_cache_gb, settings.cpu_all_cores)
         from vllm import LLM
 
         self.ref, self.settings = ref, settings
         base = checked_base(ref, settings)
-        model_path = hf_folder(base or ref.path, settings)
+        model_path = vllm_folder(base or ref.path, settings.cache_dir, settings.trust_remote_code)
         eager = settings.enforce_eager
         if eager is None:
             eager = not torch.cuda.is_available()
@@ -338,30 +331,6 @@ MAX_LORA_RANK = 16  # vLLM's LoRA rank bound: any adapter up to it shares the en
 
 def lora_rank(ref: ModelRef) -> int:
     return int(json.loads((resolve_model_path(ref.path) / "adapter_config.json").read_text()).get("r", 16))
-
-
-def cpu_env_defaults(settings: EngineSettings) -> None:
-    """vLLM-on-CPU knobs, unless the user set them: the KV cache size, and (offline, where the
-    front end is idle while the model runs) OpenMP threads bound to every core this process may
-    use. vLLM's own default reserves one core for the front end: half the machine on 2 cores."""
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(settings.kv_cache_gb))
-    cores = sorted(os.sched_getaffinity(0))
-    contiguous = cores == list(range(cores[0], cores[-1] + 1))
-    if settings.cpu_all_cores and contiguous and "VLLM_CPU_OMP_THREADS_BIND" not in os.environ:
-        os.environ["VLLM_CPU_OMP_THREADS_BIND"] = f"{cores[0]}-{cores[-1]}"
-        os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
-
-
-def hf_folder(path: str, settings: EngineSettings) -> Path:
-    """A folder vLLM can load: HF folders as they are, GGUF files materialized once (the caller
-    has applied the loader policy: `checked_base`)."""
-    p = resolve_model_path(path)
-    if p.is_dir():
-        return p
-    cache = Path(settings.cache_dir or os.environ.get("ALIGNMERGE_CACHE", "~/.cache/alignmerge"))
-    digest = hashlib.sha256(f"{p.resolve()}:{p.stat().st_size}".encode()).hexdigest()[:12]
-    out = cache.expanduser() / "hf-models" / f"{p.stem}-{digest}"
-    return materialize_hf_folder(p, out, trust_remote_code=settings.trust_remote_code)
 
 
 def open_engine(ref: ModelRef, backend: str, settings: EngineSettings) -> Engine:

@@ -262,6 +262,7 @@ def naive_merges_report(root: Path, splits: dict[str, list[dict]], max_new_token
             out.setdefault(name, {})[part] = {k: v for k, v in r.items() if k != "examples"}
             seconds = time.perf_counter() - t0
             print(f"[world] {part} {name}: {out[name][part]} ({seconds:.0f} s)", file=sys.stderr)
+    ctx.generation.close()
     return out
 
 

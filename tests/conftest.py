@@ -84,4 +84,6 @@ def world_config(world: dict[str, Path], out: Path, **search) -> dict:
         "search": {"n_trials": 3, "pruner": "none", **search},
         "data": {"alignment": str(world["alignment"]), "domain": str(world["domain"]), "batch_tokens": 256},
         "output": {"plots": False},
+        # greedy answers compared with transformers' own; VLLMGreedy has its tests (test_behaviour)
+        "runtime": {"generation": "transformers"},
     }

