@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import logging
 import os
 from pathlib import Path
 
@@ -40,3 +41,34 @@ def vllm_folder(
     digest = hashlib.sha256(f"{p.resolve()}:{p.stat().st_size}".encode()).hexdigest()[:12]
     out = cache.expanduser() / "hf-models" / f"{p.stem}-{digest}"
     return materialize_hf_folder(p, out, trust_remote_code=trust_remote_code)
+
+
+def _rotary_noise(record: logging.LogRecord) -> bool:
+    """vLLM warns on every reload that the rotary embedding (no weights, a computed cache it keeps)
+    "failed to load weights"; any other layer's failure still shows."""
+    return not record.getMessage().startswith("RotaryEmbedding: Failed to load weights")
+
+
+def in_process_llm(**kwargs):
+    """`vllm.LLM(**kwargs)` with its engine core in this process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`),
+    so `reload_weights` can hand it tensors without serializing them to another process."""
+    from vllm import LLM
+
+    saved = os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING")
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    try:
+        return LLM(**kwargs)
+    finally:
+        if saved is None:
+            os.environ.pop("VLLM_ENABLE_V1_MULTIPROCESSING")
+        else:
+            os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = saved
+
+
+def reload_weights(llm, model) -> None:
+    """A transformers model's weights (same architecture) into an `in_process_llm` engine, in
+    place: vLLM's own reload, which maps checkpoint names (stacking q/k/v, gate/up) and redoes what
+    the engine did to its weights after loading (on CPU: packing them for oneDNN)."""
+    logging.getLogger("vllm.model_executor.model_loader.reload.layerwise").addFilter(_rotary_noise)
+    weights = iter(model.state_dict().items())
+    llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights, "is_checkpoint_format": True})

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import contextlib
 import gc
-import os
 import sys
 from collections.abc import Sequence
 
@@ -16,7 +15,7 @@ from tqdm.auto import tqdm
 
 from core.errors import ConfigError
 from core.models import dtype_name
-from core.vllm_env import cpu_env_defaults, vllm_available, vllm_folder
+from core.vllm_env import cpu_env_defaults, in_process_llm, reload_weights, vllm_available, vllm_folder
 from eval.judge import refusal_rate
 
 
@@ -62,48 +61,29 @@ def greedy_answers(
 
 class VLLMGreedy:
     """Greedy answers of in-memory models by one vLLM engine, started once on the base model's
-    folder in this process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`, so its model is reachable): before
-    each call the model's parameters are copied into the engine's (`load_weights`, which stacks
-    q/k/v and gate/up the way vLLM's layers hold them). CPU only for now: on a GPU the engine would
-    reserve the memory the search uses."""
+    folder in this process: before each call the model's weights replace the engine's
+    (`core.vllm_env.reload_weights`). CPU only for now: on a GPU the engine would reserve the
+    memory the search uses."""
 
     def __init__(
         self, folder, dtype: torch.dtype, max_model_len: int = 2048, trust_remote_code: bool = False
     ):
-        from vllm import LLM
-
         cpu_env_defaults(kv_cache_gb=1)
         self.dtype = dtype
-        saved = os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING")
-        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-        try:
-            self.llm = LLM(
-                model=str(folder),
-                dtype=dtype_name(str(dtype).removeprefix("torch.")),
-                max_model_len=max_model_len,
-                enforce_eager=True,
-                load_format="safetensors",
-                trust_remote_code=trust_remote_code,
-                seed=0,
-            )
-        finally:
-            if saved is None:
-                os.environ.pop("VLLM_ENABLE_V1_MULTIPROCESSING")
-            else:
-                os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = saved
-
-    def load(self, model) -> None:
-        """The model's weights into the engine: vLLM's in-place reload, which also redoes what the
-        engine did to its weights after loading (on CPU: packing them for oneDNN)."""
-        state = model.state_dict()
-        self.llm.collective_rpc(
-            "reload_weights", kwargs={"weights_iterator": iter(state.items()), "is_checkpoint_format": True}
+        self.llm = in_process_llm(
+            model=str(folder),
+            dtype=dtype_name(str(dtype).removeprefix("torch.")),
+            max_model_len=max_model_len,
+            enforce_eager=True,
+            load_format="safetensors",
+            trust_remote_code=trust_remote_code,
+            seed=0,
         )
 
     def __call__(self, model, prompts: Sequence[str], max_new_tokens: int) -> list[str]:
         from vllm import SamplingParams
 
-        self.load(model)
+        reload_weights(self.llm, model)
         params = SamplingParams(temperature=0.0, max_tokens=max_new_tokens)
         convs = [[{"role": "user", "content": p}] for p in prompts]
         return [r.outputs[0].text.strip() for r in self.llm.chat(convs, params, use_tqdm=False)]

@@ -41,7 +41,7 @@ from core.models import (
 )
 from core.vllm_env import vllm_available
 from eval import analysis
-from eval.behaviour import greedy_answers, refusal_summary
+from eval.behaviour import Generation, refusal_summary
 from eval.harness import run_lm_eval
 from eval.judge import BothJudge, GuardJudge, RefusalJudge
 from eval.mcq import mcq_scores, option_logprobs
@@ -110,10 +110,14 @@ def engine_answers(engine, conversations: list[list[dict]], max_tokens: int) -> 
 
 
 def generation_backend(inp: Inputs) -> str:
+    """vllm (on the model folder), vllm in memory (a merge rebuilt from best.yaml, its weights
+    loaded into an engine on the base: CPU only), or transformers."""
     wanted = inp.settings.backend
-    if inp.target.folder is None or wanted == "transformers":
+    if wanted == "transformers" or not (wanted == "vllm" or vllm_available()):
         return "transformers"
-    return "vllm" if wanted == "vllm" or vllm_available() else "transformers"
+    if inp.target.folder is not None:
+        return "vllm"
+    return "vllm in memory" if resolve_device(inp.cfg.runtime.device) == "cpu" else "transformers"
 
 
 def judge_harmful(inp: Inputs, prompts: list[str], answers: list[str]):
@@ -210,8 +214,12 @@ def run(inp: Inputs) -> Path:
     loaded = load_merged(inp)
     lap("load_s")
     if texts is None:
-        log(f"generating {len(prompts)} answers with transformers")
-        texts = greedy_answers(loaded.model, loaded.tokenizer, prompts, s.max_new_tokens, s.batch_size)
+        log(f"generating {len(prompts)} answers with {backend}")
+        rt = cfg.runtime
+        kind = "vllm" if backend == "vllm in memory" else "transformers"
+        gen = Generation(kind, cfg.base, loaded.device, rt.trust_remote_code)
+        texts = gen.answers(loaded.model, loaded.tokenizer, prompts, s.max_new_tokens, s.batch_size)
+        gen.close()
         lap("generate_s")
     n_h = len(inp.harmful)
     verdicts, judge_name = judge_harmful(inp, prompts[:n_h], texts[:n_h])
@@ -248,9 +256,12 @@ def run(inp: Inputs) -> Path:
         log("MergeAlign analysis")
     result = analyse(inp, loaded) if loaded.ctx is not None else None
     lap("analysis_s")
-    generation = "vLLM on the model folder" if backend == "vllm" else "transformers"
+    generation = {
+        "vllm": "vLLM on the model folder",
+        "vllm in memory": "vLLM, its weights replaced by the merge rebuilt in memory (no merged/ folder)",
+    }.get(backend, "transformers")
     if backend == "transformers" and inp.target.folder is None:
-        generation += " on the merge rebuilt in memory (the run folder has no merged/, which vLLM would need)"
+        generation += " on the merge rebuilt in memory (the run folder has no merged/)"
     metrics = {
         "model": {
             "path": str(inp.target.path),

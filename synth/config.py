@@ -84,6 +84,10 @@ class EngineSpec(Strict):
     tensor_parallel_size: int = Field(1, ge=1)
     kv_cache_gb: int = Field(2, ge=1, description="vLLM on CPU: KV cache (GiB)")
     cpu_all_cores: bool = Field(True, description="vLLM on CPU: no core reserved for the frontend")
+    # vLLM and a LoRA pool model: served as an adapter (Punica kernels), or merged into the base's
+    # weights, which are replaced in place for each adapter. auto: merged on CPU, where vLLM's LoRA
+    # kernels are slow (110 answers unfinished after 6 min vs ~1 min merged), adapter on GPU.
+    lora: Literal["auto", "adapter", "merged"] = "auto"
     cache_dir: str | None = None
     # The loader policy; load_run_config takes it from the run's `runtime:` section, so one run
     # YAML has one policy for synth, the search and eval.

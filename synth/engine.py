@@ -31,7 +31,7 @@ from core.models import (
     resolve_dtype,
     resolve_model_path,
 )
-from core.vllm_env import cpu_env_defaults, vllm_available, vllm_folder
+from core.vllm_env import cpu_env_defaults, in_process_llm, reload_weights, vllm_available, vllm_folder
 
 Conversation = list[dict[str, str]]
 
@@ -78,6 +78,7 @@ class EngineSettings:
     tensor_parallel_size: int = 1
     kv_cache_gb: int = 2  # VLLM_CPU_KVCACHE_SPACE when not set in the environment
     cpu_all_cores: bool = True  # vLLM on CPU: compute on every core instead of reserving one
+    lora: str = "auto"  # vLLM and LoRA models: adapter | merged (in place) | auto (merged on CPU)
     cache_dir: str | None = None  # where GGUF models are materialized for vLLM
     allow_pickle: bool = False  # pickled .bin weights (models, adapters); core.models.model_format
     trust_remote_code: bool = False  # a model folder's own Python (auto_map)
@@ -264,6 +265,15 @@ class VLLMEngine(Engine):
         if torch.cuda.is_available():
             kwargs["gpu_memory_utilization"] = settings.gpu_memory_utilization
         self.base, self.lora, self.max_rank, self.loras = base, None, 0, 0
+        self.serving: ModelRef | None = None  # the adapter answering now
+        lora_mode = (
+            settings.lora if settings.lora != "auto" else "adapter" if torch.cuda.is_available() else "merged"
+        )
+        self.merged = base is not None and lora_mode == "merged"
+        if self.merged:  # the engine holds the base; each adapter is merged into it in place (`use`)
+            self.llm = in_process_llm(**kwargs)
+            self.use(ref)
+            return
         if base is not None:  # with room for other adapters of the base: one engine serves them all
             self.max_rank = max(MAX_LORA_RANK, lora_rank(ref))
             kwargs.update(enable_lora=True, max_lora_rank=self.max_rank)
@@ -271,17 +281,26 @@ class VLLMEngine(Engine):
         self.llm = LLM(**kwargs)
 
     def serves(self, ref: ModelRef) -> bool:
-        lora = self.base is not None and lora_base(ref) == self.base and lora_rank(ref) <= self.max_rank
-        return same_model(self.ref, ref) or lora
+        lora = self.base is not None and lora_base(ref) == self.base
+        return same_model(self.ref, ref) or (lora and (self.merged or lora_rank(ref) <= self.max_rank))
 
     def use(self, ref: ModelRef) -> None:
         from vllm.lora.request import LoRARequest
 
-        if self.base is None or (self.lora is not None and same_model(self.ref, ref)):
+        if self.base is None or (self.serving is not None and same_model(self.serving, ref)):
             return  # a full model, or this adapter already
         tqdm.write(f"[synth] {ref.label}: served by the loaded engine (a LoRA of its base)")
         checked_base(ref, self.settings)  # the loader policy, on this adapter too
-        self.ref, self.loras = ref, self.loras + 1
+        self.ref = self.serving = ref
+        if self.merged:
+            from peft import PeftModel
+
+            policy = (self.settings.allow_pickle, self.settings.trust_remote_code)
+            base = load_model(self.base, resolve_dtype(self.settings.dtype), "cpu", *policy)
+            merged = PeftModel.from_pretrained(base, str(resolve_model_path(ref.path))).merge_and_unload()
+            reload_weights(self.llm, merged)
+            return
+        self.loras += 1
         self.lora = LoRARequest(ref.label, self.loras, str(Path(resolve_model_path(ref.path)).resolve()))
 
     def chat(self, conversations, sampling):

@@ -119,3 +119,37 @@ def head(path, tmp_path, n: int):
     out = tmp_path / path.name
     out.write_text("".join(path.read_text().splitlines(keepends=True)[:n]))
     return out
+
+
+def test_lora_pool_models_merged_into_one_engine_answer_as_their_merged_folders(world, tmp_path, monkeypatch):
+    """`engine.lora: merged` (the CPU default): one in-process engine on the base serves two LoRA
+    adapters in turn, their weights merged in place, and answers exactly as an engine started on
+    each adapter's merged model saved as a folder (float32, greedy); switching back works."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from synth.engine import EngineSettings, EngineSlot, ModelRef, Sampling
+    from tests.conftest import make_lora
+
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "1")
+    settings = EngineSettings(dtype="float32", max_model_len=256, lora="merged")
+    adapters = {"one": world["lora"], "two": make_lora(world["base"], tmp_path / "two", seed=11)}
+    convs = [[{"role": "user", "content": p}] for p in ("what is it", "can you help me now", "now")]
+    greedy = [Sampling(max_tokens=8)] * len(convs)
+    slot = EngineSlot("vllm", settings)
+    served = {}
+    for name in ("one", "two", "one"):
+        served.setdefault(name, []).append(slot.get(ModelRef(str(adapters[name]), name)).chat(convs, greedy))
+    assert slot.loads == ["one"]  # one engine served both adapters
+    slot.close()
+    for name, path in adapters.items():
+        base = AutoModelForCausalLM.from_pretrained(world["base"], dtype=torch.float32)
+        folder = tmp_path / f"merged-{name}"
+        PeftModel.from_pretrained(base, str(path)).merge_and_unload().save_pretrained(folder)
+        AutoTokenizer.from_pretrained(world["base"]).save_pretrained(folder)
+        own = EngineSlot("vllm", settings)
+        direct = own.get(ModelRef(str(folder), f"merged-{name}")).chat(convs, greedy)
+        own.close()
+        assert all(answers == direct for answers in served[name]), name
+    assert served["one"][0] != served["two"][0]
