@@ -125,9 +125,19 @@ class Generation:
         if self.engine is None or self.engine.dtype != dtype:
             self.close()
             print("[alignmerge] starting the vLLM engine for greedy answers (once)", file=sys.stderr)
-            self.engine = VLLMGreedy(
-                vllm_folder(self.base_path, trust_remote_code=self.trust), dtype, trust_remote_code=self.trust
-            )
+            try:
+                folder = vllm_folder(self.base_path, trust_remote_code=self.trust)
+                self.engine = VLLMGreedy(folder, dtype, trust_remote_code=self.trust)
+            except Exception as err:  # noqa: BLE001 - a broken vLLM install must not cost the search
+                if self.kind == "vllm":
+                    raise
+                print(
+                    f"[alignmerge] WARNING vLLM did not start ({type(err).__name__}: {err}); greedy answers "
+                    "by transformers instead (set runtime.generation: transformers to skip vLLM)",
+                    file=sys.stderr,
+                )
+                self.uses_vllm = False
+                return greedy_answers(model, tokenizer, prompts, max_new_tokens, batch_size)
         return self.engine(model, prompts, max_new_tokens)
 
     def close(self) -> None:

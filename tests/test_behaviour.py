@@ -86,3 +86,24 @@ def test_vllm_generation_is_refused_on_a_gpu_and_transformers_stays_available(wo
         Generation("vllm", str(world["base"]), "cuda")
     gen = Generation("transformers", str(world["base"]), "cpu")
     assert not gen.uses_vllm and gen.describe() == "transformers generate"
+
+
+def test_auto_generation_falls_back_to_transformers_when_vllm_does_not_start(world, monkeypatch, capsys):
+    """A broken vLLM install must not cost a finished search: `auto` warns and uses transformers;
+    an explicit `vllm` raises."""
+    import eval.behaviour as behaviour
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no CPU backend in this build")
+
+    monkeypatch.setattr(behaviour, "vllm_available", lambda: True)
+    monkeypatch.setattr(behaviour, "VLLMGreedy", broken)
+    model = AutoModelForCausalLM.from_pretrained(world["base"], dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(world["base"])
+    prompts = ["what is it", "now"]
+    gen = Generation("auto", str(world["base"]), "cpu")
+    assert gen.uses_vllm
+    assert gen.answers(model, tok, prompts, 4, 2) == greedy_answers(model, tok, prompts, 4, 2)
+    assert not gen.uses_vllm and "vLLM did not start (RuntimeError" in capsys.readouterr().err
+    with pytest.raises(RuntimeError, match="no CPU backend"):
+        Generation("vllm", str(world["base"]), "cpu").answers(model, tok, prompts, 4, 2)
