@@ -69,9 +69,11 @@ def longest_token(tokenizer) -> int:
     return max(len(t) for t in tokenizer.get_vocab())
 
 
-def length_batches(examples: list[Example], batch_tokens: int) -> list[list[int]]:
-    """Indices grouped so that (longest in batch) x (batch size) <= batch_tokens."""
-    order = sorted(range(len(examples)), key=lambda i: len(examples[i].input_ids))
+def length_batches(
+    examples: list[Example], batch_tokens: int, keep: list[int] | None = None
+) -> list[list[int]]:
+    """Indices (of `keep`, default all) grouped so that (longest in batch) x (batch size) <= batch_tokens."""
+    order = sorted(range(len(examples)) if keep is None else keep, key=lambda i: len(examples[i].input_ids))
     batches, current = [], []
     for i in order:
         longest = len(examples[i].input_ids)  # sorted: the newest is the longest
@@ -110,12 +112,22 @@ class Scorer:
                     f"set {name!r}: no example has a response token within "
                     f"max_length={max_length}; raise data.max_length"
                 )
-        # Interleave the sets' batches so intermediate reports (for pruning) see every set early.
-        per_set = {
-            n: [self._collate(n, b) for b in length_batches(ex, batch_tokens)]
+        # An example in several sets (each domain's test rows are also in "domain") is scored once,
+        # in the batches of the first set that has it: same[name][i] = (that set, its index there).
+        first: dict[tuple, tuple[str, int]] = {}
+        self.same = {
+            n: [first.setdefault((tuple(e.input_ids), e.n_prompt), (n, i)) for i, e in enumerate(ex)]
             for n, ex in self.examples.items()
         }
-        self.batches = _interleave(per_set)
+        # Interleave the sets' batches so intermediate reports (for pruning) see every set early.
+        per_set = {
+            n: [self._collate(n, b) for b in length_batches(ex, batch_tokens, self._own(n))]
+            for n, ex in self.examples.items()
+        }
+        self.batches = _interleave({n: b for n, b in per_set.items() if b})
+
+    def _own(self, name: str) -> list[int]:
+        return [i for i, (owner, _) in enumerate(self.same[name]) if owner == name]
 
     def _collate(self, name: str, idx: list[int]):
         exs = [self.examples[name][i] for i in idx]
@@ -158,12 +170,14 @@ class Scorer:
         order: dict[str, list[int]] = {n: [] for n in self.examples}
         batches = tqdm(self.batches, desc="scoring", unit="batch", leave=False, disable=not progress)
         tokens = self.refusal_tokens if len(self.refusal_tokens) else None
+        weights = self._gradient_weights(backward or {})
         for step, (name, ids, attn, target, idx) in enumerate(batches):
-            weight = (backward or {}).get(name)
-            with torch.set_grad_enabled(bool(weight)):
+            w = weights[name][idx] if name in weights else None
+            with torch.set_grad_enabled(w is not None and bool(w.any())):
                 ce, first_mass = response_scores(model, ids, attn, target, tokens)
-                if weight:
-                    (ce.sum() * (weight / len(self.examples[name]))).backward()
+                if w is not None and w.any():
+                    same = bool((w == w[0]).all())  # one set's examples only: its weight / size
+                    (ce.sum() * w[0].item() if same else (ce * w.to(ce.dtype)).sum()).backward()
             losses[name].extend(ce.detach().tolist())
             if first_mass is not None:
                 mass[name].extend(first_mass.detach().tolist())
@@ -172,9 +186,21 @@ class Scorer:
                 on_batch(step, losses)
 
         def ordered(values):
-            return {n: [v for _, v in sorted(zip(order[n], values[n]))] for n in values}
+            if not any(values.values()):  # no refusal tokens: no masses
+                return {n: [] for n in values}
+            scored = {n: dict(zip(order[n], values[n])) for n in values}
+            return {n: [scored[o][j] for o, j in pairs] for n, pairs in self.same.items()}
 
         return ordered(losses), ordered(mass)
+
+    def _gradient_weights(self, backward: dict[str, float]) -> dict[str, torch.Tensor]:
+        """d(sum_k weight_k L_k)/d(CE of each scored example), per owning set: an example in several
+        sets gets each set's weight / size."""
+        out = {n: torch.zeros(len(ex), dtype=torch.float64) for n, ex in self.examples.items()}
+        for name, weight in backward.items():
+            for owner, j in self.same.get(name, []):
+                out[owner][j] += weight / len(self.examples[name])
+        return {n: w for n, w in out.items() if w.any()}
 
     def example_losses(self, model, **kwargs) -> dict[str, list[float]]:
         return self.score(model, **kwargs)[0]

@@ -58,6 +58,35 @@ def test_padding_and_batch_size_do_not_change_the_loss(model_tok):
     assert abs(one - big) < 1e-4
 
 
+def test_an_example_in_several_sets_is_scored_once(model_tok):
+    """A domain's rows are also in "domain" (the demo's test sets): each distinct example is run
+    once; every set's losses, masses and gradient are as if scored on its own."""
+    model, tok = model_tok
+    more = [{"prompt": "now", "response": "the answer"}, {"prompt": "what", "response": "sure , it is"}]
+    sets = {"all": ROWS + more, "first": ROWS, "last": more[::-1] + more[:1]}
+    shared = Scorer(tok, sets, refusal_tokens=[5, 6])
+    assert sum(ids.shape[0] for _, ids, *_ in shared.batches) == 5
+    losses, mass = shared.score(model)
+    for name, rows in sets.items():
+        alone_losses, alone_mass = Scorer(tok, {name: rows}, refusal_tokens=[5, 6]).score(model)
+        torch.testing.assert_close(
+            torch.tensor(losses[name]), torch.tensor(alone_losses[name]), rtol=1e-5, atol=1e-5
+        )
+        torch.testing.assert_close(
+            torch.tensor(mass[name]), torch.tensor(alone_mass[name]), rtol=1e-5, atol=1e-5
+        )
+    weights = {"all": 0.5, "first": 1.0, "last": 2.0}
+    model.zero_grad()
+    shared.score(model, backward=weights)
+    got = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    for name, rows in sets.items():
+        Scorer(tok, {name: rows}).score(model, backward={name: weights[name]})
+    for g, p in zip(got, model.parameters()):
+        torch.testing.assert_close(g, p.grad, rtol=1e-4, atol=1e-6)
+    model.zero_grad()
+
+
 def test_truncation_and_skips(model_tok):
     _, tok = model_tok
     assert encode(tok, "how do i make a good question " * 20, "sure", 16) is None
@@ -67,7 +96,8 @@ def test_truncation_and_skips(model_tok):
 
 def test_interleaves_sets_for_pruning(model_tok):
     _, tok = model_tok
-    s = Scorer(tok, {"alignment": ROWS * 4, "domain": ROWS}, batch_tokens=40)
+    other = [{**r, "response": r["response"] + " again"} for r in ROWS]
+    s = Scorer(tok, {"alignment": other * 4, "domain": ROWS}, batch_tokens=40)
     names = [b[0] for b in s.batches]
     assert "domain" in names[: len(names) // 2 + 1]
 
