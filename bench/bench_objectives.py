@@ -17,7 +17,6 @@ import argparse
 import json
 import statistics
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -35,7 +34,6 @@ from optimize.context import check_inputs, prepare  # noqa: E402
 from optimize.demo import held_out_sets  # noqa: E402
 from optimize.report import load_best  # noqa: E402
 from optimize.search import run  # noqa: E402
-from optimize.study import default_storage  # noqa: E402
 
 ROWS = ("paper objective", "+ beta L_help, lowest value", "+ beta L_help, verified pick")
 
@@ -47,7 +45,16 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--out", default=str(ROOT / "runs/objectives"))
     ap.add_argument("--max-new-tokens", type=int, default=32)
+    ap.add_argument(
+        "--reuse",
+        nargs="*",
+        default=[],
+        metavar="SEED=RUN",
+        help="a finished run of the config's own objective at that seed, on the same data (e.g. the "
+        "demo's: 0=runs/demo): its study and verified pick are used instead of searching again",
+    )
     args = ap.parse_args()
+    reuse = {int(k): Path(v) for k, v in (item.split("=", 1) for item in args.reuse)}
     quiet = {
         "save_model": False,
         "mergekit": False,
@@ -68,29 +75,29 @@ def main() -> None:
     for seed in args.seeds:
         paper = variant(cfg, f"paper-s{seed}", {**PAPER_OBJECTIVE, "seed": seed})
         ours = variant(cfg, f"beta-s{seed}", {"seed": seed})
-        timings = {}
-        for c in (paper, ours):
-            t0 = time.perf_counter()
+        ours_dir = reuse.get(seed, ours.run_dir)
+        for c in (paper,) if seed in reuse else (paper, ours):
             run(c, ctx=for_variant(ctx, c))
-            timings[c.run_dir.name] = time.perf_counter() - t0
-        study = optuna.load_study(study_name=ours.study_name, storage=default_storage(ours))
-        verified = load_best(ours.run_dir)
+        url = f"sqlite:///{(ours_dir / 'study.db').resolve()}"
+        (name,) = optuna.get_all_study_names(url)  # one study per run folder
         picks = {
             ROWS[0]: load_best(paper.run_dir)["params"],
-            ROWS[1]: study.best_trial.params,
-            ROWS[2]: verified["params"],
+            ROWS[1]: optuna.load_study(study_name=name, storage=url).best_trial.params,
+            ROWS[2]: load_best(ours_dir)["params"],
         }
-        run_yaml = yaml.safe_load((ours.run_dir / "run.yaml").read_text())
-        t = run_yaml.get("timings_s", {})
-        for name, params in picks.items():
-            r = evaluate(
-                ctx, None, ctx.space.decode(params), test, harmful, benign, args.max_new_tokens, suites
-            )
-            r.pop("examples")
+        t = yaml.safe_load((ours_dir / "run.yaml").read_text()).get("timings_s", {})
+        done: dict[tuple, dict] = {}  # the verified pick is often the lowest-value trial itself
+        for row, params in picks.items():
+            key = tuple(sorted(params.items()))
+            if key not in done:
+                cand = ctx.space.decode(params)
+                done[key] = evaluate(ctx, None, cand, test, harmful, benign, args.max_new_tokens, suites)
+                done[key].pop("examples")
+            r = done[key]
             results.append(
-                {"seed": seed, "row": name, **r, "search_s": t.get("search_s"), "verify_s": t.get("verify_s")}
+                {"seed": seed, "row": row, **r, "search_s": t.get("search_s"), "verify_s": t.get("verify_s")}
             )
-            print(f"[objectives] seed {seed} {name}: {r}", file=sys.stderr)
+            print(f"[objectives] seed {seed} {row}: {r}", file=sys.stderr)
         Path(args.out, "objectives.json").write_text(json.dumps(results, indent=1))
     ctx.generation.close()
     write_table(Path(args.out), results, suites)

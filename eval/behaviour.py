@@ -1,7 +1,8 @@
 """Generation-based behaviour of a model held in memory: does it refuse harmful prompts, does it
 wrongly refuse benign ones. Greedy decoding of the search's working model as it is, with no
 export: by transformers on left-padded batches, or by a vLLM engine in this process whose weights
-are overwritten with the model's before each call (`VLLMGreedy`, ~4x faster on CPU)."""
+are overwritten with the model's before each call (`VLLMGreedy`: 1.8x faster on the demo's
+workload, BENCHMARKS.md)."""
 
 from __future__ import annotations
 
@@ -66,7 +67,7 @@ class VLLMGreedy:
     memory the search uses."""
 
     def __init__(
-        self, folder, dtype: torch.dtype, max_model_len: int = 2048, trust_remote_code: bool = False
+        self, folder, dtype: torch.dtype, max_model_len: int | None = None, trust_remote_code: bool = False
     ):
         cpu_env_defaults(kv_cache_gb=1)
         self.dtype = dtype
@@ -95,6 +96,11 @@ class VLLMGreedy:
         gc.collect()
 
 
+def vllm_generation(kind: str, device: str) -> bool:
+    """Does `runtime.generation: kind` on `device` start an in-process vLLM engine?"""
+    return kind == "vllm" or (kind == "auto" and device == "cpu" and vllm_available())
+
+
 class Generation:
     """The greedy generator of a search, started on first use: `kind` auto (vLLM on CPU when it
     is installed, else transformers), vllm, or transformers (runtime.generation)."""
@@ -106,7 +112,7 @@ class Generation:
                 "memory the search uses); set runtime.generation: auto or transformers"
             )
         self.kind, self.base_path, self.trust = kind, base_path, trust_remote_code
-        self.uses_vllm = kind == "vllm" or (kind == "auto" and device == "cpu" and vllm_available())
+        self.uses_vllm = vllm_generation(kind, device)
         self.engine: VLLMGreedy | None = None
 
     def describe(self) -> str:
@@ -121,24 +127,25 @@ class Generation:
     ) -> list[str]:
         if not self.uses_vllm:
             return greedy_answers(model, tokenizer, prompts, max_new_tokens, batch_size)
-        dtype = next(model.parameters()).dtype
-        if self.engine is None or self.engine.dtype != dtype:
-            self.close()
-            print("[alignmerge] starting the vLLM engine for greedy answers (once)", file=sys.stderr)
-            try:
+        try:
+            dtype = next(model.parameters()).dtype
+            if self.engine is None or self.engine.dtype != dtype:
+                self.close()
+                print("[alignmerge] starting the vLLM engine for greedy answers (once)", file=sys.stderr)
                 folder = vllm_folder(self.base_path, trust_remote_code=self.trust)
                 self.engine = VLLMGreedy(folder, dtype, trust_remote_code=self.trust)
-            except Exception as err:  # noqa: BLE001 - a broken vLLM install must not cost the search
-                if self.kind == "vllm":
-                    raise
-                print(
-                    f"[alignmerge] WARNING vLLM did not start ({type(err).__name__}: {err}); greedy answers "
-                    "by transformers instead (set runtime.generation: transformers to skip vLLM)",
-                    file=sys.stderr,
-                )
-                self.uses_vllm = False
-                return greedy_answers(model, tokenizer, prompts, max_new_tokens, batch_size)
-        return self.engine(model, prompts, max_new_tokens)
+            return self.engine(model, prompts, max_new_tokens)
+        except Exception as err:  # noqa: BLE001 - a broken vLLM install must not cost a finished search
+            if self.kind == "vllm":
+                raise
+            print(
+                f"[alignmerge] WARNING vLLM failed ({type(err).__name__}: {str(err)[:300]}); greedy answers "
+                "by transformers from now on (runtime.generation: transformers skips vLLM)",
+                file=sys.stderr,
+            )
+            self.close()
+            self.uses_vllm = False
+            return greedy_answers(model, tokenizer, prompts, max_new_tokens, batch_size)
 
     def close(self) -> None:
         if self.engine is not None:

@@ -11,6 +11,7 @@ device has free now.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,11 +27,15 @@ from core.models import (
     resolve_model_path,
     store_dtype_name,
 )
+from eval.behaviour import vllm_generation
 from eval.loss import HEAD_CHUNK
 from optimize.config import Config
 from optimize.kernels import BISECT_NUMEL
 from optimize.methods import METHODS
 
+# vLLM's in-process engine beyond its weights and KV cache: the demo peaked at 5.31 GB with it and
+# 2.92 GB without (BENCHMARKS.md, "The demo, end to end"), a 0.54 GB model and a 1 GiB cache
+VLLM_RUNTIME_BYTES = 0.8e9
 PROCESS_BYTES = 0.7e9  # python + torch + transformers + tokenizers, measured on CPU (BENCHMARKS.md)
 SPARSE = ("ties", "dare_ties")  # trimmed by magnitude: a sort of |tau| (values + int64 indices)
 DARE = ("dare_ties", "dare_linear")  # int16 drop noise per entry of every task vector
@@ -161,6 +166,9 @@ def estimate(cfg: Config) -> Estimate:
     held = {"working model": base.numel * wbytes, "base copy": base.numel * sbytes, "task vectors": sources}
     if device == "cpu":
         held["process"] = int(PROCESS_BYTES)
+    if cfg.search.verify.top_k and vllm_generation(rt.generation, device):  # the verified pick's engine
+        kv = int(os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")) * 2**30
+        held["vLLM engine"] = base.numel * wbytes + kv + int(VLLM_RUNTIME_BYTES)
     transient = {"merge scratch": scratch, "scoring": scoring}
     if model_format(resolve_model_path(cfg.base), rt.allow_pickle, rt.trust_remote_code) == "gguf":
         transient["loading the GGUF"] = base.numel * wbytes  # dequantized, then rebuilt as a plain model
@@ -181,7 +189,8 @@ def check_memory(cfg: Config) -> Estimate:
             f"this search needs about {gb(est.peak)} but {gb(est.limit)} is {est.limit_from} "
             f"({est.describe()}); the largest part is {biggest}. Lower it: runtime.store_dtype "
             "bfloat16 (half of float32), runtime.dtype bfloat16, fewer dense sources (a LoRA "
-            "source costs its factors only), or a device with more memory; raise "
+            "source costs its factors only), runtime.generation: transformers (no vLLM engine), "
+            "or a device with more memory; raise "
             "runtime.max_memory if the estimate is wrong for your machine"
         )
     return est

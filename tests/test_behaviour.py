@@ -104,6 +104,6 @@ def test_auto_generation_falls_back_to_transformers_when_vllm_does_not_start(wor
     gen = Generation("auto", str(world["base"]), "cpu")
     assert gen.uses_vllm
     assert gen.answers(model, tok, prompts, 4, 2) == greedy_answers(model, tok, prompts, 4, 2)
-    assert not gen.uses_vllm and "vLLM did not start (RuntimeError" in capsys.readouterr().err
+    assert not gen.uses_vllm and "vLLM failed (RuntimeError" in capsys.readouterr().err
     with pytest.raises(RuntimeError, match="no CPU backend"):
         Generation("vllm", str(world["base"]), "cpu").answers(model, tok, prompts, 4, 2)

@@ -15,7 +15,7 @@ from core.errors import ConfigError
 from optimize.config import validate_config
 from optimize.context import check_inputs, prepare
 from optimize.kernels import kth_largest_abs
-from optimize.memory import estimate
+from optimize.memory import VLLM_RUNTIME_BYTES, estimate
 from optimize.methods import Candidate, DareTies, TaskArithmetic, Ties
 from optimize.search import main as search_main
 from optimize.sources import LowRank, dense, stored_bytes
@@ -162,3 +162,21 @@ def test_a_16bit_model_is_written_in_place_as_through_a_float32_buffer(bf16_worl
     assert ctx.merger._scratch
     for n, p in buffered.items():
         assert p.dtype == torch.bfloat16 and torch.equal(direct[n], p.detach()), n
+
+
+def test_the_estimate_counts_the_vllm_engine_of_the_verified_pick(world, tmp_path, monkeypatch):
+    """An in-process vLLM engine answers for the verified pick: its weights, KV cache and runtime
+    are held from then on; without a verified pick, or with transformers, nothing is added."""
+    import eval.behaviour
+
+    monkeypatch.setattr(eval.behaviour, "vllm_available", lambda: True)
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "1")
+    raw = world_config(world, tmp_path / "run", verify={"top_k": 2})
+    raw["runtime"] = {"generation": "auto", "device": "cpu"}
+    est = estimate(validate_config(raw))
+    assert est.held["vLLM engine"] == est.held["working model"] + 2**30 + int(VLLM_RUNTIME_BYTES)
+    raw["runtime"]["generation"] = "transformers"
+    assert "vLLM engine" not in estimate(validate_config(raw)).held
+    raw["runtime"]["generation"] = "auto"
+    raw["search"]["verify"] = {"top_k": 0}
+    assert "vLLM engine" not in estimate(validate_config(raw)).held
