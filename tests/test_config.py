@@ -168,3 +168,21 @@ def test_readme_config_reference_lists_every_key_with_its_default():
     doc = readme_config()
     assert undocumented(Config, doc) == []
     validate_config(doc)  # and it is a valid config as written
+
+
+def test_vllm_generation_without_vllm_fails_before_loading(world, tmp_path, monkeypatch):
+    import importlib.util
+
+    from optimize.config import check_runtime
+    from tests.conftest import world_config
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "vllm" else real(name, *a)
+    )
+    raw = world_config(world, tmp_path / "run")
+    raw["runtime"] = {"generation": "vllm"}
+    with pytest.raises(ConfigError, match="runtime.generation is vllm but vllm is not installed"):
+        check_runtime(validate_config(raw))
+    raw["runtime"] = {"generation": "auto"}
+    check_runtime(validate_config(raw))  # auto: transformers then, no error
