@@ -12,6 +12,10 @@ from pathlib import Path
 
 from core.models import materialize_hf_folder, resolve_model_path
 
+# vLLM logs to stdout by default; our commands' stdout is their result (the report's path). Set
+# before vLLM is first imported, which every caller does after importing this module.
+os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
+
 
 def vllm_available() -> bool:
     return importlib.util.find_spec("vllm") is not None
