@@ -124,6 +124,15 @@ def checked_base(ref: ModelRef, settings: EngineSettings) -> str | None:
     return base
 
 
+def merged_lora(base: str, ref: ModelRef, dtype, device: str, policy: tuple[bool, bool]):
+    """The base with the LoRA adapter `ref` merged into its weights (peft), both loaded under the
+    loader policy (checked by `checked_base` before)."""
+    from peft import PeftModel
+
+    model = load_model(base, dtype, device, *policy)
+    return PeftModel.from_pretrained(model, str(resolve_model_path(ref.path))).merge_and_unload().eval()
+
+
 class Engine:
     """Base class: `chat` returns, per conversation, its `n` generated texts."""
 
@@ -169,10 +178,7 @@ class TransformersEngine(Engine):
             self.model = load_model(ref.path, dtype, self.device, *policy)
             self.tokenizer = load_tokenizer(ref.path, settings.trust_remote_code)
         else:
-            from peft import PeftModel
-
-            model = load_model(base, dtype, self.device, *policy)
-            self.model = PeftModel.from_pretrained(model, ref.path).merge_and_unload().eval()
+            self.model = merged_lora(base, ref, dtype, self.device, policy)
             self.tokenizer = load_tokenizer(base, settings.trust_remote_code)
         self.tokenizer.padding_side = "left"
         if self.tokenizer.pad_token is None:
@@ -293,12 +299,10 @@ class VLLMEngine(Engine):
         checked_base(ref, self.settings)  # the loader policy, on this adapter too
         self.ref = self.serving = ref
         if self.merged:
-            from peft import PeftModel
-
             policy = (self.settings.allow_pickle, self.settings.trust_remote_code)
-            base = load_model(self.base, resolve_dtype(self.settings.dtype), "cpu", *policy)
-            merged = PeftModel.from_pretrained(base, str(resolve_model_path(ref.path))).merge_and_unload()
-            reload_weights(self.llm, merged)
+            reload_weights(
+                self.llm, merged_lora(self.base, ref, resolve_dtype(self.settings.dtype), "cpu", policy)
+            )
             return
         self.loras += 1
         self.lora = LoRARequest(ref.label, self.loras, str(Path(resolve_model_path(ref.path)).resolve()))
