@@ -8,7 +8,8 @@ test splits and on the external suites' prompts (written by others).
 
 Per seed: one study with beta 0 and no verification, one with the config's beta and verification
 (its lowest-value trial is the "+ beta" row, its verified pick the last row). The models load
-once. Studies are resumable (rerun the command). Writes <out>/objectives.md and .json.
+once. Studies are resumable (rerun the command); seeds already in <out>/objectives.json are not
+measured again. Writes <out>/objectives.md and .json.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ sys.path.insert(0, str(ROOT))
 import optuna  # noqa: E402
 import yaml  # noqa: E402
 
+from core.files import write_text_atomic  # noqa: E402
 from eval.data import load_pairs  # noqa: E402
 from eval.settings import parse_settings  # noqa: E402
 from eval.suites import suite_prompts  # noqa: E402
@@ -71,8 +73,13 @@ def main() -> None:
     suites = suite_prompts(parse_settings(cfg.eval).suites)
     ctx = prepare(cfg, check_inputs(cfg))
     test = ctx.scorer_for(test_rows)
-    results = []
+    done_json = Path(args.out, "objectives.json")
+    earlier = json.loads(done_json.read_text()) if done_json.exists() else []
+    results = [r for r in earlier if r["seed"] in args.seeds]  # a rerun measures only the missing seeds
     for seed in args.seeds:
+        if {r["row"] for r in results if r["seed"] == seed} == set(ROWS):
+            continue
+        results = [r for r in results if r["seed"] != seed]
         paper = variant(cfg, f"paper-s{seed}", {**PAPER_OBJECTIVE, "seed": seed})
         ours = variant(cfg, f"beta-s{seed}", {"seed": seed})
         ours_dir = reuse.get(seed, ours.run_dir)
@@ -98,7 +105,7 @@ def main() -> None:
                 {"seed": seed, "row": row, **r, "search_s": t.get("search_s"), "verify_s": t.get("verify_s")}
             )
             print(f"[objectives] seed {seed} {row}: {r}", file=sys.stderr)
-        Path(args.out, "objectives.json").write_text(json.dumps(results, indent=1))
+        write_text_atomic(done_json, json.dumps(results, indent=1))
     ctx.generation.close()
     write_table(Path(args.out), results, suites)
 
@@ -138,7 +145,7 @@ def write_table(out: Path, results: list[dict], suites) -> None:
     verify = [r["verify_s"] / r["search_s"] for r in results if r["row"] == ROWS[2] and r.get("verify_s")]
     if verify:
         lines += ["", f"Verification / search wall time: {', '.join(f'{v:.0%}' for v in verify)} (per seed)."]
-    (out / "objectives.md").write_text("\n".join(lines) + "\n")
+    write_text_atomic(out / "objectives.md", "\n".join(lines) + "\n")
     print(out / "objectives.md")
 
 

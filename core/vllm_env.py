@@ -8,6 +8,7 @@ import hashlib
 import importlib.util
 import logging
 import os
+from contextlib import contextmanager
 from pathlib import Path
 
 from core.models import materialize_hf_folder, resolve_model_path
@@ -21,16 +22,41 @@ def vllm_available() -> bool:
     return importlib.util.find_spec("vllm") is not None
 
 
-def cpu_env_defaults(kv_cache_gb: int = 2, all_cores: bool = True) -> None:
-    """vLLM-on-CPU knobs, unless the user set them: the KV cache size, and (offline, where the
-    front end is idle while the model runs) OpenMP threads bound to every core this process may
-    use. vLLM's own default reserves one core for the front end: half the machine on 2 cores."""
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(kv_cache_gb))
+@contextmanager
+def environment(**values: str | None):
+    """`os.environ` with `values` set (None: left as it is) inside the block, restored after."""
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update({k: v for k, v in values.items() if v is not None})
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def cpu_env(kv_cache_gb: int = 2, all_cores: bool = True):
+    """vLLM-on-CPU knobs while an engine starts, unless the user set them: the KV cache size, and
+    (offline, where the front end is idle while the model runs) OpenMP threads bound to every core
+    this process may use; vLLM's own default reserves one core for the front end: half the machine
+    on 2 cores. Restored after the block, so one engine's cache size is not the next one's."""
+    values = {}
+    if "VLLM_CPU_KVCACHE_SPACE" not in os.environ:
+        values["VLLM_CPU_KVCACHE_SPACE"] = str(kv_cache_gb)
     cores = sorted(os.sched_getaffinity(0))
     contiguous = cores == list(range(cores[0], cores[-1] + 1))
     if all_cores and contiguous and "VLLM_CPU_OMP_THREADS_BIND" not in os.environ:
-        os.environ["VLLM_CPU_OMP_THREADS_BIND"] = f"{cores[0]}-{cores[-1]}"
-        os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
+        values["VLLM_CPU_OMP_THREADS_BIND"] = f"{cores[0]}-{cores[-1]}"
+        if "VLLM_CPU_NUM_OF_RESERVED_CPU" not in os.environ:
+            values["VLLM_CPU_NUM_OF_RESERVED_CPU"] = "0"
+    return environment(**values)
+
+
+def kv_cache_bytes(default_gb: int) -> int:
+    """The KV cache an engine started by `cpu_env(default_gb)` reserves."""
+    return int(os.environ.get("VLLM_CPU_KVCACHE_SPACE", default_gb)) * 2**30
 
 
 def vllm_folder(
@@ -58,15 +84,8 @@ def in_process_llm(**kwargs):
     so `reload_weights` can hand it tensors without serializing them to another process."""
     from vllm import LLM
 
-    saved = os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING")
-    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-    try:
+    with environment(VLLM_ENABLE_V1_MULTIPROCESSING="0"):
         return LLM(**kwargs)
-    finally:
-        if saved is None:
-            os.environ.pop("VLLM_ENABLE_V1_MULTIPROCESSING")
-        else:
-            os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = saved
 
 
 def reload_weights(llm, model) -> None:

@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 
 from core.errors import ConfigError
 from core.models import dtype_name
-from core.vllm_env import cpu_env_defaults, in_process_llm, reload_weights, vllm_available, vllm_folder
+from core.vllm_env import cpu_env, in_process_llm, reload_weights, vllm_available, vllm_folder
 from eval.judge import refusal_rate
 
 
@@ -60,6 +60,9 @@ def greedy_answers(
     return out
 
 
+GREEDY_KV_CACHE_GB = 1  # VLLM_CPU_KVCACHE_SPACE unless set: 270 answers of 32 tokens use a fraction
+
+
 class VLLMGreedy:
     """Greedy answers of in-memory models by one vLLM engine, started once on the base model's
     folder in this process: before each call the model's weights replace the engine's
@@ -69,17 +72,17 @@ class VLLMGreedy:
     def __init__(
         self, folder, dtype: torch.dtype, max_model_len: int | None = None, trust_remote_code: bool = False
     ):
-        cpu_env_defaults(kv_cache_gb=1)
         self.dtype = dtype
-        self.llm = in_process_llm(
-            model=str(folder),
-            dtype=dtype_name(str(dtype).removeprefix("torch.")),
-            max_model_len=max_model_len,
-            enforce_eager=True,
-            load_format="safetensors",
-            trust_remote_code=trust_remote_code,
-            seed=0,
-        )
+        with cpu_env(GREEDY_KV_CACHE_GB):
+            self.llm = in_process_llm(
+                model=str(folder),
+                dtype=dtype_name(str(dtype).removeprefix("torch.")),
+                max_model_len=max_model_len,
+                enforce_eager=True,
+                load_format="safetensors",
+                trust_remote_code=trust_remote_code,
+                seed=0,
+            )
 
     def __call__(self, model, prompts: Sequence[str], max_new_tokens: int) -> list[str]:
         from vllm import SamplingParams
@@ -164,13 +167,36 @@ def refusals(
 ) -> dict:
     """Share of prompts the model refuses (by `judge`), with the answers and verdicts; the answers
     by `generation` when given, else by transformers."""
+    return refusals_by_group(model, tokenizer, {"": prompts}, judge, max_new_tokens, batch_size, generation)[
+        ""
+    ]
+
+
+def refusals_by_group(
+    model,
+    tokenizer,
+    groups: dict[str, Sequence[str]],
+    judge,
+    max_new_tokens: int = 64,
+    batch_size: int = 16,
+    generation: Generation | None = None,
+) -> dict[str, dict]:
+    """`refusals` of each named group of prompts, all answered in one generation call (a vLLM
+    engine schedules them together and loads the model's weights once)."""
+    prompts = [p for group in groups.values() for p in group]
     if generation is None:
         answers = greedy_answers(model, tokenizer, prompts, max_new_tokens, batch_size)
     else:
         answers = generation.answers(model, tokenizer, prompts, max_new_tokens, batch_size)
-    verdicts = judge.judge(list(prompts), answers)
-    share = sum(v.refusal for v in verdicts) / len(verdicts) if verdicts else float("nan")
-    return {"share": share, "answers": answers, "verdicts": [v.label for v in verdicts]}
+    verdicts = judge.judge(prompts, answers)
+    out, start = {}, 0
+    for name, group in groups.items():
+        end = start + len(group)
+        vs = verdicts[start:end]
+        share = sum(v.refusal for v in vs) / len(vs) if vs else float("nan")
+        out[name] = {"share": share, "answers": answers[start:end], "verdicts": [v.label for v in vs]}
+        start = end
+    return out
 
 
 def _by(rows: list[dict], verdicts, key: str, answered: bool = False) -> dict:

@@ -9,7 +9,7 @@ import dataclasses
 import numpy as np
 from scipy.special import softmax
 
-from eval.behaviour import refusals
+from eval.behaviour import refusals_by_group
 from eval.judge import RefusalJudge
 from eval.loss import Scorer
 from optimize.config import Config, validate_config
@@ -124,23 +124,22 @@ def evaluate(
     the shares of harmful prompts refused and of benign prompts wrongly refused (greedy answers,
     rule-based refusal judge); the same shares on each external suite's (harmful, benign) prompts
     (`suites`, eval/suites.py) under "suites"."""
-    judge = RefusalJudge()
-
-    def share(model, prompts: list[str], batch_size: int) -> dict:
-        return refusals(
-            model, ctx.base.tokenizer, prompts, judge, max_new_tokens, batch_size, generation=ctx.generation
-        )
-
+    groups = {"harmful": harmful, "benign": benign}
+    for name, (h, b) in (suites or {}).items():
+        groups |= {f"{name}:harmful": h, f"{name}:benign": b}
     with ctx.merger.applied(candidate, method) as model:
         losses = test.losses(model)
-        harm, ben = share(model, harmful, 28), share(model, benign, 25)
-        external = {
-            name: {
-                "refused_harmful": share(model, h, 30)["share"],
-                "refused_benign": share(model, b, 30)["share"],
-            }
-            for name, (h, b) in (suites or {}).items()
+        judged = refusals_by_group(
+            model, ctx.base.tokenizer, groups, RefusalJudge(), max_new_tokens, 28, generation=ctx.generation
+        )
+    harm, ben = judged["harmful"], judged["benign"]
+    external = {
+        name: {
+            "refused_harmful": judged[f"{name}:harmful"]["share"],
+            "refused_benign": judged[f"{name}:benign"]["share"],
         }
+        for name in suites or {}
+    }
     return {
         **({"suites": external} if external else {}),
         **{k if k not in ("alignment", "domain") else f"{k}_loss": v for k, v in losses.items()},

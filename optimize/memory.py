@@ -11,7 +11,6 @@ device has free now.
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,7 +26,8 @@ from core.models import (
     resolve_model_path,
     store_dtype_name,
 )
-from eval.behaviour import vllm_generation
+from core.vllm_env import kv_cache_bytes
+from eval.behaviour import GREEDY_KV_CACHE_GB, vllm_generation
 from eval.loss import HEAD_CHUNK
 from optimize.config import Config
 from optimize.kernels import BISECT_NUMEL
@@ -167,7 +167,7 @@ def estimate(cfg: Config) -> Estimate:
     if device == "cpu":
         held["process"] = int(PROCESS_BYTES)
     if cfg.search.verify.top_k and vllm_generation(rt.generation, device):  # the verified pick's engine
-        kv = int(os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")) * 2**30
+        kv = kv_cache_bytes(GREEDY_KV_CACHE_GB)
         held["vLLM engine"] = base.numel * wbytes + kv + int(VLLM_RUNTIME_BYTES)
     transient = {"merge scratch": scratch, "scoring": scoring}
     if model_format(resolve_model_path(cfg.base), rt.allow_pickle, rt.trust_remote_code) == "gguf":

@@ -18,7 +18,7 @@ import time
 
 import optuna
 
-from eval.behaviour import refusals
+from eval.behaviour import refusals_by_group
 from eval.judge import RefusalJudge
 from optimize.merge import PLAIN
 from optimize.objective import weighted_loss
@@ -61,11 +61,12 @@ def judged(
     ctx, candidate, method, harmful: list[str], benign: list[str], max_new_tokens: int
 ) -> tuple[float, float]:
     """Shares of `harmful` and of `benign` prompts the merge refuses (greedy answers, rules)."""
-    judge, tok = RefusalJudge(), ctx.base.tokenizer
     model = ctx.merger.apply(candidate, method)
-    gen = ctx.generation
-    h = refusals(model, tok, harmful, judge, max_new_tokens, batch_size=28, generation=gen)["share"]
-    return h, refusals(model, tok, benign, judge, max_new_tokens, batch_size=25, generation=gen)["share"]
+    groups = {"harmful": harmful, "benign": benign}
+    shares = refusals_by_group(
+        model, ctx.base.tokenizer, groups, RefusalJudge(), max_new_tokens, 28, generation=ctx.generation
+    )
+    return shares["harmful"]["share"], shares["benign"]["share"]
 
 
 def verified_pick(

@@ -16,6 +16,7 @@ import gc
 import json
 import warnings
 from collections.abc import Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,7 +32,7 @@ from core.models import (
     resolve_dtype,
     resolve_model_path,
 )
-from core.vllm_env import cpu_env_defaults, in_process_llm, reload_weights, vllm_available, vllm_folder
+from core.vllm_env import cpu_env, in_process_llm, reload_weights, vllm_available, vllm_folder
 
 Conversation = list[dict[str, str]]
 
@@ -247,17 +248,17 @@ class VLLMEngine(Engine):
 
     def __init__(self, ref: ModelRef, settings: EngineSettings):
         import torch
-
-        if not torch.cuda.is_available():
-            cpu_env_defaults(settings.kv_cache_gb, settings.cpu_all_cores)
         from vllm import LLM
+
+        gpu = torch.cuda.is_available()
+        env = nullcontext() if gpu else cpu_env(settings.kv_cache_gb, settings.cpu_all_cores)
 
         self.ref, self.settings = ref, settings
         base = checked_base(ref, settings)
         model_path = vllm_folder(base or ref.path, settings.cache_dir, settings.trust_remote_code)
         eager = settings.enforce_eager
         if eager is None:
-            eager = not torch.cuda.is_available()
+            eager = not gpu
         kwargs = {
             "model": str(model_path),
             "dtype": dtype_name(settings.dtype),
@@ -268,23 +269,23 @@ class VLLMEngine(Engine):
         }
         if not settings.allow_pickle:  # vLLM would fall back to *.bin weights
             kwargs["load_format"] = "safetensors"
-        if torch.cuda.is_available():
+        if gpu:
             kwargs["gpu_memory_utilization"] = settings.gpu_memory_utilization
         self.base, self.lora, self.max_rank, self.loras = base, None, 0, 0
         self.serving: ModelRef | None = None  # the adapter answering now
-        lora_mode = (
-            settings.lora if settings.lora != "auto" else "adapter" if torch.cuda.is_available() else "merged"
-        )
+        lora_mode = settings.lora if settings.lora != "auto" else "adapter" if gpu else "merged"
         self.merged = base is not None and lora_mode == "merged"
         if self.merged:  # the engine holds the base; each adapter is merged into it in place (`use`)
-            self.llm = in_process_llm(**kwargs)
+            with env:
+                self.llm = in_process_llm(**kwargs)
             self.use(ref)
             return
         if base is not None:  # with room for other adapters of the base: one engine serves them all
             self.max_rank = max(MAX_LORA_RANK, lora_rank(ref))
             kwargs.update(enable_lora=True, max_lora_rank=self.max_rank)
             self.use(ref)
-        self.llm = LLM(**kwargs)
+        with env:
+            self.llm = LLM(**kwargs)
 
     def serves(self, ref: ModelRef) -> bool:
         lora = self.base is not None and lora_base(ref) == self.base

@@ -1,11 +1,13 @@
 """Generation-based refusal measurement on an in-memory model (tiny random model: mechanics)."""
 
+import os
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from core.errors import ConfigError
-from eval.behaviour import Generation, greedy_answers, refusals
+from eval.behaviour import Generation, greedy_answers, refusals, refusals_by_group
 from eval.judge import RefusalJudge
 from optimize.demo import headline
 
@@ -20,6 +22,13 @@ def test_batched_greedy_answers_match_one_by_one(world):
     assert tok.padding_side == AutoTokenizer.from_pretrained(world["base"]).padding_side
     r = refusals(model, tok, prompts, RefusalJudge(), max_new_tokens=4)
     assert 0 <= r["share"] <= 1 and len(r["verdicts"]) == 3
+    # several groups answered in one call: each group's figures as if it had been answered alone
+    groups = {"a": prompts[:1], "b": prompts[1:], "empty": []}
+    by_group = refusals_by_group(model, tok, groups, RefusalJudge(), max_new_tokens=4)
+    assert list(by_group) == ["a", "b", "empty"]
+    for name in "ab":
+        assert by_group[name] == refusals(model, tok, groups[name], RefusalJudge(), max_new_tokens=4)
+    assert by_group["empty"]["answers"] == [] and by_group["empty"]["share"] != by_group["empty"]["share"]
 
 
 def test_headline_checks():
@@ -107,3 +116,20 @@ def test_auto_generation_falls_back_to_transformers_when_vllm_does_not_start(wor
     assert not gen.uses_vllm and "vLLM failed (RuntimeError" in capsys.readouterr().err
     with pytest.raises(RuntimeError, match="no CPU backend"):
         Generation("vllm", str(world["base"]), "cpu").answers(model, tok, prompts, 4, 2)
+
+
+def test_vllm_cpu_settings_last_only_while_an_engine_starts(monkeypatch):
+    """synth's engine (2 GiB KV cache) must not size the verify engine's cache (1 GiB) when both
+    run in one process; a value the user set is kept."""
+    from core.vllm_env import cpu_env, kv_cache_bytes
+
+    monkeypatch.delenv("VLLM_CPU_KVCACHE_SPACE", raising=False)
+    monkeypatch.delenv("VLLM_CPU_OMP_THREADS_BIND", raising=False)
+    with cpu_env(kv_cache_gb=2):
+        assert kv_cache_bytes(1) == 2 * 2**30 and "VLLM_CPU_OMP_THREADS_BIND" in os.environ
+    assert "VLLM_CPU_KVCACHE_SPACE" not in os.environ and "VLLM_CPU_OMP_THREADS_BIND" not in os.environ
+    assert kv_cache_bytes(1) == 2**30
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "5")
+    with cpu_env(kv_cache_gb=2, all_cores=False):
+        assert kv_cache_bytes(1) == 5 * 2**30 and "VLLM_CPU_OMP_THREADS_BIND" not in os.environ
+    assert os.environ["VLLM_CPU_KVCACHE_SPACE"] == "5"

@@ -160,7 +160,6 @@ def test_vllm_gets_the_policy(world, remote, monkeypatch):
 
     seen = {}
     monkeypatch.setattr(vllm, "LLM", lambda **kw: seen.update(kw))
-    monkeypatch.setattr(engine, "cpu_env_defaults", lambda *args: None)
     engine.VLLMEngine(ModelRef(str(world["base"])), EngineSettings())
     assert seen["load_format"] == "safetensors" and seen["trust_remote_code"] is False
     seen.clear()
