@@ -1,13 +1,15 @@
 """How well the free over-refusal signal predicts the judged refusal rate, over the trials of a study.
 
-    python bench/bench_refusal_signal.py --run runs/demo [--max-new-tokens 32]
+    python bench/bench_refusal_signal.py --run runs/demo [more runs] [--max-new-tokens 32]
         [--json bench/results/refusal_signal.json]
 
-Every complete trial of the finished search in `--run` (its run.yaml and study.db) is merged again
-and answers the search splits' benign prompts (D_help) and harmful prompts (D_safety) greedily; the
-rule-based judge reads the answers. Beside each trial's recorded refusal-opening masses
-(`refusal_mass_helpfulness`, `refusal_mass_alignment`, docs/method.md §3) and losses, the script
-reports Pearson and Spearman correlations with the judged shares. Only search splits are used.
+Every complete trial of each finished search in `--run` (its run.yaml and study.db) is merged
+again and answers the search splits' benign prompts (D_help) and harmful prompts (D_safety)
+greedily; the rule-based judge reads the answers. Beside each trial's recorded refusal-opening
+masses (`refusal_mass_helpfulness`, `refusal_mass_alignment`, docs/method.md §3) and losses, the
+script reports Pearson and Spearman correlations with the judged shares, per run and pooled, and
+what the verified pick (optimize/verify.py's rule) would choose with k = 1, 3, 6, 12 candidates.
+Only search splits are used.
 """
 
 from __future__ import annotations
@@ -28,8 +30,8 @@ sys.path.insert(0, str(ROOT))
 from core.files import write_text_atomic  # noqa: E402
 from optimize.config import validate_config  # noqa: E402
 from optimize.context import check_inputs, prepare  # noqa: E402
-from optimize.study import default_storage  # noqa: E402
-from optimize.verify import judged  # noqa: E402
+from optimize.merge import PLAIN  # noqa: E402
+from optimize.verify import judged, pick, shortfall, shortlist  # noqa: E402
 
 
 def correlations(x: list[float], y: list[float]) -> dict:
@@ -39,28 +41,27 @@ def correlations(x: list[float], y: list[float]) -> dict:
     }
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--run", default="runs/demo")
-    ap.add_argument("--max-new-tokens", type=int, default=32)
-    ap.add_argument("--json", default="bench/results/refusal_signal.json")
-    args = ap.parse_args()
-    run = yaml.safe_load((Path(args.run) / "run.yaml").read_text())
+def measure(run_dir: Path, max_new_tokens: int) -> dict:
+    run = yaml.safe_load((run_dir / "run.yaml").read_text())
     raw = run["config"] | {"storage": None}
     raw["search"]["verify"]["top_k"] = max(1, raw["search"]["verify"]["top_k"])  # loads D_help
     cfg = validate_config(raw)
     ctx = prepare(cfg, check_inputs(cfg))
-    study = optuna.load_study(study_name=run["study_name"], storage=default_storage(cfg))
+    url = f"sqlite:///{(run_dir / 'study.db').resolve()}"
+    study = optuna.load_study(study_name=run["study_name"], storage=url)
     harmful = [r["prompt"] for r in ctx.rows["alignment"]]
     benign = [r["prompt"] for r in ctx.rows["helpfulness"]]
-    rows = []
     started = time.perf_counter()
+    i = [s.role for s in cfg.sources].index("alignment")
+    aligned_h, _ = judged(ctx, dict(ctx.merger.references())[i], PLAIN, harmful, benign, max_new_tokens)
+    rows = []
     for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
-        h, b = judged(ctx, ctx.space.decode(t.params), None, harmful, benign, args.max_new_tokens)
+        h, b = judged(ctx, ctx.space.decode(t.params), None, harmful, benign, max_new_tokens)
         a = t.user_attrs
         rows.append(
             {
                 "trial": t.number,
+                "objective": t.value,
                 "mass_benign": a.get("refusal_mass_helpfulness"),
                 "mass_harmful": a.get("refusal_mass_alignment"),
                 "L_help": a.get("helpfulness_loss"),
@@ -69,25 +70,59 @@ def main() -> int:
                 "harmful_refused": h,
             }
         )
-        print(f"trial {t.number}: {rows[-1]}", file=sys.stderr)
-    col = lambda k: [r[k] for r in rows]  # noqa: E731
-    out = {
-        "run": args.run,
+        print(f"{run_dir} trial {t.number}: {rows[-1]}", file=sys.stderr)
+    ctx.generation.close()
+    tg = cfg.search.targets
+    min_harmful = tg.min_harmful_refused if tg.min_harmful_refused is not None else aligned_h - tg.margin
+    by_number = {r["trial"]: r for r in rows}
+    picks = {}
+    for k in (1, 3, 6, 12):
+        ranked = [by_number[t.number] for t in shortlist(study, cfg.search, k)]
+        chosen = pick(ranked, min_harmful, tg.max_benign_refused)
+        picks[k] = {key: chosen[key] for key in ("trial", "objective", "harmful_refused", "benign_refused")}
+        h, b = chosen["harmful_refused"], chosen["benign_refused"]
+        gap = shortfall(h, b, min_harmful, tg.max_benign_refused)
+        picks[k]["meets_targets"] = gap == 0
+    return {
+        "run": str(run_dir),
         "trials": len(rows),
+        "seconds": round(time.perf_counter() - started, 1),
         "benign_prompts": len(benign),
         "harmful_prompts": len(harmful),
-        "max_new_tokens": args.max_new_tokens,
-        "seconds": round(time.perf_counter() - started, 1),
+        "targets": {"min_harmful_refused": min_harmful, "max_benign_refused": tg.max_benign_refused},
+        **summary(rows),
+        "verified_pick_with_k": picks,
+        "rows": rows,
+    }
+
+
+def summary(rows: list[dict]) -> dict:
+    col = lambda k: [r[k] for r in rows]  # noqa: E731
+    return {
         "benign_refused_vs": {
             k: correlations(col(k), col("benign_refused")) for k in ("mass_benign", "L_help")
         },
         "harmful_refused_vs": {
-            k: correlations(col(k), col("harmful_refused")) for k in ("mass_harmful", "L_align")
+            k: correlations(col(k), col("harmful_refused")) for k in ("mass_harmful", "L_align", "objective")
         },
-        "rows": rows,
+    }
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--run", nargs="+", default=["runs/demo"], help="finished search run folders")
+    ap.add_argument("--max-new-tokens", type=int, default=32)
+    ap.add_argument("--json", default="bench/results/refusal_signal.json")
+    args = ap.parse_args()
+    runs = [measure(Path(r), args.max_new_tokens) for r in args.run]
+    out = {
+        "max_new_tokens": args.max_new_tokens,
+        "pooled": {"trials": sum(r["trials"] for r in runs), **summary([x for r in runs for x in r["rows"]])},
+        "runs": runs,
     }
     write_text_atomic(Path(args.json), json.dumps(out, indent=1))
-    print(json.dumps({k: v for k, v in out.items() if k != "rows"}, indent=1))
+    brief = {**out, "runs": [{k: v for k, v in r.items() if k != "rows"} for r in runs]}
+    print(json.dumps(brief, indent=1))
     return 0
 
 
