@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import gc
 import json
+import sys
 import warnings
 from collections.abc import Sequence
 from contextlib import nullcontext
@@ -296,7 +297,7 @@ class VLLMEngine(Engine):
 
         if self.base is None or (self.serving is not None and same_model(self.serving, ref)):
             return  # a full model, or this adapter already
-        tqdm.write(f"[synth] {ref.label}: served by the loaded engine (a LoRA of its base)")
+        tqdm.write(f"[synth] {ref.label}: served by the loaded engine (a LoRA of its base)", file=sys.stderr)
         checked_base(ref, self.settings)  # the loader policy, on this adapter too
         self.ref = self.serving = ref
         if self.merged:
@@ -381,7 +382,7 @@ class EngineSlot:
             self.engine.use(ref)
             return self.engine
         self.close()
-        tqdm.write(f"[synth] loading {ref.label} ({resolve_backend(self.backend)} backend)")
+        tqdm.write(f"[synth] loading {ref.label} ({resolve_backend(self.backend)} backend)", file=sys.stderr)
         self.engine = open_engine(ref, self.backend, self.settings)
         self.loads.append(ref.label)
         return self.engine

@@ -138,3 +138,26 @@ def test_console_script_runs_outside_the_repository(tmp_path):
     assert script, "alignmerge-search is not installed beside this Python (pip install -e .)"
     done = subprocess.run([script, "--help"], cwd=tmp_path, capture_output=True, text=True)
     assert done.returncode == 0 and "--config" in done.stdout, done.stderr[-2000:]
+
+
+def test_logs_go_to_stderr():
+    """A command's stdout is its result (the report's path: `core.cli.run_cli` prints it), so
+    every other print and tqdm.write in the packages names its stream; scripts' `__main__`
+    blocks are exempt."""
+    loose = []
+    for package in PACKAGES:
+        for path in sorted((ROOT / package).rglob("*.py")):
+            tree = ast.parse(path.read_text())
+            exempt = {
+                id(n)
+                for block in tree.body
+                if isinstance(block, ast.If) and "__main__" in ast.unparse(block.test)
+                for n in ast.walk(block)
+            }
+            for node in ast.walk(tree):
+                if not isinstance(node, ast.Call) or id(node) in exempt:
+                    continue
+                name = ast.unparse(node.func)
+                if name in ("print", "tqdm.write") and not any(k.arg == "file" for k in node.keywords):
+                    loose.append(f"{path.relative_to(ROOT)}:{node.lineno} {name}")
+    assert [entry.split(":")[0] for entry in loose] == ["core/cli.py"], loose  # run_cli's result
