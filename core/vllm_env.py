@@ -4,14 +4,15 @@ load (vLLM reads HF folders, not GGUF files). synth's engines and eval's in-memo
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import importlib.util
 import logging
 import os
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
-from core.models import materialize_hf_folder, resolve_model_path
+from core.models import materialize_hf_folder, release_freed_memory, resolve_model_path
 
 # vLLM logs to stdout by default; our commands' stdout is their result (the report's path). Set
 # before vLLM is first imported, which every caller does after importing this module.
@@ -86,6 +87,34 @@ def in_process_llm(**kwargs):
 
     with environment(VLLM_ENABLE_V1_MULTIPROCESSING="0"):
         return LLM(**kwargs)
+
+
+def _module_ids(worker) -> list[int]:
+    return [id(m) for m in worker.model_runner.get_model().modules()]
+
+
+def close_in_process_llm(llm) -> None:
+    """Stop an `in_process_llm` engine so its memory can go once the caller drops it (then call
+    `release_memory`). vLLM's reload bookkeeping (`reload.layerwise.LAYERWISE_INFO`, a module-level
+    WeakKeyDictionary whose values hold their layers' tensors) would keep every reloaded layer alive
+    for the rest of the process (0.55 GB for the 135M model, measured): this engine's entries go."""
+    try:
+        from vllm.model_executor.model_loader.reload import layerwise
+
+        ours = set(llm.collective_rpc(_module_ids)[0])
+        for layer in [k for k in list(layerwise.LAYERWISE_INFO) if id(k) in ours]:
+            del layerwise.LAYERWISE_INFO[layer]
+    except Exception:  # noqa: BLE001, S110 - only memory is at stake; vLLM's internals may move
+        pass
+    with suppress(Exception):  # the engine may already be gone
+        llm.llm_engine.engine_core.shutdown()
+
+
+def release_memory() -> None:
+    """After an engine is dropped: collect it, and hand the freed heap pages back to the OS (glibc
+    keeps them: 0.7 GB after the 135M model's engine, measured)."""
+    gc.collect()
+    release_freed_memory()
 
 
 def reload_weights(llm, model) -> None:

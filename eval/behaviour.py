@@ -6,8 +6,6 @@ workload, BENCHMARKS.md)."""
 
 from __future__ import annotations
 
-import contextlib
-import gc
 import sys
 from collections.abc import Sequence
 
@@ -16,7 +14,15 @@ from tqdm.auto import tqdm
 
 from core.errors import ConfigError
 from core.models import dtype_name
-from core.vllm_env import cpu_env, in_process_llm, reload_weights, vllm_available, vllm_folder
+from core.vllm_env import (
+    close_in_process_llm,
+    cpu_env,
+    in_process_llm,
+    release_memory,
+    reload_weights,
+    vllm_available,
+    vllm_folder,
+)
 from eval.judge import refusal_rate
 
 
@@ -93,10 +99,9 @@ class VLLMGreedy:
         return [r.outputs[0].text.strip() for r in self.llm.chat(convs, params, use_tqdm=False)]
 
     def close(self) -> None:
-        with contextlib.suppress(Exception):  # the engine may already be gone
-            self.llm.llm_engine.engine_core.shutdown()
+        close_in_process_llm(self.llm)
         del self.llm
-        gc.collect()
+        release_memory()
 
 
 def vllm_generation(kind: str, device: str) -> bool:

@@ -33,7 +33,15 @@ from core.models import (
     resolve_dtype,
     resolve_model_path,
 )
-from core.vllm_env import cpu_env, in_process_llm, reload_weights, vllm_available, vllm_folder
+from core.vllm_env import (
+    close_in_process_llm,
+    cpu_env,
+    in_process_llm,
+    release_memory,
+    reload_weights,
+    vllm_available,
+    vllm_folder,
+)
 
 Conversation = list[dict[str, str]]
 
@@ -343,6 +351,11 @@ class VLLMEngine(Engine):
         return out
 
     def close(self) -> None:
+        if self.merged:  # in this process: its weights must be freed here
+            close_in_process_llm(self.llm)
+            del self.llm
+            release_memory()
+            return
         try:  # stop the engine-core process now rather than at garbage collection
             self.llm.llm_engine.engine_core.shutdown()
         except Exception as e:  # noqa: BLE001 - the engine may already be gone

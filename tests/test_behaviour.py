@@ -88,6 +88,10 @@ def test_vllm_greedy_answers_as_the_model_whose_weights_it_was_given(world, tmp_
     own.close()
     assert as_variant == direct and as_variant != as_base and back == as_base
     assert all(a.strip() for a in as_base + as_variant)
+    # closed engines leave nothing behind: vLLM's reload bookkeeping held every reloaded layer
+    from vllm.model_executor.model_loader.reload import layerwise
+
+    assert len(layerwise.LAYERWISE_INFO) == 0
 
 
 def test_vllm_generation_is_refused_on_a_gpu_and_transformers_stays_available(world):
