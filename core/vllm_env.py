@@ -93,11 +93,14 @@ def _module_ids(worker) -> list[int]:
     return [id(m) for m in worker.model_runner.get_model().modules()]
 
 
-def close_in_process_llm(llm) -> None:
-    """Stop an `in_process_llm` engine so its memory can go once the caller drops it (then call
-    `release_memory`). vLLM's reload bookkeeping (`reload.layerwise.LAYERWISE_INFO`, a module-level
-    WeakKeyDictionary whose values hold their layers' tensors) would keep every reloaded layer alive
-    for the rest of the process (0.55 GB for the 135M model, measured): this engine's entries go."""
+def close_in_process_llm(owner) -> None:
+    """Stop `owner.llm`, an `in_process_llm` engine, and free its memory (taken off `owner`, so
+    nothing keeps it). vLLM's reload bookkeeping (`reload.layerwise.LAYERWISE_INFO`, a module-level
+    WeakKeyDictionary whose values hold their layers' tensors) would keep every reloaded layer
+    alive for the rest of the process: this engine's entries go. Then the freed heap pages go back
+    to the OS (glibc keeps them). Synth's engine on the 135M model: 2.42 -> 0.94 GB resident after
+    closing, measured."""
+    llm = owner.__dict__.pop("llm")
     try:
         from vllm.model_executor.model_loader.reload import layerwise
 
@@ -108,11 +111,7 @@ def close_in_process_llm(llm) -> None:
         pass
     with suppress(Exception):  # the engine may already be gone
         llm.llm_engine.engine_core.shutdown()
-
-
-def release_memory() -> None:
-    """After an engine is dropped: collect it, and hand the freed heap pages back to the OS (glibc
-    keeps them: 0.7 GB after the 135M model's engine, measured)."""
+    del llm
     gc.collect()
     release_freed_memory()
 

@@ -18,7 +18,6 @@ from core.vllm_env import (
     close_in_process_llm,
     cpu_env,
     in_process_llm,
-    release_memory,
     reload_weights,
     vllm_available,
     vllm_folder,
@@ -99,9 +98,7 @@ class VLLMGreedy:
         return [r.outputs[0].text.strip() for r in self.llm.chat(convs, params, use_tqdm=False)]
 
     def close(self) -> None:
-        close_in_process_llm(self.llm)
-        del self.llm
-        release_memory()
+        close_in_process_llm(self)
 
 
 def vllm_generation(kind: str, device: str) -> bool:

@@ -37,7 +37,6 @@ from core.vllm_env import (
     close_in_process_llm,
     cpu_env,
     in_process_llm,
-    release_memory,
     reload_weights,
     vllm_available,
     vllm_folder,
@@ -261,13 +260,10 @@ class VLLMEngine(Engine):
 
         gpu = torch.cuda.is_available()
         env = nullcontext() if gpu else cpu_env(settings.kv_cache_gb, settings.cpu_all_cores)
-
         self.ref, self.settings = ref, settings
         base = checked_base(ref, settings)
         model_path = vllm_folder(base or ref.path, settings.cache_dir, settings.trust_remote_code)
-        eager = settings.enforce_eager
-        if eager is None:
-            eager = not gpu
+        eager = not gpu if settings.enforce_eager is None else settings.enforce_eager
         kwargs = {
             "model": str(model_path),
             "dtype": dtype_name(settings.dtype),
@@ -351,11 +347,8 @@ class VLLMEngine(Engine):
         return out
 
     def close(self) -> None:
-        if self.merged:  # in this process: its weights must be freed here
-            close_in_process_llm(self.llm)
-            del self.llm
-            release_memory()
-            return
+        if self.merged:  # in this process: its weights are freed here
+            return close_in_process_llm(self)
         try:  # stop the engine-core process now rather than at garbage collection
             self.llm.llm_engine.engine_core.shutdown()
         except Exception as e:  # noqa: BLE001 - the engine may already be gone
