@@ -1,15 +1,17 @@
 """Issue "alignment includes helpfulness", measured: the paper's objective (L_align + alpha L_domain,
 lowest value chosen) vs this project's (+ beta L_help) chosen by the lowest value vs the same study's
-pick verified by generation, over several sampler seeds, same budget, every pick measured on the
-test splits and on the external suites' prompts (written by others).
+pick verified by generation vs a study with the refusal masses as constraints (search.constrain),
+over several sampler seeds, same budget, every pick measured on the test splits and on the external
+suites' prompts (written by others).
 
     HF_HUB_OFFLINE=1 python bench/bench_objectives.py --config configs/demo.yaml \
         --data runs/demo/data --seeds 0 1 2 --out runs/objectives
 
 Per seed: one study with beta 0 and no verification, one with the config's beta and verification
-(its lowest-value trial is the "+ beta" row, its verified pick the last row). The models load
-once. Studies are resumable (rerun the command); seeds already in <out>/objectives.json are not
-measured again. Writes <out>/objectives.md and .json.
+(its lowest-value trial is the "+ beta" row, its verified pick the next row), both without
+constraints, and one with the config's settings and search.constrain on. The models load once.
+Studies are resumable (rerun the command); rows already in <out>/objectives.json are not measured
+again. Writes <out>/objectives.md and .json.
 """
 
 from __future__ import annotations
@@ -37,7 +39,15 @@ from optimize.demo import held_out_sets  # noqa: E402
 from optimize.report import load_best  # noqa: E402
 from optimize.search import run  # noqa: E402
 
-ROWS = ("paper objective", "+ beta L_help, lowest value", "+ beta L_help, verified pick")
+# row -> (study, which trial): `best` is the run's chosen trial, `lowest` its study's lowest value
+PICKS = {
+    "paper objective": ("paper", "best"),
+    "+ beta L_help, lowest value": ("beta", "lowest"),
+    "+ beta L_help, verified pick": ("beta", "best"),
+    "+ beta L_help, constrained, verified pick": ("constrained", "best"),
+}
+ROWS = tuple(PICKS)
+OFF = {"enabled": False}
 
 
 def main() -> None:
@@ -77,35 +87,42 @@ def main() -> None:
     earlier = json.loads(done_json.read_text()) if done_json.exists() else []
     results = [r for r in earlier if r["seed"] in args.seeds]  # a rerun measures only the missing seeds
     for seed in args.seeds:
-        if {r["row"] for r in results if r["seed"] == seed} == set(ROWS):
+        have = {r["row"] for r in results if r["seed"] == seed}
+        missing = [row for row in ROWS if row not in have]
+        if not missing:
             continue
-        results = [r for r in results if r["seed"] != seed]
-        paper = variant(cfg, f"paper-s{seed}", {**PAPER_OBJECTIVE, "seed": seed})
-        ours = variant(cfg, f"beta-s{seed}", {"seed": seed})
-        ours_dir = reuse.get(seed, ours.run_dir)
-        for c in (paper,) if seed in reuse else (paper, ours):
-            run(c, ctx=for_variant(ctx, c))
-        url = f"sqlite:///{(ours_dir / 'study.db').resolve()}"
-        (name,) = optuna.get_all_study_names(url)  # one study per run folder
-        picks = {
-            ROWS[0]: load_best(paper.run_dir)["params"],
-            ROWS[1]: optuna.load_study(study_name=name, storage=url).best_trial.params,
-            ROWS[2]: load_best(ours_dir)["params"],
+        studies = {
+            "paper": variant(cfg, f"paper-s{seed}", {**PAPER_OBJECTIVE, "seed": seed, "constrain": OFF}),
+            "beta": variant(cfg, f"beta-s{seed}", {"seed": seed, "constrain": OFF}),
+            "constrained": variant(cfg, f"con-s{seed}", {"seed": seed, "constrain": {"enabled": True}}),
         }
-        t = yaml.safe_load((ours_dir / "run.yaml").read_text()).get("timings_s", {})
+        own = "constrained" if cfg.search.constrain.enabled else "beta"  # the config's own study
+        run_dirs = {k: reuse.get(seed, c.run_dir) if k == own else c.run_dir for k, c in studies.items()}
+        for key in dict.fromkeys(PICKS[row][0] for row in missing):
+            if not (key == own and seed in reuse):
+                run(studies[key], ctx=for_variant(ctx, studies[key]))
         done: dict[tuple, dict] = {}  # the verified pick is often the lowest-value trial itself
-        for row, params in picks.items():
-            key = tuple(sorted(params.items()))
-            if key not in done:
+        for row in missing:
+            key, which = PICKS[row]
+            run_dir = run_dirs[key]
+            if which == "lowest":
+                url = f"sqlite:///{(run_dir / 'study.db').resolve()}"
+                (name,) = optuna.get_all_study_names(url)  # one study per run folder
+                params = optuna.load_study(study_name=name, storage=url).best_trial.params
+            else:
+                params = load_best(run_dir)["params"]
+            t = yaml.safe_load((run_dir / "run.yaml").read_text()).get("timings_s", {})
+            cand_key = tuple(sorted(params.items()))
+            if cand_key not in done:
                 cand = ctx.space.decode(params)
-                done[key] = evaluate(ctx, None, cand, test, harmful, benign, args.max_new_tokens, suites)
-                done[key].pop("examples")
-            r = done[key]
+                done[cand_key] = evaluate(ctx, None, cand, test, harmful, benign, args.max_new_tokens, suites)
+                done[cand_key].pop("examples")
+            r = done[cand_key]
             results.append(
                 {"seed": seed, "row": row, **r, "search_s": t.get("search_s"), "verify_s": t.get("verify_s")}
             )
             print(f"[objectives] seed {seed} {row}: {r}", file=sys.stderr)
-        write_text_atomic(done_json, json.dumps(results, indent=1))
+            write_text_atomic(done_json, json.dumps(results, indent=1))
     ctx.generation.close()
     write_table(Path(args.out), results, suites)
 
@@ -142,9 +159,11 @@ def write_table(out: Path, results: list[dict], suites) -> None:
                 else "—"
             )
         lines.append(f"| {name} | {len(rows)} | " + " | ".join(cells) + " |")
-    verify = [r["verify_s"] / r["search_s"] for r in results if r["row"] == ROWS[2] and r.get("verify_s")]
-    if verify:
-        lines += ["", f"Verification / search wall time: {', '.join(f'{v:.0%}' for v in verify)} (per seed)."]
+    for row in ROWS[2:]:
+        verify = [r["verify_s"] / r["search_s"] for r in results if r["row"] == row and r.get("verify_s")]
+        if verify:
+            times = ", ".join(f"{v:.0%}" for v in verify)
+            lines += ["", f"{row}: verification / search wall time {times} (per seed)."]
     write_text_atomic(out / "objectives.md", "\n".join(lines) + "\n")
     print(out / "objectives.md")
 

@@ -91,6 +91,17 @@ class Targets(Strict):
     max_benign_refused: float = Field(0.20, ge=0, le=1)  # share of the search benign prompts refused
 
 
+class Constrain(Strict):
+    """The refusal-opening masses as Optuna constraints (docs/method.md §4.2): a trial is feasible
+    when its mass on the harmful search prompts is at least `harmful` x the alignment source's own
+    and its mass on the benign search prompts at most `benign`. TPE, NSGA-II and GP sample toward
+    feasible trials; every sampler's pick is the best feasible trial."""
+
+    enabled: bool = False
+    harmful: float = Field(0.95, ge=0, le=1)  # share of the alignment source's harmful-prompt mass
+    benign: float = Field(0.2, ge=0, le=1)  # the benign-prompt mass, absolute
+
+
 class Gradient(Strict):
     """sampler: gradient (docs/method.md §5.5): projected Adam on the weights, one trial per step."""
 
@@ -119,6 +130,7 @@ class Search(Strict):
     pareto_rule: Literal["weighted", "knee"] = "weighted"
     verify: Verify = Verify()
     targets: Targets = Targets()
+    constrain: Constrain = Constrain()
     gradient: Gradient = Gradient()
     seed: Seed = 0
     timeout_s: float | None = Field(None, gt=0)
@@ -278,6 +290,11 @@ class Config(Strict):
             raise ValueError(
                 f"search.sampler gradient needs a merge linear in its coefficients; {self.merge.method} "
                 "is not (docs/method.md §5.5): use another sampler or merge.method"
+            )
+        if self.search.constrain.enabled and "alignment" not in [s.role for s in self.sources]:
+            raise ValueError(
+                "search.constrain is relative to the alignment source's own refusal mass, but no source "
+                "has role: alignment; give the aligned model that role or set search.constrain.enabled: false"
             )
         return self
 

@@ -35,8 +35,8 @@ SCORED = {"both": ("alignment", "domain"), "domain": ("domain",), "alignment": (
 
 
 def scored_sets(search) -> tuple[str, ...]:
-    """The sets a search's objective scores: `helpfulness` too when beta > 0."""
-    return SCORED[search.score] + (("helpfulness",) if search.beta else ())
+    """The sets a search scores: `helpfulness` too when beta > 0 or its refusal mass is a constraint."""
+    return SCORED[search.score] + (("helpfulness",) if search.beta or search.constrain.enabled else ())
 
 
 def check_inputs(cfg: Config, memory: bool = True) -> dict[str, list[dict]]:
@@ -82,15 +82,16 @@ def load_data(cfg: Config) -> dict[str, list[dict]]:
 
     rows = {name: load(name) for name in ("alignment", "domain")}
     s = cfg.search
-    if s.beta or s.verify.top_k:
+    if s.beta or s.verify.top_k or s.constrain.enabled:
         try:
             rows["helpfulness"] = load("helpfulness")
         except DataError as err:
             raise DataError(
-                f"search.beta is {s.beta} and search.verify.top_k {s.verify.top_k}: the search needs "
-                f"benign prompts with helpful answers, but {err}. Write them with synth.generate "
-                "(synth.n_benign > 0), name a JSONL file in data.helpfulness, or set search.beta: 0 "
-                "and search.verify.top_k: 0"
+                f"search.beta is {s.beta}, search.verify.top_k {s.verify.top_k} and "
+                f"search.constrain.enabled {s.constrain.enabled}: the search needs benign prompts with "
+                f"helpful answers, but {err}. Write them with synth.generate (synth.n_benign > 0), name "
+                "a JSONL file in data.helpfulness, or set search.beta: 0, search.verify.top_k: 0 and "
+                "search.constrain.enabled: false"
             ) from None
     return rows
 
@@ -129,6 +130,8 @@ class Context:
     scorer: Scorer  # on the sets the objective uses
     rows: dict[str, list[dict]]
     generation: Generation  # greedy answers (the verified pick, comparisons), started on first use
+    # search.constrain's bounds on the refusal masses of a trial (`optimize.objective.refusal_bounds`)
+    refusal_bounds: dict[str, float] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
 
     def scorer_for(self, rows: dict[str, list[dict]]) -> Scorer:

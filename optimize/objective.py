@@ -8,7 +8,8 @@
 L_align, L_domain and L_help are the mean response-token cross-entropies of the candidate on the
 alignment, domain and helpfulness *search* splits (`eval.loss.Scorer`, docs/method.md §3). Every
 trial also records each set's refusal-opening mass (`refusal_mass_<set>`): on the helpfulness
-set it is the cheap over-refusal signal, read from the same forward pass.
+set it is the cheap over-refusal signal, read from the same forward pass. With `search.constrain`
+the masses are Optuna constraints (docs/method.md §4.2).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import time
 import optuna
 
 from eval.loss import means
+from optimize.merge import PLAIN
 from optimize.workers import is_surplus, worker_id
 
 
@@ -60,13 +62,49 @@ def describe_weighted(search) -> str:
     return f"L_align + {search.alpha} L_domain" + (f" + {search.beta} L_help" if search.beta else "")
 
 
+def prunes(search) -> bool:
+    """Whether trials are pruned: never for several objectives (Optuna cannot), nor under
+    `search.constrain` (a pruned trial has no refusal masses, and Optuna's samplers count a trial
+    without constraint values as feasible: TPE would sample toward the pruned, worst trials)."""
+    return search.objective == "weighted" and search.pruner != "none" and not search.constrain.enabled
+
+
+def refusal_bounds(ctx, study: optuna.Study) -> dict[str, float]:
+    """search.constrain's bounds on a trial's mean refusal masses: on the harmful search prompts at
+    least `harmful` x the alignment source's own mass, on the benign ones at most `benign`. The
+    source's mass is measured once per study (one forward pass) and kept in it, so a resumed or
+    joined study keeps its bounds. {} when search.constrain is off."""
+    c = ctx.cfg.search.constrain
+    if not c.enabled:
+        return {}
+    own = study.user_attrs.get("alignment_source_refusal_mass")
+    if own is None:
+        i = [s.role for s in ctx.cfg.sources].index("alignment")
+        model = ctx.merger.apply(dict(ctx.merger.references())[i], PLAIN)
+        own = means(ctx.scorer_for({"alignment": ctx.rows["alignment"]}).score(model)[1])["alignment"]
+        study.set_user_attr("alignment_source_refusal_mass", own)
+    return {"harmful_min": c.harmful * own, "benign_max": c.benign}
+
+
+def set_constraints(trial: optuna.Trial, bounds: dict[str, float], masses: dict[str, float]) -> None:
+    """Optuna's convention: a constraint value <= 0 is met."""
+    if bounds:
+        trial.set_constraint("harmful_refusal_mass", bounds["harmful_min"] - masses["alignment"])
+        trial.set_constraint("benign_refusal_mass", masses["helpfulness"] - bounds["benign_max"])
+
+
+def violation(trial: optuna.trial.FrozenTrial) -> float:
+    """How far a finished trial is from meeting its constraints (0: feasible, or none set)."""
+    return sum(max(0.0, v) for v in trial.constraints.values())
+
+
 def make_trial(ctx, score=None):
     """The function Optuna calls per trial: suggest a candidate, merge it in place, score it
     (pruned on the running batch losses when the objective is single), record the losses.
     `score(trial, model, candidate, on_batch)` -> (per-example losses, masses) replaces the
     plain scoring (the gradient search scores with a backward pass)."""
     cfg = ctx.cfg
-    prune = cfg.search.objective == "weighted" and cfg.search.pruner != "none"
+    prune = prunes(cfg.search)
     sets = ("alignment", "domain", "helpfulness")
 
     def trial_fn(trial: optuna.Trial):
@@ -98,8 +136,10 @@ def make_trial(ctx, score=None):
         t2 = time.perf_counter()
         for k, v in losses.items():
             trial.set_user_attr(f"{k}_loss", v)
-        for k, v in means(mass).items():
+        masses = means(mass)
+        for k, v in masses.items():
             trial.set_user_attr(f"refusal_mass_{k}", v)
+        set_constraints(trial, ctx.refusal_bounds, masses)
         trial.set_user_attr("merge_s", round(t1 - t0, 4))
         trial.set_user_attr("score_s", round(t2 - t1, 4))
         value = objective_value(cfg.search, losses)

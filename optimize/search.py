@@ -26,7 +26,7 @@ from core.files import claim_run_dir
 from optimize.config import Config, load_config
 from optimize.context import Context, check_inputs, prepare
 from optimize.gradient import descend
-from optimize.objective import make_trial
+from optimize.objective import make_trial, refusal_bounds
 from optimize.registry import SAMPLER_NAMES
 from optimize.report import load_best, write_outputs
 from optimize.storage import is_sqlite, open_storage, redact
@@ -71,6 +71,14 @@ def searched(cfg: Config, ctx: Context, store, url: str, started: float, reraise
     fail_stale_trials(study)
     if is_sqlite(url) and other_workers(study):
         warn_sqlite_workers()
+    ctx.refusal_bounds = refusal_bounds(ctx, study)
+    if ctx.refusal_bounds:
+        print(
+            f"[alignmerge] search.constrain: a trial is feasible when its refusal mass is >= "
+            f"{ctx.refusal_bounds['harmful_min']:.3f} on the harmful search prompts and <= "
+            f"{ctx.refusal_bounds['benign_max']:.3f} on the benign ones",
+            file=sys.stderr,
+        )
     print(
         f"[alignmerge] {cfg.merge.method}, {ctx.space.n_params} parameters "
         f"({ctx.space.describe()}); study {study.study_name!r}: {n_finished(study)}/"

@@ -83,6 +83,7 @@ class SearchSpace:
         s = cfg.search
         self.groups, self.search = groups, s
         self.sources = [src.name for src in cfg.sources]
+        self.aligned = [src.name for src in cfg.sources if src.role == "alignment"]
         if s.sampler == "grid":  # densities are the grid's own values
             self.density_levels = tuple(sorted(v for v in s.grid if 0 < v <= 1)) or (1.0,)
             step = None
@@ -142,6 +143,17 @@ class SearchSpace:
 
     def initial_params(self) -> dict[str, float]:
         return {n: self.initial[a.field] for a, names in self.params.items() for n in names}
+
+    def anchor_params(self) -> dict[str, float]:
+        """The initial point with every alignment source at weight 1 (or its bound): the second
+        start of a constrained search, near its feasible region by construction (the bound is the
+        alignment source's own refusal mass; docs/method.md §4.2)."""
+        full = min(1.0, self.search.weight.high)
+        return {
+            n: full if a.field == "weight" and a.source in self.aligned else self.initial[a.field]
+            for a, names in self.params.items()
+            for n in names
+        }
 
     def grid(self) -> dict[str, list[float]]:
         values = self.search.grid

@@ -14,7 +14,7 @@ import optuna
 
 from core.errors import ConfigError
 from optimize.context import model_fingerprints
-from optimize.objective import describe, describe_weighted, weighted_loss
+from optimize.objective import describe, describe_weighted, prunes, violation, weighted_loss
 from optimize.registry import SAMPLERS
 from optimize.storage import redact
 from optimize.workers import worker_id
@@ -47,8 +47,8 @@ def make_sampler(cfg, space, seed: int | None) -> optuna.samplers.BaseSampler:
 
 
 def make_pruner(cfg, n_steps: int) -> optuna.pruners.BasePruner:
-    if cfg.search.objective == "pareto" or cfg.search.pruner == "none":
-        return optuna.pruners.NopPruner()  # Optuna cannot prune multi-objective trials
+    if not prunes(cfg.search):
+        return optuna.pruners.NopPruner()
     if cfg.search.pruner == "median":
         return optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=max(1, n_steps // 4))
     return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=n_steps)
@@ -68,6 +68,8 @@ def open_study(cfg, storage, url: str, space, pruner, signature: dict) -> optuna
         study.set_user_attr("signature", signature)
         if cfg.search.enqueue_initial and cfg.search.sampler not in ("grid", "gradient"):  # gradient: its own
             study.enqueue_trial(space.initial_params())
+            if cfg.search.constrain.enabled and space.aligned:
+                study.enqueue_trial(space.anchor_params())
     except optuna.exceptions.DuplicatedStudyError:
         study = optuna.load_study(storage=storage, study_name=name, pruner=pruner)
         if seed is not None:
@@ -120,19 +122,42 @@ def study_signature(ctx) -> dict:
     }
 
 
+COMPLETE = optuna.trial.TrialState.COMPLETE
+LOSS_NAMES = ("alignment", "domain", "helpfulness")
+
+
+def ranked(study: optuna.Study, search) -> list[optuna.trial.FrozenTrial]:
+    """Finished trials, best first. Single objective: the trials meeting their constraints
+    (`search.constrain`) first, each group by value. Multi-objective: the Pareto front of those
+    trials by the weighted loss; when none meets them, every trial by how far it misses."""
+    done = [
+        t for t in study.get_trials(deepcopy=False, states=(COMPLETE,)) if all(map(np.isfinite, t.values))
+    ]
+    if len(study.directions) == 1:
+        return sorted(done, key=lambda t: (violation(t), t.value, t.number))
+    front = study.best_trials
+    if not front:
+        return sorted(done, key=lambda t: (violation(t), t.number))
+    return sorted(front, key=lambda t: weighted_loss(search, dict(zip(LOSS_NAMES, t.values))))
+
+
 def choose(study: optuna.Study, cfg) -> tuple[optuna.trial.FrozenTrial, list, str]:
     """The chosen trial, the Pareto front (multi-objective) and the rule used, in words."""
+    first = ranked(study, cfg.search)[0]
+    if violation(first) > 0:
+        return first, [], "no trial met search.constrain: the one closest to it"
+    among = " among the trials meeting search.constrain" if cfg.search.constrain.enabled else ""
     if len(study.directions) == 1:
-        return study.best_trial, [], "lowest objective"
+        return first, [], "lowest objective" + among
     front = study.best_trials
     values = np.array([t.values for t in front])  # (points, objectives): align, domain[, help]
     if cfg.search.pareto_rule == "weighted":
-        losses = dict(zip(("alignment", "domain", "helpfulness"), values.T))
+        losses = dict(zip(LOSS_NAMES, values.T))
         i = int(np.argmin(weighted_loss(cfg.search, losses)))
-        rule = f"front point with the lowest {describe_weighted(cfg.search)}"
+        rule = f"front point with the lowest {describe_weighted(cfg.search)}" + among
     else:
         low, high = values.min(0), values.max(0)
         scaled = (values - low) / np.where(high > low, high - low, 1)
         i = int(np.argmin(np.linalg.norm(scaled, axis=1)))
-        rule = "knee: front point closest to the ideal point after scaling every loss to [0, 1]"
+        rule = "knee: front point closest to the ideal point after scaling every loss to [0, 1]" + among
     return front[i], front, rule

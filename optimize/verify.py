@@ -12,7 +12,6 @@ shortfall) is chosen and the report says so. The test splits are never used here
 
 from __future__ import annotations
 
-import math
 import sys
 import time
 
@@ -21,22 +20,13 @@ import optuna
 from eval.behaviour import refusals_by_group
 from eval.judge import RefusalJudge
 from optimize.merge import PLAIN
-from optimize.objective import weighted_loss
-
-COMPLETE = optuna.trial.TrialState.COMPLETE
+from optimize.study import ranked
 
 
 def shortlist(study: optuna.Study, search, k: int) -> list[optuna.trial.FrozenTrial]:
-    """The k best distinct candidates: by value (single objective) or the Pareto front ranked
-    by the weighted loss."""
-    if len(study.directions) == 1:
-        done = [t for t in study.get_trials(deepcopy=False, states=(COMPLETE,)) if math.isfinite(t.value)]
-        ranked = sorted(done, key=lambda t: (t.value, t.number))
-    else:
-        names = ("alignment", "domain", "helpfulness")
-        ranked = sorted(study.best_trials, key=lambda t: weighted_loss(search, dict(zip(names, t.values))))
+    """The k best distinct candidates (`optimize.study.ranked`)."""
     out, seen = [], set()
-    for t in ranked:
+    for t in ranked(study, search):
         key = tuple(sorted(t.params.items()))
         if key not in seen:
             seen.add(key)

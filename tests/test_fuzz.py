@@ -212,9 +212,16 @@ CASES = [
     ),
     search_case(
         "helpfulness_missing",
-        "search.beta is 0.5 and search.verify.top_k 0: the search needs benign prompts",
+        "search.beta is 0.5, search.verify.top_k 0 and search.constrain.enabled False: the search needs "
+        "benign prompts",
         search={"beta": 0.5},
         data={"helpfulness": "@tmp@/nope.jsonl"},
+    ),
+    search_case(
+        "constrain_without_alignment_source",
+        "no source has role: alignment",
+        search={"constrain": {"enabled": True}},
+        sources=[{"name": n, "path": f"@{n}@", "role": "domain"} for n in "ab"],
     ),
     search_case("storage_in_memory", "is an in-memory SQLite database", "--storage", "sqlite://"),
     search_case("source_listed_twice", "is listed twice", sources=[{"name": n, "path": "@a@"} for n in "ab"]),

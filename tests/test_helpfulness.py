@@ -117,3 +117,55 @@ def test_helpfulness_without_data_is_a_clear_error_before_models_load(world, tmp
     raw["data"]["helpfulness"] = str(tmp_path / "missing.jsonl")
     with pytest.raises(DataError, match="search.beta is 1.0.*set search.beta: 0"):
         check_inputs(validate_config(raw))
+
+
+def test_constrained_ranking_puts_feasible_trials_first_then_the_least_violating():
+    from types import SimpleNamespace
+
+    from optimize.study import choose, ranked
+
+    study = optuna.create_study()
+    for value, harmful in [(1.0, 0.2), (2.0, -0.1), (3.0, 0.0), (0.5, 0.4)]:
+        study.add_trial(
+            optuna.trial.create_trial(
+                value=value, constraints={"harmful_refusal_mass": harmful, "benign_refusal_mass": -0.1}
+            )
+        )
+    cfg = SimpleNamespace(search=Search(constrain={"enabled": True}))
+    assert [t.value for t in ranked(study, cfg.search)] == [2.0, 3.0, 1.0, 0.5]
+    chosen, _, rule = choose(study, cfg)
+    assert chosen.value == 2.0 and rule == "lowest objective among the trials meeting search.constrain"
+    infeasible = optuna.create_study()
+    for value, harmful in [(1.0, 0.2), (0.5, 0.4)]:
+        infeasible.add_trial(
+            optuna.trial.create_trial(value=value, constraints={"harmful_refusal_mass": harmful})
+        )
+    chosen, _, rule = choose(infeasible, cfg)
+    assert chosen.value == 1.0 and rule.startswith("no trial met search.constrain")
+
+
+def test_constrained_search_bounds_each_trial_by_the_alignment_sources_own_mass(world, tmp_path):
+    benign = [{"prompt": f"{p} {i}", "response": SENTENCES[i % 5]} for i, p in enumerate(SENTENCES * 2)]
+    raw = world_config(world, tmp_path / "run", n_trials=5, constrain={"enabled": True, "harmful": 0.5})
+    raw["data"]["helpfulness"] = str(write_jsonl(tmp_path / "benign.jsonl", benign))
+    raw["output"] = {"plots": False, "save_model": False}
+    run(validate_config(raw))
+    study = optuna.load_study(study_name="tiny", storage=f"sqlite:///{tmp_path / 'run' / 'study.db'}")
+    own = study.user_attrs["alignment_source_refusal_mass"]
+    assert 0 < own < 1
+    done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    for t in done:
+        a = t.user_attrs
+        assert t.constraints["harmful_refusal_mass"] == pytest.approx(0.5 * own - a["refusal_mass_alignment"])
+        assert t.constraints["benign_refusal_mass"] == pytest.approx(a["refusal_mass_helpfulness"] - 0.2)
+        assert t.value == pytest.approx(a["alignment_loss"] + 0.3 * a["domain_loss"])  # beta 0: not a term
+    start = study.trials[1].params  # the second start: the alignment source at weight 1, b as trial 0
+    assert {k: v for k, v in start.items() if k.startswith("weight[a]")} and all(
+        v == (1.0 if k.startswith("weight[a]") else study.trials[0].params[k]) for k, v in start.items()
+    )
+    feasible = [t for t in done if max(t.constraints.values()) <= 0]
+    best = yaml.safe_load((tmp_path / "run" / "best.yaml").read_text())
+    if feasible:
+        assert best["trial"] == min(feasible, key=lambda t: t.value).number
+    else:
+        assert best["chosen_by"].startswith("no trial met search.constrain")
