@@ -27,9 +27,9 @@ from contextlib import contextmanager
 
 import numpy as np
 import optuna
-from optuna.trial import TrialState
 
 from optimize.objective import loss_weights, make_trial
+from optimize.study import ranked
 from optimize.workers import ProgressBar, n_finished
 
 
@@ -86,19 +86,19 @@ class GradientScore:
         return scores
 
 
-def start_point(study: optuna.Study, space) -> dict[str, float]:
-    """The best complete trial's parameters (a black-box search refined), else the initial point."""
+def start_point(study: optuna.Study, space, search) -> dict[str, float]:
+    """The best complete trial's parameters (a black-box search refined; `optimize.study.ranked`:
+    the best feasible one under search.constrain), else the initial point."""
     initial = space.initial_params()
-    if not study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
-        return initial
-    return initial | {k: v for k, v in study.best_trial.params.items() if k in initial}
+    best = ranked(study, search)
+    return initial | {k: v for k, v in best[0].params.items() if k in initial} if best else initial
 
 
 def descend(study: optuna.Study, ctx, callbacks=()) -> None:
     """Projected Adam steps, one trial each, until the study holds search.n_trials finished trials."""
     s = ctx.cfg.search
     deadline = time.monotonic() + s.timeout_s if s.timeout_s else None
-    params = start_point(study, ctx.space)
+    params = start_point(study, ctx.space, s)
     score = GradientScore(ctx)
     adam = Adam(s.gradient.lr, ctx.space.field_bounds(ctx.merger.method.grad_field))
     trial_fn = make_trial(ctx, score=score)

@@ -112,7 +112,8 @@ def study_signature(ctx) -> dict:
         ],
         "merge": f"{m.method} normalize={cfg.normalize} lambda={m.lambda_} seed={m.seed}",
         "objective": f"{s.objective} score={s.score} alpha={s.alpha if s.objective == 'weighted' else None}"
-        + (f" beta={s.beta}" if s.beta else ""),  # studies made before beta existed keep their signature
+        + (f" beta={s.beta}" if s.beta else "")  # studies made before beta existed keep their signature
+        + (f" constrain={s.constrain.harmful},{s.constrain.benign}" if s.constrain.enabled else ""),
         "params": hashlib.sha256(
             json.dumps(sorted(n for names in ctx.space.params.values() for n in names)).encode()
         ).hexdigest()[:12]
