@@ -47,7 +47,6 @@ PICKS = {
     "+ beta L_help, constrained, verified pick": ("constrained", "best"),
 }
 ROWS = tuple(PICKS)
-OFF = {"enabled": False}
 
 
 def main() -> None:
@@ -92,8 +91,8 @@ def main() -> None:
         if not missing:
             continue
         studies = {
-            "paper": variant(cfg, f"paper-s{seed}", {**PAPER_OBJECTIVE, "seed": seed, "constrain": OFF}),
-            "beta": variant(cfg, f"beta-s{seed}", {"seed": seed, "constrain": OFF}),
+            "paper": variant(cfg, f"paper-s{seed}", {**PAPER_OBJECTIVE, "seed": seed}),
+            "beta": variant(cfg, f"beta-s{seed}", {"seed": seed, "constrain": {"enabled": False}}),
             "constrained": variant(cfg, f"con-s{seed}", {"seed": seed, "constrain": {"enabled": True}}),
         }
         own = "constrained" if cfg.search.constrain.enabled else "beta"  # the config's own study

@@ -35,9 +35,9 @@ def variant(
 
 
 # The search settings of the domain-only (EvoMM) baseline: the domain loss alone, picked by it.
-DOMAIN_ONLY = {"score": "domain", "beta": 0.0, "verify": {"top_k": 0}}
+DOMAIN_ONLY = {"score": "domain", "beta": 0.0, "verify": {"top_k": 0}, "constrain": {"enabled": False}}
 # The paper's objective (L_align + alpha L_domain, lowest value chosen), beside this project's.
-PAPER_OBJECTIVE = {"beta": 0.0, "verify": {"top_k": 0}}
+PAPER_OBJECTIVE = {"beta": 0.0, "verify": {"top_k": 0}, "constrain": {"enabled": False}}
 
 
 def for_variant(ctx: Context, cfg: Config) -> Context:
