@@ -169,3 +169,12 @@ def test_constrained_search_bounds_each_trial_by_the_alignment_sources_own_mass(
         assert best["trial"] == min(feasible, key=lambda t: t.value).number
     else:
         assert best["chosen_by"].startswith("no trial met search.constrain")
+
+
+def test_the_baselines_of_a_constrained_config_are_not_constrained(world, tmp_path):
+    from optimize.compare import DOMAIN_ONLY, PAPER_OBJECTIVE, variant
+
+    cfg = validate_config(world_config(world, tmp_path / "run", constrain={"enabled": True}))
+    assert cfg.search.constrain.enabled
+    for baseline in (DOMAIN_ONLY, PAPER_OBJECTIVE):
+        assert not variant(cfg, "baseline", baseline).search.constrain.enabled
