@@ -151,6 +151,11 @@ class Search(Strict):
             raise ValueError("search.density must satisfy 0 < low <= high <= 1")
         if self.beta and self.score != "both":
             raise ValueError(f"search.beta is {self.beta} but search.score is {self.score}: set beta: 0")
+        if self.constrain.enabled and self.score == "domain":
+            raise ValueError(
+                "search.constrain bounds the refusal mass on the alignment set, which search.score: domain "
+                "does not score; set search.score: both or search.constrain.enabled: false"
+            )
         if self.objective == "pareto" and self.score != "both":
             raise ValueError(
                 "objective pareto trades alignment against domain loss; it needs search.score: both"

@@ -223,6 +223,11 @@ CASES = [
         search={"constrain": {"enabled": True}},
         sources=[{"name": n, "path": f"@{n}@", "role": "domain"} for n in "ab"],
     ),
+    search_case(
+        "constrain_with_domain_score",
+        "which search.score: domain does not score",
+        search={"constrain": {"enabled": True}, "score": "domain"},
+    ),
     search_case("storage_in_memory", "is an in-memory SQLite database", "--storage", "sqlite://"),
     search_case("source_listed_twice", "is listed twice", sources=[{"name": n, "path": "@a@"} for n in "ab"]),
     search_case("negative_seed", "search.seed: Input should be greater than or equal to 0", "--seed", "-1"),
