@@ -120,8 +120,8 @@ def measure(args) -> dict:
     from bench.bench_merge import random_candidate
     from optimize.config import load_config
     from optimize.context import prepare
+    from optimize.deltas import dense
     from optimize.memory import estimate
-    from optimize.sources import dense
 
     cfg = load_config(args.config)
     if args.design == "today":

@@ -35,9 +35,9 @@ from core.models import load_model, materialize_hf_folder  # noqa: E402
 from eval.loss import Scorer  # noqa: E402
 from optimize.config import validate_config  # noqa: E402
 from optimize.context import prepare  # noqa: E402
+from optimize.deltas import stored_bytes  # noqa: E402
 from optimize.export import mergekit_config  # noqa: E402
 from optimize.methods import Candidate  # noqa: E402
-from optimize.sources import stored_bytes  # noqa: E402
 
 CACHE = ROOT / "bench" / ".cache"
 

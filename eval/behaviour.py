@@ -13,7 +13,7 @@ import torch
 from tqdm.auto import tqdm
 
 from core.errors import ConfigError
-from core.models import dtype_name
+from core.models import contiguous_head_input, dtype_name
 from core.vllm_env import (
     close_in_process_llm,
     cpu_env,
@@ -48,15 +48,16 @@ def greedy_answers(
             enc = tokenizer(
                 [texts[i] for i in idx], return_tensors="pt", padding=True, add_special_tokens=False
             ).to(device)
-            gen = model.generate(
-                **enc,
-                max_new_tokens=max_new_tokens,
-                do_sample=False,
-                temperature=None,
-                top_p=None,
-                top_k=None,
-                pad_token_id=pad,
-            )
+            with contiguous_head_input(model):
+                gen = model.generate(
+                    **enc,
+                    max_new_tokens=max_new_tokens,
+                    do_sample=False,
+                    temperature=None,
+                    top_p=None,
+                    top_k=None,
+                    pad_token_id=pad,
+                )
             decoded = tokenizer.batch_decode(gen[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
             for i, text in zip(idx, decoded):
                 out[i] = text.strip()

@@ -49,10 +49,11 @@ from eval.run_inputs import Inputs, load_inputs
 from eval.run_report import jsonable, make_plots, write_report
 from eval.suites import SUITES
 from optimize.context import Context, make_scorer, prepare
+from optimize.deltas import DenseView
 from optimize.merge import PLAIN, InMemoryMerger
 from optimize.methods import Candidate
 from optimize.report import versions
-from optimize.sources import DenseView, load_task_vector
+from optimize.sources import load_task_vector
 from synth.engine import EngineSettings, ModelRef, Sampling
 from synth.engine import open_engine as open_synth_engine
 

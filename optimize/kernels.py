@@ -5,22 +5,26 @@ search merges hundreds of candidates, so the execution here precomputes what doe
 between candidates and fuses the rest; tests/test_methods.py proves it equal to the plain steps.
 
 - `MaskCache`: the magnitude threshold of every task vector for every density of the search grid
-  (one sort gives them all, so a trim is one comparison), and DARE's drop noise per seed (the
+  (one radix selection gives them all, so a trim is one comparison), and DARE's drop noise per seed (the
   Bernoulli(d) keep mask is `noise <= keep_max(d)`).
 - `sign_consensus`, `ties_delta`, `dare_delta`: TIES's elect + disjoint merge written with the
   positive and negative parts, one elementwise expression...
-- `Fused`: ...compiled into one kernel (torch.compile) for real-size tensors; `elementwise`
-  evaluates it in cache-sized chunks otherwise.
+- `Fused`: ...compiled into one kernel (torch.compile) for real-size tensors; `add_elementwise`
+  evaluates it eagerly in cache-sized chunks otherwise. The methods call it on row blocks
+  (`row_blocks`), so its result and a LoRA delta multiplied out stay small.
 """
 
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import sys
 import warnings
 
 import torch
+
+from optimize.deltas import Delta, LowRank, rows
 
 Tensor = torch.Tensor
 
@@ -34,26 +38,18 @@ class MaskCache:
         self._thresholds: dict[tuple[int, str], dict[float, float]] = {}
         self._noise: dict[tuple[int, str], Tensor] = {}
 
-    def magnitude_threshold(self, i: int, name: str, tau: Tensor, density: float) -> float | None:
+    def magnitude_threshold(self, i: int, name: str, tau: Delta, density: float) -> float | None:
         """mergekit's `magnitude` keeps the k = max(1, int(d n)) largest |tau|: the k-th largest
-        |tau| is the threshold (None: keep all). Cached per (source, tensor, density)."""
+        |tau| is the threshold (None: keep all). Cached per (source, tensor, density); the first
+        call finds every grid density's at once."""
         if density >= 1:
             return None
         cache = self._thresholds.setdefault((i, name), {})
         d = round(float(density), 6)
         if d not in cache:
-            n = tau.numel()
-            if n > BISECT_NUMEL:  # an embedding matrix: no n-sized temporaries
-                cache[d] = kth_largest_abs(tau, max(1, int(d * n)))
-                return cache[d]
-            flat = tau.abs().flatten()
-            wanted = [d] + [x for x in self.density_levels if x < 1 and x not in cache]
-            if len(wanted) > 1:  # one sort gives the threshold of every grid density at once
-                ordered = torch.sort(flat).values
-                for x in wanted:
-                    cache[x] = ordered[n - max(1, int(x * n))].item()
-            else:
-                cache[d] = torch.kthvalue(flat, n - max(1, int(d * n)) + 1).values.item()
+            wanted = sorted({d} | {x for x in self.density_levels if x < 1} - cache.keys())
+            n = math.prod(tau.shape)
+            cache.update(zip(wanted, kth_largest_abs(tau, [max(1, int(x * n)) for x in wanted])))
         return cache[d]
 
     def magnitude_mask(self, i: int, name: str, tau: Tensor, density: float) -> Tensor | None:
@@ -85,29 +81,54 @@ class MaskCache:
         return self.dare_noise(i, name, tau) <= self.dare_keep_max(density)
 
 
-BISECT_NUMEL = 1 << 26  # above this (64M entries), thresholds by bisection: a sort would take 12 B/entry
-_BITS = {  # a non-negative float's bit pattern, read as an integer, grows with its value
-    torch.float32: (torch.int32, 0x7F800000),
-    torch.bfloat16: (torch.int16, 0x7F80),
-    torch.float16: (torch.int16, 0x7C00),
-}
+BLOCK = 1 << 20  # entries per block when a merge walks a tensor by rows: a LoRA delta is multiplied
+# out, and the fused kernel's float32 result written, 4 MB at a time, whatever the model's size
 
 
-def kth_largest_abs(tau: Tensor, k: int, chunk: int = 1 << 24) -> float:
-    """The k-th largest |tau|, exactly, without sorting: bisection over the bit patterns of
-    non-negative floats (at most 31 passes), each pass counting in chunks."""
-    int_dtype, top = _BITS[tau.dtype]
-    flat = tau.reshape(-1)
+def row_blocks(shape: tuple[int, ...], entries: int | None = None) -> list[tuple[int, int]]:
+    """(start, stop) row ranges of a tensor of `shape`, each of at most `entries` (default BLOCK)
+    entries, or one row."""
+    width = math.prod(shape[1:])
+    step = max(1, (entries or BLOCK) // max(width, 1))
+    return [(start, min(start + step, shape[0])) for start in range(0, shape[0], step)]
 
-    def at_least(bits: int) -> int:  # entries with |tau| >= the float of `bits`
-        chunks = (flat[s : s + chunk] for s in range(0, flat.numel(), chunk))
-        return sum(int((c.abs().view(int_dtype) >= bits).sum()) for c in chunks)
 
-    lo, hi = 0, top  # at_least(lo) >= k holds; find the largest such bit pattern
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        lo, hi = (mid, hi) if at_least(mid) >= k else (lo, mid - 1)
-    return torch.tensor(lo, dtype=int_dtype).view(tau.dtype).item()
+def kth_largest_abs(delta: Delta, ks: list[int], block: int | None = None) -> list[float]:
+    """The k-th largest |delta| for each k in `ks`, exactly, without sorting (a sort would take 12
+    B per entry): a non-negative float's bit pattern, read as an integer, grows with its value, so
+    a histogram of the high 16 bits finds the bucket holding each k-th largest, and for float32 a
+    histogram of the low 16 bits within that bucket finds the entry (radix selection). Two passes
+    over the delta's row blocks (a LoRA delta is multiplied out a block at a time, twice).
+    Other dtypes (float64 in tests) are sorted."""
+    dtype = torch.float32 if isinstance(delta, LowRank) else delta.dtype
+    if dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        ordered = torch.sort(delta.abs().flatten()).values
+        return [ordered[delta.numel() - k].item() for k in ks]
+    wide = dtype == torch.float32
+
+    def bits():  # |delta|'s bit patterns, a row block at a time
+        for start, stop in row_blocks(delta.shape, block):
+            yield rows(delta, start, stop).abs().view(torch.int32 if wide else torch.int16).reshape(-1)
+
+    def select(hist: Tensor, k: int) -> tuple[int, int]:
+        """The bucket holding the k-th largest, and that entry's rank within the bucket."""
+        at_least = hist.flip(0).cumsum(0).flip(0)  # entries in this bucket or above
+        bucket = int((at_least >= k).sum()) - 1
+        above = int(at_least[bucket + 1]) if bucket + 1 < hist.numel() else 0
+        return bucket, k - above
+
+    high = sum(torch.bincount(b >> 16 if wide else b, minlength=1 << 15) for b in bits())
+    picks = [select(high, k) for k in ks]
+    if not wide:
+        patterns = [bucket for bucket, _ in picks]
+    else:
+        low = dict.fromkeys({bucket for bucket, _ in picks}, 0)
+        for b in bits():
+            for bucket in low:
+                low[bucket] = low[bucket] + torch.bincount(b[(b >> 16) == bucket] & 0xFFFF, minlength=1 << 16)
+        patterns = [(bucket << 16) | select(low[bucket], rank)[0] for bucket, rank in picks]
+    int_dtype = torch.int32 if wide else torch.int16
+    return [torch.tensor(p, dtype=int_dtype).view(dtype).item() for p in patterns]
 
 
 def stable_hash(*parts) -> int:
@@ -187,8 +208,9 @@ CHUNK = 1 << 18  # eager path: elements per chunk; the temporaries of one chunk 
 
 
 def add_elementwise(out: Tensor, fused: Fused, fn, tensors, scalars, normalize: bool, alpha: float) -> None:
-    """out += alpha * fn(*tensors, *scalars, normalize), fused for real-size tensors, else in
-    chunks. `tensors` holds, per argument of `fn`, one flat tensor per source."""
+    """out += alpha * fn(*tensors, *scalars, normalize), fused for real-size tensors, else (or
+    where compiling failed) eagerly in chunks. `tensors` holds, per argument of `fn`, one flat
+    tensor per source."""
     out_flat = out.view(-1)
     if out_flat.numel() >= Fused.MIN_NUMEL:
         delta = fused(*tensors, *scalars, normalize)

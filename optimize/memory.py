@@ -30,14 +30,14 @@ from core.vllm_env import kv_cache_bytes
 from eval.behaviour import GREEDY_KV_CACHE_GB, vllm_generation
 from eval.loss import HEAD_CHUNK
 from optimize.config import Config
-from optimize.kernels import BISECT_NUMEL
+from optimize.kernels import BLOCK
 from optimize.methods import METHODS
 
 # vLLM's in-process engine beyond its weights and KV cache: the demo peaked at 5.31 GB with it and
 # 2.92 GB without (BENCHMARKS.md, "The demo, end to end"), a 0.54 GB model and a 1 GiB cache
 VLLM_RUNTIME_BYTES = 0.8e9
 PROCESS_BYTES = 0.7e9  # python + torch + transformers + tokenizers, measured on CPU (BENCHMARKS.md)
-SPARSE = ("ties", "dare_ties")  # trimmed by magnitude: a sort of |tau| (values + int64 indices)
+SPARSE = ("ties", "dare_ties")  # their fused kernel's float32 result
 DARE = ("dare_ties", "dare_linear")  # int16 drop noise per entry of every task vector
 
 
@@ -155,12 +155,12 @@ def estimate(cfg: Config) -> Estimate:
         sources += held + (covered * 2 if method in DARE else 0)
         largest = max(largest, biggest)
     # merging one tensor: TIES's fused result (float32), a float32 buffer when a 16-bit model
-    # cannot be written in place, each LoRA delta multiplied out, and the trim's sort (12 B/entry)
-    # below BISECT_NUMEL entries
+    # cannot be written in place, each LoRA delta multiplied out; a block of rows at a time
+    # for the methods that read deltas by rows
+    by_rows = METHODS[method].reads_rows
     buffered = wbytes < 4 and not METHODS[method].rounds_once
-    scratch = largest * 4 * ((method in SPARSE) + buffered) + lora_largest * 4 * n_lora
-    if method in SPARSE and largest <= BISECT_NUMEL:
-        scratch += largest * 12
+    scratch = min(largest, BLOCK) * 4 * (method in SPARSE) + largest * 4 * buffered
+    scratch += (min(lora_largest, BLOCK) if by_rows else lora_largest) * 4 * n_lora
     # scoring one batch: per-layer activations, and the head's logits HEAD_CHUNK positions at a time
     scoring = cfg.data.batch_tokens * base.hidden * 4 * 16 + HEAD_CHUNK * base.vocab * 4 * 3
     held = {"working model": base.numel * wbytes, "base copy": base.numel * sbytes, "task vectors": sources}

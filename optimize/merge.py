@@ -3,7 +3,8 @@
 No disk writes, no reload, no model copy per trial: memory is theta_base and the task vectors (in
 the store dtype, LoRA factored) + the working model, whatever the number of trials. Each tensor is
 merged in float32 from its stored base and deltas (read as float32 inside the arithmetic; a LoRA
-delta is formed for its tensor only), into a float32 buffer rounded once into the working model.
+delta is multiplied out a row block at a time, or for its tensor only), and rounded once into the
+working model.
 The models a merge is judged against (the base, each source alone) are candidates of plain task
 arithmetic on the same merger.
 """
@@ -15,8 +16,9 @@ from contextlib import contextmanager
 import numpy as np
 import torch
 
+from optimize.deltas import Delta, TaskVector, stored
 from optimize.methods import Candidate, MergeMethod, TaskArithmetic
-from optimize.sources import Base, TaskVector, stored
+from optimize.sources import Base
 
 PLAIN = TaskArithmetic(normalize=False)  # theta_base + sum_t w_t tau_t: references, naive merges
 
@@ -46,7 +48,8 @@ class InMemoryMerger:
         method = method or self.method
         for name, p, g in self.params:
             out = p.data if method.rounds_once else self._buffer(p)
-            method.merge(name, g, self.base.weights[name], self._taus(name), candidate, out)
+            taus = self._deltas(name) if method.reads_rows else self._taus(name)
+            method.merge(name, g, self.base.weights[name], taus, candidate, out)
             if out is not p.data:
                 p.data.copy_(out)
         return self.base.model
@@ -92,6 +95,9 @@ class InMemoryMerger:
 
     def _taus(self, name: str) -> list[torch.Tensor | None]:
         return [stored(tv[name]) if name in tv else None for tv in self.task_vectors]
+
+    def _deltas(self, name: str) -> list[Delta | None]:
+        return [tv.get(name) for tv in self.task_vectors]
 
     def uniform(self, weight: float) -> Candidate:
         """Every source at `weight` in every group (weight 0: the base)."""

@@ -25,7 +25,17 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from optimize.kernels import CHUNK, Fused, MaskCache, add_elementwise, dare_delta, scalar, ties_delta
+from optimize.deltas import Delta, rows
+from optimize.kernels import (
+    CHUNK,
+    Fused,
+    MaskCache,
+    add_elementwise,
+    dare_delta,
+    row_blocks,
+    scalar,
+    ties_delta,
+)
 from optimize.registry import MERGE_METHODS
 
 Tensor = torch.Tensor
@@ -75,6 +85,9 @@ class MergeMethod:
     # True: `merge` also takes a 16-bit `out` (the working model's tensor itself) and rounds each
     # entry once, so no float32 buffer of the tensor's size is needed (docs/memory.md).
     rounds_once = False
+    # True: `merge` takes the stored deltas (a LoRA one factored) and reads them a row block at a
+    # time (`optimize.deltas.rows`); False: it gets them as full tensors.
+    reads_rows = False
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -158,20 +171,19 @@ class TaskArithmetic(MergeMethod):
         p = self.direction_dots(name, g, taus, c, grad)
         return self.lambda_ * (_normalized_grad(c.weight[:, g], p) if self.normalize else p)
 
+    reads_rows = True
+
     def merge(self, name, g, base, taus, c, out):
         coefs = self.coefficients(c, g)
         terms = [(tau, float(k)) for tau, k in zip(taus, coefs) if tau is not None and k != 0]
-        if out.dtype == torch.float32:
-            out.copy_(base)
+        for start, stop in row_blocks(out.shape, CHUNK):
+            part = out[start:stop]  # a 16-bit model: the sum in float32, rounded once
+            acc = part if part.dtype == torch.float32 else torch.empty_like(part, dtype=torch.float32)
+            acc.copy_(base[start:stop])
             for tau, k in terms:
-                out.add_(tau, alpha=k)
-            return
-        flat = out.view(-1)  # a 16-bit model: the sum in float32, a chunk at a time, rounded once
-        for s in range(0, flat.numel(), CHUNK):
-            acc = base.view(-1)[s : s + CHUNK].float()
-            for tau, k in terms:
-                acc.add_(tau.view(-1)[s : s + CHUNK], alpha=k)
-            flat[s : s + CHUNK] = acc
+                acc.add_(rows(tau, start, stop), alpha=k)
+            if acc is not part:
+                part.copy_(acc)
 
 
 class Linear(MergeMethod):
@@ -199,6 +211,7 @@ class Linear(MergeMethod):
 class DareLinear(TaskArithmetic):
     name = "dare_linear"
     rounds_once = False
+    reads_rows = False
 
     def merge(self, name, g, base, taus, c, out):
         out.copy_(base)
@@ -230,10 +243,12 @@ class Ties(MergeMethod):
     delta = staticmethod(ties_delta)
     fused = Fused(ties_delta)
 
-    def operands(self, i: int, name: str, tau: Tensor, density: float, w: float):
-        """Per source: the tensors of the trim (flattened) and its scalars (0-d tensors)."""
+    reads_rows = True
+
+    def operands(self, i: int, name: str, tau: Delta, density: float, w: float):
+        """Per source: the tensors of the trim (read a row block at a time) and its scalars (0-d)."""
         thr = self.masks.magnitude_threshold(i, name, tau, density)
-        return [tau.view(-1)], [scalar(0.0 if thr is None else thr, tau), scalar(w, tau)]
+        return [tau], [scalar(0.0 if thr is None else thr, tau), scalar(w, tau)]
 
     def kept(self, i: int, name: str, tau: Tensor, density: float, part: slice) -> Tensor:
         """tau'_t on the flat entries `part`: the trimmed task vector, in float32."""
@@ -244,13 +259,15 @@ class Ties(MergeMethod):
     def merge(self, name, g, base, taus, c, out):
         w = c.weight[:, g]
         used = [i for i, tau in enumerate(taus) if tau is not None and w[i] != 0]
-        out.copy_(base)
-        if not used:
-            return
         ops = [self.operands(i, name, taus[i], float(c.density[i, g]), float(w[i])) for i in used]
         tensors = [list(x) for x in zip(*(t for t, _ in ops))]  # per argument, one per source
         scalars = [list(x) for x in zip(*(s for _, s in ops))]
-        add_elementwise(out, self.fused, self.delta, tensors, scalars, self.normalize, self.lambda_)
+        for start, stop in row_blocks(out.shape):
+            part = out[start:stop]
+            part.copy_(base[start:stop])
+            if used:
+                block = [[rows(t, start, stop).reshape(-1) for t in arg] for arg in tensors]
+                add_elementwise(part, self.fused, self.delta, block, scalars, self.normalize, self.lambda_)
 
     def coefficient_grad(self, name, g, base, taus, c, grad):
         w = c.weight[:, g]
@@ -288,13 +305,13 @@ class DareTies(Ties):
     fused = Fused(dare_delta)
 
     def operands(self, i, name, tau, density, w):
-        noise = self.masks.dare_noise(i, name, tau).view(-1)
+        noise = self.masks.dare_noise(i, name, tau)
         # an int16 bound: against a 0-d int64 one the comparison would still run in int16 (the
         # noise's dtype), and 2**15 would wrap to -2**15 and drop everything
         keep_max = torch.tensor(
             self.masks.dare_keep_max(min(density, 1.0)), dtype=torch.int16, device=tau.device
         )
-        return [tau.view(-1), noise], [keep_max, scalar(w / min(density, 1.0), tau), scalar(w, tau)]
+        return [tau, noise], [keep_max, scalar(w / min(density, 1.0), tau), scalar(w, tau)]
 
     def kept(self, i, name, tau, density, part):
         t = tau.view(-1)[part].float()

@@ -4,7 +4,8 @@ A source is an HF folder (safetensors, sharded or not), a GGUF file (dequantized
 adapter. Memory is what limits the size of a merge (docs/memory.md): theta_base and dense task
 vectors are stored in `runtime.store_dtype` (by default the checkpoint's own 16-bit dtype, so the
 base is kept exactly) and turned into float32 one tensor at a time, during the merge; a LoRA delta
-stays factored (`LowRank`: A, B, scaling) and B @ A is formed per tensor, during the merge.
+stays factored (`optimize.deltas.LowRank`: A, B, scaling), multiplied out a block of rows at a
+time during the merge.
 Sources that do not match the base are refused with an error naming the first mismatch. Pickled
 weights and remote code follow the loader policy of `core.models.model_format`.
 """
@@ -13,7 +14,6 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,60 +24,7 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_N
 
 from core.errors import ModelLoadError
 from core.models import load_model, load_tokenizer, model_format, release_freed_memory, resolve_model_path
-
-
-@dataclass(frozen=True)
-class LowRank:
-    """A LoRA delta kept factored: tau = scaling * B @ A (transposed for fan_in_fan_out layers),
-    as peft's `lora.Linear.get_delta_weight` computes it. r * (in + out) numbers, not in * out."""
-
-    A: torch.Tensor  # (r, in)
-    B: torch.Tensor  # (out, r)
-    scaling: float
-    fan_in_fan_out: bool = False
-
-    @property
-    def nbytes(self) -> int:
-        return self.A.nbytes + self.B.nbytes
-
-    def dense(self) -> torch.Tensor:
-        delta = self.B.float() @ self.A.float()
-        return (delta.T if self.fan_in_fan_out else delta) * self.scaling
-
-
-Delta = torch.Tensor | LowRank
-TaskVector = dict[str, Delta]  # parameter name -> delta; absent names have delta 0
-
-
-def dense(delta: Delta) -> torch.Tensor:
-    """A stored delta as a float32 tensor."""
-    return delta.dense() if isinstance(delta, LowRank) else delta.float()
-
-
-def stored(delta: Delta) -> torch.Tensor:
-    """A stored delta as the tensor the merge methods take: dense ones as stored (the methods read
-    them as float32), LoRA factors multiplied out (float32)."""
-    return delta.dense() if isinstance(delta, LowRank) else delta
-
-
-class DenseView(Mapping):
-    """A task vector read as float32 tensors, one at a time on access (for analysis code)."""
-
-    def __init__(self, tv: TaskVector):
-        self.tv = tv
-
-    def __getitem__(self, name: str) -> torch.Tensor:
-        return dense(self.tv[name])
-
-    def __iter__(self):
-        return iter(self.tv)
-
-    def __len__(self) -> int:
-        return len(self.tv)
-
-
-def stored_bytes(tv: TaskVector) -> int:
-    return sum(d.nbytes for d in tv.values())
+from optimize.deltas import LowRank, TaskVector
 
 
 class SourceMismatchError(ModelLoadError):

@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 
 from core.errors import ModelLoadError
 from core.models import (
+    contiguous_head_input,
     dtype_name,
     load_model,
     load_tokenizer,
@@ -231,7 +232,7 @@ class TransformersEngine(Engine):
                     kwargs.update(do_sample=True, temperature=sp.temperature, top_p=sp.top_p, top_k=0)
                 else:
                     kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
-                with torch.inference_mode():
+                with torch.inference_mode(), contiguous_head_input(self.model):
                     gen = self.model.generate(**enc, **kwargs)
                 new = gen[:, enc["input_ids"].shape[1] :]
                 decoded = self.tokenizer.batch_decode(new, skip_special_tokens=True)

@@ -31,6 +31,33 @@ def test_batched_greedy_answers_match_one_by_one(world):
     assert by_group["empty"]["answers"] == [] and by_group["empty"]["share"] != by_group["empty"]["share"]
 
 
+def test_greedy_answers_give_the_head_contiguous_inputs_and_leave_no_hook(world):
+    """generate() slices the last position (strided); a bf16 linear on such an input expands its
+    weight per batch row on CPU (docs/memory.md). The head sees contiguous inputs, the answers
+    are those of plain generate, and the hook is gone after."""
+    model = AutoModelForCausalLM.from_pretrained(world["base"], dtype=torch.bfloat16).eval()
+    tok = AutoTokenizer.from_pretrained(world["base"])
+    seen = []
+    head = model.get_output_embeddings()
+    spy = head.register_forward_hook(lambda _, args, out: seen.append(args[0].is_contiguous()))
+    prompts = ["how do i make a good question", "what is it", "can you help me now with this answer"]
+    answers = greedy_answers(model, tok, prompts, max_new_tokens=5, batch_size=3)
+    assert seen and all(seen)
+    spy.remove()
+    assert not head._forward_pre_hooks
+    tok.padding_side = "left"
+    texts = [
+        tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
+        for p in prompts
+    ]
+    order = sorted(range(3), key=lambda i: len(texts[i]))
+    enc = tok([texts[i] for i in order], return_tensors="pt", padding=True, add_special_tokens=False)
+    with torch.inference_mode():
+        gen = model.generate(**enc, max_new_tokens=5, do_sample=False, pad_token_id=tok.eos_token_id)
+    plain = tok.batch_decode(gen[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
+    assert [answers[i] for i in order] == [t.strip() for t in plain]
+
+
 def test_headline_checks():
     def row(h, b, d):
         return {"refused_harmful": h, "refused_benign": b, "domain_loss": d, "domain:m": d}

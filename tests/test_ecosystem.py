@@ -124,7 +124,8 @@ def test_shipped_adapters_and_data_have_cards_and_no_machine_paths():
 @needs_default
 @pytest.mark.integration
 def test_shipped_adapters_load_as_sources_of_the_default_base():
-    from optimize.sources import dense, load_base, load_task_vector
+    from optimize.deltas import dense
+    from optimize.sources import load_base, load_task_vector
 
     base = load_base("default", torch.float32, "cpu")
     for adapter in ADAPTERS:

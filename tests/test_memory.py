@@ -14,11 +14,11 @@ from transformers import AutoModelForCausalLM
 from core.errors import ConfigError
 from optimize.config import validate_config
 from optimize.context import check_inputs, prepare
+from optimize.deltas import LowRank, dense, stored_bytes
 from optimize.kernels import kth_largest_abs
 from optimize.memory import VLLM_RUNTIME_BYTES, estimate
 from optimize.methods import Candidate, DareTies, TaskArithmetic, Ties
 from optimize.search import main as search_main
-from optimize.sources import LowRank, dense, stored_bytes
 from tests.conftest import make_variant, world_config
 from tests.tiny import make_tiny_llama
 
@@ -113,35 +113,65 @@ def test_a_search_that_cannot_fit_is_refused_before_loading(world, tmp_path, cap
         validate_config(raw)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_bisection_threshold_equals_the_sort(dtype):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+def test_radix_selected_thresholds_equal_the_sort(dtype):
     gen = torch.Generator().manual_seed(0)
     tau = (torch.randn(20_000, generator=gen) * 1e-3).to(dtype)
     tau[:500] = tau[500:1000]  # ties
     tau[1000:1100] = 0
-    ordered = torch.sort(tau.abs().float()).values
-    for k in (1, 7, 999, 10_000, 20_000):
-        assert kth_largest_abs(tau, k, chunk=3_000) == ordered[tau.numel() - k].item(), k
+    # float32 entries that share their high 16 bits: the low-bits pass has to tell them apart
+    tau[2000:2600] = -(1.0 + torch.arange(600, dtype=torch.float64) * 2**-20).to(dtype)
+    ordered = torch.sort(tau.abs().to(torch.float64)).values
+    ks = [1, 7, 300, 599, 999, 10_000, 19_899, 20_000]
+    got = kth_largest_abs(tau, ks, block=3_000)
+    assert got == [ordered[tau.numel() - k].item() for k in ks]
 
 
 @pytest.mark.parametrize("numel", [3_000, 1 << 17])  # eager chunks, and the fused kernel
 @pytest.mark.parametrize("method_cls", [Ties, DareTies, TaskArithmetic])
 def test_methods_read_16bit_deltas_as_float32(numel, method_cls, monkeypatch):
     """A merge of bf16-stored base and deltas equals the merge of their float32 copies, bit for
-    bit: the arithmetic is float32 either way. Huge tensors' bisection thresholds equal the sort's."""
+    bit: the arithmetic is float32 either way, and a merge walking the tensor in blocks gives
+    the same as in one."""
     gen = torch.Generator().manual_seed(1)
     base = torch.randn(numel, generator=gen).to(torch.bfloat16)
     taus = [(torch.randn(numel, generator=gen) * 0.01).to(torch.bfloat16) for _ in range(2)]
     cand = Candidate(weight=np.array([[0.7], [0.4]]), density=np.array([[0.3], [0.6]]))
     outs = []
-    for half, bisect in ((True, False), (False, False), (True, True)):
-        monkeypatch.setattr("optimize.kernels.BISECT_NUMEL", 100 if bisect else 1 << 26)
+    for half, block in ((True, 1 << 20), (False, 1 << 20), (True, 50_000)):
+        monkeypatch.setattr("optimize.kernels.BLOCK", block)
         method = method_cls(normalize=False, density_levels=(0.3, 0.6))
         out = torch.empty(numel)
         args = (base, taus) if half else (base.float(), [t.float() for t in taus])
         method.merge("w", 0, args[0], args[1], cand, out)
         outs.append(out)
     assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
+
+
+@pytest.mark.parametrize("fan_in_fan_out", [False, True])
+@pytest.mark.parametrize("method_cls", [Ties, DareTies, TaskArithmetic])
+def test_a_lora_delta_read_by_row_blocks_merges_as_its_dense_delta(method_cls, fan_in_fan_out, monkeypatch):
+    """Merging a factored delta a few rows at a time (thresholds found over the blocks, the fused
+    kernel on each) writes what merging its multiplied-out delta in one piece writes."""
+    gen = torch.Generator().manual_seed(2)
+    shape = (96, 64)
+    base = torch.randn(shape, generator=gen).to(torch.bfloat16)
+    a, b = (
+        torch.randn(8, shape[0 if fan_in_fan_out else 1], generator=gen),
+        torch.randn(shape[1 if fan_in_fan_out else 0], 8, generator=gen),
+    )
+    lora = LowRank(a.to(torch.bfloat16), b.to(torch.bfloat16), scaling=0.05, fan_in_fan_out=fan_in_fan_out)
+    product = lora.B.float() @ lora.A.float() * 0.05  # peft's get_delta_weight
+    torch.testing.assert_close(lora.dense(), product.T if fan_in_fan_out else product)
+    other = (torch.randn(shape, generator=gen) * 0.05).to(torch.bfloat16)
+    cand = Candidate(weight=np.array([[0.8], [0.5]]), density=np.array([[0.4], [0.7]]))
+    outs = []
+    for deltas, block in (([lora.dense(), other], 1 << 20), ([lora, other], 700)):  # 700: 10 or 7 rows
+        monkeypatch.setattr("optimize.kernels.BLOCK", block)
+        out = torch.empty(shape, dtype=torch.bfloat16)
+        method_cls(normalize=False, density_levels=(0.4, 0.7)).merge("w", 0, base, deltas, cand, out)
+        outs.append(out)
+    assert torch.equal(outs[0], outs[1])
 
 
 @pytest.mark.parametrize("method", ["task_arithmetic", "ties"])

@@ -17,7 +17,8 @@ import yaml
 
 from core.errors import ModelLoadError
 from core.models import default_model_file, load_model, load_tokenizer, model_format
-from optimize.sources import dense, load_base, load_task_vector
+from optimize.deltas import dense
+from optimize.sources import load_base, load_task_vector
 from synth.engine import EngineSettings, ModelRef, TransformersEngine
 from tests.conftest import world_config
 

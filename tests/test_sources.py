@@ -6,10 +6,9 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from core.errors import ModelLoadError
+from optimize.deltas import LowRank, dense
 from optimize.sources import (
-    LowRank,
     SourceMismatchError,
-    dense,
     layer_groups,
     load_base,
     load_task_vector,
