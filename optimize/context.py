@@ -25,7 +25,6 @@ from eval.data import load_pairs
 from eval.judge import REFUSAL_OPENINGS
 from eval.loss import Scorer, first_response_tokens
 from optimize.config import Config, check_runtime, check_tracking
-from optimize.export import gguf_dtype, mergekit_paths
 from optimize.memory import check_memory
 from optimize.merge import InMemoryMerger
 from optimize.methods import METHODS
@@ -149,11 +148,6 @@ def prepare(cfg: Config, rows: dict[str, list[dict]] | None = None) -> Context:
     dtype = resolve_dtype(cfg.runtime.dtype, device)
     store = DTYPES[store_dtype_name(cfg.runtime.store_dtype, dtype, resolve_model_path(cfg.base))]
     print(f"[alignmerge] {check_memory(cfg).describe()}", file=sys.stderr)  # what is about to load
-    base_file = resolve_model_path(cfg.base)
-    if cfg.output.mergekit and base_file.is_file() and gguf_dtype(base_file) != dtype:
-        # mergekit reads a GGUF base as a folder in its exact precision, which the held base
-        # is not: loading it once more for that happens now, not on top of the search's models
-        mergekit_paths(cfg, cfg.run_dir)
     t0 = time.perf_counter()
     base = load_base(cfg.base, dtype, device, cfg.runtime.allow_pickle, cfg.runtime.trust_remote_code, store)
     t1 = time.perf_counter()

@@ -35,10 +35,9 @@ class LowRank:
 
     def rows(self, start: int, stop: int) -> torch.Tensor:
         """Rows [start, stop) of the delta, in float32: a merge multiplies out a block at a time."""
-        scaled_b = self.B.float() * self.scaling  # scaled while still r wide
         if self.fan_in_fan_out:  # (B @ A).T's rows are B @ A's columns
-            return self.A[:, start:stop].float().T @ scaled_b.T
-        return scaled_b[start:stop] @ self.A.float()
+            return self.A[:, start:stop].float().T @ (self.B.float() * self.scaling).T
+        return (self.B[start:stop].float() * self.scaling) @ self.A.float()  # scaled while r wide
 
     def dense(self) -> torch.Tensor:
         return self.rows(0, self.shape[0])

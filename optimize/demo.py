@@ -40,6 +40,7 @@ from optimize.compare import (
 )
 from optimize.config import load_config
 from optimize.context import Context, check_inputs, prepare
+from optimize.export import mergekit_base_before_loading
 from optimize.methods import Candidate, Linear, MergeMethod
 from optimize.report import load_best
 from optimize.search import overrides, run
@@ -166,6 +167,7 @@ def main(argv: list[str] | None = None) -> int:
         rows = check_inputs(cfg)
 
         cfg = variant(cfg, "", test_splits=False)
+        mergekit_base_before_loading(cfg)
         ctx = prepare(cfg, rows)
         run(cfg, ctx=ctx)
         # the domain-only model is rebuilt from its best.yaml here; no need to save or export it

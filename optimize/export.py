@@ -21,7 +21,14 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from core.models import checkpoint_dtype, hub_name, materialize_hf_folder, resolve_model_path
+from core.models import (
+    checkpoint_dtype,
+    hub_name,
+    materialize_hf_folder,
+    resolve_device,
+    resolve_dtype,
+    resolve_model_path,
+)
 from optimize.config import Config
 from optimize.methods import Candidate
 from optimize.sources import Groups, adapter_base, source_kind
@@ -104,6 +111,17 @@ def mergekit_paths(
         else:
             sources.append(readable(s.path, materialized / s.name))
     return base, sources
+
+
+def mergekit_base_before_loading(cfg: Config) -> None:
+    """mergekit reads a GGUF base as a folder in its exact precision. When the search will not
+    hold the base in it (a Q4 GGUF is exact in float32, the held base is bf16), that folder is
+    written now, before the search loads its models, not at the export on top of them (+0.7 GB
+    at the demo's peak; docs/memory.md)."""
+    base_file = resolve_model_path(cfg.base)
+    working = resolve_dtype(cfg.runtime.dtype, resolve_device(cfg.runtime.device))
+    if cfg.output.mergekit and base_file.is_file() and gguf_dtype(base_file) != working:
+        mergekit_paths(cfg, cfg.run_dir)
 
 
 def gguf_dtype(path: Path):

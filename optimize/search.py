@@ -25,6 +25,7 @@ from core.errors import OutputError
 from core.files import claim_run_dir
 from optimize.config import Config, load_config
 from optimize.context import Context, check_inputs, prepare
+from optimize.export import mergekit_base_before_loading
 from optimize.gradient import descend
 from optimize.objective import make_trial, refusal_bounds
 from optimize.registry import SAMPLER_NAMES
@@ -57,6 +58,7 @@ def run(
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     if ctx is not None:
         return searched(cfg, ctx, store, url, started, reraise_interrupt)
+    mergekit_base_before_loading(cfg)
     ctx = prepare(cfg, rows)
     try:
         return searched(cfg, ctx, store, url, started, reraise_interrupt)
