@@ -98,7 +98,8 @@ class Scorer:
         device: str = "cpu",
         refusal_tokens: Sequence[int] = (),
     ):
-        self.device = device
+        self.device, self.batch_tokens = device, batch_tokens
+        self._fold_batches: dict[tuple[int, int], list] = {}
         self.refusal_tokens = torch.tensor(sorted(set(refusal_tokens)), dtype=torch.long, device=device)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.examples: dict[str, list[Example]] = {}
@@ -170,15 +171,9 @@ class Scorer:
         order: dict[str, list[int]] = {n: [] for n in self.examples}
         batches = tqdm(self.batches, desc="scoring", unit="batch", leave=False, disable=not progress)
         tokens = self.refusal_tokens if len(self.refusal_tokens) else None
-        weights = self._gradient_weights(backward or {})
-        for step, (name, ids, attn, target, idx) in enumerate(batches):
-            w = weights[name][idx] if name in weights else None
-            with torch.set_grad_enabled(w is not None and bool(w.any())):
-                ce, first_mass = response_scores(model, ids, attn, target, tokens)
-                if w is not None and w.any():
-                    same = bool((w == w[0]).all())  # one set's examples only: its weight / size
-                    (ce.sum() * w[0].item() if same else (ce * w.to(ce.dtype)).sum()).backward()
-            losses[name].extend(ce.detach().tolist())
+        scored = self._scored(model, batches, self._gradient_weights(backward or {}), tokens)
+        for step, (name, idx, ce, first_mass) in enumerate(scored):
+            losses[name].extend(ce.tolist())
             if first_mass is not None:
                 mass[name].extend(first_mass.detach().tolist())
             order[name].extend(idx)
@@ -193,13 +188,45 @@ class Scorer:
 
         return ordered(losses), ordered(mass)
 
-    def _gradient_weights(self, backward: dict[str, float]) -> dict[str, torch.Tensor]:
+    def minibatch_backward(self, model, backward: dict[str, float], fold: int, folds: int) -> float:
+        """Minibatch `fold` of `folds`: each set's examples j with j % folds == fold (strided, so
+        every set is in every minibatch). Accumulates into `.grad` the gradient of
+        sum_k weight_k L_k, each L_k the mean over the set's examples in this minibatch (the
+        minibatch's estimate of the whole objective, which it returns)."""
+        if (folds, fold) not in self._fold_batches:
+            self._fold_batches[(folds, fold)] = [
+                self._collate(n, b)
+                for n, ex in self.examples.items()
+                for b in length_batches(ex, self.batch_tokens, [j for j in self._own(n) if j % folds == fold])
+            ]
+        weights = self._gradient_weights(backward, fold, folds)
+        total = 0.0
+        for name, idx, ce, _ in self._scored(model, self._fold_batches[(folds, fold)], weights, None):
+            if name in weights:
+                total += float((ce.double() * weights[name][idx]).sum())
+        return total
+
+    def _scored(self, model, batches, weights: dict[str, torch.Tensor], tokens):
+        """(set, indices, per-example CE, refusal masses) per batch; batches of examples with a
+        gradient weight run with autograd on and backpropagate sum(weight x CE)."""
+        for name, ids, attn, target, idx in batches:
+            w = weights[name][idx] if name in weights else None
+            with torch.set_grad_enabled(w is not None and bool(w.any())):
+                ce, first_mass = response_scores(model, ids, attn, target, tokens)
+                if w is not None and w.any():
+                    same = bool((w == w[0]).all())  # one set's examples only: its weight / size
+                    (ce.sum() * w[0].item() if same else (ce * w.to(ce.dtype)).sum()).backward()
+            yield name, idx, ce.detach(), first_mass
+
+    def _gradient_weights(self, backward: dict[str, float], fold: int = 0, folds: int = 1):
         """d(sum_k weight_k L_k)/d(CE of each scored example), per owning set: an example in several
-        sets gets each set's weight / size."""
+        sets gets each set's weight / size. With folds > 1, only minibatch `fold`'s examples, and
+        each set's size is its count in that minibatch."""
         out = {n: torch.zeros(len(ex), dtype=torch.float64) for n, ex in self.examples.items()}
         for name, weight in backward.items():
-            for owner, j in self.same.get(name, []):
-                out[owner][j] += weight / len(self.examples[name])
+            members = [(owner, j) for owner, j in self.same.get(name, []) if j % folds == fold]
+            for owner, j in members:
+                out[owner][j] += weight / len(members)
         return {n: w for n, w in out.items() if w.any()}
 
     def example_losses(self, model, **kwargs) -> dict[str, list[float]]:

@@ -12,7 +12,10 @@ Optuna parameters (`SearchSpace.param_gradient`).
 
 Each step is a trial of the study: the candidate is merged in place and the whole search split is
 scored with gradients on, so a trial's value is the exact objective, comparable with every other
-sampler's trials (reports, plots, resume and many workers work unchanged). Densities stay at the
+sampler's trials (reports, plots, resume and many workers work unchanged). With
+search.gradient.minibatches M > 1, a trial scores the whole split without a graph (its exact
+value), then takes M Adam steps, each from the gradient of one minibatch (1/M of every set):
+a step costs a forward and a backward pass over 1/M of the data. Densities stay at the
 starting point's: the best trial of the study when it has one (refining a black-box search's
 best: run tpe first, then gradient on the same study), else the initial point. A resumed descent
 restarts Adam from the study's best trial.
@@ -68,22 +71,54 @@ def gradients_on(params):
 
 
 class GradientScore:
-    """The trial's scoring, with dObjective/dparameter kept for the next step (`self.grad`)."""
+    """The trial's scoring, followed by the descent's steps from the trial's point: `self.next`
+    is where the next trial starts (None when a gradient was not finite)."""
 
-    def __init__(self, ctx):
-        self.ctx, self.grad, self.params = ctx, None, None
+    def __init__(self, ctx, adam: Adam | None = None):
+        self.ctx, self.adam = ctx, adam
+        self.grad = self.next = None
         self.weights = loss_weights(ctx.cfg.search)
+        self.minibatches = ctx.cfg.search.gradient.minibatches
         self.differentiated = ctx.merger.changed()  # the same parameters at every step
+        self.last = False  # the descent's last trial: no step after it
 
     def __call__(self, trial, model, candidate, on_batch):
-        ctx = self.ctx
-        with gradients_on(self.differentiated):
-            scores = ctx.scorer.score(model, backward=self.weights)
-            per_group = ctx.merger.gradient(candidate)
-        self.grad = ctx.space.param_gradient(ctx.merger.method.grad_field, per_group)
-        self.params = dict(trial.params)  # the point scored (a waiting trial may run before ours)
-        trial.set_user_attr("grad_norm", float(np.linalg.norm(list(self.grad.values()))))
+        ctx, params = self.ctx, dict(trial.params)  # the point scored (a waiting trial may run before ours)
+        self.next = None
+        if self.minibatches == 1:  # the trial's value and its gradient from one pass
+            with gradients_on(self.differentiated):
+                scores = ctx.scorer.score(model, backward=self.weights)
+                self.grad = self._param_gradient(candidate, trial)
+            if self.adam is not None and finite(self.grad):
+                self.next = self.adam.step(params, self.grad)
+            return scores
+        scores = ctx.scorer.score(model)  # the trial's value: the whole search split, no graph
+        if self.adam is None or self.last:
+            return scores
+        for fold in range(self.minibatches):
+            if fold:
+                candidate = ctx.space.decode(params)
+                model = ctx.merger.apply(candidate)
+            with gradients_on(self.differentiated):
+                ctx.scorer.minibatch_backward(model, self.weights, fold, self.minibatches)
+                self.grad = self._param_gradient(candidate, trial if fold == 0 else None)
+            if not finite(self.grad):
+                return scores
+            params = self.adam.step(params, self.grad)
+        self.next = params
         return scores
+
+    def _param_gradient(self, candidate, trial=None) -> dict[str, float]:
+        """dObjective/d(each Optuna parameter of the descended field); its norm goes on `trial`."""
+        per_group = self.ctx.merger.gradient(candidate)
+        grad = self.ctx.space.param_gradient(self.ctx.merger.method.grad_field, per_group)
+        if trial is not None:
+            trial.set_user_attr("grad_norm", float(np.linalg.norm(list(grad.values()))))
+        return grad
+
+
+def finite(grad: dict[str, float]) -> bool:
+    return bool(np.isfinite(list(grad.values())).all())
 
 
 def start_point(study: optuna.Study, space, search) -> dict[str, float]:
@@ -95,26 +130,28 @@ def start_point(study: optuna.Study, space, search) -> dict[str, float]:
 
 
 def descend(study: optuna.Study, ctx, callbacks=()) -> None:
-    """Projected Adam steps, one trial each, until the study holds search.n_trials finished trials."""
+    """Projected Adam, until the study holds search.n_trials finished trials: one step per trial,
+    or one per minibatch after each trial's scoring (search.gradient.minibatches)."""
     s = ctx.cfg.search
     deadline = time.monotonic() + s.timeout_s if s.timeout_s else None
     params = start_point(study, ctx.space, s)
-    score = GradientScore(ctx)
     adam = Adam(s.gradient.lr, ctx.space.field_bounds(ctx.merger.method.grad_field))
+    score = GradientScore(ctx, adam)
     trial_fn = make_trial(ctx, score=score)
     bar = ProgressBar(s.n_trials, n_finished(study))
     try:
         while n_finished(study) < s.n_trials and (deadline is None or time.monotonic() < deadline):
-            score.grad = None
+            score.last = n_finished(study) + 1 >= s.n_trials
             study.enqueue_trial(params, user_attrs={"gradient_step": adam.t})
             study.optimize(trial_fn, n_trials=1, callbacks=[bar, *callbacks])
-            if score.grad is None or not np.isfinite(list(score.grad.values())).all():
-                print(
-                    "[alignmerge] gradient: the last step gave no gradient (see its fail_reason: a "
-                    "non-finite loss, or other workers took the last slots); stopping",
-                    file=sys.stderr,
-                )
+            if score.next is None:
+                if not score.last:
+                    print(
+                        "[alignmerge] gradient: the last step gave no gradient (see its fail_reason: a "
+                        "non-finite loss, or other workers took the last slots); stopping",
+                        file=sys.stderr,
+                    )
                 return
-            params = adam.step(score.params, score.grad)
+            params = score.next
     finally:
         bar.close()

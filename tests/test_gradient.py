@@ -201,6 +201,24 @@ def test_gradient_descent_is_a_study_of_trials(world, tmp_path):
     assert all(t.state.is_finished() for t in study.trials)  # nothing left waiting
 
 
+def test_minibatch_descent_takes_a_step_per_minibatch_and_records_exact_values(world, tmp_path):
+    """search.gradient.minibatches: 2 Adam steps between trials; every trial's value is the
+    objective of the whole search split at its point."""
+    raw = world_config(world, tmp_path / "run", sampler="gradient", n_trials=3, parametrization="gradient:2")
+    raw["search"]["gradient"] = {"lr": 0.1, "minibatches": 2}
+    raw["output"] = {"plots": False, "save_model": False, "references": False, "mergekit": False}
+    cfg = validate_config(raw)
+    run(cfg)
+    study = optuna.load_study(study_name="tiny", storage=f"sqlite:///{tmp_path / 'run' / 'study.db'}")
+    trials = study.trials
+    assert [t.user_attrs["gradient_step"] for t in trials] == [0, 2, 4]
+    assert all(t.state == optuna.trial.TrialState.COMPLETE for t in trials)
+    assert trials[2].value < trials[0].value  # Adam went downhill
+    ctx = prepare(cfg)
+    for t in trials:
+        assert t.value == pytest.approx(objective(ctx, t.params), rel=1e-5)
+
+
 def test_a_fresh_descent_starts_at_the_initial_point(world, tmp_path):
     raw = world_config(world, tmp_path / "run", sampler="gradient", n_trials=2)
     raw["output"] = {"plots": False, "save_model": False, "references": False, "mergekit": False}

@@ -87,6 +87,38 @@ def test_an_example_in_several_sets_is_scored_once(model_tok):
     model.zero_grad()
 
 
+def test_minibatches_split_every_set_and_average_to_the_whole_gradient(model_tok):
+    """search.gradient.minibatches: minibatch f of M holds each set's examples j with j % M == f;
+    its gradient is the objective's on those rows alone, and with equal shares the minibatches'
+    mean is the whole-set gradient (and their estimates' mean the objective)."""
+    model, tok = model_tok
+    more = [{"prompt": "now", "response": "the answer"}, {"prompt": "what", "response": "sure , it is"}]
+    sets = {"a": [*ROWS, {"prompt": "tell me", "response": "no , not that"}], "b": more}
+    weights = {"a": 1.0, "b": 0.3}
+    scorer = Scorer(tok, sets)
+    model.zero_grad()
+    whole = sum(
+        w * sum(v) / len(v)
+        for w, v in zip(weights.values(), scorer.score(model, backward=weights)[0].values())
+    )
+    full = [p.grad.clone() for p in model.parameters()]
+    estimates, per_fold = [], []
+    for fold in range(2):
+        model.zero_grad()
+        estimates.append(scorer.minibatch_backward(model, weights, fold, 2))
+        per_fold.append([p.grad.clone() for p in model.parameters()])
+        model.zero_grad()
+        alone = {k: rows[fold::2] for k, rows in sets.items()}
+        Scorer(tok, alone).score(model, backward=weights)
+        for g, p in zip(per_fold[-1], model.parameters()):
+            torch.testing.assert_close(g, p.grad, rtol=1e-4, atol=1e-6)
+    assert estimates[0] != pytest.approx(estimates[1], rel=1e-3)  # two different halves
+    assert sum(estimates) / 2 == pytest.approx(whole, rel=1e-5)
+    for g, a, b in zip(full, *per_fold):
+        torch.testing.assert_close(g, (a + b) / 2, rtol=1e-4, atol=1e-6)
+    model.zero_grad()
+
+
 def test_truncation_and_skips(model_tok):
     _, tok = model_tok
     assert encode(tok, "how do i make a good question " * 20, "sure", 16) is None
