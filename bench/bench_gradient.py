@@ -2,17 +2,21 @@
 gradients for per-layer coefficients; docs/method.md §5.5).
 
     python bench/bench_gradient.py --config configs/demo.yaml --data runs/demo/data \
-        --n 6 --trials 48 --seeds 0 1 2 --samplers tpe cmaes random \
-        --parametrizations layerwise --json bench/results/gradient.json --plot docs/gradient.png
+        --n 8 --trials 48 --seeds 0 1 2 --samplers tpe cmaes gp random --minibatches 1 4 \
+        --parametrizations gradient:3 layerwise --json bench/results/gradient.json --plot docs/gradient.png
 
 One process loads the models once; every (parametrization, sampler, seed) is its own study of
 `--trials` trials in a temporary SQLite file (no pruning, so a black-box trial is one merge and one
-forward pass; no verified pick). The gradient search runs once per parametrization: it starts
-from the initial point and does not depend on the seed. Recorded per study: the best objective so
-far (search split) after each trial against wall-clock seconds and against forward-pass
-equivalents (seconds / the median black-box trial's seconds in this run), and the final pick's
-objective on the test splits (first `--n-test` rows of alignment_test, domain_test and benign:
-losses only, no generation). Only the search splits are searched on.
+forward pass; no verified pick). The gradient search runs once per parametrization and
+`--minibatches` value ("gradient", "gradient-mb4"), after the black-box studies and for as long
+as their median study took (search.timeout_s; at most `--trials` trials): it starts from the
+initial point and does not depend on the seed. Recorded per study: the best objective so far
+(search split) after each trial against wall-clock seconds and against forward-pass equivalents
+(seconds / the median black-box trial's seconds in this run), and the final pick's figures on
+the test splits: its objective and losses on the first `--n-test` rows of alignment_test,
+domain_test and benign, and the shares of all the harmful and benign test prompts it refuses
+(greedy answers, rule-based judge). Only the search splits are searched on. A rerun with the
+same --json measures only the studies missing from it.
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ sys.path.insert(0, str(ROOT))
 
 from core.files import write_text_atomic  # noqa: E402
 from eval.data import load_pairs  # noqa: E402
-from optimize.compare import variant  # noqa: E402
+from optimize.compare import evaluate, variant  # noqa: E402
 from optimize.config import load_config  # noqa: E402
 from optimize.context import TEST_SPLITS, check_inputs, prepare, scored_sets  # noqa: E402
 from optimize.objective import objective_value  # noqa: E402
@@ -65,9 +69,11 @@ def main() -> None:
     ap.add_argument("--n-test", type=int, default=40, help="rows per test split for the picks' test losses")
     ap.add_argument("--trials", type=int, default=48)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--samplers", nargs="+", default=["tpe", "cmaes", "random"])
-    ap.add_argument("--parametrizations", nargs="+", default=["layerwise"])
+    ap.add_argument("--samplers", nargs="+", default=["tpe", "cmaes", "gp", "random"])
+    ap.add_argument("--parametrizations", nargs="+", default=["gradient:3", "layerwise"])
     ap.add_argument("--lr", type=float, default=0.05)
+    ap.add_argument("--minibatches", type=int, nargs="+", default=[1, 4], help="gradient variants")
+    ap.add_argument("--max-new-tokens", type=int, default=32)
     ap.add_argument("--json", default="bench/results/gradient.json")
     ap.add_argument("--plot", default="docs/gradient.png")
     ap.add_argument("--summary", metavar="JSON", help="only print the tables of a finished run's JSON")
@@ -93,19 +99,33 @@ def main() -> None:
         "test_splits": False,
         "mergekit": False,
     }
-    studies = []
+    harmful = [r["prompt"] for r in load_pairs(cfg.test_dir, "alignment_test")]
+    benign = [r["prompt"] for r in load_pairs(cfg.test_dir, "benign")]
+    earlier = json.loads(Path(args.json).read_text())["studies"] if Path(args.json).exists() else []
+    studies = [s for s in earlier if s["parametrization"] in args.parametrizations]
+    done = {(s["parametrization"], s["sampler"], s["seed"]) for s in studies}
+    gradients = {("gradient" if m == 1 else f"gradient-mb{m}"): m for m in args.minibatches}
     for param in args.parametrizations:
-        for sampler in ["gradient"] + args.samplers:
-            for seed in args.seeds[:1] if sampler == "gradient" else args.seeds:
+        for sampler in [*args.samplers, *gradients]:
+            for seed in args.seeds[:1] if sampler in gradients else args.seeds:
+                if (param, sampler, seed) in done:
+                    continue
                 search = {
-                    "sampler": sampler,
+                    "sampler": "gradient" if sampler in gradients else sampler,
                     "seed": seed,
                     "n_trials": args.trials,
                     "parametrization": param,
                     "pruner": "none",
                     "verify": {"top_k": 0},
-                    "gradient": {"lr": args.lr},
+                    "gradient": {"lr": args.lr, "minibatches": gradients.get(sampler, 1)},
                 }
+                black_box = [  # seconds from a study's first trial's start to its last one's end
+                    r["curve"][-1]["seconds"]
+                    for r in studies
+                    if r["parametrization"] == param and r["sampler"] in args.samplers
+                ]
+                if sampler in gradients and black_box:  # the same wall time as a black-box study
+                    search["timeout_s"] = statistics.median(black_box)
                 c = variant(cfg, f"{param.replace(':', '')}-{sampler}-{seed}", search, **quiet)
                 space = SearchSpace(c, ctx.base.groups, ctx.merger.method.searched)
                 t0 = time.perf_counter()
@@ -113,8 +133,15 @@ def main() -> None:
                 wall = time.perf_counter() - t0
                 study = optuna.load_study(study_name=c.study_name, storage=storage)
                 best = study.best_trial
-                model = ctx.merger.apply(space.decode(best.params))
-                test = objective_value(c.search, test_scorer.losses(model))
+                pick = evaluate(
+                    ctx, None, space.decode(best.params), test_scorer, harmful, benign, args.max_new_tokens
+                )
+                losses = {
+                    k.removesuffix("_loss"): v
+                    for k, v in pick.items()
+                    if isinstance(v, float) and not k.startswith("refused")
+                }
+                test = objective_value(c.search, losses)
                 studies.append(
                     {
                         "parametrization": param,
@@ -125,6 +152,9 @@ def main() -> None:
                         "best_search": best.value,
                         "best_trial": best.number,
                         "test_objective": test,
+                        "test_losses": losses,
+                        "refused_harmful": pick["refused_harmful"],
+                        "refused_benign": pick["refused_benign"],
                         "trial_s": statistics.median(
                             (t.datetime_complete - t.datetime_start).total_seconds() for t in study.trials
                         ),
@@ -132,16 +162,18 @@ def main() -> None:
                 )
                 print(
                     f"{param} {sampler} seed {seed}: best {best.value:.4f} (trial {best.number}), "
-                    f"test {test:.4f}, {wall:.0f} s",
+                    f"test {test:.4f}, refused {pick['refused_harmful']:.0%} / {pick['refused_benign']:.0%}, "
+                    f"{wall:.0f} s",
                     file=sys.stderr,
                 )
                 write(args, studies)
+    ctx.generation.close()
     write(args, studies)
 
 
 def write(args, studies: list[dict]) -> None:
     """The results so far (written after every study, so a stopped run keeps what it measured)."""
-    black_box = [s["trial_s"] for s in studies if s["sampler"] != "gradient"]
+    black_box = [s["trial_s"] for s in studies if not s["sampler"].startswith("gradient")]
     forward_s = statistics.median(black_box) if black_box else None
     for s in studies:
         for point in s["curve"]:
@@ -159,17 +191,20 @@ def write(args, studies: list[dict]) -> None:
 
 
 def summary(doc: dict) -> str:
-    """Markdown: per (parametrization, sampler) the best search objective after 24 and 48 trials
-    and the pick's test objective (mean, min-max over seeds), seconds per study and per trial;
-    then when the gradient search first reached each black-box sampler's mean best at 48."""
+    """Markdown: per (parametrization, sampler) the best search objective after 24 and 48 trials,
+    the pick's test objective, L_domain and refusal shares (mean, min-max over seeds), seconds per
+    study and per trial; then when each gradient search first reached each black-box sampler's
+    mean best at 48."""
     lines = [
         "| parametrization | sampler | seeds | best after 24 | best after 48 | test objective of the pick "
-        "| s per study | s per trial |",
-        "|---|---|---|---|---|---|---|---|",
+        "| its test L_domain | harmful refused | benign wrongly refused | s per study | s per trial |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
 
-    def spread(values):
-        return f"{statistics.mean(values):.3f} ({min(values):.3f}–{max(values):.3f})"
+    def spread(values, fmt="{:.3f}"):
+        if len(values) == 1:
+            return fmt.format(values[0])
+        return f"{fmt.format(statistics.mean(values))} ({fmt.format(min(values))}–{fmt.format(max(values))})"
 
     groups: dict[tuple, list] = {}
     for s in doc["studies"]:
@@ -179,26 +214,31 @@ def summary(doc: dict) -> str:
         lines.append(
             f"| {param} | {sampler} | {len(runs)} | {spread(at[24])} | {spread(at[48])} | "
             f"{spread([r['test_objective'] for r in runs])} | "
+            f"{spread([r['test_losses']['domain'] for r in runs])} | "
+            f"{spread([r['refused_harmful'] for r in runs], '{:.0%}')} | "
+            f"{spread([r['refused_benign'] for r in runs], '{:.0%}')} | "
             f"{statistics.median(r['curve'][-1]['seconds'] for r in runs):.0f} | "
             f"{statistics.median(r['trial_s'] for r in runs):.1f} |"
         )
     lines.append("")
     for (param, sampler), runs in groups.items():
-        descent = groups.get((param, "gradient"))
-        if sampler == "gradient" or not descent:
+        if sampler.startswith("gradient"):
             continue
         target = statistics.mean(r["curve"][-1]["best"] for r in runs)
         wall = statistics.median(r["curve"][-1]["seconds"] for r in runs)
-        reached = next((p for p in descent[0]["curve"] if p["best"] <= target), None)
-        lines.append(
-            f"- {param}: {sampler}'s mean best after 48 trials ({target:.3f}, {wall:.0f} s per study): "
-            + (
-                f"the gradient search reached it at step {reached['trial'] + 1}, after "
-                f"{reached['seconds']:.0f} s = {reached['seconds'] / wall:.0%} of {sampler}'s time"
-                if reached
-                else "not reached by the gradient search"
+        for (p, descent_name), descent in groups.items():
+            if p != param or not descent_name.startswith("gradient"):
+                continue
+            reached = next((pt for pt in descent[0]["curve"] if pt["best"] <= target), None)
+            lines.append(
+                f"- {param}: {sampler}'s mean best after 48 trials ({target:.3f}, {wall:.0f} s per study): "
+                + (
+                    f"{descent_name} reached it at trial {reached['trial'] + 1}, after "
+                    f"{reached['seconds']:.0f} s = {reached['seconds'] / wall:.0%} of {sampler}'s time"
+                    if reached
+                    else f"not reached by {descent_name}"
+                )
             )
-        )
     return "\n".join(lines)
 
 

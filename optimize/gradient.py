@@ -13,9 +13,10 @@ Optuna parameters (`SearchSpace.param_gradient`).
 Each step is a trial of the study: the candidate is merged in place and the whole search split is
 scored with gradients on, so a trial's value is the exact objective, comparable with every other
 sampler's trials (reports, plots, resume and many workers work unchanged). With
-search.gradient.minibatches M > 1, a trial scores the whole split without a graph (its exact
-value), then takes M Adam steps, each from the gradient of one minibatch (1/M of every set):
-a step costs a forward and a backward pass over 1/M of the data. Densities stay at the
+search.gradient.minibatches M > 1, a trial is scored like a black-box one (the whole split, no
+graph: its exact value), and between two trials the descent takes M Adam steps, each from the
+gradient of one minibatch (1/M of every set): a step costs a forward and a backward pass over
+1/M of the data. Densities stay at the
 starting point's: the best trial of the study when it has one (refining a black-box search's
 best: run tpe first, then gradient on the same study), else the initial point. A resumed descent
 restarts Adam from the study's best trial.
@@ -31,6 +32,7 @@ from contextlib import contextmanager
 import numpy as np
 import optuna
 
+from eval.loss import means
 from optimize.objective import loss_weights, make_trial
 from optimize.study import ranked
 from optimize.workers import ProgressBar, n_finished
@@ -71,54 +73,51 @@ def gradients_on(params):
 
 
 class GradientScore:
-    """The trial's scoring, followed by the descent's steps from the trial's point: `self.next`
-    is where the next trial starts (None when a gradient was not finite)."""
+    """The trial's scoring. With one minibatch, the gradient of the objective at the trial's point
+    comes from the same pass (`self.grad`); with more, the scoring is plain (the steps follow the
+    trial, `minibatch_steps`). `self.params`: the point scored, None when its loss was not finite."""
 
-    def __init__(self, ctx, adam: Adam | None = None):
-        self.ctx, self.adam = ctx, adam
-        self.grad = self.next = None
+    def __init__(self, ctx):
+        self.ctx, self.grad, self.params = ctx, None, None
         self.weights = loss_weights(ctx.cfg.search)
         self.minibatches = ctx.cfg.search.gradient.minibatches
         self.differentiated = ctx.merger.changed()  # the same parameters at every step
-        self.last = False  # the descent's last trial: no step after it
 
     def __call__(self, trial, model, candidate, on_batch):
-        ctx, params = self.ctx, dict(trial.params)  # the point scored (a waiting trial may run before ours)
-        self.next = None
-        if self.minibatches == 1:  # the trial's value and its gradient from one pass
+        if self.minibatches > 1:
+            scores = self.ctx.scorer.score(model)  # no pruning: the descent goes on from every point
+        else:
             with gradients_on(self.differentiated):
-                scores = ctx.scorer.score(model, backward=self.weights)
-                self.grad = self._param_gradient(candidate, trial)
-            if self.adam is not None and finite(self.grad):
-                self.next = self.adam.step(params, self.grad)
-            return scores
-        scores = ctx.scorer.score(model)  # the trial's value: the whole search split, no graph
-        if self.adam is None or self.last:
-            return scores
-        for fold in range(self.minibatches):
-            if fold:
-                candidate = ctx.space.decode(params)
-                model = ctx.merger.apply(candidate)
-            with gradients_on(self.differentiated):
-                ctx.scorer.minibatch_backward(model, self.weights, fold, self.minibatches)
-                self.grad = self._param_gradient(candidate, trial if fold == 0 else None)
-            if not finite(self.grad):
-                return scores
-            params = self.adam.step(params, self.grad)
-        self.next = params
+                scores = self.ctx.scorer.score(model, backward=self.weights)
+                self.grad = self.param_gradient(candidate)
+            trial.set_user_attr("grad_norm", float(np.linalg.norm(list(self.grad.values()))))
+        finite_losses = all(math.isfinite(v) for v in means(scores[0]).values())
+        self.params = dict(trial.params) if finite_losses else None  # (a waiting trial may run before ours)
         return scores
 
-    def _param_gradient(self, candidate, trial=None) -> dict[str, float]:
-        """dObjective/d(each Optuna parameter of the descended field); its norm goes on `trial`."""
+    def param_gradient(self, candidate) -> dict[str, float]:
+        """dObjective/d(each Optuna parameter of the descended field), from the model's `.grad`."""
         per_group = self.ctx.merger.gradient(candidate)
-        grad = self.ctx.space.param_gradient(self.ctx.merger.method.grad_field, per_group)
-        if trial is not None:
-            trial.set_user_attr("grad_norm", float(np.linalg.norm(list(grad.values()))))
-        return grad
+        return self.ctx.space.param_gradient(self.ctx.merger.method.grad_field, per_group)
+
+    def minibatch_steps(self, adam: Adam, params: dict[str, float]) -> dict[str, float] | None:
+        """One Adam step per minibatch from `params`, each on the gradient of that minibatch's
+        objective at the point reached (None if a gradient was not finite)."""
+        ctx = self.ctx
+        for fold in range(self.minibatches):
+            candidate = ctx.space.decode(params)
+            model = ctx.merger.apply(candidate)
+            with gradients_on(self.differentiated):
+                ctx.scorer.minibatch_backward(model, self.weights, fold, self.minibatches)
+                grad = self.param_gradient(candidate)
+            if not finite(grad):
+                return None
+            params = adam.step(params, grad)
+        return params
 
 
-def finite(grad: dict[str, float]) -> bool:
-    return bool(np.isfinite(list(grad.values())).all())
+def finite(grad: dict[str, float] | None) -> bool:
+    return grad is not None and bool(np.isfinite(list(grad.values())).all())
 
 
 def start_point(study: optuna.Study, space, search) -> dict[str, float]:
@@ -130,28 +129,36 @@ def start_point(study: optuna.Study, space, search) -> dict[str, float]:
 
 
 def descend(study: optuna.Study, ctx, callbacks=()) -> None:
-    """Projected Adam, until the study holds search.n_trials finished trials: one step per trial,
-    or one per minibatch after each trial's scoring (search.gradient.minibatches)."""
+    """Projected Adam until the study holds search.n_trials finished trials: one step after each
+    trial, or one per minibatch (search.gradient.minibatches)."""
     s = ctx.cfg.search
     deadline = time.monotonic() + s.timeout_s if s.timeout_s else None
-    params = start_point(study, ctx.space, s)
+    params, attrs = start_point(study, ctx.space, s), {}
+    score = GradientScore(ctx)
     adam = Adam(s.gradient.lr, ctx.space.field_bounds(ctx.merger.method.grad_field))
-    score = GradientScore(ctx, adam)
     trial_fn = make_trial(ctx, score=score)
     bar = ProgressBar(s.n_trials, n_finished(study))
     try:
         while n_finished(study) < s.n_trials and (deadline is None or time.monotonic() < deadline):
-            score.last = n_finished(study) + 1 >= s.n_trials
-            study.enqueue_trial(params, user_attrs={"gradient_step": adam.t})
+            score.grad = score.params = None
+            study.enqueue_trial(params, user_attrs={"gradient_step": adam.t, **attrs})
             study.optimize(trial_fn, n_trials=1, callbacks=[bar, *callbacks])
-            if score.next is None:
-                if not score.last:
-                    print(
-                        "[alignmerge] gradient: the last step gave no gradient (see its fail_reason: a "
-                        "non-finite loss, or other workers took the last slots); stopping",
-                        file=sys.stderr,
-                    )
+            if n_finished(study) >= s.n_trials or (deadline is not None and time.monotonic() >= deadline):
                 return
-            params = score.next
+            t0 = time.perf_counter()
+            if score.params is not None and score.minibatches > 1:
+                params = score.minibatch_steps(adam, score.params)
+            elif score.params is not None and finite(score.grad):
+                params = adam.step(score.params, score.grad)
+            else:
+                params = None
+            if params is None:
+                print(
+                    "[alignmerge] gradient: the last step gave no gradient (see its fail_reason: a "
+                    "non-finite loss, or other workers took the last slots); stopping",
+                    file=sys.stderr,
+                )
+                return
+            attrs = {"steps_s": round(time.perf_counter() - t0, 4)} if score.minibatches > 1 else {}
     finally:
         bar.close()

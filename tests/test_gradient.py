@@ -202,8 +202,9 @@ def test_gradient_descent_is_a_study_of_trials(world, tmp_path):
 
 
 def test_minibatch_descent_takes_a_step_per_minibatch_and_records_exact_values(world, tmp_path):
-    """search.gradient.minibatches: 2 Adam steps between trials; every trial's value is the
-    objective of the whole search split at its point."""
+    """search.gradient.minibatches: 2 Adam steps between trials (outside them: a trial is scored
+    like a black-box one); every trial's value is the objective of the whole search split at its
+    point."""
     raw = world_config(world, tmp_path / "run", sampler="gradient", n_trials=3, parametrization="gradient:2")
     raw["search"]["gradient"] = {"lr": 0.1, "minibatches": 2}
     raw["output"] = {"plots": False, "save_model": False, "references": False, "mergekit": False}
@@ -213,6 +214,7 @@ def test_minibatch_descent_takes_a_step_per_minibatch_and_records_exact_values(w
     trials = study.trials
     assert [t.user_attrs["gradient_step"] for t in trials] == [0, 2, 4]
     assert all(t.state == optuna.trial.TrialState.COMPLETE for t in trials)
+    assert [("steps_s" in t.user_attrs) for t in trials] == [False, True, True]
     assert trials[2].value < trials[0].value  # Adam went downhill
     ctx = prepare(cfg)
     for t in trials:
