@@ -74,6 +74,13 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=0.05)
     ap.add_argument("--minibatches", type=int, nargs="+", default=[1, 4], help="gradient variants")
     ap.add_argument("--max-new-tokens", type=int, default=32)
+    ap.add_argument(
+        "--hybrid",
+        type=int,
+        default=0,
+        metavar="K",
+        help="also tpe for K trials, then the gradient search (last --minibatches value) on that study",
+    )
     ap.add_argument("--json", default="bench/results/gradient.json")
     ap.add_argument("--plot", default="docs/gradient.png")
     ap.add_argument("--summary", metavar="JSON", help="only print the tables of a finished run's JSON")
@@ -105,31 +112,38 @@ def main() -> None:
     studies = [s for s in earlier if s["parametrization"] in args.parametrizations]
     done = {(s["parametrization"], s["sampler"], s["seed"]) for s in studies}
     gradients = {("gradient" if m == 1 else f"gradient-mb{m}"): m for m in args.minibatches}
+    hybrids = {f"tpe{args.hybrid}+gradient-mb{m}": m for m in args.minibatches[-1:]} if args.hybrid else {}
     for param in args.parametrizations:
-        for sampler in [*args.samplers, *gradients]:
+        for sampler in [*args.samplers, *gradients, *hybrids]:
             for seed in args.seeds[:1] if sampler in gradients else args.seeds:
                 if (param, sampler, seed) in done:
                     continue
-                search = {
-                    "sampler": "gradient" if sampler in gradients else sampler,
+                common = {
                     "seed": seed,
                     "n_trials": args.trials,
                     "parametrization": param,
                     "pruner": "none",
                     "verify": {"top_k": 0},
-                    "gradient": {"lr": args.lr, "minibatches": gradients.get(sampler, 1)},
+                    "gradient": {"lr": args.lr, "minibatches": {**gradients, **hybrids}.get(sampler, 1)},
                 }
                 black_box = [  # seconds from a study's first trial's start to its last one's end
                     r["curve"][-1]["seconds"]
                     for r in studies
                     if r["parametrization"] == param and r["sampler"] in args.samplers
                 ]
-                if sampler in gradients and black_box:  # the same wall time as a black-box study
-                    search["timeout_s"] = statistics.median(black_box)
-                c = variant(cfg, f"{param.replace(':', '')}-{sampler}-{seed}", search, **quiet)
-                space = SearchSpace(c, ctx.base.groups, ctx.merger.method.searched)
+                budget = statistics.median(black_box) if black_box else None  # a black-box study's time
+                if sampler in hybrids:  # tpe picks densities and a start, the descent refines on one study
+                    phases = [{"sampler": "tpe", "n_trials": args.hybrid}, {"sampler": "gradient"}]
+                else:
+                    phases = [{"sampler": "gradient" if sampler in gradients else sampler}]
                 t0 = time.perf_counter()
-                run(c, storage=storage, ctx=dataclasses.replace(ctx, cfg=c, space=space))
+                for phase in phases:
+                    search = common | phase
+                    if search["sampler"] == "gradient" and budget:
+                        search["timeout_s"] = max(1.0, budget - (time.perf_counter() - t0))
+                    c = variant(cfg, f"{param.replace(':', '')}-{sampler}-{seed}", search, **quiet)
+                    space = SearchSpace(c, ctx.base.groups, ctx.merger.method.searched)
+                    run(c, storage=storage, ctx=dataclasses.replace(ctx, cfg=c, space=space))
                 wall = time.perf_counter() - t0
                 study = optuna.load_study(study_name=c.study_name, storage=storage)
                 best = study.best_trial
@@ -173,7 +187,7 @@ def main() -> None:
 
 def write(args, studies: list[dict]) -> None:
     """The results so far (written after every study, so a stopped run keeps what it measured)."""
-    black_box = [s["trial_s"] for s in studies if not s["sampler"].startswith("gradient")]
+    black_box = [s["trial_s"] for s in studies if "gradient" not in s["sampler"]]
     forward_s = statistics.median(black_box) if black_box else None
     for s in studies:
         for point in s["curve"]:
@@ -193,8 +207,9 @@ def write(args, studies: list[dict]) -> None:
 def summary(doc: dict) -> str:
     """Markdown: per (parametrization, sampler) the best search objective after 24 and 48 trials,
     the pick's test objective, L_domain and refusal shares (mean, min-max over seeds), seconds per
-    study and per trial; then when each gradient search first reached each black-box sampler's
-    mean best at 48."""
+    study and per trial (study seconds / trials: a descent's steps between trials included); then
+    when each gradient search (each of its runs) first reached each black-box sampler's mean best
+    after 48 trials."""
     lines = [
         "| parametrization | sampler | seeds | best after 24 | best after 48 | test objective of the pick "
         "| its test L_domain | harmful refused | benign wrongly refused | s per study | s per trial |",
@@ -218,26 +233,27 @@ def summary(doc: dict) -> str:
             f"{spread([r['refused_harmful'] for r in runs], '{:.0%}')} | "
             f"{spread([r['refused_benign'] for r in runs], '{:.0%}')} | "
             f"{statistics.median(r['curve'][-1]['seconds'] for r in runs):.0f} | "
-            f"{statistics.median(r['trial_s'] for r in runs):.1f} |"
+            f"{statistics.median(r['curve'][-1]['seconds'] / len(r['curve']) for r in runs):.1f} |"
         )
     lines.append("")
     for (param, sampler), runs in groups.items():
-        if sampler.startswith("gradient"):
+        if "gradient" in sampler:
             continue
         target = statistics.mean(r["curve"][-1]["best"] for r in runs)
         wall = statistics.median(r["curve"][-1]["seconds"] for r in runs)
         for (p, descent_name), descent in groups.items():
-            if p != param or not descent_name.startswith("gradient"):
+            if p != param or "gradient" not in descent_name:
                 continue
-            reached = next((pt for pt in descent[0]["curve"] if pt["best"] <= target), None)
+            reached = [next((pt for pt in r["curve"] if pt["best"] <= target), None) for r in descent]
+            times = [
+                f"after {pt['seconds']:.0f} s = {pt['seconds'] / wall:.0%} (trial {pt['trial'] + 1})"
+                if pt
+                else "never"
+                for pt in reached
+            ]
             lines.append(
                 f"- {param}: {sampler}'s mean best after 48 trials ({target:.3f}, {wall:.0f} s per study): "
-                + (
-                    f"{descent_name} reached it at trial {reached['trial'] + 1}, after "
-                    f"{reached['seconds']:.0f} s = {reached['seconds'] / wall:.0%} of {sampler}'s time"
-                    if reached
-                    else f"not reached by {descent_name}"
-                )
+                f"{descent_name} reached it {', '.join(times)}"
             )
     return "\n".join(lines)
 

@@ -105,7 +105,7 @@ def ablate(abl: Ablation, cfg: Config, rows: dict, test: dict) -> Path:
     report.write()
     if "samplers" in abl.rows:
         with timed(timings, "samplers"):
-            report.samplers = compare_samplers(ctx, abl, storage)
+            report.samplers = compare_samplers(ctx, abl, storage, test)
         report.write()
     ctx.generation.close()
     return cfg.run_dir / "ablation.md"

@@ -27,6 +27,7 @@ from optimize.registry import MERGE_METHODS
 from optimize.report import load_best
 from optimize.search import run
 from optimize.storage import open_storage
+from optimize.study import ranked
 from optimize.workers import FINISHED, n_finished
 
 
@@ -231,6 +232,7 @@ def search_rows(ctx: Context, abl: Ablation, storage: str) -> list[Row]:
 SAFE_ROW = "safety-aware search (alignmerge)"
 PAPER_ROW = "safety-aware search, paper objective"
 SPLIT_NAMES = {"alignment": "D_safety", "domain": "D_domain", "helpfulness": "D_help"}
+TEST_SETS = {"alignment": "alignment", "domain": "domain", "helpfulness": "benign"}  # load_test's keys
 
 
 def best_so_far(study: optuna.Study, n: int) -> list[float]:
@@ -244,13 +246,18 @@ def best_so_far(study: optuna.Study, n: int) -> list[float]:
     return out
 
 
-def compare_samplers(ctx: Context, abl: Ablation, storage: str) -> dict[str, dict]:
-    """{sampler: {seed: best-so-far curve}, ...} plus seconds per study, one study per (sampler, seed)."""
+def compare_samplers(
+    ctx: Context, abl: Ablation, storage: str, test: dict[str, list[dict]]
+) -> dict[str, dict]:
+    """{sampler: {seed: best-so-far curve}, ...} plus seconds per study, one study per (sampler, seed),
+    and the objective of each study's pick on the test splits (many coefficients can over-fit the
+    search split: the two side by side show it)."""
     s = abl.samplers
     subset = {k: v for k, v in (("n_alignment", s.n_alignment), ("n_domain", s.n_domain)) if v}
     data_cfg = variant(ctx.cfg, "", data=subset)
     rows = load_data(data_cfg)
     scorer = ctx.scorer_for({k: rows[k] for k in scored_sets(data_cfg.search)})
+    test_scorer = ctx.scorer_for({k: test[TEST_SETS[k]] for k in scored_sets(data_cfg.search)})
     out = {}
     for name in s.names:
         if name == "gradient" and MERGE_METHODS[ctx.cfg.merge.method].grad_field is None:
@@ -267,7 +274,13 @@ def compare_samplers(ctx: Context, abl: Ablation, storage: str) -> dict[str, dic
             seconds = sum(
                 (t.datetime_complete - t.datetime_start).total_seconds() for t in used[: s.n_trials]
             )
-            out.setdefault(name, {})[seed] = {"curve": best_so_far(study, s.n_trials), "seconds": seconds}
+            pick = ranked(study, c.search)[0]
+            test_losses = test_scorer.losses(ctx.merger.apply(ctx.space.decode(pick.params)))
+            out.setdefault(name, {})[seed] = {
+                "curve": best_so_far(study, s.n_trials),
+                "seconds": seconds,
+                "test_objective": weighted_loss(c.search, test_losses),
+            }
     return {"examples": {k: len(v) for k, v in rows.items()}, "studies": out}
 
 
@@ -285,6 +298,7 @@ def sampler_summary(studies: dict[str, dict]) -> list[dict]:
                 "min": float(np.min(final)),
                 "max": float(np.max(final)),
                 "seconds": float(np.mean([run["seconds"] for run in seeds.values()])),
+                "test_mean": float(np.mean([run["test_objective"] for run in seeds.values()])),
             }
         )
     return sorted(out, key=lambda r: r["mean"])

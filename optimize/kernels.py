@@ -12,6 +12,8 @@ between candidates and fuses the rest; tests/test_methods.py proves it equal to 
 - `Fused`: ...compiled into one kernel (torch.compile) for real-size tensors; `add_elementwise`
   evaluates it eagerly in cache-sized chunks otherwise. The methods call it on row blocks
   (`row_blocks`), so its result and a LoRA delta multiplied out stay small.
+- `sign_fixed_dots`, `ties_grad_dots`: the gradient search's inner products for TIES (signs held
+  fixed, docs/method.md §5.5), fused the same way: one pass over the task vectors per step.
 """
 
 from __future__ import annotations
@@ -168,6 +170,30 @@ def dare_delta(taus, noises, keep_maxes, scales, weights, normalize: bool) -> Te
         torch.where(n <= k, t.float(), 0.0) * s for t, n, k, s in zip(taus, noises, keep_maxes, scales)
     ]
     return sign_consensus(weighted, weights, normalize)
+
+
+def sign_fixed_dots(kept: list[Tensor], weights: list[Tensor], grad: Tensor, normalize: bool) -> Tensor:
+    """d<grad, TIES delta>/dw_t for every source, the elected signs held fixed (docs/method.md §5.5).
+    With a_t = [sign(w_t tau'_t) is the elected sign]: <grad, a_t tau'_t> without normalize, and
+    <grad, a_t (tau'_t - delta)> / sum_s w_s a_s with it. A zero weight counts with the sign of
+    tau'_t: the derivative as w_t grows from 0. `kept`: the trimmed (or dropped and rescaled) task
+    vectors tau'_t in float32; `weights`: 0-d tensors."""
+    weighted = [w * t for w, t in zip(weights, kept)]
+    elected = torch.where(sum(weighted) >= 0, 1.0, -1.0)
+    agree = [torch.sign(torch.where(w != 0, wt, t)) == elected for w, wt, t in zip(weights, weighted, kept)]
+    if not normalize:
+        return torch.stack([(grad * torch.where(a, t, 0.0)).sum() for a, t in zip(agree, kept)])
+    div = sum(w * a for w, a in zip(weights, agree))
+    safe = torch.where(div == 0, 1.0, div)
+    delta = sum(wt * a for wt, a in zip(weighted, agree)) / safe
+    scaled = torch.where(div == 0, 0.0, grad / safe)
+    return torch.stack([(scaled * torch.where(a, t - delta, 0.0)).sum() for a, t in zip(agree, kept)])
+
+
+def ties_grad_dots(taus, thresholds, weights, grad: Tensor, normalize: bool) -> Tensor:
+    """`sign_fixed_dots` of TIES from the operands of `ties_delta` (fused into one kernel)."""
+    kept = [torch.where(t.abs() >= th, t.float(), 0.0) for t, th in zip(taus, thresholds)]
+    return sign_fixed_dots(kept, weights, grad.float(), normalize)
 
 
 class Fused:

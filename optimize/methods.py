@@ -34,7 +34,9 @@ from optimize.kernels import (
     dare_delta,
     row_blocks,
     scalar,
+    sign_fixed_dots,
     ties_delta,
+    ties_grad_dots,
 )
 from optimize.registry import MERGE_METHODS
 
@@ -269,40 +271,35 @@ class Ties(MergeMethod):
                 block = [[rows(t, start, stop).reshape(-1) for t in arg] for arg in tensors]
                 add_elementwise(part, self.fused, self.delta, block, scalars, self.normalize, self.lambda_)
 
+    fused_grad: Fused | None = Fused(ties_grad_dots)
+
     def coefficient_grad(self, name, g, base, taus, c, grad):
-        w = c.weight[:, g]
         present = [i for i, tau in enumerate(taus) if tau is not None]
         out = np.zeros(len(taus))
+        if not present:
+            return out
+        weights = [scalar(float(c.weight[i, g]), grad) for i in present]
         flat = grad.reshape(-1)
+        if self.fused_grad is not None and flat.numel() >= Fused.MIN_NUMEL:
+            trims = [self.operands(i, name, taus[i], float(c.density[i, g]), 0.0)[1][0] for i in present]
+            flat_taus = [taus[i].reshape(-1) for i in present]
+            dots = self.fused_grad(flat_taus, trims, weights, flat, self.normalize)
+            if dots is not None:
+                out[present] = dots.double().cpu().numpy()
+                return self.lambda_ * out
         for start in range(0, flat.numel(), CHUNK):
             part = slice(start, start + CHUNK)
             kept = [self.kept(i, name, taus[i], float(c.density[i, g]), part) for i in present]
-            out[present] += ties_coefficient_grad(kept, w[present], flat[part].float(), self.normalize)
+            dots = sign_fixed_dots(kept, weights, flat[part].float(), self.normalize)
+            out[present] += dots.double().cpu().numpy()
         return self.lambda_ * out
-
-
-def ties_coefficient_grad(
-    kept: list[Tensor], weights: np.ndarray, grad: Tensor, normalize: bool
-) -> np.ndarray:
-    """d<grad, TIES delta>/dw_t with the elected signs held fixed (docs/method.md §5.5). With
-    a_t = [sign(w_t tau'_t) is the elected sign]: tau'_t a_t without normalize, and
-    a_t (tau'_t - delta) / sum_s w_s a_s with it. A zero weight counts with the sign of tau'_t:
-    the derivative as w_t grows from 0."""
-    weighted = [float(w) * t for w, t in zip(weights, kept)]
-    elected = torch.where(sum(weighted) >= 0, 1.0, -1.0)
-    agree = [torch.sign(wt if w != 0 else t) == elected for w, wt, t in zip(weights, weighted, kept)]
-    if not normalize:
-        return np.array([float(torch.dot(grad, torch.where(a, t, 0.0))) for a, t in zip(agree, kept)])
-    div = sum(float(w) * a for w, a in zip(weights, agree))
-    delta = sum(wt * a for wt, a in zip(weighted, agree)) / torch.where(div == 0, 1.0, div)
-    scaled = torch.where(div == 0, 0.0, grad / torch.where(div == 0, 1.0, div))
-    return np.array([float(torch.dot(scaled, torch.where(a, t - delta, 0.0))) for a, t in zip(agree, kept)])
 
 
 class DareTies(Ties):
     name = "dare_ties"
     delta = staticmethod(dare_delta)
     fused = Fused(dare_delta)
+    fused_grad = None  # its operands are not the trim's: eager, in chunks
 
     def operands(self, i, name, tau, density, w):
         noise = self.masks.dare_noise(i, name, tau)

@@ -239,6 +239,9 @@ def test_sampler_table_matches_the_studies_and_a_rerun_resumes(ablation):
         assert summary[s]["mean"] == pytest.approx(sum(finals) / len(finals))
         assert summary[s]["min"] == pytest.approx(min(finals))
     assert summary["gradient"]["std"] is None and summary["gradient"]["seeds"] == 1
+    for s in SAMPLERS:  # the picks' objective on the test splits, beside the search split's
+        assert np.isfinite(summary[s]["test_mean"]) and summary[s]["test_mean"] != summary[s]["mean"]
+    assert "test objective of the pick (mean)" in (out / "ablation.md").read_text()
     curves = read_csv(out / "samplers.csv")
     assert len(curves) == (4 * 3 + 1) * 3
     for s in SAMPLERS:

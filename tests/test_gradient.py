@@ -90,6 +90,27 @@ def test_sign_elected_methods_gradient_is_exact_with_signs_fixed(name, normalize
     np.testing.assert_allclose(got, finite_differences(f, WEIGHTS, eps), rtol=1e-4, atol=1e-3)
 
 
+@pytest.mark.parametrize("normalize", [False, True])
+def test_fused_ties_gradient_equals_the_eager_one(monkeypatch, normalize):
+    """The torch.compile'd inner products of TIES (`kernels.ties_grad_dots`, used on real-size
+    tensors) give the eager, chunked ones checked against finite differences above, with bf16
+    task vectors and gradient as the working model holds them."""
+    from optimize.kernels import Fused
+
+    base, taus, grad = tensors()
+    taus, grad = [t.bfloat16() for t in taus], grad.bfloat16()
+    method = METHODS["ties"](normalize=normalize, density_levels=(0.5, 0.7, 1.0))
+    cand = Candidate(weight=WEIGHTS.reshape(S, 1), density=DENSITIES)
+    monkeypatch.setattr(Fused, "MIN_NUMEL", 1 << 60)  # eager
+    eager = method.coefficient_grad("x", 0, base, taus, cand, grad)
+    monkeypatch.setattr(Fused, "MIN_NUMEL", 0)  # fused
+    monkeypatch.setattr(Fused, "enabled", True)
+    fused = method.coefficient_grad("x", 0, base, taus, cand, grad)
+    assert Fused.enabled and method.fused_grad.compiled is not None  # it compiled (no eager fallback)
+    assert np.abs(eager).min() > 1  # the weights' gradients are far from 0
+    np.testing.assert_allclose(fused, eager, rtol=1e-5)
+
+
 def test_mergealign_gradient_is_exact():
     base, taus, grad = tensors()
     method = METHODS["mergealign"](lambda_=0.9, roles=("alignment", "domain", "domain"))
