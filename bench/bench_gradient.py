@@ -109,10 +109,13 @@ def main() -> None:
     harmful = [r["prompt"] for r in load_pairs(cfg.test_dir, "alignment_test")]
     benign = [r["prompt"] for r in load_pairs(cfg.test_dir, "benign")]
     earlier = json.loads(Path(args.json).read_text())["studies"] if Path(args.json).exists() else []
-    studies = [s for s in earlier if s["parametrization"] in args.parametrizations]
+    studies = list(earlier)  # kept: a rerun adds the studies it is asked for and does not have
     done = {(s["parametrization"], s["sampler"], s["seed"]) for s in studies}
-    gradients = {("gradient" if m == 1 else f"gradient-mb{m}"): m for m in args.minibatches}
-    hybrids = {f"tpe{args.hybrid}+gradient-mb{m}": m for m in args.minibatches[-1:]} if args.hybrid else {}
+    lr = "" if args.lr == 0.05 else f"-lr{args.lr:g}"  # the default step size is left out of the names
+    gradients = {("gradient" if m == 1 else f"gradient-mb{m}") + lr: m for m in args.minibatches}
+    hybrids = (
+        {f"tpe{args.hybrid}+gradient-mb{m}{lr}": m for m in args.minibatches[-1:]} if args.hybrid else {}
+    )
     for param in args.parametrizations:
         for sampler in [*args.samplers, *gradients, *hybrids]:
             for seed in args.seeds[:1] if sampler in gradients else args.seeds:
