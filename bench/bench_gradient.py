@@ -195,14 +195,17 @@ def write(args, studies: list[dict]) -> None:
     for s in studies:
         for point in s["curve"]:
             point["forward_equivalents"] = point["seconds"] / forward_s if forward_s else None
+    path = Path(args.json)
+    earlier = json.loads(path.read_text()).get("commands", []) if path.exists() else []
+    command = "python " + " ".join(sys.argv)
     doc = {
-        "command": "python " + " ".join(sys.argv),
+        "commands": earlier + [command] * (command not in earlier),  # a rerun adds studies: every run's
         "examples_per_set": args.n,
         "test_rows_per_split": args.n_test,
         "median_black_box_trial_s": forward_s,
         "studies": studies,
     }
-    write_text_atomic(Path(args.json), json.dumps(doc, indent=1))
+    write_text_atomic(path, json.dumps(doc, indent=1))
     if args.plot and forward_s:
         plot(doc, Path(args.plot))
 
