@@ -103,12 +103,12 @@ class Constrain(Strict):
 
 
 class Gradient(Strict):
-    """sampler: gradient (docs/method.md §5.5): projected Adam on the weights, one trial per step."""
+    """sampler: gradient (docs/method.md §5.5): projected Adam on the weights, one trial per step
+    (or per `minibatches` steps)."""
 
     lr: float = Field(0.05, gt=0, le=10)  # Adam's step size, in weight units
-    # > 1: each trial scores the whole search split at its point (its value), then takes one Adam
-    # step per minibatch (1/minibatches of every set, forward and backward); 1: one step per trial
-    # from the same pass that gives its value.
+    # 1: one step per trial, from the pass that gives its value. > 1: a trial is scored like a
+    # black-box one, and between trials one Adam step per minibatch (1/minibatches of every set).
     minibatches: int = Field(1, ge=1, le=64)
 
 

@@ -244,13 +244,18 @@ class Ties(MergeMethod):
     rounds_once = True  # base + lambda * delta: one addition per entry
     delta = staticmethod(ties_delta)
     fused = Fused(ties_delta)
+    fused_grad: Fused | None = Fused(ties_grad_dots)  # the gradient search's inner products
 
     reads_rows = True
 
     def operands(self, i: int, name: str, tau: Delta, density: float, w: float):
         """Per source: the tensors of the trim (read a row block at a time) and its scalars (0-d)."""
+        return [tau], [self.threshold(i, name, tau, density), scalar(w, tau)]
+
+    def threshold(self, i: int, name: str, tau: Delta, density: float) -> Tensor:
+        """The trim's magnitude threshold as a 0-d tensor (0: every entry kept)."""
         thr = self.masks.magnitude_threshold(i, name, tau, density)
-        return [tau], [scalar(0.0 if thr is None else thr, tau), scalar(w, tau)]
+        return scalar(0.0 if thr is None else thr, tau)
 
     def kept(self, i: int, name: str, tau: Tensor, density: float, part: slice) -> Tensor:
         """tau'_t on the flat entries `part`: the trimmed task vector, in float32."""
@@ -271,8 +276,6 @@ class Ties(MergeMethod):
                 block = [[rows(t, start, stop).reshape(-1) for t in arg] for arg in tensors]
                 add_elementwise(part, self.fused, self.delta, block, scalars, self.normalize, self.lambda_)
 
-    fused_grad: Fused | None = Fused(ties_grad_dots)
-
     def coefficient_grad(self, name, g, base, taus, c, grad):
         present = [i for i, tau in enumerate(taus) if tau is not None]
         out = np.zeros(len(taus))
@@ -281,9 +284,9 @@ class Ties(MergeMethod):
         weights = [scalar(float(c.weight[i, g]), grad) for i in present]
         flat = grad.reshape(-1)
         if self.fused_grad is not None and flat.numel() >= Fused.MIN_NUMEL:
-            trims = [self.operands(i, name, taus[i], float(c.density[i, g]), 0.0)[1][0] for i in present]
+            thresholds = [self.threshold(i, name, taus[i], float(c.density[i, g])) for i in present]
             flat_taus = [taus[i].reshape(-1) for i in present]
-            dots = self.fused_grad(flat_taus, trims, weights, flat, self.normalize)
+            dots = self.fused_grad(flat_taus, thresholds, weights, flat, self.normalize)
             if dots is not None:
                 out[present] = dots.double().cpu().numpy()
                 return self.lambda_ * out
