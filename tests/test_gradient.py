@@ -240,6 +240,10 @@ def test_minibatch_descent_takes_a_step_per_minibatch_and_records_exact_values(w
     ctx = prepare(cfg)
     for t in trials:
         assert t.value == pytest.approx(objective(ctx, t.params), rel=1e-5)
+    raw["search"]["gradient"]["minibatches"] = 64  # more minibatches than examples: refused, clearly
+    raw["search"]["n_trials"] = 4
+    with pytest.raises(ConfigError, match="minibatches is 64, but the .* search set has"):
+        run(validate_config(raw))
 
 
 def test_a_fresh_descent_starts_at_the_initial_point(world, tmp_path):
