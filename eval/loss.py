@@ -99,7 +99,7 @@ class Scorer:
         refusal_tokens: Sequence[int] = (),
     ):
         self.device, self.batch_tokens = device, batch_tokens
-        self._fold_batches: dict[tuple[int, int], list] = {}
+        self._fold_batches: dict[tuple, list] = {}  # minibatch_backward's, built on first use
         self.refusal_tokens = torch.tensor(sorted(set(refusal_tokens)), dtype=torch.long, device=device)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.examples: dict[str, list[Example]] = {}
@@ -189,21 +189,22 @@ class Scorer:
         return ordered(losses), ordered(mass)
 
     def minibatch_backward(self, model, backward: dict[str, float], fold: int, folds: int) -> float:
-        """Minibatch `fold` of `folds`: each set's examples j with j % folds == fold (strided, so
-        every set is in every minibatch). Accumulates into `.grad` the gradient of
-        sum_k weight_k L_k, each L_k the mean over the set's examples in this minibatch (the
-        minibatch's estimate of the whole objective, which it returns)."""
-        if (folds, fold) not in self._fold_batches:
-            self._fold_batches[(folds, fold)] = [
-                self._collate(n, b)
-                for n, ex in self.examples.items()
-                for b in length_batches(ex, self.batch_tokens, [j for j in self._own(n) if j % folds == fold])
-            ]
+        """Minibatch `fold` of `folds`: the examples at positions i with i % folds == fold of every
+        set (strided, so every set with at least `folds` examples is in every minibatch).
+        Accumulates into `.grad` the gradient of sum_k weight_k L_k, each L_k the mean over the
+        set's examples in this minibatch (the minibatch's estimate of the whole objective, which it
+        returns); with sets that divide evenly, the minibatches' gradients average to the whole one."""
         weights = self._gradient_weights(backward, fold, folds)
+        key = (folds, fold, tuple(sorted(weights)))
+        if key not in self._fold_batches:  # only the examples this minibatch weighs
+            self._fold_batches[key] = [
+                self._collate(n, b)
+                for n, w in weights.items()
+                for b in length_batches(self.examples[n], self.batch_tokens, w.nonzero()[:, 0].tolist())
+            ]
         total = 0.0
-        for name, idx, ce, _ in self._scored(model, self._fold_batches[(folds, fold)], weights, None):
-            if name in weights:
-                total += float((ce.double() * weights[name][idx]).sum())
+        for name, idx, ce, _ in self._scored(model, self._fold_batches[key], weights, None):
+            total += float((ce.double() * weights[name][idx]).sum())
         return total
 
     def _scored(self, model, batches, weights: dict[str, torch.Tensor], tokens):
@@ -220,11 +221,11 @@ class Scorer:
 
     def _gradient_weights(self, backward: dict[str, float], fold: int = 0, folds: int = 1):
         """d(sum_k weight_k L_k)/d(CE of each scored example), per owning set: an example in several
-        sets gets each set's weight / size. With folds > 1, only minibatch `fold`'s examples, and
-        each set's size is its count in that minibatch."""
+        sets gets each set's weight / size. With folds > 1, only the examples at minibatch `fold`'s
+        positions of each set, and each set's size is its count in that minibatch."""
         out = {n: torch.zeros(len(ex), dtype=torch.float64) for n, ex in self.examples.items()}
         for name, weight in backward.items():
-            members = [(owner, j) for owner, j in self.same.get(name, []) if j % folds == fold]
+            members = [pair for i, pair in enumerate(self.same.get(name, [])) if i % folds == fold]
             for owner, j in members:
                 out[owner][j] += weight / len(members)
         return {n: w for n, w in out.items() if w.any()}

@@ -188,7 +188,9 @@ class Report:
                 f"{ex['domain']} domain search examples, the search space of the search config "
                 f"({cfg.search.parametrization}), pruner `{s.pruner}`; seeds {abl.samplers.seeds}. "
                 "Lower is better; best mean first. The pick's test objective is the same objective of each "
-                "study's best trial on the test splits: far above the search split's, it shows over-fitting.",
+                "study's chosen trial on the test splits (human-written references: higher than on the "
+                "search split for every sampler); compare it across samplers: many coefficients can "
+                "over-fit the search split.",
                 "",
                 "| sampler | seeds | mean | std | min | max | test objective of the pick (mean) "
                 "| time per study (s) |",

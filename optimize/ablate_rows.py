@@ -271,8 +271,9 @@ def compare_samplers(
             c = variant(data_cfg, f"samplers/{name}_seed{seed}", search, plots=False)
             study = run_study(c, storage, dataclasses.replace(ctx, cfg=c, rows=rows, scorer=scorer))
             used = sorted(study.get_trials(deepcopy=False, states=FINISHED), key=lambda t: t.number)
-            seconds = sum(
-                (t.datetime_complete - t.datetime_start).total_seconds() for t in used[: s.n_trials]
+            seconds = sum(  # with the gradient's minibatch steps, which run between its trials
+                (t.datetime_complete - t.datetime_start).total_seconds() + t.user_attrs.get("steps_s", 0)
+                for t in used[: s.n_trials]
             )
             pick = ranked(study, c.search)[0]
             test_losses = test_scorer.losses(ctx.merger.apply(ctx.space.decode(pick.params)))

@@ -83,7 +83,7 @@ class GradientScore:
         self.weights = loss_weights(ctx.cfg.search)
         self.minibatches = ctx.cfg.search.gradient.minibatches
         self.differentiated = ctx.merger.changed()  # the same parameters at every step
-        sizes = {name: len(examples) for name, examples in ctx.scorer.examples.items()}
+        sizes = {name: len(ctx.scorer.examples[name]) for name, w in self.weights.items() if w}
         smallest = min(sizes, key=sizes.get)
         if self.minibatches > sizes[smallest]:
             raise ConfigError(
@@ -109,17 +109,24 @@ class GradientScore:
         per_group = self.ctx.merger.gradient(candidate)
         return self.ctx.space.param_gradient(self.ctx.merger.method.grad_field, per_group)
 
-    def minibatch_steps(self, adam: Adam, params: dict[str, float]) -> dict[str, float] | None:
+    def minibatch_steps(self, adam: Adam, params: dict[str, float], deadline=None) -> dict[str, float] | None:
         """One Adam step per minibatch from `params`, each on the gradient of that minibatch's
-        objective at the point reached (None if a gradient was not finite)."""
+        objective at the point reached, fewer if `deadline` (time.monotonic) passes (None if a
+        gradient was not finite)."""
         ctx = self.ctx
         for fold in range(self.minibatches):
+            if fold and deadline is not None and time.monotonic() >= deadline:
+                break  # the point reached is still scored: its steps are paid for
             candidate = ctx.space.decode(params)
             model = ctx.merger.apply(candidate)
             with gradients_on(self.differentiated):
                 ctx.scorer.minibatch_backward(model, self.weights, fold, self.minibatches)
                 grad = self.param_gradient(candidate)
             if not finite(grad):
+                print(
+                    f"[alignmerge] gradient: minibatch {fold}'s gradient is not finite; stopping",
+                    file=sys.stderr,
+                )
                 return None
             params = adam.step(params, grad)
         return params
@@ -148,25 +155,25 @@ def descend(study: optuna.Study, ctx, callbacks=()) -> None:
     trial_fn = make_trial(ctx, score=score)
     bar = ProgressBar(s.n_trials, n_finished(study))
     try:
-        while n_finished(study) < s.n_trials and (deadline is None or time.monotonic() < deadline):
+        while n_finished(study) < s.n_trials:  # the deadline is checked after each trial
             score.grad = score.params = None
             study.enqueue_trial(params, user_attrs={"gradient_step": adam.t, **attrs})
             study.optimize(trial_fn, n_trials=1, callbacks=[bar, *callbacks])
             if n_finished(study) >= s.n_trials or (deadline is not None and time.monotonic() >= deadline):
                 return
-            t0 = time.perf_counter()
-            if score.params is not None and score.minibatches > 1:
-                params = score.minibatch_steps(adam, score.params)
-            elif score.params is not None and finite(score.grad):
-                params = adam.step(score.params, score.grad)
-            else:
-                params = None
-            if params is None:
+            if score.params is None or (score.minibatches == 1 and not finite(score.grad)):
                 print(
-                    "[alignmerge] gradient: the last step gave no gradient (see its fail_reason: a "
+                    "[alignmerge] gradient: the last trial gave no gradient (see its fail_reason: a "
                     "non-finite loss, or other workers took the last slots); stopping",
                     file=sys.stderr,
                 )
+                return
+            t0 = time.perf_counter()
+            if score.minibatches > 1:
+                params = score.minibatch_steps(adam, score.params, deadline)
+            else:
+                params = adam.step(score.params, score.grad)
+            if params is None:
                 return
             attrs = {"steps_s": round(time.perf_counter() - t0, 4)} if score.minibatches > 1 else {}
     finally:

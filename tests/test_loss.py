@@ -88,12 +88,14 @@ def test_an_example_in_several_sets_is_scored_once(model_tok):
 
 
 def test_minibatches_split_every_set_and_average_to_the_whole_gradient(model_tok):
-    """search.gradient.minibatches: minibatch f of M holds each set's examples j with j % M == f;
-    its gradient is the objective's on those rows alone, and with equal shares the minibatches'
-    mean is the whole-set gradient (and their estimates' mean the objective)."""
+    """search.gradient.minibatches: minibatch f of M holds each set's rows at positions i with
+    i % M == f, a row shared by two sets counted in each (scored once); its gradient is the
+    objective's on those rows alone, and with equal shares the minibatches' mean is the whole-set
+    gradient (and their estimates' mean the objective)."""
     model, tok = model_tok
     more = [{"prompt": "now", "response": "the answer"}, {"prompt": "what", "response": "sure , it is"}]
-    sets = {"a": [*ROWS, {"prompt": "tell me", "response": "no , not that"}], "b": more}
+    # 3 of b's rows are a's, at other positions: the minibatch of a shared row is its position in each set
+    sets = {"a": [*ROWS, more[1]], "b": [more[0], ROWS[0], more[1], ROWS[2]]}
     weights = {"a": 1.0, "b": 0.3}
     scorer = Scorer(tok, sets)
     model.zero_grad()
