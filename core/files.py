@@ -115,7 +115,12 @@ def claim_run_dir(
     if run_dir.exists() and not run_dir.is_dir():
         raise OutputError(f"run folder {run_dir} is a file; set out: (or --out) to a folder")
     if run_dir.is_dir() and read_marker(run_dir) is None:
-        if any(run_dir.iterdir()) and not any((run_dir / f).exists() for f in legacy):
+        # another worker's marker being written (`atomic_file`'s temporary) is ours too: workers
+        # started together claim the same folder
+        others = [
+            p for p in run_dir.iterdir() if not (p.name.startswith(f".{MARKER}.") and p.name.endswith(".tmp"))
+        ]
+        if others and not any((run_dir / f).exists() for f in legacy):
             raise OutputError(
                 f"run folder {run_dir} exists and holds files that alignmerge did not write; "
                 "outputs there could replace them: set out: (or --out) to a new folder"

@@ -18,7 +18,7 @@ import torch
 import yaml
 
 from core.errors import OutputError
-from core.files import MARKER, atomic_dir, check_replaceable, claim_run_dir, fingerprint
+from core.files import MARKER, atomic_dir, check_replaceable, claim_run_dir, fingerprint, read_marker
 from core.models import load_model, load_tokenizer, materialize_hf_folder, save_model_atomic
 from optimize.config import validate_config
 from optimize.report import load_best
@@ -42,6 +42,14 @@ def test_a_folder_alignmerge_did_not_write_is_never_replaced(tmp_path):
     assert (mine / "thesis.tex").read_text() == "years of work" and not (mine / "x").exists()
     with pytest.raises(OutputError, match="is a file"):
         check_replaceable(mine / "thesis.tex")
+    with pytest.raises(OutputError, match="holds files that alignmerge did not write"):
+        claim_run_dir(mine)
+    # two workers started together: the other one is writing the marker (its temporary is there)
+    racing = tmp_path / "racing"
+    racing.mkdir()
+    (racing / f".{MARKER}.k2j4.tmp").write_text("")
+    assert claim_run_dir(racing) == racing and read_marker(racing) == {"kind": "run"}
+    (mine / f".{MARKER}.k2j4.tmp").write_text("")  # beside a user's files it does not make them ours
     with pytest.raises(OutputError, match="holds files that alignmerge did not write"):
         claim_run_dir(mine)
     # a folder it wrote is replaced; one of another kind (a dataset for an eval output) is not
