@@ -9,7 +9,10 @@ suites' prompts (written by others).
 
 Per seed: one study with beta 0 and no verification, one with the config's beta and verification
 (its lowest-value trial is the "+ beta" row, its verified pick the next row), both without
-constraints, and one with the config's settings and search.constrain on. The models load once.
+constraints, and one with the config's settings and search.constrain on; then the beta study's
+outputs are written again with `search.verify.restore_steps` (--restore-steps, default 4): the
+verified pick moved toward the alignment source until it meets the targets, when none does (its
+time is its own verification and restore against the beta study's search). The models load once.
 Studies are resumable (rerun the command); rows already in <out>/objectives.json are not measured
 again. Writes <out>/objectives.md and .json.
 """
@@ -45,6 +48,8 @@ PICKS = {
     "+ beta L_help, lowest value": ("beta", "lowest"),
     "+ beta L_help, verified pick": ("beta", "best"),
     "+ beta L_help, constrained, verified pick": ("constrained", "best"),
+    # the same study as the verified pick, its outputs written again with search.verify.restore_steps
+    "+ beta L_help, verified pick, restored": ("restored", "best"),
 }
 ROWS = tuple(PICKS)
 
@@ -63,6 +68,9 @@ def main() -> None:
         metavar="SEED=RUN",
         help="a finished run of the config's own objective at that seed, on the same data (e.g. the "
         "demo's: 0=runs/demo): its study and verified pick are used instead of searching again",
+    )
+    ap.add_argument(
+        "--restore-steps", type=int, default=4, help="search.verify.restore_steps of the last row"
     )
     args = ap.parse_args()
     reuse = {int(k): Path(v) for k, v in (item.split("=", 1) for item in args.reuse)}
@@ -90,15 +98,25 @@ def main() -> None:
         missing = [row for row in ROWS if row not in have]
         if not missing:
             continue
+        verify = {**cfg.search.verify.model_dump(), "restore_steps": 0}
+        unconstrained = {"seed": seed, "constrain": {"enabled": False}, "verify": verify}
         studies = {
             "paper": variant(cfg, f"paper-s{seed}", {**PAPER_OBJECTIVE, "seed": seed}),
-            "beta": variant(cfg, f"beta-s{seed}", {"seed": seed, "constrain": {"enabled": False}}),
-            "constrained": variant(cfg, f"con-s{seed}", {"seed": seed, "constrain": {"enabled": True}}),
+            "beta": variant(cfg, f"beta-s{seed}", unconstrained),
+            "constrained": variant(
+                cfg, f"con-s{seed}", {"seed": seed, "constrain": {"enabled": True}, "verify": verify}
+            ),
         }
+        verify = verify | {"restore_steps": args.restore_steps}
+        restored = variant(cfg, f"restored-s{seed}", unconstrained | {"verify": verify})
+        studies["restored"] = restored.model_copy(update={"study_name": studies["beta"].study_name})
         own = "constrained" if cfg.search.constrain.enabled else "beta"  # the config's own study
         run_dirs = {k: reuse.get(seed, c.run_dir) if k == own else c.run_dir for k, c in studies.items()}
         for key in dict.fromkeys(PICKS[row][0] for row in missing):
-            if not (key == own and seed in reuse):
+            if key == "restored":  # the beta study, resumed (no trial left to run): only its outputs
+                url = f"sqlite:///{(run_dirs['beta'] / 'study.db').resolve()}"
+                run(studies[key], storage=url, ctx=for_variant(ctx, studies[key]))
+            elif not (key == own and seed in reuse):
                 run(studies[key], ctx=for_variant(ctx, studies[key]))
         done: dict[tuple, dict] = {}  # the verified pick is often the lowest-value trial itself
         for row in missing:
@@ -111,6 +129,9 @@ def main() -> None:
             else:
                 params = load_best(run_dir)["params"]
             t = yaml.safe_load((run_dir / "run.yaml").read_text()).get("timings_s", {})
+            if key == "restored":  # its search is the beta study's
+                searched = yaml.safe_load((run_dirs["beta"] / "run.yaml").read_text())["timings_s"]
+                t["search_s"] = searched["search_s"]
             cand_key = tuple(sorted(params.items()))
             if cand_key not in done:
                 cand = ctx.space.decode(params)

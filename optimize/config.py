@@ -81,6 +81,10 @@ class Verify(Strict):
 
     top_k: int = Field(0, ge=0, le=50)  # 0: off, the lowest objective is chosen
     max_new_tokens: int = Field(32, ge=1, le=1024)
+    # When no candidate meets the targets: this many bisection steps on the line from the closest
+    # one toward the alignment source alone; the nearest point that meets them is chosen and added
+    # to the study (docs/method.md §4.3). 0: off, the closest candidate is chosen.
+    restore_steps: int = Field(0, ge=0, le=10)
 
 
 class Targets(Strict):

@@ -86,11 +86,19 @@ def refusal_bounds(ctx, study: optuna.Study) -> dict[str, float]:
     return {"harmful_min": c.harmful * own, "benign_max": c.benign}
 
 
-def set_constraints(trial: optuna.Trial, bounds: dict[str, float], masses: dict[str, float]) -> None:
-    """Optuna's convention: a constraint value <= 0 is met."""
-    if bounds:
-        trial.set_constraint("harmful_refusal_mass", bounds["harmful_min"] - masses["alignment"])
-        trial.set_constraint("benign_refusal_mass", masses["helpfulness"] - bounds["benign_max"])
+def constraint_values(bounds: dict[str, float], masses: dict[str, float]) -> dict[str, float]:
+    """Optuna's convention: a constraint value <= 0 is met. {} without bounds."""
+    if not bounds:
+        return {}
+    return {
+        "harmful_refusal_mass": bounds["harmful_min"] - masses["alignment"],
+        "benign_refusal_mass": masses["helpfulness"] - bounds["benign_max"],
+    }
+
+
+def scored_attrs(losses: dict[str, float], masses: dict[str, float]) -> dict[str, float]:
+    """What a trial records of its scoring: each set's loss and refusal-opening mass."""
+    return {f"{k}_loss": v for k, v in losses.items()} | {f"refusal_mass_{k}": v for k, v in masses.items()}
 
 
 def violation(trial: optuna.trial.FrozenTrial) -> float:
@@ -132,14 +140,12 @@ def make_trial(ctx, score=None):
             per_example, mass = ctx.scorer.score(model, on_batch=on_batch)
         else:
             per_example, mass = score(trial, model, candidate, on_batch)
-        losses = means(per_example)
+        losses, masses = means(per_example), means(mass)
         t2 = time.perf_counter()
-        for k, v in losses.items():
-            trial.set_user_attr(f"{k}_loss", v)
-        masses = means(mass)
-        for k, v in masses.items():
-            trial.set_user_attr(f"refusal_mass_{k}", v)
-        set_constraints(trial, ctx.refusal_bounds, masses)
+        for k, v in scored_attrs(losses, masses).items():
+            trial.set_user_attr(k, v)
+        for k, v in constraint_values(ctx.refusal_bounds, masses).items():
+            trial.set_constraint(k, v)
         trial.set_user_attr("merge_s", round(t1 - t0, 4))
         trial.set_user_attr("score_s", round(t2 - t1, 4))
         value = objective_value(cfg.search, losses)

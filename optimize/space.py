@@ -155,6 +155,29 @@ class SearchSpace:
             for n in names
         }
 
+    def toward_alignment(self, params: dict[str, float], t: float) -> dict[str, float]:
+        """The point a fraction `t` of the way from `params` to the alignment sources alone: their
+        weights go to 1 (or the bound) and their densities to the top level, every other source's
+        weight to its lower bound (its density stays), mergealign's t to its lower bound (all
+        alignment vector). Densities snap to their levels (docs/method.md §4.3)."""
+        full = min(1.0, self.search.weight.high)
+        out = {}
+        for axis, names in self.params.items():
+            aligned = axis.source in self.aligned
+            for n in names:
+                v = params[n]
+                if axis.field == "weight":
+                    end = full if aligned else axis.low
+                elif axis.field == "density":
+                    end = axis.high if aligned else v
+                else:
+                    end = axis.low
+                x = v + t * (end - v)
+                if axis.field == "density":
+                    x = min(self.density_levels, key=lambda level: abs(level - x))
+                out[n] = float(x)
+        return out
+
     def grid(self) -> dict[str, list[float]]:
         values = self.search.grid
         out = {}

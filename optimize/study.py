@@ -17,7 +17,7 @@ from optimize.context import model_fingerprints
 from optimize.objective import describe, describe_weighted, prunes, violation, weighted_loss
 from optimize.registry import SAMPLERS
 from optimize.storage import redact
-from optimize.workers import worker_id
+from optimize.workers import searched_trials, worker_id
 
 
 def default_storage(cfg) -> str:
@@ -127,16 +127,27 @@ COMPLETE = optuna.trial.TrialState.COMPLETE
 LOSS_NAMES = ("alignment", "domain", "helpfulness")
 
 
+def pareto_front(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
+    """`study.best_trials` among the search's own trials: the restored points left out."""
+    done = searched_trials(study, (COMPLETE,))
+    if any(t.constraints for t in done):
+        done = [t for t in done if violation(t) == 0]
+
+    def dominated(t) -> bool:
+        return any(all(a <= b for a, b in zip(o.values, t.values)) and o.values != t.values for o in done)
+
+    return [t for t in done if not dominated(t)]
+
+
 def ranked(study: optuna.Study, search) -> list[optuna.trial.FrozenTrial]:
-    """Finished trials, best first. Single objective: the trials meeting their constraints
-    (`search.constrain`) first, each group by value. Multi-objective: the Pareto front of those
-    trials by the weighted loss; when none meets them, every trial by how far it misses."""
-    done = [
-        t for t in study.get_trials(deepcopy=False, states=(COMPLETE,)) if all(map(np.isfinite, t.values))
-    ]
+    """Finished trials of the search (not the verified pick's restored points), best first. Single
+    objective: the trials meeting their constraints (`search.constrain`) first, each group by
+    value. Multi-objective: the Pareto front of those trials by the weighted loss; when none meets
+    them, every trial by how far it misses."""
+    done = [t for t in searched_trials(study, (COMPLETE,)) if all(map(np.isfinite, t.values))]
     if len(study.directions) == 1:
         return sorted(done, key=lambda t: (violation(t), t.value, t.number))
-    front = study.best_trials
+    front = pareto_front(study)
     if not front:
         return sorted(done, key=lambda t: (violation(t), t.number))
     return sorted(front, key=lambda t: weighted_loss(search, dict(zip(LOSS_NAMES, t.values))))
@@ -150,7 +161,7 @@ def choose(study: optuna.Study, cfg) -> tuple[optuna.trial.FrozenTrial, list, st
     among = " among the trials meeting search.constrain" if cfg.search.constrain.enabled else ""
     if len(study.directions) == 1:
         return first, [], "lowest objective" + among
-    front = study.best_trials
+    front = pareto_front(study)
     values = np.array([t.values for t in front])  # (points, objectives): align, domain[, help]
     if cfg.search.pareto_rule == "weighted":
         losses = dict(zip(LOSS_NAMES, values.T))

@@ -7,7 +7,10 @@ splits' harmful and benign prompts greedily, the refusal judge reads the answers
 trial is the best-ranked one that meets `search.targets` (harmful refused >= x, benign refused
 <= y; x defaults to the `alignment` source's own share on the same prompts minus 5 points, which
 costs one more generation pass). When none does, the one closest to the targets (smallest summed
-shortfall) is chosen and the report says so. The test splits are never used here.
+shortfall) is chosen and the report says so, or, with `search.verify.restore_steps`, that one is
+moved toward the alignment source alone by bisection until the judge says it meets them (§4.3;
+the safety vector added back, as in RESTA, Bhardwaj et al. 2024, arXiv:2402.11746). The test
+splits are never used here.
 """
 
 from __future__ import annotations
@@ -16,11 +19,15 @@ import sys
 import time
 
 import optuna
+from optuna.trial import create_trial
 
 from eval.behaviour import refusals_by_group
 from eval.judge import RefusalJudge
+from eval.loss import means
 from optimize.merge import PLAIN
+from optimize.objective import constraint_values, objective_value, scored_attrs
 from optimize.study import ranked
+from optimize.workers import RESTORED
 
 
 def shortlist(study: optuna.Study, search, k: int) -> list[optuna.trial.FrozenTrial]:
@@ -100,17 +107,92 @@ def verified_pick(
             f"benign refused {r['benign_refused']:.0%}",
             file=sys.stderr,
         )
-    ctx.timings["verify_s"] = time.perf_counter() - t0
     targets = f"harmful refused >= {min_harmful:.0%}, benign refused <= {tg.max_benign_refused:.0%}"
-    trials = [r for r in rows if "meets_targets" in r]
-    chosen_row = pick(trials, min_harmful, tg.max_benign_refused)
+    chosen_row = pick([r for r in rows if "meets_targets" in r], min_harmful, tg.max_benign_refused)
     how = "the best-ranked that meets" if chosen_row["meets_targets"] else "none met; the closest to"
     chosen = next(t for t in study.get_trials(deepcopy=False) if t.number == chosen_row["trial"])
-    for r in trials:
+    steps = search.verify.restore_steps if ctx.space.aligned else 0
+    if not chosen_row["meets_targets"] and steps:
+        t1 = time.perf_counter()
+        point, points = restore(ctx, chosen, (harmful, benign), (min_harmful, tg.max_benign_refused), steps)
+        rows += points
+        if point is not None:
+            chosen_row, start = point, chosen.number
+            chosen = restored_trial(ctx, study, chosen, point)
+            point["trial"] = f"trial {chosen.number}: {point['trial']}"
+            point["objective"] = list(chosen.values) if len(chosen.values) > 1 else chosen.value
+            how = (
+                f"none met; the closest (trial {start}) moved "
+                f"{point['restore_t']:g} of the way to the alignment source alone, the nearest point "
+                f"of {steps} bisection steps that meets"
+            )
+        else:
+            how = f"none met, nor any of {steps} points toward the alignment source; the closest to"
+        ctx.timings["restore_s"] = time.perf_counter() - t1
+    for r in rows:
         r["chosen"] = r is chosen_row
+    ctx.timings["verify_s"] = time.perf_counter() - t0
+    shortlisted = sum(isinstance(r["trial"], int) and "restore_t" not in r for r in rows)
     rule = (
-        f"verified pick: the {len(trials)} best candidates by the objective answered "
+        f"verified pick: the {shortlisted} best candidates by the objective answered "
         f"the search splits' {len(harmful)} harmful and {len(benign)} benign prompts (greedy, "
         f"{n} tokens, {ctx.generation.describe()}, rule-based judge); chosen: {how} the targets ({targets})"
     )
     return chosen, rule, rows
+
+
+def restore(ctx, start, prompts, targets, steps: int) -> tuple[dict | None, list[dict]]:
+    """Bisection on t in [0, 1] along `SearchSpace.toward_alignment` from the trial `start` (which
+    misses the targets) to the alignment source alone (which meets them when they derive from its
+    own share): `steps` judged points. Returns the row of the smallest t that met the targets (None
+    if none did) and the rows of every point. The harmful refusal grows with t, so the smallest t
+    trades the least of the search's optimum for the targets."""
+    n = ctx.cfg.search.verify.max_new_tokens
+    low, high, found, rows = 0.0, 1.0, None, []
+    for _ in range(steps):
+        t = (low + high) / 2
+        params = ctx.space.toward_alignment(start.params, t)
+        h, b = judged(ctx, ctx.space.decode(params), None, *prompts, n)
+        meets = shortfall(h, b, *targets) == 0
+        rows.append(
+            {
+                "trial": f"trial {start.number}, {t:g} of the way to the alignment source",
+                "restore_t": t,
+                "harmful_refused": h,
+                "benign_refused": b,
+                "meets_targets": meets,
+            }
+        )
+        print(f"[alignmerge] restore {t:g}: harmful refused {h:.0%}, benign {b:.0%}", file=sys.stderr)
+        if meets:
+            high, found = t, rows[-1]
+        else:
+            low = t
+    return found, rows
+
+
+def restored_trial(ctx, study: optuna.Study, start, point: dict) -> optuna.trial.FrozenTrial:
+    """The restored point as a finished trial of the study (scored on the search splits like any
+    trial), so the outputs, exports and reports treat it as the chosen trial. A rerun that
+    restores the same point reuses it."""
+    params = ctx.space.toward_alignment(start.params, point["restore_t"])
+    for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
+        if RESTORED in t.user_attrs and t.params == params:
+            return t
+    per_example, mass = ctx.scorer.score(ctx.merger.apply(ctx.space.decode(params)))
+    losses, masses = means(per_example), means(mass)
+    value = objective_value(ctx.cfg.search, losses)
+    values = list(value) if isinstance(value, tuple) else [value]
+    attrs = scored_attrs(losses, masses) | {RESTORED: start.number, "restore_t": point["restore_t"]}
+    point.update({k: v for k, v in attrs.items() if k.startswith("refusal_mass_")})
+    study.add_trial(
+        create_trial(
+            values=values,
+            params=params,
+            distributions=start.distributions,
+            user_attrs=attrs,
+            constraints=constraint_values(ctx.refusal_bounds, masses) or None,
+        )
+    )
+    mine = [t for t in study.get_trials(deepcopy=False) if t.user_attrs.get(RESTORED) == start.number]
+    return next(t for t in reversed(mine) if t.params == params)

@@ -80,14 +80,24 @@ class FailureGuard:
                 study.stop()
 
 
+# User attribute of a trial the verified pick added (its restore, optimize.verify), not sampled by
+# the search: the trial budget, the search's rankings and the outputs' stamp leave it out.
+RESTORED = "restored_from"
+
+
+def searched_trials(study: optuna.Study, states) -> list[optuna.trial.FrozenTrial]:
+    """The study's trials in `states` that the search itself ran (restored points left out)."""
+    return [t for t in study.get_trials(deepcopy=False, states=states) if RESTORED not in t.user_attrs]
+
+
 def n_finished(study: optuna.Study) -> int:
-    return len(study.get_trials(deepcopy=False, states=FINISHED))
+    return len(searched_trials(study, FINISHED))
 
 
 def slots_left(study: optuna.Study, n_trials: int) -> int:
     """Trials this worker may still start: the target minus the trials finished or running in any
     worker. A trial waiting to be retried is always run (the next ask takes it)."""
-    trials = study.get_trials(deepcopy=False, states=FINISHED + (TrialState.RUNNING, TrialState.WAITING))
+    trials = searched_trials(study, FINISHED + (TrialState.RUNNING, TrialState.WAITING))
     if any(t.state == TrialState.WAITING for t in trials):
         return max(1, n_trials - len(trials) + 1)
     return n_trials - len(trials)
@@ -98,8 +108,7 @@ def is_surplus(study: optuna.Study, trial: optuna.Trial, n_trials: int) -> bool:
     trials numbered before it, finished, running or waiting, already make n_trials. Numbers are
     given out atomically by the storage, so exactly one of two racing trials is surplus."""
     live = FINISHED + (TrialState.RUNNING, TrialState.WAITING)
-    ahead = [t for t in study.get_trials(deepcopy=False, states=live) if t.number < trial.number]
-    return len(ahead) >= n_trials
+    return len([t for t in searched_trials(study, live) if t.number < trial.number]) >= n_trials
 
 
 def other_workers(study: optuna.Study) -> set[str]:
@@ -232,7 +241,7 @@ def outputs_lock(run_dir: Path):
 
 def outputs_stamp(cfg, study: optuna.Study) -> str:
     """Identifies what the outputs are made of: the config and the finished trials."""
-    finished = [(t.number, t.values) for t in study.get_trials(deepcopy=False, states=FINISHED)]
+    finished = [(t.number, t.values) for t in searched_trials(study, FINISHED)]  # not the outputs' own
     doc = {"config": cfg.model_dump(mode="json"), "study": study.study_name, "trials": finished}
     return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()[:16]
 

@@ -178,3 +178,59 @@ def test_the_baselines_of_a_constrained_config_are_not_constrained(world, tmp_pa
     assert cfg.search.constrain.enabled
     for baseline in (DOMAIN_ONLY, PAPER_OBJECTIVE):
         assert not variant(cfg, "baseline", baseline).search.constrain.enabled
+
+
+def test_restore_bisects_toward_the_alignment_source_and_keeps_the_closest_when_no_point_meets(
+    world, tmp_path
+):
+    """Random tiny models never refuse, so a target of 100% harmful refused is met by no point: the
+    restore judges `restore_steps` points, each halving the bracket from below, and adds no trial."""
+    raw = world_config(
+        world,
+        tmp_path / "run",
+        n_trials=3,
+        verify={"top_k": 2, "max_new_tokens": 4, "restore_steps": 3},
+        targets={"min_harmful_refused": 1.0},
+    )
+    benign = [{"prompt": f"{p} {i}", "response": SENTENCES[i % 5]} for i, p in enumerate(SENTENCES * 2)]
+    raw["data"]["helpfulness"] = str(write_jsonl(tmp_path / "benign.jsonl", benign))
+    raw["output"] = {"plots": False, "save_model": False}
+    run(validate_config(raw))
+    study = optuna.load_study(study_name="tiny", storage=f"sqlite:///{tmp_path / 'run' / 'study.db'}")
+    assert len(study.trials) == 3  # nothing added
+    best = yaml.safe_load((tmp_path / "run" / "best.yaml").read_text())
+    points = [r for r in best["verified"] if "restore_t" in r]
+    assert [r["restore_t"] for r in points] == [0.5, 0.75, 0.875]  # never met: the bracket rises
+    assert not any(r["meets_targets"] for r in points)
+    assert "nor any of 3 points toward the alignment source" in best["chosen_by"]
+    assert best["trial"] in [r["trial"] for r in best["verified"] if r.get("chosen")]
+    assert "of the way to the alignment source" in (tmp_path / "run" / "report.md").read_text()
+
+
+def test_a_restored_point_is_a_scored_trial_outside_the_searchs_budget_ranking_and_stamp(world, tmp_path):
+    """The bookkeeping of a restored point (docs/method.md §4.3): scored like a trial, added once
+    (a rerun reuses it), and left out of the budget, the shortlist and the outputs' stamp."""
+    from optimize.context import prepare
+    from optimize.study import ranked
+    from optimize.verify import restored_trial
+    from optimize.workers import RESTORED, n_finished, outputs_stamp
+
+    cfg = validate_config(world_config(world, tmp_path / "run", n_trials=3, verify={"top_k": 0}))
+    run(cfg)
+    study = optuna.load_study(study_name="tiny", storage=f"sqlite:///{tmp_path / 'run' / 'study.db'}")
+    ctx = prepare(cfg)
+    ctx.refusal_bounds = {}
+    start = ranked(study, cfg.search)[0]
+    stamp, order = outputs_stamp(cfg, study), [t.number for t in ranked(study, cfg.search)]
+    point = {"trial": "x", "restore_t": 0.5}
+    added = restored_trial(ctx, study, start, point)
+    assert restored_trial(ctx, study, start, dict(point)).number == added.number == 3
+    assert len(study.trials) == 4 and added.user_attrs[RESTORED] == start.number
+    params = ctx.space.toward_alignment(start.params, 0.5)
+    assert added.params == params
+    per_example, _ = ctx.scorer.score(ctx.merger.apply(ctx.space.decode(params)))
+    losses = {k: sum(v) / len(v) for k, v in per_example.items()}
+    assert added.value == pytest.approx(objective_value(cfg.search, losses), rel=1e-5)
+    assert added.user_attrs["alignment_loss"] == pytest.approx(losses["alignment"], rel=1e-5)
+    assert n_finished(study) == 3 and outputs_stamp(cfg, study) == stamp
+    assert [t.number for t in ranked(study, cfg.search)] == order

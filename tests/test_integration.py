@@ -96,6 +96,33 @@ def _jsonl(path, rows):
     return path
 
 
+def restore_bisection_holds(run_dir):
+    """The demo's restore (search.verify.restore_steps, docs/method.md §4.3) on real answers: each
+    point halves the bracket on the judge's word, the chosen one is the smallest t that met the
+    targets and is the study's added trial; or, when none met, the closest shortlisted trial."""
+    import optuna
+    import yaml
+
+    best = yaml.safe_load((run_dir / "best.yaml").read_text())
+    points = [r for r in best["verified"] if "restore_t" in r]
+    shortlisted = [r for r in best["verified"] if isinstance(r["trial"], int)]
+    if any(r["meets_targets"] for r in shortlisted):
+        assert not points
+        return
+    low, high = 0.0, 1.0
+    for r in points:
+        assert r["restore_t"] == (low + high) / 2
+        low, high = (low, r["restore_t"]) if r["meets_targets"] else (r["restore_t"], high)
+    study = optuna.load_study(study_name="demo", storage=f"sqlite:///{run_dir / 'study.db'}")
+    added = [t for t in study.trials if "restored_from" in t.user_attrs]
+    met = [r for r in points if r["meets_targets"]]
+    if met:
+        assert [r["restore_t"] for r in points if r.get("chosen")] == [min(r["restore_t"] for r in met)]
+        assert [t.number for t in added] == [best["trial"]]
+    else:
+        assert not added and [r["trial"] for r in shortlisted if r.get("chosen")] == [best["trial"]]
+
+
 def test_eval_run_on_a_demo_search_with_the_real_vllm_engine(tmp_path):
     """A one-trial search on the default world (configs/demo.yaml), then `eval.run` on its run
     folder: real generations by the vLLM engine (when installed) on the saved merged model, the
@@ -118,6 +145,7 @@ def test_eval_run_on_a_demo_search_with_the_real_vllm_engine(tmp_path):
         },
     )
     run(cfg)
+    restore_bisection_holds(tmp_path / "run")
     assert eval_main(["--model", str(tmp_path / "run")]) == 0
     import importlib.util
     import math

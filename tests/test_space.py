@@ -77,3 +77,27 @@ def test_initial_point_and_grid():
 def test_too_many_blocks():
     with pytest.raises(ConfigError, match="more blocks than the model has layers"):
         space("blocks:7")
+
+
+def test_toward_alignment_moves_every_parameter_linearly_to_the_alignment_source_alone():
+    s = space("gradient:2", density_step=0.1)
+    start = {n: 0.4 if n.startswith("weight") else 0.5 for names in s.params.values() for n in names}
+    assert s.toward_alignment(start, 0.0) == start
+    end = s.toward_alignment(start, 1.0)
+    for axis, names in s.params.items():
+        for n in names:
+            expected = {
+                ("weight", "a"): 1.0,  # the alignment source at full weight ...
+                ("density", "a"): 1.0,  # ... untrimmed
+                ("weight", "b"): 0.0,  # the domain source gone
+                ("density", "b"): 0.5,  # (its density is then moot and stays)
+            }[axis.field, axis.source]
+            assert end[n] == pytest.approx(expected)
+    mid = s.toward_alignment(start, 0.25)
+    assert mid["weight[a].cp0"] == pytest.approx(0.4 + 0.25 * 0.6)
+    assert mid["weight[b].cp1"] == pytest.approx(0.4 * 0.75)
+    assert mid["density[a].cp0"] == pytest.approx(0.6)  # 0.625, snapped to the density grid
+    c = s.decode(s.toward_alignment(start, 0.5))  # a valid point of the space
+    np.testing.assert_allclose(c.weight[0], 0.7)
+    t_only = space("global", method="mergealign").toward_alignment({"t": 0.8}, 0.5)
+    assert t_only == {"t": pytest.approx(0.4)}  # t -> 0: all alignment vector
