@@ -1,8 +1,10 @@
-"""Multiple-choice accuracy by option log-likelihood: each option is scored as the whole assistant
-answer to the question (docs/eval.md)."""
+"""Accuracy on a domain: multiple choice by option log-likelihood (each option scored as the whole
+assistant answer to the question), and exact final answers of greedy generations for questions
+whose reference ends "The answer is N", as in GSM8K (Cobbe et al. 2021, arXiv:2110.14168) (docs/eval.md)."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -69,3 +71,34 @@ def mcq_scores(questions: list[dict], total: np.ndarray, mean: np.ndarray) -> di
         return float(np.mean(picks == answers))
 
     return {"n": len(questions), "accuracy": accuracy(total), "accuracy_norm": accuracy(mean)}
+
+
+STATED = re.compile(r"answer is:?\s*\$?\s*(-?\d[\d,]*(?:\.\d+)?)", re.IGNORECASE)
+NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
+
+
+def final_number(text: str) -> float | None:
+    """The number after the last "answer is", else the last number of `text` (None: no number)."""
+    stated = STATED.findall(text)
+    found = stated or NUMBER.findall(text)
+    if not found:
+        return None
+    try:
+        return float(found[-1].replace(",", ""))
+    except ValueError:  # "1,2,3,": commas that were not thousands separators
+        return None
+
+
+def exact_answer_questions(rows: list[dict]) -> tuple[list[str], list[float]] | None:
+    """(prompts, answers) when every reference of `rows` states its answer ("The answer is N"), the
+    sign of a domain graded by its final answer; None otherwise."""
+    answers = [STATED.findall(r["response"]) for r in rows]
+    if not rows or not all(answers):
+        return None
+    return [r["prompt"] for r in rows], [float(a[-1].replace(",", "")) for a in answers]
+
+
+def exact_accuracy(answers: list[str], expected: list[float]) -> float:
+    """Share of `answers` whose final number equals the expected one."""
+    found = [final_number(a) for a in answers]
+    return sum(f is not None and abs(f - e) < 1e-6 for f, e in zip(found, expected)) / len(expected)

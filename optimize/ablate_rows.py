@@ -210,6 +210,8 @@ def search_rows(ctx: Context, abl: Ablation, storage: str) -> list[Row]:
         picked_on = f"{' ∪ '.join(SPLIT_NAMES[k] for k in sets)} search splits: {describe(c.search)}"
         if c.search.verify.top_k:
             picked_on += ", verified by generation on the search prompts"
+            if c.search.verify.restore_steps:
+                picked_on += " (restored toward the alignment source when none met the targets)"
         rows.append(
             Row(
                 label,

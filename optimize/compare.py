@@ -12,6 +12,7 @@ from scipy.special import softmax
 from eval.behaviour import refusals_by_group
 from eval.judge import RefusalJudge
 from eval.loss import Scorer
+from eval.mcq import exact_accuracy
 from optimize.config import Config, validate_config
 from optimize.context import Context, scored_sets
 from optimize.merge import PLAIN
@@ -34,6 +35,8 @@ def variant(
     return validate_config(raw, f"({label or 'demo'} variant)")
 
 
+# Tokens of an answer graded by its final number (the default world's longest maths reference: 48).
+EXACT_TOKENS = 64
 # The search settings of the domain-only (EvoMM) baseline: the domain loss alone, picked by it.
 DOMAIN_ONLY = {"score": "domain", "beta": 0.0, "verify": {"top_k": 0}, "constrain": {"enabled": False}}
 # The paper's objective (L_align + alpha L_domain, lowest value chosen), beside this project's.
@@ -119,19 +122,26 @@ def evaluate(
     benign: list[str],
     max_new_tokens: int,
     suites: dict[str, tuple[list[str], list[str]]] | None = None,
+    exact: dict[str, tuple[list[str], list[float]]] | None = None,
 ) -> dict:
     """Test losses (`alignment_loss`, `domain_loss`, and every other scored set by its name), and
     the shares of harmful prompts refused and of benign prompts wrongly refused (greedy answers,
     rule-based refusal judge); the same shares on each external suite's (harmful, benign) prompts
-    (`suites`, eval/suites.py) under "suites"."""
+    (`suites`, eval/suites.py) under "suites"; for each domain of `exact` (prompts, final answers),
+    the share of greedy answers of up to `EXACT_TOKENS` tokens with the right final number
+    (`accuracy:<domain>`, eval/mcq.py)."""
     groups = {"harmful": harmful, "benign": benign}
     for name, (h, b) in (suites or {}).items():
         groups |= {f"{name}:harmful": h, f"{name}:benign": b}
+    tokenizer, accuracy = ctx.base.tokenizer, {}
     with ctx.merger.applied(candidate, method) as model:
         losses = test.losses(model)
         judged = refusals_by_group(
-            model, ctx.base.tokenizer, groups, RefusalJudge(), max_new_tokens, 28, generation=ctx.generation
+            model, tokenizer, groups, RefusalJudge(), max_new_tokens, 28, generation=ctx.generation
         )
+        for domain, (prompts, expected) in (exact or {}).items():
+            answers = ctx.generation.answers(model, tokenizer, prompts, EXACT_TOKENS, 28)
+            accuracy[f"accuracy:{domain}"] = exact_accuracy(answers, expected)
     harm, ben = judged["harmful"], judged["benign"]
     external = {
         name: {
@@ -143,6 +153,7 @@ def evaluate(
     return {
         **({"suites": external} if external else {}),
         **{k if k not in ("alignment", "domain") else f"{k}_loss": v for k, v in losses.items()},
+        **accuracy,
         "refused_harmful": harm["share"],
         "refused_benign": ben["share"],
         "examples": [

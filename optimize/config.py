@@ -83,7 +83,7 @@ class Verify(Strict):
     max_new_tokens: int = Field(32, ge=1, le=1024)
     # When no candidate meets the targets: this many bisection steps on the line from the closest
     # one toward the alignment source alone; the nearest point that meets them is chosen and added
-    # to the study (docs/method.md §4.3). 0: off, the closest candidate is chosen.
+    # to the study (docs/method.md §4.3). 0 (or top_k 0): off, the closest candidate is chosen.
     restore_steps: int = Field(0, ge=0, le=10)
 
 
@@ -308,6 +308,13 @@ class Config(Strict):
             raise ValueError(
                 "search.constrain is relative to the alignment source's own refusal mass, but no source "
                 "has role: alignment; give the aligned model that role or set search.constrain.enabled: false"
+            )
+        verify = self.search.verify
+        if verify.top_k and verify.restore_steps and "alignment" not in [s.role for s in self.sources]:
+            raise ValueError(
+                f"search.verify.restore_steps is {verify.restore_steps}: it moves the verified pick toward "
+                "the alignment source, but no source has role: alignment; give the aligned model that "
+                "role or set search.verify.restore_steps: 0"
             )
         return self
 

@@ -8,7 +8,8 @@ is evaluated on the *test* splits (`data.test_dir`), side by side: the base, eac
 naive merges (task arithmetic with weight 1 each; TIES and DARE-TIES with weight 1, density 0.5,
 normalize; LM-Cocktail on the domain data and on domain + safety data) and both searches. For
 each: the share of test harmful prompts refused, the share of benign prompts wrongly refused
-(greedy generation + the refusal judge), each domain's test loss and the alignment test loss.
+(greedy generation + the refusal judge), each domain's test loss (and, for a domain graded by
+final answers like maths, the share answered right) and the alignment test loss.
 Every model is written into the same in-memory working model; nothing is exported or reloaded.
 """
 
@@ -26,6 +27,7 @@ from core.files import claim_run_dir, write_text_atomic
 from eval import plots
 from eval.behaviour import Generation
 from eval.data import load_pairs
+from eval.mcq import exact_answer_questions
 from eval.settings import parse_settings
 from eval.suites import SUITES, suite_prompts
 from optimize.compare import (
@@ -160,6 +162,9 @@ def main(argv: list[str] | None = None) -> int:
         benign = [r["prompt"] for r in load_pairs(folder, "benign", args.limit)]
         test_rows, domains = held_out_sets(folder, args.limit)
         experts = {d: f"source: {d} (domain)" for d in domains if d in {s.name for s in cfg.sources}}
+        # the domains whose references state a final answer ("The answer is N") are graded by it too
+        graded = {d: [r for r in test_rows["domain"] if r.get("domain") == d] for d in domains}
+        exact = {d: q for d, rows in graded.items() if (q := exact_answer_questions(rows))}
         suites = suite_prompts(parse_settings(cfg.eval).suites, args.limit)  # also eval.run's
         claim_run_dir(cfg.run_dir)
         command = shlex.join(["python", "-m", "optimize.demo", *(sys.argv[1:] if argv is None else argv)])
@@ -178,7 +183,9 @@ def main(argv: list[str] | None = None) -> int:
         results = {}
         for name, (method, cand) in contenders(ctx, cfg.run_dir, dom_cfg.run_dir).items():
             t0 = time.perf_counter()
-            results[name] = evaluate(ctx, method, cand, test, harmful, benign, args.max_new_tokens, suites)
+            results[name] = evaluate(
+                ctx, method, cand, test, harmful, benign, args.max_new_tokens, suites, exact
+            )
             scores = {
                 k: v if k == "suites" else round(v, 4) for k, v in results[name].items() if k != "examples"
             }
@@ -209,6 +216,7 @@ def write_report(
         highlight=SAFE,
     )
     domains = list(experts) or []
+    graded = sorted({k.split(":", 1)[1] for r in results.values() for k in r if k.startswith("accuracy:")})
     lines = [
         f"# alignmerge demo: {cfg.name}",
         "",
@@ -222,15 +230,17 @@ def write_report(
         "",
         "| model | harmful refused | benign wrongly refused | "
         + "".join(f"L_{d} test | " for d in domains)
+        + "".join(f"{d} accuracy | " for d in graded)
         + "L_domain test | L_align test | L_help test |"
         + "".join(f" {n}: harmful refused | {n}: benign wrongly refused |" for n in suites),
-        "|---|---|---|" + "---|" * (len(domains) + 3 + 2 * len(suites)),
+        "|---|---|---|" + "---|" * (len(domains) + len(graded) + 3 + 2 * len(suites)),
     ]
     for k, r in results.items():
         name = f"**{k}**" if k == SAFE else k
         lines.append(
             f"| {name} | {r['refused_harmful']:.0%} | {r['refused_benign']:.0%} | "
             + "".join(f"{r[key(d)]:.4f} | " for d in domains)
+            + "".join(f"{r[f'accuracy:{d}']:.0%} | " for d in graded)
             + f"{r['domain_loss']:.4f} | {r['alignment_loss']:.4f} | {r['helpfulness']:.4f} |"
             + "".join(
                 f" {r['suites'][n]['refused_harmful']:.0%} | {r['suites'][n]['refused_benign']:.0%} |"

@@ -46,6 +46,14 @@ def test_defaults_are_the_papers():
         (minimal(merge={"method": "slerp"}, sources=[{"name": "a", "path": "p"}]), ["exactly 2 sources"]),
         (minimal(merge={"method": "mergealign"}), ["role: domain", "role: alignment"]),
         (minimal(merge={"method": "fancy"}), ["merge.method", "'ties'"]),
+        (
+            minimal(search={"verify": {"top_k": 2, "restore_steps": 4}}),
+            ["restore_steps is 4", "role: alignment"],
+        ),
+        (
+            minimal(search={"verify": {"top_k": 2, "restore_steps": 11}}),
+            ["restore_steps", "less than or equal"],
+        ),
         (minimal(runtime={"device": "gpu"}), ["runtime.device", "cuda"]),
         (minimal(sources=[]), ["sources"]),
         ({"name": "x", "sources": [{"name": "a", "path": "p"}, {"name": "a", "path": "q"}]}, ["unique"]),

@@ -17,7 +17,7 @@ from core.vllm_env import vllm_available
 from eval.behaviour import refusal_summary
 from eval.judge import Verdict
 from eval.loss import Scorer
-from eval.mcq import mcq_scores, option_logprobs
+from eval.mcq import exact_accuracy, exact_answer_questions, final_number, mcq_scores, option_logprobs
 from eval.run import main
 from eval.settings import parse_settings
 from eval.suites import SUITES, Suite
@@ -421,3 +421,19 @@ def test_lm_eval_runs_the_shipped_local_task_on_a_merged_folder(searched, tmp_pa
     scores = m["domain"]["lm_eval"]["alignmerge_domain_mcq"]
     assert 0 <= scores["acc,none"] <= 1 and 0 <= scores["acc_norm,none"] <= 1
     assert "acc_stderr,none" in scores
+
+
+def test_exact_answers_are_graded_by_the_stated_or_last_number():
+    assert final_number("25% of 40 is 40 x 25 / 100 = 10. The answer is 10.") == 10
+    assert final_number("The answer is $1,250.50, since 3 x 2 = 6") == 1250.5  # the stated one wins
+    assert final_number("3 x 2 = 6, so 6 apples") == 6 and final_number("-4 degrees") == -4
+    assert final_number("I can't help with that.") is None
+    rows = [
+        {"prompt": "q1", "response": "2 + 2 = 4. The answer is 4."},
+        {"prompt": "q2", "response": "So the answer is 1,200."},
+    ]
+    assert exact_answer_questions(rows) == (["q1", "q2"], [4.0, 1200.0])
+    assert exact_answer_questions(rows + [{"prompt": "q3", "response": "Drink water."}]) is None
+    assert exact_answer_questions([]) is None
+    answers = ["The answer is 4.", "It comes to 1200 in all", "The answer is 12."]
+    assert exact_accuracy(answers, [4, 1200, 13]) == pytest.approx(2 / 3)

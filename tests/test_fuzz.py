@@ -224,6 +224,12 @@ CASES = [
         sources=[{"name": n, "path": f"@{n}@", "role": "domain"} for n in "ab"],
     ),
     search_case(
+        "restore_without_alignment_source",
+        "search.verify.restore_steps is 2: it moves the verified pick toward the alignment source",
+        search={"verify": {"top_k": 2, "restore_steps": 2}},
+        sources=[{"name": n, "path": f"@{n}@", "role": "domain"} for n in "ab"],
+    ),
+    search_case(
         "constrain_with_domain_score",
         "which search.score: domain does not score",
         search={"constrain": {"enabled": True}, "score": "domain"},
