@@ -41,6 +41,7 @@ from optimize.context import check_inputs, prepare  # noqa: E402
 from optimize.demo import held_out_sets  # noqa: E402
 from optimize.report import load_best  # noqa: E402
 from optimize.search import run  # noqa: E402
+from optimize.study import ranked  # noqa: E402
 
 # row -> (study, which trial): `best` is the run's chosen trial, `lowest` its study's lowest value
 PICKS = {
@@ -108,14 +109,20 @@ def main() -> None:
             ),
         }
         verify = verify | {"restore_steps": args.restore_steps}
-        restored = variant(cfg, f"restored-s{seed}", unconstrained | {"verify": verify})
-        studies["restored"] = restored.model_copy(update={"study_name": studies["beta"].study_name})
+        studies["restored"] = variant(cfg, f"restored-s{seed}", unconstrained | {"verify": verify})
         own = "constrained" if cfg.search.constrain.enabled else "beta"  # the config's own study
         run_dirs = {k: reuse.get(seed, c.run_dir) if k == own else c.run_dir for k, c in studies.items()}
         for key in dict.fromkeys(PICKS[row][0] for row in missing):
             if key == "restored":  # the beta study, resumed (no trial left to run): only its outputs
+                beta = yaml.safe_load((run_dirs["beta"] / "run.yaml").read_text())
+                if beta["config"]["search"]["verify"].get("restore_steps"):
+                    sys.exit(
+                        f"{run_dirs['beta']}: its verified pick is already restored; rerun it with "
+                        "--set search.verify.restore_steps=0, or leave out --reuse"
+                    )
                 url = f"sqlite:///{(run_dirs['beta'] / 'study.db').resolve()}"
-                run(studies[key], storage=url, ctx=for_variant(ctx, studies[key]))
+                same = studies[key].model_copy(update={"study_name": beta["study_name"]})
+                run(same, storage=url, ctx=for_variant(ctx, same))
             elif not (key == own and seed in reuse):
                 run(studies[key], ctx=for_variant(ctx, studies[key]))
         done: dict[tuple, dict] = {}  # the verified pick is often the lowest-value trial itself
@@ -124,8 +131,9 @@ def main() -> None:
             run_dir = run_dirs[key]
             if which == "lowest":
                 url = f"sqlite:///{(run_dir / 'study.db').resolve()}"
-                (name,) = optuna.get_all_study_names(url)  # one study per run folder
-                params = optuna.load_study(study_name=name, storage=url).best_trial.params
+                name = yaml.safe_load((run_dir / "run.yaml").read_text())["study_name"]
+                study = optuna.load_study(study_name=name, storage=url)
+                params = ranked(study, studies[key].search)[0].params  # a restored point left out
             else:
                 params = load_best(run_dir)["params"]
             t = yaml.safe_load((run_dir / "run.yaml").read_text()).get("timings_s", {})

@@ -32,6 +32,7 @@ from optimize.config import validate_config  # noqa: E402
 from optimize.context import check_inputs, prepare  # noqa: E402
 from optimize.merge import PLAIN  # noqa: E402
 from optimize.verify import judged, pick, shortfall, shortlist  # noqa: E402
+from optimize.workers import searched_trials  # noqa: E402
 
 
 def correlations(x: list[float], y: list[float]) -> dict:
@@ -55,7 +56,7 @@ def measure(run_dir: Path, max_new_tokens: int) -> dict:
     i = [s.role for s in cfg.sources].index("alignment")
     aligned_h, _ = judged(ctx, dict(ctx.merger.references())[i], PLAIN, harmful, benign, max_new_tokens)
     rows = []
-    for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
+    for t in searched_trials(study, (optuna.trial.TrialState.COMPLETE,)):  # not a restored point
         h, b = judged(ctx, ctx.space.decode(t.params), None, harmful, benign, max_new_tokens)
         a = t.user_attrs
         rows.append(

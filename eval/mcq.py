@@ -73,29 +73,27 @@ def mcq_scores(questions: list[dict], total: np.ndarray, mean: np.ndarray) -> di
     return {"n": len(questions), "accuracy": accuracy(total), "accuracy_norm": accuracy(mean)}
 
 
-STATED = re.compile(r"answer is:?\s*\$?\s*(-?\d[\d,]*(?:\.\d+)?)", re.IGNORECASE)
-NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
+# A number: with thousands separators ("1,200"), decimal (".5", "12.50") or whole; minus or "−".
+NUMBER = r"[-\u2212]?(?:\d{1,3}(?:,\d{3})+(?:\.\d+)?|\d*\.\d+|\d+)"
+STATED = re.compile(rf"answer is:?[\s*$]*({NUMBER})", re.IGNORECASE)  # "The answer is **$40**"
+
+
+def _value(number: str) -> float:
+    return float(number.replace(",", "").replace("\u2212", "-"))
 
 
 def final_number(text: str) -> float | None:
     """The number after the last "answer is", else the last number of `text` (None: no number)."""
-    stated = STATED.findall(text)
-    found = stated or NUMBER.findall(text)
-    if not found:
-        return None
-    try:
-        return float(found[-1].replace(",", ""))
-    except ValueError:  # "1,2,3,": commas that were not thousands separators
-        return None
+    found = STATED.findall(text) or re.findall(NUMBER, text)
+    return _value(found[-1]) if found else None
 
 
 def exact_answer_questions(rows: list[dict]) -> tuple[list[str], list[float]] | None:
     """(prompts, answers) when every reference of `rows` states its answer ("The answer is N"), the
     sign of a domain graded by its final answer; None otherwise."""
-    answers = [STATED.findall(r["response"]) for r in rows]
-    if not rows or not all(answers):
+    if not rows or not all(STATED.search(r["response"]) for r in rows):
         return None
-    return [r["prompt"] for r in rows], [float(a[-1].replace(",", "")) for a in answers]
+    return [r["prompt"] for r in rows], [final_number(r["response"]) for r in rows]
 
 
 def exact_accuracy(answers: list[str], expected: list[float]) -> float:

@@ -35,7 +35,7 @@ from optimize.objective import describe
 from optimize.storage import redact
 from optimize.study import choose, metric_names, trials_frame
 from optimize.verify import verified_pick
-from optimize.workers import written_stamp
+from optimize.workers import searched_trials, written_stamp
 
 COMPLETE = optuna.trial.TrialState.COMPLETE
 
@@ -223,8 +223,9 @@ def _plots(ctx, study, best, front, candidate, refs) -> list[Path]:
     complete = [t for t in study.trials if t.state == COMPLETE]
     files = []
     if len(study.directions) == 1:
+        searched = searched_trials(study, (COMPLETE,))  # the search's history: not a restored point
         files.append(
-            plots.history([t.number for t in complete], [t.value for t in complete], pdir / "history.png")
+            plots.history([t.number for t in searched], [t.value for t in searched], pdir / "history.png")
         )
     with_both = [t for t in complete if "alignment_loss" in t.user_attrs and "domain_loss" in t.user_attrs]
     if with_both:
@@ -255,8 +256,9 @@ def _plots(ctx, study, best, front, candidate, refs) -> list[Path]:
 def _report(ctx, study, best, front, rule, scores, refs, refs_test, plot_files, storage, interrupted) -> str:
     cfg = ctx.cfg
     states = {}
-    for t in study.trials:
+    for t in searched_trials(study):
         states[t.state.name] = states.get(t.state.name, 0) + 1
+    restored = len(study.trials) - sum(states.values())
     lines = [f"# alignmerge report: {cfg.name}", ""]
     if interrupted:
         lines += [
@@ -271,7 +273,13 @@ def _report(ctx, study, best, front, rule, scores, refs, refs_test, plot_files, 
         f"({describe(cfg.search)}), "
         f"{ctx.space.n_params} parameters: {ctx.space.describe()}",
         f"- Trials: {', '.join(f'{v} {k.lower()}' for k, v in sorted(states.items()))} "
-        f"(target {cfg.search.n_trials}); study `{study.study_name}` in `{redact(storage)}`",
+        f"(target {cfg.search.n_trials})"
+        + (
+            f", and {restored} restored point{'s' * (restored > 1)} (search.verify.restore_steps)"
+            if restored
+            else ""
+        )
+        + f"; study `{study.study_name}` in `{redact(storage)}`",
         f"- Chosen: trial {best.number}, by {rule}",
         "",
         "## Losses (mean response-token cross-entropy; lower is better)",

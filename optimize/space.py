@@ -105,6 +105,11 @@ class SearchSpace:
         self.params = {a: axis_params(a, groups) for a in axes}
         init = s.init_weight if s.init_weight is not None else 1 / len(self.sources)
         self.initial = {"weight": init, "density": self.density_levels[-1], "t": 0.5}
+        self.full_weight = min(1.0, s.weight.high)  # an alignment source's weight at its anchor
+        # the t of the alignment vector alone: mergealign's t scales tau_domain; slerp's moves from
+        # its first source to its second
+        slerp_toward_second = cfg.merge.method == "slerp" and self.sources[0] not in self.aligned
+        self.aligned_t = s.weight.high if slerp_toward_second else s.weight.low
 
     @property
     def n_params(self) -> int:
@@ -148,9 +153,8 @@ class SearchSpace:
         """The initial point with every alignment source at weight 1 (or its bound): the second
         start of a constrained search, near its feasible region by construction (the bound is the
         alignment source's own refusal mass; docs/method.md §4.2)."""
-        full = min(1.0, self.search.weight.high)
         return {
-            n: full if a.field == "weight" and a.source in self.aligned else self.initial[a.field]
+            n: self.full_weight if a.field == "weight" and a.source in self.aligned else self.initial[a.field]
             for a, names in self.params.items()
             for n in names
         }
@@ -158,20 +162,19 @@ class SearchSpace:
     def toward_alignment(self, params: dict[str, float], t: float) -> dict[str, float]:
         """The point a fraction `t` of the way from `params` to the alignment sources alone: their
         weights go to 1 (or the bound) and their densities to the top level, every other source's
-        weight to its lower bound (its density stays), mergealign's t to its lower bound (all
-        alignment vector). Densities snap to their levels (docs/method.md §4.3)."""
-        full = min(1.0, self.search.weight.high)
+        weight to its lower bound (its density stays), t (mergealign, slerp) to the alignment
+        source's end. Densities snap to their levels (docs/method.md §4.3)."""
         out = {}
         for axis, names in self.params.items():
             aligned = axis.source in self.aligned
             for n in names:
                 v = params[n]
                 if axis.field == "weight":
-                    end = full if aligned else axis.low
+                    end = self.full_weight if aligned else axis.low
                 elif axis.field == "density":
                     end = axis.high if aligned else v
                 else:
-                    end = axis.low
+                    end = self.aligned_t
                 x = v + t * (end - v)
                 if axis.field == "density":
                     x = min(self.density_levels, key=lambda level: abs(level - x))

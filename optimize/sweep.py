@@ -39,6 +39,7 @@ from optimize.config import Config, load_config
 from optimize.context import Context, check_inputs, prepare, scored_sets
 from optimize.report import load_best
 from optimize.search import overrides, run
+from optimize.workers import RESTORED
 
 # Search keys that change how candidates are sampled or scored, not what is loaded: points that
 # differ only in these share one context (the models stay in memory). Not init_weight (the space's
@@ -143,7 +144,10 @@ def summary_row(point: dict, cfg: Config) -> dict:
     try:
         best = load_best(cfg.run_dir)
         with open(cfg.run_dir / "trials.csv", newline="") as f:
-            finished = sum(r["state"] in ("COMPLETE", "PRUNED") for r in csv.DictReader(f))
+            finished = sum(
+                r["state"] in ("COMPLETE", "PRUNED") and not r.get(f"user_attrs_{RESTORED}")
+                for r in csv.DictReader(f)
+            )
     except (OutputError, OSError, KeyError, csv.Error):
         return row | {"status": "not finished"}
     n = cfg.search.n_trials

@@ -176,15 +176,17 @@ def restored_trial(ctx, study: optuna.Study, start, point: dict) -> optuna.trial
     trial), so the outputs, exports and reports treat it as the chosen trial. A rerun that
     restores the same point reuses it."""
     params = ctx.space.toward_alignment(start.params, point["restore_t"])
+    masses_of = lambda attrs: {k: v for k, v in attrs.items() if k.startswith("refusal_mass_")}  # noqa: E731
     for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
         if RESTORED in t.user_attrs and t.params == params:
+            point.update(masses_of(t.user_attrs))
             return t
     per_example, mass = ctx.scorer.score(ctx.merger.apply(ctx.space.decode(params)))
     losses, masses = means(per_example), means(mass)
     value = objective_value(ctx.cfg.search, losses)
     values = list(value) if isinstance(value, tuple) else [value]
     attrs = scored_attrs(losses, masses) | {RESTORED: start.number, "restore_t": point["restore_t"]}
-    point.update({k: v for k, v in attrs.items() if k.startswith("refusal_mass_")})
+    point.update(masses_of(attrs))
     study.add_trial(
         create_trial(
             values=values,

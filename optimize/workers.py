@@ -49,7 +49,7 @@ class ProgressBar:
 
     def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial):
         self.bar.n = n_finished(study)
-        complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        complete = searched_trials(study, (TrialState.COMPLETE,))
         if len(study.directions) == 1 and complete:
             best = min(complete, key=lambda t: t.value)
             self.bar.set_postfix(best=f"{best.value:.4f}", trial=best.number)
@@ -85,8 +85,8 @@ class FailureGuard:
 RESTORED = "restored_from"
 
 
-def searched_trials(study: optuna.Study, states) -> list[optuna.trial.FrozenTrial]:
-    """The study's trials in `states` that the search itself ran (restored points left out)."""
+def searched_trials(study: optuna.Study, states=None) -> list[optuna.trial.FrozenTrial]:
+    """The study's trials in `states` (None: all) that the search itself ran (restored points left out)."""
     return [t for t in study.get_trials(deepcopy=False, states=states) if RESTORED not in t.user_attrs]
 
 

@@ -428,6 +428,9 @@ def test_exact_answers_are_graded_by_the_stated_or_last_number():
     assert final_number("The answer is $1,250.50, since 3 x 2 = 6") == 1250.5  # the stated one wins
     assert final_number("3 x 2 = 6, so 6 apples") == 6 and final_number("-4 degrees") == -4
     assert final_number("I can't help with that.") is None
+    assert final_number("The answer is **$40**. Next: 7 + 1") == 40  # markdown, a follow-on question
+    assert final_number("2,3") == 3 and final_number("1,234,567.5 in all") == 1234567.5
+    assert final_number("\u22124 degrees") == -4 and final_number(".5 litres") == 0.5
     rows = [
         {"prompt": "q1", "response": "2 + 2 = 4. The answer is 4."},
         {"prompt": "q2", "response": "So the answer is 1,200."},

@@ -101,3 +101,17 @@ def test_toward_alignment_moves_every_parameter_linearly_to_the_alignment_source
     np.testing.assert_allclose(c.weight[0], 0.7)
     t_only = space("global", method="mergealign").toward_alignment({"t": 0.8}, 0.5)
     assert t_only == {"t": pytest.approx(0.4)}  # t -> 0: all alignment vector
+    assert space("global", method="slerp").toward_alignment({"t": 0.8}, 0.5) == {"t": pytest.approx(0.4)}
+    cfg = validate_config(  # slerp from a domain source to the aligned one: t -> 1
+        {
+            "name": "x",
+            "merge": {"method": "slerp"},
+            "sources": [
+                {"name": "b", "path": "q", "role": "domain"},
+                {"name": "a", "path": "p", "role": "alignment"},
+            ],
+            "search": {"parametrization": "global"},
+        }
+    )
+    second = SearchSpace(cfg, GROUPS, METHODS["slerp"].searched)
+    assert second.toward_alignment({"t": 0.2}, 0.5) == {"t": pytest.approx(0.6)}
