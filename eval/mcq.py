@@ -73,6 +73,8 @@ def mcq_scores(questions: list[dict], total: np.ndarray, mean: np.ndarray) -> di
     return {"n": len(questions), "accuracy": accuracy(total), "accuracy_norm": accuracy(mean)}
 
 
+# Tokens of an answer graded by its final number (the default world's longest maths reference: 48).
+EXACT_TOKENS = 64
 # A number: with thousands separators ("1,200"), decimal (".5", "12.50") or whole; minus or "−".
 NUMBER = r"[-\u2212]?(?:\d{1,3}(?:,\d{3})+(?:\.\d+)?|\d*\.\d+|\d+)"
 STATED = re.compile(rf"answer is:?[\s*$]*({NUMBER})", re.IGNORECASE)  # "The answer is **$40**"
@@ -94,6 +96,14 @@ def exact_answer_questions(rows: list[dict]) -> tuple[list[str], list[float]] | 
     if not rows or not all(STATED.search(r["response"]) for r in rows):
         return None
     return [r["prompt"] for r in rows], [final_number(r["response"]) for r in rows]
+
+
+def graded_domains(domain_rows: list[dict]) -> dict[str, tuple[list[str], list[float]]]:
+    """The domains of a test split graded by final answers (`exact_answer_questions`): name (the
+    rows' `domain`, or "domain") -> (prompts, expected numbers)."""
+    names = dict.fromkeys(r.get("domain") or "domain" for r in domain_rows)
+    by_name = {n: [r for r in domain_rows if (r.get("domain") or "domain") == n] for n in names}
+    return {n: q for n, rows in by_name.items() if (q := exact_answer_questions(rows))}
 
 
 def exact_accuracy(answers: list[str], expected: list[float]) -> float:

@@ -44,7 +44,7 @@ from eval import analysis
 from eval.behaviour import Generation, refusal_summary
 from eval.harness import run_lm_eval
 from eval.judge import BothJudge, GuardJudge, RefusalJudge
-from eval.mcq import mcq_scores, option_logprobs
+from eval.mcq import EXACT_TOKENS, exact_accuracy, graded_domains, mcq_scores, option_logprobs
 from eval.run_inputs import Inputs, load_inputs
 from eval.run_report import jsonable, make_plots, write_report
 from eval.suites import SUITES
@@ -186,6 +186,16 @@ def write_outputs(inp: Inputs, m: dict, answers: list[dict]) -> Path:
     return inp.out / "report.md"
 
 
+def exact_scores(graded: dict, texts: list[str]) -> dict[str, dict]:
+    """Per graded domain: n and the share of answers with the right final number."""
+    out, start = {}, 0
+    for name, (questions, expected) in graded.items():
+        answers = texts[start : start + len(questions)]
+        out[name] = {"n": len(questions), "accuracy": exact_accuracy(answers, expected)}
+        start += len(questions)
+    return out
+
+
 # ----------------------------------------------------------------------------- the run
 def log(msg: str) -> None:
     print(f"[eval] {msg}", file=sys.stderr)
@@ -203,13 +213,22 @@ def run(inp: Inputs) -> Path:
 
     rows = [{**r, "kind": "harmful"} for r in inp.harmful] + [{**r, "kind": "benign"} for r in inp.benign]
     prompts = [r["prompt"] for r in rows]
+    graded = graded_domains(inp.test["domain"])
+    exact_prompts = [p for questions, _ in graded.values() for p in questions]
     backend = generation_backend(inp)
     texts = None
     if backend == "vllm":  # before the model loads in transformers: one copy in memory at a time
-        log(f"generating {len(prompts)} answers with vLLM")
+        log(f"generating {len(prompts) + len(exact_prompts)} answers with vLLM")
         with open_engine(inp.target.folder, "vllm", cfg.runtime) as engine:
             texts = engine_answers(
                 engine, [[{"role": "user", "content": p}] for p in prompts], s.max_new_tokens
+            )
+            exact_texts = (
+                engine_answers(
+                    engine, [[{"role": "user", "content": p}] for p in exact_prompts], EXACT_TOKENS
+                )
+                if exact_prompts
+                else []
             )
         lap("generate_s")
     loaded = load_merged(inp)
@@ -220,6 +239,11 @@ def run(inp: Inputs) -> Path:
         kind = "vllm" if backend == "vllm in memory" else "transformers"
         gen = Generation(kind, cfg.base, loaded.device, rt.trust_remote_code)
         texts = gen.answers(loaded.model, loaded.tokenizer, prompts, s.max_new_tokens, s.batch_size)
+        exact_texts = (
+            gen.answers(loaded.model, loaded.tokenizer, exact_prompts, EXACT_TOKENS, s.batch_size)
+            if exact_prompts
+            else []
+        )
         gen.close()
         lap("generate_s")
     n_h = len(inp.harmful)
@@ -281,6 +305,7 @@ def run(inp: Inputs) -> Path:
             "domain_test_loss": losses["domain"],
             "alignment_test_loss": losses["alignment"],
             "mcq": mcq,
+            "exact": exact_scores(graded, exact_texts),
             "lm_eval": lm,
         },
         "analysis": result,

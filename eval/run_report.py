@@ -143,6 +143,10 @@ def write_report(
         f"| alignment_test | {_num(d['alignment_test_loss'])} |",
         "",
     ]
+    if d.get("exact"):
+        lines += ["| graded by final answers (greedy, 64 tokens) | n | accuracy |", "|---|---|---|"]
+        lines += [f"| {name} | {v['n']} | {_pct(v['accuracy'])} |" for name, v in d["exact"].items()]
+        lines.append("")
     if d["mcq"]:
         lines += [
             "| multiple-choice file | n | accuracy | accuracy (length-normalized) |",

@@ -12,7 +12,7 @@ from scipy.special import softmax
 from eval.behaviour import refusals_by_group
 from eval.judge import RefusalJudge
 from eval.loss import Scorer
-from eval.mcq import exact_accuracy
+from eval.mcq import EXACT_TOKENS, exact_accuracy
 from optimize.config import Config, validate_config
 from optimize.context import Context, scored_sets
 from optimize.merge import PLAIN
@@ -35,8 +35,6 @@ def variant(
     return validate_config(raw, f"({label or 'demo'} variant)")
 
 
-# Tokens of an answer graded by its final number (the default world's longest maths reference: 48).
-EXACT_TOKENS = 64
 # The search settings of the domain-only (EvoMM) baseline: the domain loss alone, picked by it.
 DOMAIN_ONLY = {"score": "domain", "beta": 0.0, "verify": {"top_k": 0}, "constrain": {"enabled": False}}
 # The paper's objective (L_align + alpha L_domain, lowest value chosen), beside this project's.

@@ -27,7 +27,7 @@ from core.files import claim_run_dir, write_text_atomic
 from eval import plots
 from eval.behaviour import Generation
 from eval.data import load_pairs
-from eval.mcq import exact_answer_questions
+from eval.mcq import graded_domains
 from eval.settings import parse_settings
 from eval.suites import SUITES, suite_prompts
 from optimize.compare import (
@@ -162,9 +162,7 @@ def main(argv: list[str] | None = None) -> int:
         benign = [r["prompt"] for r in load_pairs(folder, "benign", args.limit)]
         test_rows, domains = held_out_sets(folder, args.limit)
         experts = {d: f"source: {d} (domain)" for d in domains if d in {s.name for s in cfg.sources}}
-        # the domains whose references state a final answer ("The answer is N") are graded by it too
-        graded = {d: [r for r in test_rows["domain"] if r.get("domain") == d] for d in domains}
-        exact = {d: q for d, rows in graded.items() if (q := exact_answer_questions(rows))}
+        exact = graded_domains(test_rows["domain"])  # domains whose references state a final answer
         suites = suite_prompts(parse_settings(cfg.eval).suites, args.limit)  # also eval.run's
         claim_run_dir(cfg.run_dir)
         command = shlex.join(["python", "-m", "optimize.demo", *(sys.argv[1:] if argv is None else argv)])

@@ -17,7 +17,14 @@ from core.vllm_env import vllm_available
 from eval.behaviour import refusal_summary
 from eval.judge import Verdict
 from eval.loss import Scorer
-from eval.mcq import exact_accuracy, exact_answer_questions, final_number, mcq_scores, option_logprobs
+from eval.mcq import (
+    exact_accuracy,
+    exact_answer_questions,
+    final_number,
+    graded_domains,
+    mcq_scores,
+    option_logprobs,
+)
 from eval.run import main
 from eval.settings import parse_settings
 from eval.suites import SUITES, Suite
@@ -128,6 +135,7 @@ def test_end_to_end_from_a_run_folder(searched, tmp_path, capsys):
     assert m["domain"]["domain_test_loss"] == pytest.approx(expected["domain"], rel=1e-4)
     assert m["domain"]["alignment_test_loss"] == pytest.approx(expected["alignment"], rel=1e-4)
     assert m["domain"]["mcq"]["mcq.jsonl"]["n"] == 2
+    assert m["domain"]["exact"] == {}  # no reference states a final answer
     assert m["domain"]["lm_eval"] is None
 
     # analysis: one value per layer group; effective coefficients recover best.yaml's weights
@@ -438,5 +446,9 @@ def test_exact_answers_are_graded_by_the_stated_or_last_number():
     assert exact_answer_questions(rows) == (["q1", "q2"], [4.0, 1200.0])
     assert exact_answer_questions(rows + [{"prompt": "q3", "response": "Drink water."}]) is None
     assert exact_answer_questions([]) is None
+    medical = [{"prompt": "q4", "response": "Rest and fluids.", "domain": "medical"}]
+    maths = [{**r, "domain": "math"} for r in rows]
+    assert graded_domains(medical + maths) == {"math": (["q1", "q2"], [4.0, 1200.0])}
+    assert graded_domains(rows) == {"domain": (["q1", "q2"], [4.0, 1200.0])}  # no `domain` column
     answers = ["The answer is 4.", "It comes to 1200 in all", "The answer is 12."]
     assert exact_accuracy(answers, [4, 1200, 13]) == pytest.approx(2 / 3)

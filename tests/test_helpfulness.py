@@ -207,15 +207,20 @@ def test_restore_bisects_toward_the_alignment_source_and_keeps_the_closest_when_
     assert "of the way to the alignment source" in (tmp_path / "run" / "report.md").read_text()
 
 
-def test_a_restored_point_is_a_scored_trial_outside_the_searchs_budget_ranking_and_stamp(world, tmp_path):
+@pytest.mark.parametrize("objective", ["weighted", "pareto"])
+def test_a_restored_point_is_a_scored_trial_outside_the_searchs_budget_ranking_and_stamp(
+    world, tmp_path, objective
+):
     """The bookkeeping of a restored point (docs/method.md §4.3): scored like a trial, added once
-    (a rerun reuses it), and left out of the budget, the shortlist and the outputs' stamp."""
+    (a rerun reuses it), and left out of the budget, the shortlist (the Pareto front too) and the
+    outputs' stamp."""
     from optimize.context import prepare
-    from optimize.study import ranked
+    from optimize.study import choose, ranked
     from optimize.verify import restored_trial
     from optimize.workers import RESTORED, n_finished, outputs_stamp
 
-    cfg = validate_config(world_config(world, tmp_path / "run", n_trials=3, verify={"top_k": 0}))
+    raw = world_config(world, tmp_path / "run", n_trials=3, objective=objective, verify={"top_k": 0})
+    cfg = validate_config(raw)
     run(cfg)
     study = optuna.load_study(study_name="tiny", storage=f"sqlite:///{tmp_path / 'run' / 'study.db'}")
     ctx = prepare(cfg)
@@ -224,13 +229,17 @@ def test_a_restored_point_is_a_scored_trial_outside_the_searchs_budget_ranking_a
     stamp, order = outputs_stamp(cfg, study), [t.number for t in ranked(study, cfg.search)]
     point = {"trial": "x", "restore_t": 0.5}
     added = restored_trial(ctx, study, start, point)
-    assert restored_trial(ctx, study, start, dict(point)).number == added.number == 3
+    again = {"trial": "x", "restore_t": 0.5}
+    assert restored_trial(ctx, study, start, again).number == added.number == 3
+    assert again["refusal_mass_alignment"] == point["refusal_mass_alignment"]  # the reused row's too
     assert len(study.trials) == 4 and added.user_attrs[RESTORED] == start.number
     params = ctx.space.toward_alignment(start.params, 0.5)
     assert added.params == params
     per_example, _ = ctx.scorer.score(ctx.merger.apply(ctx.space.decode(params)))
     losses = {k: sum(v) / len(v) for k, v in per_example.items()}
-    assert added.value == pytest.approx(objective_value(cfg.search, losses), rel=1e-5)
+    expected = objective_value(cfg.search, losses)
+    assert added.values == pytest.approx(list(expected) if objective == "pareto" else [expected], rel=1e-5)
     assert added.user_attrs["alignment_loss"] == pytest.approx(losses["alignment"], rel=1e-5)
     assert n_finished(study) == 3 and outputs_stamp(cfg, study) == stamp
     assert [t.number for t in ranked(study, cfg.search)] == order
+    assert choose(study, cfg)[0].number != added.number
