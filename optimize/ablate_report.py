@@ -14,6 +14,7 @@ from eval import plots
 from optimize.ablate_config import Ablation
 from optimize.ablate_rows import Row, sampler_summary
 from optimize.config import Config
+from optimize.objective import describe_weighted
 from optimize.storage import redact
 
 COLUMNS = [
@@ -170,7 +171,7 @@ class Report:
         lines += [
             "",
             "Grid rows: the paper reports the grid point with the best *test* accuracy; here the point "
-            f"with the lowest L_align + {s.alpha} L_domain on the *search* splits is chosen, then "
+            f"with the lowest {describe_weighted(s)} on the *search* splits is chosen, then "
             "measured on the test splits. Every grid point with its search-split losses: "
             "[grid.csv](grid.csv). All numbers: [ablation.csv](ablation.csv), "
             "[ablation.json](ablation.json).",
@@ -184,8 +185,9 @@ class Report:
             lines += [
                 f"## Samplers: best objective after {abl.samplers.n_trials} trials",
                 "",
-                f"Objective L_align + {s.alpha} L_domain on the first {ex['alignment']} alignment and "
-                f"{ex['domain']} domain search examples, the search space of the search config "
+                f"Objective {describe_weighted(s)} on the first "
+                f"{', '.join(f'{n} {k}' for k, n in ex.items())} search examples, the search space of "
+                "the search config "
                 f"({cfg.search.parametrization}), pruner `{s.pruner}`; seeds {abl.samplers.seeds}. "
                 "Lower is better; best mean first. The pick's test objective is the same objective of each "
                 "study's chosen trial on the test splits (human-written references: higher than on the "
