@@ -145,8 +145,9 @@ def restore(ctx, start, prompts, targets, steps: int) -> tuple[dict | None, list
     """Bisection on t in [0, 1] along `SearchSpace.toward_alignment` from the trial `start` (which
     misses the targets) to the alignment source alone (which meets them when they derive from its
     own share): `steps` judged points. Returns the row of the smallest t that met the targets (None
-    if none did) and the rows of every point. The harmful refusal grows with t, so the smallest t
-    trades the least of the search's optimum for the targets."""
+    if none did) and the rows of every point. The harmful refusal is assumed to grow with t (it did
+    at every point measured on the default world), so the smallest t trades the least of the
+    search's optimum for the targets."""
     n = ctx.cfg.search.verify.max_new_tokens
     low, high, found, rows = 0.0, 1.0, None, []
     for _ in range(steps):
