@@ -234,7 +234,7 @@ def run(inp: Inputs) -> Path:
     loaded = load_merged(inp)
     lap("load_s")
     if texts is None:
-        log(f"generating {len(prompts)} answers with {backend}")
+        log(f"generating {len(prompts) + len(exact_prompts)} answers with {backend}")
         rt = cfg.runtime
         kind = "vllm" if backend == "vllm in memory" else "transformers"
         gen = Generation(kind, cfg.base, loaded.device, rt.trust_remote_code)

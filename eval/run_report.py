@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from eval import plots
+from eval.mcq import EXACT_TOKENS
 from eval.settings import EvalSettings
 
 
@@ -144,7 +145,8 @@ def write_report(
         "",
     ]
     if d.get("exact"):
-        lines += ["| graded by final answers (greedy, 64 tokens) | n | accuracy |", "|---|---|---|"]
+        head = f"| graded by final answers (greedy, {EXACT_TOKENS} tokens) | n | accuracy |"
+        lines += [head, "|---|---|---|"]
         lines += [f"| {name} | {v['n']} | {_pct(v['accuracy'])} |" for name, v in d["exact"].items()]
         lines.append("")
     if d["mcq"]:

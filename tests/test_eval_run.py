@@ -25,7 +25,7 @@ from eval.mcq import (
     mcq_scores,
     option_logprobs,
 )
-from eval.run import main
+from eval.run import exact_scores, main
 from eval.settings import parse_settings
 from eval.suites import SUITES, Suite
 from optimize.config import validate_config
@@ -450,5 +450,10 @@ def test_exact_answers_are_graded_by_the_stated_or_last_number():
     maths = [{**r, "domain": "math"} for r in rows]
     assert graded_domains(medical + maths) == {"math": (["q1", "q2"], [4.0, 1200.0])}
     assert graded_domains(rows) == {"domain": (["q1", "q2"], [4.0, 1200.0])}  # no `domain` column
+    two = {"math": (["a", "b"], [1.0, 2.0]), "units": (["c"], [3.0])}  # answers in the same order
+    assert exact_scores(two, ["1", "7", "3"]) == {
+        "math": {"n": 2, "accuracy": 0.5},
+        "units": {"n": 1, "accuracy": 1.0},
+    }
     answers = ["The answer is 4.", "It comes to 1200 in all", "The answer is 12."]
     assert exact_accuracy(answers, [4, 1200, 13]) == pytest.approx(2 / 3)
