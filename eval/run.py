@@ -220,16 +220,9 @@ def run(inp: Inputs) -> Path:
     if backend == "vllm":  # before the model loads in transformers: one copy in memory at a time
         log(f"generating {len(prompts) + len(exact_prompts)} answers with vLLM")
         with open_engine(inp.target.folder, "vllm", cfg.runtime) as engine:
-            texts = engine_answers(
-                engine, [[{"role": "user", "content": p}] for p in prompts], s.max_new_tokens
-            )
-            exact_texts = (
-                engine_answers(
-                    engine, [[{"role": "user", "content": p}] for p in exact_prompts], EXACT_TOKENS
-                )
-                if exact_prompts
-                else []
-            )
+            ask = lambda ps, k: engine_answers(engine, [[{"role": "user", "content": p}] for p in ps], k)  # noqa: E731
+            texts = ask(prompts, s.max_new_tokens)
+            exact_texts = ask(exact_prompts, EXACT_TOKENS) if exact_prompts else []
         lap("generate_s")
     loaded = load_merged(inp)
     lap("load_s")
@@ -238,12 +231,9 @@ def run(inp: Inputs) -> Path:
         rt = cfg.runtime
         kind = "vllm" if backend == "vllm in memory" else "transformers"
         gen = Generation(kind, cfg.base, loaded.device, rt.trust_remote_code)
-        texts = gen.answers(loaded.model, loaded.tokenizer, prompts, s.max_new_tokens, s.batch_size)
-        exact_texts = (
-            gen.answers(loaded.model, loaded.tokenizer, exact_prompts, EXACT_TOKENS, s.batch_size)
-            if exact_prompts
-            else []
-        )
+        ask = lambda ps, k: gen.answers(loaded.model, loaded.tokenizer, ps, k, s.batch_size)  # noqa: E731
+        texts = ask(prompts, s.max_new_tokens)
+        exact_texts = ask(exact_prompts, EXACT_TOKENS) if exact_prompts else []
         gen.close()
         lap("generate_s")
     n_h = len(inp.harmful)
