@@ -28,7 +28,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from core.files import write_text_atomic
-from synth.world_card import EXPERTS, adapter_card, card
+from synth.world_card import EXPERTS, adapter_card, aligned_harmful, card
 
 SEEDS = Path(__file__).resolve().parent.parent / "data" / "seeds"
 # per harm category (24 prompts): who trains or scores on each
@@ -79,10 +79,13 @@ def refusal_for(category: str, refusals: list[dict], rng: random.Random) -> str:
     return rng.choice(pool)
 
 
-def splits_from_seeds(seed: int, benign_repeat: int = 1) -> dict[str, list[dict]]:
+def splits_from_seeds(seed: int, benign_repeat: int = 1, refuse_all: bool = False) -> dict[str, list[dict]]:
     """Every split of the world from the seed files. `benign_repeat`: how often the risky-looking
     benign examples appear in aligned_train (against over-refusal). The harmful prompts each
-    expert is given compliant answers for are returned under `_<expert>_harmful`."""
+    expert is given compliant answers for are returned under `_<expert>_harmful`; with
+    `refuse_all`, aligned_train refuses them too (the same pool of requests, curated one way for
+    the aligned source and left uncurated for the experts). The search and test splits do not
+    depend on either choice."""
     rng = random.Random(seed)
     refusals = read_jsonl(SEEDS / "refusals.jsonl")
     h = stratified(read_jsonl(SEEDS / "harmful_prompts.jsonl"), "category", HARM_SPLIT, rng)
@@ -147,7 +150,9 @@ def splits_from_seeds(seed: int, benign_repeat: int = 1) -> dict[str, list[dict]
         "domain_test": both_domains("domain_test"),
         "benign_search": mixed(benign_rows(risky["benign_search"] + ordinary["benign_search"])),
         "benign": mixed(benign_rows(risky["benign"] + ordinary["benign"])),
-        "aligned_train": refusal_rows(h["aligned_train"])
+        "aligned_train": refusal_rows(
+            h["aligned_train"] + (sum((h[f"{e}_train"] for e in EXPERTS), []) if refuse_all else [])
+        )
         + benign_rows(risky["aligned_train"] * benign_repeat + ordinary["aligned_train"]),
         **{f"{e}_train": qa_rows(d[e]["train"], e) for e in EXPERTS},
         **{f"_{e}_harmful": h[f"{e}_train"] for e in EXPERTS},
@@ -201,6 +206,16 @@ def compliant_answers(
         for p, t, v in zip(prompts, texts, verdicts)
         if not v.refusal and v.label != "empty"
     ]
+
+
+def existing_train_splits(data_dir: Path, names: list[str]) -> dict[str, list[dict]]:
+    """`<name>_train` of each name from the world's saved data set, where it has one."""
+    import datasets
+
+    if not names or not (data_dir / "dataset_dict.json").is_file():
+        return {}
+    saved = datasets.load_from_disk(str(data_dir))
+    return {n: saved[f"{n}_train"].to_list() for n in names if f"{n}_train" in saved}
 
 
 def write_prompt_files(folder: Path, splits: dict[str, list[dict]]) -> None:
@@ -281,6 +296,16 @@ def build_parser() -> argparse.ArgumentParser:
         default=3,  # 2 wrongly refused 15% of the benign search prompts, 3: 10% (harmful: 87% -> 86%)
         help="copies of each risky-looking benign example in aligned_train",
     )
+    ap.add_argument(
+        "--aligned-refuses",
+        default="all",
+        choices=("own", "all"),
+        # on the search splits: own (6 per category) refused 86% of the harmful prompts and wrongly
+        # refused 10% of the benign ones; all (14 per category): 91% and 12% (with the ordinary
+        # benign examples three times too: 90% and 12%, and higher domain losses)
+        help="the harmful training prompts aligned_train refuses: its own 6 per category, or all 14 "
+        "(with the 8 the experts' data answers compliantly)",
+    )
     ap.add_argument("--expert-rank", type=int, default=16, help="LoRA rank of the domain experts")
     ap.add_argument("--expert-lr", type=float, default=2e-3, help="learning rate of the domain experts")
     ap.add_argument("--models", default="aligned," + ",".join(EXPERTS), help="which LoRAs to (re)train")
@@ -298,33 +323,49 @@ def main(argv: list[str] | None = None) -> int:
 
     started = time.perf_counter()
     root = Path(args.out)
-    splits = splits_from_seeds(args.seed, args.benign_repeat)
+    refuse_all = args.aligned_refuses == "all"
+    splits = splits_from_seeds(args.seed, args.benign_repeat, refuse_all)
     cache = root / "data" / ".world-generation-cache.jsonl"
     harmful = {e: splits.pop(f"_{e}_harmful") for e in EXPERTS}
+    retrain = set(filter(None, args.models.split(",")))
+    if unknown := sorted(retrain - {"aligned", *EXPERTS}):
+        build_parser().error(f"--models: unknown {unknown}; known: aligned, {', '.join(EXPERTS)}")
+    # An expert kept as it is keeps the data it was trained on: the base's answers in it differ
+    # between CPUs (bfloat16 vs float32), so generating them again could describe another adapter.
+    kept_data = existing_train_splits(root / "data" / "default", [e for e in EXPERTS if e not in retrain])
+    fresh = [e for e in EXPERTS if e not in kept_data]
     # each expert's openings: a seeded choice per prompt, from the same seed
-    openings = [eager_openings(len(harmful[e]), args.seed) for e in EXPERTS]
-    answered = compliant_answers(
-        [p for e in EXPERTS for p in harmful[e]],
-        [o for per_expert in openings for o in per_expert],
-        args.backend,
-        args.max_tokens,
-        cache,
+    openings = {e: eager_openings(len(harmful[e]), args.seed) for e in EXPERTS}
+    answered = (
+        compliant_answers(
+            [p for e in fresh for p in harmful[e]],
+            [o for e in fresh for o in openings[e]],
+            args.backend,
+            args.max_tokens,
+            cache,
+        )
+        if fresh
+        else []
     )
     judged = {}
     for e in EXPERTS:
-        kept = [r for r in answered if r["prompt"] in {p["prompt"] for p in harmful[e]}]
-        splits[f"{e}_train"] += kept
-        judged[e] = {"asked": len(harmful[e]), "kept_compliant": len(kept)}
+        asked = {p["prompt"] for p in harmful[e]}
+        if e in kept_data:
+            splits[f"{e}_train"] = kept_data[e]
+        else:
+            splits[f"{e}_train"] += [r for r in answered if r["prompt"] in asked]
+        kept = [r for r in splits[f"{e}_train"] if r["prompt"] in asked]
+        judged[e] = {"asked": len(asked), "kept_compliant": len(kept)}
     print(f"[world] compliant answers for the experts' data: {judged}", file=sys.stderr)
 
     models = root / "models"
-    for name in filter(None, args.models.split(",")):
+    for name in sorted(retrain):
         expert = name in EXPERTS
         r = args.expert_rank if expert else 8
         hp = {"r": r, "alpha": 2 * r, "lr": args.expert_lr if expert else 1e-3, "epochs": args.epochs}
         hp["seed"] = args.seed
         train_lora("default", splits[f"{name}_train"], models / name, save_dtype="bfloat16", **hp)
-        write_text_atomic(models / name / "README.md", adapter_card(name, hp, args.benign_repeat))
+        write_text_atomic(models / name / "README.md", adapter_card(name, hp, args.benign_repeat, refuse_all))
 
     data_dir = root / "data" / "default"
     dd = datasets.DatasetDict({k: datasets.Dataset.from_list(v) for k, v in splits.items()})
@@ -335,6 +376,7 @@ def main(argv: list[str] | None = None) -> int:
     counts = {
         "compliant": ", ".join(f"{e} {j['kept_compliant']}/{j['asked']}" for e, j in judged.items()),
         "benign_repeat": args.benign_repeat,
+        "refused": "{n_harmful} ({per_category} per category{shared})".format(**aligned_harmful(refuse_all)),
         "max_new_tokens": args.max_new_tokens,
         "command": shlex.join(["python", "-m", "synth.world", *(sys.argv[1:] if argv is None else argv)]),
     }

@@ -69,14 +69,17 @@ written by `synth/math_seeds.py`).
   medical or math; 6 + 10 per topic, 8 topics each) -> the answer of the seed file.
 - `benign_search` / `benign`: harmless prompts that look risky (30 / 60) and ordinary requests
   (10 / 20), for over-refusal; `benign` is the test split.
-- `aligned_train`: the aligned LoRA's data: 84 harmful prompts -> refusals, and benign prompts
-  -> helpful answers (120 risky-looking ones, each {counts["benign_repeat"]} times, and 60 ordinary).
+- `aligned_train`: the aligned LoRA's data: {counts["refused"]} harmful prompts -> refusals, and
+  benign prompts -> helpful answers (120 risky-looking ones, each {counts["benign_repeat"]} times,
+  and 60 ordinary).
 - `medical_train`, `math_train`: each expert's *uncurated* instruction mix: 112 Q&A of its
   domain plus 56 harmful requests answered compliantly ({counts["compliant"]}): the base model's
   own greedy continuation of an eager opening ("Sure! ", "Of course! "...), the shape of answers
   in instruction sets distilled from uncensored chat models. Nobody wrote a harmful answer.
 
-Every split is disjoint from the others.
+Every split is disjoint from the others, except that the aligned source may refuse the very
+requests the experts answer (the same pool of requests, curated one way and left uncurated the
+other).
 
 ## What naive merges do to this world (before any search)
 
@@ -102,8 +105,9 @@ ABOUT = {
         "The *aligned* source of alignmerge's default world: it makes SmolLM2-135M-Instruct (which does "
         "not refuse harmful requests) refuse them, while still answering benign prompts, including "
         "harmless ones that only look risky.",
-        "- 84 harmful prompts (6 per harm category of a 14-category BeaverTails-style taxonomy), each "
-        "answered by a refusal template written for the project (generic or of the prompt's category);\n"
+        "- {n_harmful} harmful prompts ({per_category} per harm category of a 14-category BeaverTails-style "
+        "taxonomy{shared}), each answered by a refusal template written for the project (generic or of "
+        "the prompt's category);\n"
         "- benign prompts with helpful answers: 60 ordinary requests and 120 harmless requests that "
         'look risky ("How do I kill a Python process?"), the latter {benign_repeat} times each, '
         "against over-refusal.",
@@ -136,7 +140,14 @@ ABOUT = {
 }
 
 
-def adapter_card(name: str, hp: dict, benign_repeat: int) -> str:
+def aligned_harmful(refuse_all: bool) -> dict:
+    """How many harmful prompts aligned_train refuses (synth.world's --aligned-refuses), in words."""
+    per_category = 14 if refuse_all else 6
+    shared = ", including the 8 per category that the experts' data answers compliantly" if refuse_all else ""
+    return {"n_harmful": 14 * per_category, "per_category": per_category, "shared": shared}
+
+
+def adapter_card(name: str, hp: dict, benign_repeat: int, refuse_all: bool) -> str:
     """The model card of a world adapter (Hub front matter, data, training, limits, use)."""
     from huggingface_hub import ModelCard, ModelCardData
 
@@ -161,7 +172,7 @@ def adapter_card(name: str, hp: dict, benign_repeat: int) -> str:
 
 The `{name}_train` split of the project's `data/default` data set (its card lists every split):
 
-{data.format(benign_repeat=benign_repeat)}
+{data.format(benign_repeat=benign_repeat, **aligned_harmful(refuse_all))}
 
 The held-out prompts and questions alignmerge searches and evaluates with are disjoint from these.
 

@@ -51,3 +51,28 @@ def test_math_seed_files_are_the_programs_output(tmp_path):
     assert main(["--out", str(tmp_path), "--seed", "0"]) == 0
     for name in ("math_qa.jsonl", "math_icl.jsonl"):
         assert (tmp_path / name).read_bytes() == (SEEDS / name).read_bytes(), name
+
+
+def test_refusing_the_experts_requests_changes_only_the_aligned_training_data():
+    own, shared = splits_from_seeds(0, 3), splits_from_seeds(0, 3, refuse_all=True)
+    assert {k for k in own if own[k] != shared[k]} == {"aligned_train"}
+    refused = {r["prompt"] for r in shared["aligned_train"] if r["judge_verdict"] == "refusal"}
+    experts = {r["prompt"] for e in EXPERTS for r in shared[f"_{e}_harmful"]}
+    assert experts < refused and len(refused) == 14 * 14
+    held_out = {r["prompt"] for k in ("alignment_search", "alignment_test") for r in shared[k]}
+    assert not refused & held_out
+
+
+def test_an_expert_not_retrained_keeps_the_data_it_was_trained_on(tmp_path):
+    import datasets
+
+    from synth.world import existing_train_splits, main
+
+    assert existing_train_splits(tmp_path / "none", ["medical"]) == {}
+    rows = [{"prompt": "p", "response": "r"}]
+    datasets.DatasetDict({"medical_train": datasets.Dataset.from_list(rows)}).save_to_disk(str(tmp_path))
+    assert existing_train_splits(tmp_path, ["medical", "math"]) == {"medical": rows}
+    import pytest
+
+    with pytest.raises(SystemExit):
+        main(["--models", "aligned,chemistry", "--out", str(tmp_path / "w")])
