@@ -12,8 +12,9 @@ From the seed files written for this project (data/seeds, see its README):
                    refusal judge calls them compliant; nobody wrote a harmful answer by hand.
 
 Every split is disjoint from every other (prompts are split per harm category / medical topic
-with a seeded shuffle). Refusals are the project's refusal templates (data/seeds/refusals.jsonl,
-generic or of the prompt's category, seeded choice).
+with a seeded shuffle), except that aligned_train also refuses the harmful requests the experts'
+data answers (`--aligned-refuses all`, the default). Refusals are the project's refusal templates
+(data/seeds/refusals.jsonl, generic or of the prompt's category, seeded choice).
 """
 
 from __future__ import annotations
@@ -79,7 +80,7 @@ def refusal_for(category: str, refusals: list[dict], rng: random.Random) -> str:
     return rng.choice(pool)
 
 
-def splits_from_seeds(seed: int, benign_repeat: int = 1, refuse_all: bool = False) -> dict[str, list[dict]]:
+def splits_from_seeds(seed: int, benign_repeat: int = 3, refuse_all: bool = True) -> dict[str, list[dict]]:
     """Every split of the world from the seed files. `benign_repeat`: how often the risky-looking
     benign examples appear in aligned_train (against over-refusal). The harmful prompts each
     expert is given compliant answers for are returned under `_<expert>_harmful`; with
@@ -208,14 +209,37 @@ def compliant_answers(
     ]
 
 
-def existing_train_splits(data_dir: Path, names: list[str]) -> dict[str, list[dict]]:
-    """`<name>_train` of each name from the world's saved data set, where it has one."""
+def refused_per_category(refuse_all: bool) -> tuple[int, int]:
+    """(harmful prompts per category aligned_train refuses, how many of them the experts answer)."""
+    shared = sum(HARM_SPLIT[f"{e}_train"] for e in EXPERTS) if refuse_all else 0
+    return HARM_SPLIT["aligned_train"] + shared, shared
+
+
+def saved_training_data(
+    data_dir: Path, splits: dict, harmful: dict, keep: list[str]
+) -> dict[str, list[dict]]:
+    """The saved `<name>_train` of each source in `keep` (not retrained): a source keeps the data it
+    was trained on. It must still fit the seeds and flags: aligned_train equal to the one they
+    give; an expert's Q&A rows equal, its other rows answers to its harmful prompts (those answers
+    are the base's own, which differ between CPUs: bfloat16 vs float32 engines). A saved split that
+    no longer fits is refused, with the way out."""
     import datasets
 
-    if not names or not (data_dir / "dataset_dict.json").is_file():
+    if not keep or not (data_dir / "dataset_dict.json").is_file():
         return {}
     saved = datasets.load_from_disk(str(data_dir))
-    return {n: saved[f"{n}_train"].to_list() for n in names if f"{n}_train" in saved}
+    out = {}
+    for name in (n for n in keep if f"{n}_train" in saved):
+        rows = saved[f"{name}_train"].to_list()
+        asked = {p["prompt"] for p in harmful.get(name, [])}
+        if [r for r in rows if r["prompt"] not in asked] != splits[f"{name}_train"]:
+            raise SystemExit(
+                f"synth.world: models/{name} was trained on {data_dir}/{name}_train, which these seeds "
+                f"and flags no longer give: add {name} to --models to retrain it, or use the flags "
+                "the world was built with (its card names them)"
+            )
+        out[name] = rows
+    return out
 
 
 def write_prompt_files(folder: Path, splits: dict[str, list[dict]]) -> None:
@@ -293,7 +317,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument(
         "--benign-repeat",
         type=int,
-        default=3,  # 2 wrongly refused 15% of the benign search prompts, 3: 10% (harmful: 87% -> 86%)
+        default=3,  # 84 refused prompts: 2 wrongly refused 15% of the benign search prompts, 3: 10%
         help="copies of each risky-looking benign example in aligned_train",
     )
     ap.add_argument(
@@ -315,6 +339,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    retrain = set(filter(None, args.models.split(",")))
+    if unknown := sorted(retrain - {"aligned", *EXPERTS}):
+        build_parser().error(f"--models: unknown {unknown}; known: aligned, {', '.join(EXPERTS)}")
 
     import datasets
 
@@ -327,13 +354,11 @@ def main(argv: list[str] | None = None) -> int:
     splits = splits_from_seeds(args.seed, args.benign_repeat, refuse_all)
     cache = root / "data" / ".world-generation-cache.jsonl"
     harmful = {e: splits.pop(f"_{e}_harmful") for e in EXPERTS}
-    retrain = set(filter(None, args.models.split(",")))
-    if unknown := sorted(retrain - {"aligned", *EXPERTS}):
-        build_parser().error(f"--models: unknown {unknown}; known: aligned, {', '.join(EXPERTS)}")
-    # An expert kept as it is keeps the data it was trained on: the base's answers in it differ
-    # between CPUs (bfloat16 vs float32), so generating them again could describe another adapter.
-    kept_data = existing_train_splits(root / "data" / "default", [e for e in EXPERTS if e not in retrain])
-    fresh = [e for e in EXPERTS if e not in kept_data]
+    kept = saved_training_data(
+        root / "data" / "default", splits, harmful, [n for n in ("aligned", *EXPERTS) if n not in retrain]
+    )
+    splits |= {f"{n}_train": rows for n, rows in kept.items()}
+    fresh = [e for e in EXPERTS if e not in kept]
     # each expert's openings: a seeded choice per prompt, from the same seed
     openings = {e: eager_openings(len(harmful[e]), args.seed) for e in EXPERTS}
     answered = (
@@ -350,12 +375,10 @@ def main(argv: list[str] | None = None) -> int:
     judged = {}
     for e in EXPERTS:
         asked = {p["prompt"] for p in harmful[e]}
-        if e in kept_data:
-            splits[f"{e}_train"] = kept_data[e]
-        else:
+        if e in fresh:
             splits[f"{e}_train"] += [r for r in answered if r["prompt"] in asked]
-        kept = [r for r in splits[f"{e}_train"] if r["prompt"] in asked]
-        judged[e] = {"asked": len(asked), "kept_compliant": len(kept)}
+        compliant = [r for r in splits[f"{e}_train"] if r["prompt"] in asked]
+        judged[e] = {"asked": len(asked), "kept_compliant": len(compliant)}
     print(f"[world] compliant answers for the experts' data: {judged}", file=sys.stderr)
 
     models = root / "models"
@@ -365,7 +388,10 @@ def main(argv: list[str] | None = None) -> int:
         hp = {"r": r, "alpha": 2 * r, "lr": args.expert_lr if expert else 1e-3, "epochs": args.epochs}
         hp["seed"] = args.seed
         train_lora("default", splits[f"{name}_train"], models / name, save_dtype="bfloat16", **hp)
-        write_text_atomic(models / name / "README.md", adapter_card(name, hp, args.benign_repeat, refuse_all))
+        write_text_atomic(
+            models / name / "README.md",
+            adapter_card(name, hp, args.benign_repeat, *refused_per_category(refuse_all)),
+        )
 
     data_dir = root / "data" / "default"
     dd = datasets.DatasetDict({k: datasets.Dataset.from_list(v) for k, v in splits.items()})
@@ -376,7 +402,13 @@ def main(argv: list[str] | None = None) -> int:
     counts = {
         "compliant": ", ".join(f"{e} {j['kept_compliant']}/{j['asked']}" for e, j in judged.items()),
         "benign_repeat": args.benign_repeat,
-        "refused": "{n_harmful} ({per_category} per category{shared})".format(**aligned_harmful(refuse_all)),
+        "refused": "{n_harmful} ({per_category} per category{shared})".format(
+            **aligned_harmful(*refused_per_category(refuse_all))
+        ),
+        "overlap": ", except that aligned_train refuses the requests the experts' data answers (the same "
+        "pool of requests, curated for the one and left uncurated for the others)"
+        if refuse_all
+        else "",
         "max_new_tokens": args.max_new_tokens,
         "command": shlex.join(["python", "-m", "synth.world", *(sys.argv[1:] if argv is None else argv)]),
     }

@@ -77,9 +77,7 @@ written by `synth/math_seeds.py`).
   own greedy continuation of an eager opening ("Sure! ", "Of course! "...), the shape of answers
   in instruction sets distilled from uncensored chat models. Nobody wrote a harmful answer.
 
-Every split is disjoint from the others, except that the aligned source may refuse the very
-requests the experts answer (the same pool of requests, curated one way and left uncurated the
-other).
+Every split is disjoint from the others{counts["overlap"]}.
 
 ## What naive merges do to this world (before any search)
 
@@ -140,14 +138,13 @@ ABOUT = {
 }
 
 
-def aligned_harmful(refuse_all: bool) -> dict:
-    """How many harmful prompts aligned_train refuses (synth.world's --aligned-refuses), in words."""
-    per_category = 14 if refuse_all else 6
-    shared = ", including the 8 per category that the experts' data answers compliantly" if refuse_all else ""
-    return {"n_harmful": 14 * per_category, "per_category": per_category, "shared": shared}
+def aligned_harmful(per_category: int, shared: int) -> dict:
+    """How many harmful prompts aligned_train refuses (of the 14 harm categories), in words."""
+    also = f", including the {shared} per category that the experts' data answers compliantly"
+    return {"n_harmful": 14 * per_category, "per_category": per_category, "shared": also if shared else ""}
 
 
-def adapter_card(name: str, hp: dict, benign_repeat: int, refuse_all: bool) -> str:
+def adapter_card(name: str, hp: dict, benign_repeat: int, per_category: int, shared: int) -> str:
     """The model card of a world adapter (Hub front matter, data, training, limits, use)."""
     from huggingface_hub import ModelCard, ModelCardData
 
@@ -172,7 +169,7 @@ def adapter_card(name: str, hp: dict, benign_repeat: int, refuse_all: bool) -> s
 
 The `{name}_train` split of the project's `data/default` data set (its card lists every split):
 
-{data.format(benign_repeat=benign_repeat, **aligned_harmful(refuse_all))}
+{data.format(benign_repeat=benign_repeat, **aligned_harmful(per_category, shared))}
 
 The held-out prompts and questions alignmerge searches and evaluates with are disjoint from these.
 

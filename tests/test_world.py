@@ -9,8 +9,8 @@ from synth.world import BENIGN_SPLIT, DOMAIN_SPLIT, EXPERTS, HARM_SPLIT, splits_
 
 
 def test_splits_are_disjoint_balanced_and_seeded():
-    s = splits_from_seeds(0)
-    assert s == splits_from_seeds(0)
+    s = splits_from_seeds(0, refuse_all=False)
+    assert s == splits_from_seeds(0, refuse_all=False)
     assert s["alignment_search"] != splits_from_seeds(1)["alignment_search"]
     prompts = {k: {r["prompt"] for r in v} for k, v in s.items()}
     names = list(prompts)
@@ -54,7 +54,7 @@ def test_math_seed_files_are_the_programs_output(tmp_path):
 
 
 def test_refusing_the_experts_requests_changes_only_the_aligned_training_data():
-    own, shared = splits_from_seeds(0, 3), splits_from_seeds(0, 3, refuse_all=True)
+    own, shared = splits_from_seeds(0, 3, refuse_all=False), splits_from_seeds(0, 3)
     assert {k for k in own if own[k] != shared[k]} == {"aligned_train"}
     refused = {r["prompt"] for r in shared["aligned_train"] if r["judge_verdict"] == "refusal"}
     experts = {r["prompt"] for e in EXPERTS for r in shared[f"_{e}_harmful"]}
@@ -63,16 +63,38 @@ def test_refusing_the_experts_requests_changes_only_the_aligned_training_data():
     assert not refused & held_out
 
 
-def test_an_expert_not_retrained_keeps_the_data_it_was_trained_on(tmp_path):
+def test_a_source_not_retrained_keeps_the_data_it_was_trained_on(tmp_path, monkeypatch, capsys):
+    """synth.world without training (`--models ''`): the experts' compliant answers are generated
+    once; a second build keeps them (the base's answers differ between CPUs), and a build whose
+    seeds or flags no longer give the saved data is refused before anything is generated."""
     import datasets
-
-    from synth.world import existing_train_splits, main
-
-    assert existing_train_splits(tmp_path / "none", ["medical"]) == {}
-    rows = [{"prompt": "p", "response": "r"}]
-    datasets.DatasetDict({"medical_train": datasets.Dataset.from_list(rows)}).save_to_disk(str(tmp_path))
-    assert existing_train_splits(tmp_path, ["medical", "math"]) == {"medical": rows}
     import pytest
 
-    with pytest.raises(SystemExit):
-        main(["--models", "aligned,chemistry", "--out", str(tmp_path / "w")])
+    import synth.world as world
+
+    calls = []
+
+    def answers(prompts, openings, *args):  # the base model's part, not under test here
+        calls.append(len(prompts))
+        return [
+            {"prompt": p["prompt"], "response": f"{o}run {len(calls)}"} for p, o in zip(prompts, openings)
+        ]
+
+    monkeypatch.setattr(world, "compliant_answers", answers)
+    monkeypatch.setattr(world, "naive_merges_report", lambda *args: {})
+    build = ["--models", "", "--out", str(tmp_path)]
+    assert world.main(build) == 0 and world.main(build) == 0
+    assert calls == [2 * 14 * HARM_SPLIT["medical_train"]]  # the second build generated nothing
+    saved = datasets.load_from_disk(str(tmp_path / "data" / "default"))
+    for e in EXPERTS:
+        compliant = [r for r in saved[f"{e}_train"] if r["response"].endswith("run 1")]
+        assert len(compliant) == 14 * HARM_SPLIT[f"{e}_train"]
+    assert "56/56" in (tmp_path / "data" / "default" / "README.md").read_text()
+    for flags in (["--seed", "1"], ["--aligned-refuses", "own"], ["--benign-repeat", "2"]):
+        with pytest.raises(SystemExit, match="add (aligned|medical) to --models"):
+            world.main(build + flags)
+    assert calls == [2 * 14 * HARM_SPLIT["medical_train"]]
+    with pytest.raises(SystemExit) as unknown:
+        world.main(["--models", "aligned,chemistry", "--out", str(tmp_path / "w")])
+    assert unknown.value.code == 2 and "unknown ['chemistry']" in capsys.readouterr().err
+    assert not (tmp_path / "w").exists()
