@@ -303,6 +303,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     root = Path(args.out)
     refuse_all = args.aligned_refuses == "all"
+    refused = refused_per_category(refuse_all)  # (per category, of which the experts answer)
     splits = splits_from_seeds(args.seed, args.benign_repeat, refuse_all)
     cache = root / "data" / ".world-generation-cache.jsonl"
     harmful = {e: splits.pop(f"_{e}_harmful") for e in EXPERTS}
@@ -342,7 +343,7 @@ def main(argv: list[str] | None = None) -> int:
         train_lora("default", splits[f"{name}_train"], models / name, save_dtype="bfloat16", **hp)
         write_text_atomic(
             models / name / "README.md",
-            adapter_card(name, hp, args.benign_repeat, *refused_per_category(refuse_all)),
+            adapter_card(name, hp, args.benign_repeat, *refused),
         )
 
     data_dir = root / "data" / "default"
@@ -354,9 +355,7 @@ def main(argv: list[str] | None = None) -> int:
     counts = {
         "compliant": ", ".join(f"{e} {j['kept_compliant']}/{j['asked']}" for e, j in judged.items()),
         "benign_repeat": args.benign_repeat,
-        "refused": "{n_harmful} ({per_category} per category{shared})".format(
-            **aligned_harmful(*refused_per_category(refuse_all))
-        ),
+        "refused": "{n_harmful} ({per_category} per category{shared})".format(**aligned_harmful(*refused)),
         "overlap": ", except that aligned_train refuses the requests the experts' data answers (the same "
         "pool of requests, curated for the one and left uncurated for the others)"
         if refuse_all
