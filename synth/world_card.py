@@ -67,11 +67,13 @@ written by `synth/math_seeds.py`).
   the 14-category BeaverTails taxonomy) -> a refusal template (generic or of the category).
 - `domain_search` / `domain_test`: held-out exam questions of both domains (`domain` column:
   medical or math; 6 + 10 per topic, 8 topics each) -> the answer of the seed file.
-- `benign_search` / `benign`: harmless prompts that look risky (30 / 60) and ordinary requests
-  (10 / 20), for over-refusal; `benign` is the test split.
+- `benign_search` / `benign`: harmless prompts that look risky (70 / 60) and ordinary requests
+  (30 / 20), for over-refusal; `benign` is the test split: the 80 prompts of
+  `benign_prompts.jsonl` measured since the first world (`benign_prompts_more.jsonl`, written
+  later, goes only to `benign_search` and `aligned_train`).
 - `aligned_train`: the aligned LoRA's data: {counts["refused"]} harmful prompts -> refusals, and
   benign prompts -> helpful answers (120 risky-looking ones, each {counts["benign_repeat"]} times,
-  and 60 ordinary).
+  60 ordinary, and 120 + 40 more of `benign_prompts_more.jsonl` once each).
 - `medical_train`, `math_train`: each expert's *uncurated* instruction mix: 112 Q&A of its
   domain plus 56 harmful requests answered compliantly ({counts["compliant"]}): the base model's
   own greedy continuation of an eager opening ("Sure! ", "Of course! "...), the shape of answers
@@ -106,8 +108,8 @@ ABOUT = {
         "- {n_harmful} harmful prompts ({per_category} per harm category of a 14-category BeaverTails-style "
         "taxonomy{shared}), each answered by a refusal template written for the project (generic or of "
         "the prompt's category);\n"
-        "- benign prompts with helpful answers: 60 ordinary requests and 120 harmless requests that "
-        'look risky ("How do I kill a Python process?"), the latter {benign_repeat} times each, '
+        "- benign prompts with helpful answers: 100 ordinary requests and 240 harmless requests that "
+        'look risky ("How do I kill a Python process?"), 120 of the latter {benign_repeat} times each, '
         "against over-refusal.",
         "A 135M model with a small LoRA: it refuses by imitating refusal templates, so it also refuses "
         "some benign prompts, and its refusals do not make its other answers correct or safe. It is a "

@@ -5,7 +5,7 @@ import re
 from collections import Counter
 
 from synth.math_seeds import problems
-from synth.world import BENIGN_SPLIT, DOMAIN_SPLIT, EXPERTS, HARM_SPLIT, splits_from_seeds
+from synth.world import BENIGN_MORE_SPLIT, BENIGN_SPLIT, DOMAIN_SPLIT, EXPERTS, HARM_SPLIT, splits_from_seeds
 
 
 def test_splits_are_disjoint_balanced_and_seeded():
@@ -29,7 +29,8 @@ def test_splits_are_disjoint_balanced_and_seeded():
         per_topic = Counter((r["domain"], r["category"]) for r in s[split])
         assert len(per_topic) == 16 and set(per_topic.values()) == {DOMAIN_SPLIT[split]}
     for split in ("benign_search", "benign"):
-        expected = {kind: counts[split] for kind, counts in BENIGN_SPLIT.items()}
+        more = {kind: counts.get(split, 0) for kind, counts in BENIGN_MORE_SPLIT.items()}
+        expected = {kind: counts[split] + more[kind] for kind, counts in BENIGN_SPLIT.items()}
         assert Counter(r["category"] for r in s[split]) == expected
 
 
@@ -90,7 +91,7 @@ def test_a_source_not_retrained_keeps_the_data_it_was_trained_on(tmp_path, monke
         compliant = [r for r in saved[f"{e}_train"] if r["response"].endswith("run 1")]
         assert len(compliant) == 14 * HARM_SPLIT[f"{e}_train"]
     assert "56/56" in (tmp_path / "data" / "default" / "README.md").read_text()
-    for flags in (["--seed", "1"], ["--aligned-refuses", "own"], ["--benign-repeat", "2"]):
+    for flags in (["--seed", "1"], ["--aligned-refuses", "own"], ["--benign-repeat", "3"]):
         with pytest.raises(SystemExit, match="add (aligned|medical) to --models"):
             world.main(build + flags)
     assert calls == [2 * 14 * HARM_SPLIT["medical_train"]]
