@@ -49,8 +49,10 @@ BENIGN_SPLIT = {
     "ordinary": {"aligned_train": 60, "benign_search": 10, "benign": 20},
 }
 # benign_prompts_more.jsonl, written later to widen training and search against over-refusal:
-# risky-looking (160) and ordinary (60). None of it is tested: `benign` stays the 80 prompts
-# measured since the first world, and its own random stream leaves every older split as it was.
+# risky-looking (160) and ordinary (60). None of it goes to a test split: `benign` stays the 80
+# prompts measured since the first world. Its own random stream leaves the main one, and so every
+# other split, unchanged; the old benign_search rows are kept (shuffled with the new ones) and the
+# old aligned_train is a prefix of the new one.
 BENIGN_MORE_SPLIT = {
     "risky_looking": {"aligned_train": 120, "benign_search": 40},
     "ordinary": {"aligned_train": 40, "benign_search": 20},
@@ -298,9 +300,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--aligned-refuses",
         default="all",
         choices=("own", "all"),
-        # on the search splits: own (6 per category) refused 86% of the harmful prompts and wrongly
-        # refused 10% of the benign ones; all (14 per category): 91% and 12% (with the ordinary
-        # benign examples three times too: 90% and 12%, and higher domain losses)
+        # on the search splits of commit cd658c7 (40 benign prompts, --benign-repeat 3): own (6 per
+        # category) refused 86% of the harmful prompts and wrongly refused 10% of the benign ones;
+        # all (14 per category): 91% and 12% (with the ordinary benign examples three times too:
+        # 90% and 12%, and higher domain losses)
         help="the harmful training prompts aligned_train refuses: its own 6 per category, or all 14 "
         "(with the 8 the experts' data answers compliantly)",
     )

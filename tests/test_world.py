@@ -64,6 +64,24 @@ def test_refusing_the_experts_requests_changes_only_the_aligned_training_data():
     assert not refused & held_out
 
 
+def test_the_later_benign_seeds_reach_only_aligned_train_and_benign_search(monkeypatch):
+    """benign_prompts_more.jsonl has its own random stream: reordering or growing it leaves every
+    held-out split (the test splits above all) and the experts' data exactly as they were."""
+    import synth.world as world
+
+    before, read = splits_from_seeds(0), world.read_jsonl
+
+    def changed(path):
+        rows = read(path)
+        if path.name != "benign_prompts_more.jsonl":
+            return rows
+        return rows[::-1] + [dict(r, prompt=r["prompt"] + " (again)") for r in rows]
+
+    monkeypatch.setattr(world, "read_jsonl", changed)
+    after = splits_from_seeds(0)
+    assert {k for k in before if before[k] != after[k]} == {"aligned_train", "benign_search"}
+
+
 def test_a_source_not_retrained_keeps_the_data_it_was_trained_on(tmp_path, monkeypatch, capsys):
     """synth.world without training (`--models ''`): the experts' compliant answers are generated
     once; a second build keeps them (the base's answers differ between CPUs), and a build whose
