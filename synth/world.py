@@ -1,8 +1,8 @@
 """`python -m synth.world`: build the embedded default world on SmolLM2-135M-Instruct.
 
 From the seed files written for this project (data/seeds, see its README):
-  data/default/    a DatasetDict with alignment_search, alignment_test, domain_search,
-                   domain_test, benign, and the two training sets (aligned_train, expert_train)
+  data/default/    a DatasetDict with alignment_search, alignment_test, domain_search, domain_test,
+                   benign_search, benign, and the training sets (aligned_train, <expert>_train)
   models/aligned/  LoRA adapter trained on refusals + ordinary helpful answers: it refuses
                    harmful prompts and still answers benign ones
   models/medical/  LoRA adapter trained on an *uncurated* medical instruction mix: medical Q&A
