@@ -49,9 +49,10 @@ _UNITS |= {"kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
 def parse_size(text: str) -> int:
     """`24GiB`, `80 GB`, `512MiB`, `2e9` -> bytes."""
     m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([a-z]*)\s*", str(text).lower())
-    if not m or m.group(2) not in _UNITS or float(m.group(1)) <= 0:
+    size = float(m.group(1)) * _UNITS[m.group(2)] if m and m.group(2) in _UNITS else 0.0
+    if not 0 < size < float("inf"):
         raise ValueError(f"{clip(text, 60)} is not a memory size (write e.g. 24GiB, 80GB or 512MiB)")
-    return int(float(m.group(1)) * _UNITS[m.group(2)])
+    return int(size)
 
 
 # A memory size such as "24GiB" or "80GB", checked when the config is read.

@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -80,15 +81,21 @@ def read_marker(folder: str | Path) -> dict | None:
     return doc if isinstance(doc, dict) else None
 
 
-def check_replaceable(out: str | Path, what: str = "output folder", kind: str | None = None) -> None:
-    """Refuse (OutputError) to replace `out` unless it is missing, empty, or a folder of `kind`
-    that alignmerge wrote (any kind when `kind` is None)."""
+def check_creatable(out: str | Path, what: str) -> Path:
+    """Refuse (OutputError) a path that cannot become a folder: one inside a file, a broken link."""
     out = Path(out)
     file_above = next((p for p in out.parents if p.exists() and not p.is_dir()), None)
     if file_above is not None:
         raise OutputError(f"{what} {out} is inside {file_above}, which is a file; choose another path")
     if out.is_symlink() and not out.exists():
         raise OutputError(f"{what} {out} is a broken symbolic link; remove it or choose another")
+    return out
+
+
+def check_replaceable(out: str | Path, what: str = "output folder", kind: str | None = None) -> None:
+    """Refuse (OutputError) to replace `out` unless it is missing, empty, or a folder of `kind`
+    that alignmerge wrote (any kind when `kind` is None)."""
+    out = check_creatable(out, what)
     if not out.exists():
         return
     if not out.is_dir():
@@ -106,12 +113,10 @@ def check_replaceable(out: str | Path, what: str = "output folder", kind: str | 
         )
 
 
-def claim_run_dir(
-    run_dir: str | Path, legacy: tuple[str, ...] = ("study.db", "run.yaml", "best.yaml")
-) -> Path:
-    """Create the run folder, or accept an existing one that is ours (its marker, or files of an
-    earlier run in `legacy`, or empty) and mark it; refuse any other folder."""
-    run_dir = Path(run_dir)
+def claim_run_dir(run_dir: str | Path) -> Path:
+    """Create the run folder, or accept an existing one that is ours (its marker) or empty and mark
+    it; refuse any other folder (a user's folder that merely holds a run.yaml is not ours)."""
+    run_dir = check_creatable(run_dir, "run folder")
     if run_dir.exists() and not run_dir.is_dir():
         raise OutputError(f"run folder {run_dir} is a file; set out: (or --out) to a folder")
     if run_dir.is_dir() and read_marker(run_dir) is None:
@@ -120,7 +125,7 @@ def claim_run_dir(
         others = [
             p for p in run_dir.iterdir() if not (p.name.startswith(f".{MARKER}.") and p.name.endswith(".tmp"))
         ]
-        if others and not any((run_dir / f).exists() for f in legacy):
+        if others:
             raise OutputError(
                 f"run folder {run_dir} exists and holds files that alignmerge did not write; "
                 "outputs there could replace them: set out: (or --out) to a new folder"
@@ -129,6 +134,13 @@ def claim_run_dir(
     if read_marker(run_dir) is None:
         write_text_atomic(run_dir / MARKER, json.dumps({"kind": "run"}) + "\n")
     return run_dir
+
+
+def unclaim_run_dir(run_dir: Path) -> None:
+    """Undo `claim_run_dir` on a folder it created: the marker, then the folder if still empty."""
+    with contextlib.suppress(OSError):
+        (run_dir / MARKER).unlink()
+        run_dir.rmdir()
 
 
 def _owner_tag() -> str:
@@ -156,6 +168,8 @@ def atomic_dir(out: str | os.PathLike, kind: str = "output", stamp: str | None =
     one). An existing `out` that alignmerge did not write is refused, before and after."""
     out = Path(out)
     check_replaceable(out, kind=kind)
+    if out.is_symlink():  # write where the link points and keep the user's link
+        out = out.resolve()
     out.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(out)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{_owner_tag()}-", dir=out.parent))

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from core.config import clip
 from core.errors import ModelLoadError
 from core.files import atomic_dir, fingerprint, read_marker
 
@@ -131,6 +132,36 @@ def check_safetensors(folder: Path) -> None:
             ) from None
 
 
+def check_gguf(path: Path) -> None:
+    """Read the GGUF header and tensor index (memory-mapped: no tensor data), so a truncated or
+    corrupt file is refused before any model loads."""
+    import gguf
+
+    try:
+        gguf.GGUFReader(path)
+    except Exception as err:  # gguf raises ValueError, struct.error, IndexError...
+        msg = f"{path} cannot be read as GGUF ({clip(err, 120)}); the file is truncated or corrupt"
+        raise ModelLoadError(f"{msg}: copy it again") from None
+
+
+def read_json_object(path: Path) -> dict | None:
+    """A model folder's JSON file (config, adapter config) as a dict; None when it is missing."""
+    try:
+        meta = json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as err:  # UnicodeDecodeError is a ValueError
+        raise ModelLoadError(f"{path} cannot be read as JSON ({clip(err, 120)}); copy it again") from None
+    if not isinstance(meta, dict):
+        raise ModelLoadError(f"{path} is not a JSON object; copy it again")
+    return meta
+
+
+def adapter_config(folder: Path) -> dict:
+    """The LoRA adapter's adapter_config.json ({} when there is none)."""
+    return read_json_object(folder / "adapter_config.json") or {}
+
+
 def check_remote_code(folder: Path, trust_remote_code: bool = False) -> None:
     """Refuse a folder whose config.json or tokenizer_config.json would make transformers import
     the folder's own Python (`auto_map`, or a `model_type` only such code could define)."""
@@ -140,14 +171,9 @@ def check_remote_code(folder: Path, trust_remote_code: bool = False) -> None:
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
     for name in ("config.json", "tokenizer_config.json"):
-        try:
-            meta = json.loads((folder / name).read_text())
-        except FileNotFoundError:
+        meta = read_json_object(folder / name)
+        if meta is None:
             continue
-        except (OSError, ValueError) as err:
-            raise ModelLoadError(f"{folder / name} cannot be read as JSON ({err}); copy it again") from None
-        if not isinstance(meta, dict):
-            raise ModelLoadError(f"{folder / name} is not a JSON object; copy it again")
         if "auto_map" in meta:
             raise ModelLoadError(
                 f"{folder} ships its own code (auto_map in {name}); "
@@ -177,9 +203,11 @@ def model_format(path: Path, allow_pickle: bool = False, trust_remote_code: bool
     if path.is_file():
         if path.suffix == ".gguf":
             check_remote_code(path.parent, trust_remote_code)  # its tokenizer reads the folder
+            check_gguf(path)
             return "gguf"
         raise ModelLoadError(f"{path}: a model file must be .gguf; for HF models give the folder")
     if (path / "adapter_config.json").exists():
+        adapter_config(path)  # a JSON object, or a clear error before anything reads it
         check_remote_code(path, trust_remote_code)
         if not (path / "adapter_model.safetensors").exists():
             if not (path / "adapter_model.bin").exists():

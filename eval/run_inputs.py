@@ -44,7 +44,7 @@ def resolve_target(path: str) -> Target:
             "or the run folder of `python -m optimize.search`"
         )
     if (p / "config.json").exists():
-        if model_format(p) != "hf":
+        if (p / "adapter_config.json").exists():  # the loader policy is checked with the config
             raise ModelLoadError(f"--model {p} is a LoRA adapter; evaluate a merged model folder")
         run = p.parent if (p.parent / "run.yaml").exists() else None
         best = run if run and p.name == "merged" and (run / BEST).exists() else None
@@ -109,6 +109,9 @@ def load_inputs(args: argparse.Namespace) -> Inputs:
     target = resolve_target(args.model)
     cfg = resolve_config(target, args.config, parse_sets(args.set))
     check_runtime(cfg)  # a GPU config on a CPU node
+    policy = (cfg.runtime.allow_pickle, cfg.runtime.trust_remote_code)
+    if target.folder is not None:
+        model_format(target.folder, *policy)  # pickled weights, remote code: the config's policy
     flags = {"backend": args.backend, "max_new_tokens": args.max_new_tokens, "tasks": args.tasks}
     flags |= {"prompts": args.prompts, "mcq": args.mcq, "suites": args.suites}
     settings = parse_settings(cfg.eval, {k: v for k, v in flags.items() if v is not None})
@@ -138,7 +141,7 @@ def load_inputs(args: argparse.Namespace) -> Inputs:
         if not Path(folder).is_dir():
             raise ConfigError(f"eval.lm_eval.include_path: {folder} is not a folder of task YAMLs")
     if settings.judge != "rules":
-        resolve_model_path(settings.guard)
+        model_format(resolve_model_path(settings.guard), *policy)
     if settings.analysis or target.folder is None:
         check_models(cfg)  # base and source paths (the merge is rebuilt, or analysed, from them)
     out = (

@@ -51,8 +51,9 @@ from optimize.ablate_rows import (
 )
 from optimize.compare import references
 from optimize.config import Config
-from optimize.context import check_inputs, prepare
+from optimize.context import check_inputs, check_setup, prepare
 from optimize.merge import PLAIN
+from optimize.storage import open_storage
 from optimize.study import default_storage
 from synth.generate import for_run
 
@@ -128,6 +129,9 @@ def main(argv: list[str] | None = None) -> int:
     def work():
         args = ap.parse_args(argv)
         abl, cfg = load_ablation(args.config, args.quick, args.out)
+        check_setup(cfg)  # before synth: the models, that they fit, and a storage server answers
+        if cfg.storage:
+            open_storage(cfg.storage, cfg.heartbeat_s)
         claim_run_dir(cfg.run_dir)
         command = shlex.join(["python", "-m", "optimize.ablate", *(sys.argv[1:] if argv is None else argv)])
         for_run(search_config_path(abl, Path(args.config).parent), cfg.data_dir, cfg.run_dir, command)

@@ -43,13 +43,18 @@ def check_inputs(cfg: Config, memory: bool = True) -> dict[str, list[dict]]:
     """Everything that can be checked without loading a model: paths, formats, data, and (unless
     the models are already loaded: `memory` false) that they fit. Returns the raw rows of every
     set the search uses (alignment, domain, helpfulness)."""
+    check_setup(cfg, memory)
+    return load_data(cfg)
+
+
+def check_setup(cfg: Config, memory: bool = True) -> None:
+    """`check_inputs` without the data: what the demo and the ablation check before synth writes
+    the data (runtime, tracking, the models and that they fit)."""
     check_runtime(cfg)
     check_tracking(cfg)
     check_models(cfg)
-    rows = load_data(cfg)
     if memory:
         check_memory(cfg)
-    return rows
 
 
 def check_models(cfg: Config) -> None:

@@ -41,11 +41,12 @@ from optimize.compare import (
     variant,
 )
 from optimize.config import load_config
-from optimize.context import Context, check_inputs, prepare
+from optimize.context import Context, check_inputs, check_setup, prepare
 from optimize.export import mergekit_base_before_loading
 from optimize.methods import Candidate, Linear, MergeMethod
 from optimize.report import load_best
 from optimize.search import overrides, run
+from optimize.storage import open_storage
 from synth.generate import for_run
 
 
@@ -164,6 +165,9 @@ def main(argv: list[str] | None = None) -> int:
         experts = {d: f"source: {d} (domain)" for d in domains if d in {s.name for s in cfg.sources}}
         exact = graded_domains(test_rows["domain"])  # domains whose references state a final answer
         suites = suite_prompts(parse_settings(cfg.eval).suites, args.limit)  # also eval.run's
+        check_setup(cfg)  # before synth: the models, that they fit, and a storage server answers
+        if cfg.storage:
+            open_storage(cfg.storage, cfg.heartbeat_s)
         claim_run_dir(cfg.run_dir)
         command = shlex.join(["python", "-m", "optimize.demo", *(sys.argv[1:] if argv is None else argv)])
         for_run(args.config, cfg.data_dir, cfg.run_dir, command, sets)

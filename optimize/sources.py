@@ -12,7 +12,6 @@ weights and remote code follow the loader policy of `core.models.model_format`.
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +22,14 @@ from tqdm.auto import tqdm
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 from core.errors import ModelLoadError
-from core.models import load_model, load_tokenizer, model_format, release_freed_memory, resolve_model_path
+from core.models import (
+    adapter_config,
+    load_model,
+    load_tokenizer,
+    model_format,
+    release_freed_memory,
+    resolve_model_path,
+)
 from optimize.deltas import LowRank, TaskVector
 
 
@@ -337,6 +343,4 @@ def source_kind(path: str, allow_pickle: bool = False, trust_remote_code: bool =
 
 
 def adapter_base(path: str) -> str | None:
-    p = resolve_model_path(path)
-    cfg = p / "adapter_config.json"
-    return json.loads(cfg.read_text()).get("base_model_name_or_path") if cfg.exists() else None
+    return adapter_config(resolve_model_path(path)).get("base_model_name_or_path")

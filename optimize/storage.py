@@ -44,7 +44,12 @@ SQLITE_HEADER = b"SQLite format 3\x00"
 HEARTBEAT_ATTR = "alignmerge:heartbeat"
 
 
-SECRET_PARAMS = {"password", "passwd", "pwd", "secret", "token"}
+# a query parameter whose name holds one of these is masked (password, sslpassword, access_token...)
+SECRET_PARAMS = ("pass", "pwd", "secret", "token", "key", "auth", "credential")
+
+
+def secret_param(name: str) -> bool:
+    return any(word in name.lower() for word in SECRET_PARAMS)
 
 
 def redact(url: str | None) -> str | None:
@@ -56,7 +61,7 @@ def redact(url: str | None) -> str | None:
         parsed = make_url(url)
         if "@" in (parsed.host or ""):  # a raw "@" in the password: SQLAlchemy ends it there
             raise ValueError(url)
-        query = {k: "***" if k.lower() in SECRET_PARAMS else v for k, v in parsed.query.items()}
+        query = {k: "***" if secret_param(k) else v for k, v in parsed.query.items()}
         return parsed.set(query=query).render_as_string(hide_password=True).replace("=%2A%2A%2A", "=***")
     except Exception:
         head, slashes, rest = url.partition("//")
@@ -65,7 +70,7 @@ def redact(url: str | None) -> str | None:
         if "@" in rest:
             rest = "***@" + rest.rpartition("@")[2]
         keys = "|".join(SECRET_PARAMS)
-        return re.sub(rf"([?&](?:{keys})=)[^&]*", r"\1***", head + slashes + rest, flags=re.IGNORECASE)
+        return re.sub(rf"([?&]\w*(?:{keys})\w*=)[^&]*", r"\1***", head + slashes + rest, flags=re.IGNORECASE)
 
 
 class Retry(RetryHeartbeatStaleTrialCallback):
@@ -118,10 +123,11 @@ def journal_path(url: str) -> Path | None:
 
 
 def open_journal(url: str, path: Path) -> JournalFileBackend:
-    if not url.startswith(JOURNAL) and not (path.suffix or "/" in url):  # a typo, not a file name
+    # a typo, not a file name: no suffix nor folder, or a mistyped URL ("postgresql//u:pw@host/db")
+    if not url.startswith(JOURNAL) and (not (path.suffix or "/" in url) or "@" in url or "//" in url):
         raise StorageError(
-            f"storage {url} is neither a URL (postgresql://..., sqlite:///PATH) nor a journal file "
-            "(PATH.log or journal:PATH)"
+            f"storage {redact(url)} is neither a URL (postgresql://..., sqlite:///PATH) nor a journal "
+            "file (PATH.log or journal:PATH); check the scheme's '://' and that nothing precedes it"
         )
     if not path.parent.is_dir():
         raise StorageError(

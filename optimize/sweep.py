@@ -39,6 +39,7 @@ from optimize.config import Config, load_config
 from optimize.context import Context, check_inputs, prepare, scored_sets
 from optimize.report import load_best
 from optimize.search import overrides, run
+from optimize.storage import open_storage
 from optimize.workers import RESTORED
 
 # Search keys that change how candidates are sampled or scored, not what is loaded: points that
@@ -76,8 +77,11 @@ def parse_grid(items: list[str]) -> dict[str, list[Any]]:
             )
         try:
             values = yaml.safe_load(f"[{text}]")
-        except yaml.YAMLError:
-            raise ConfigError(f"--grid {clip(item, 80)}: the values are not a comma-separated list") from None
+            json.dumps(values, default=str)  # a YAML alias inside itself (`&a [*a]`) is circular
+        except (yaml.YAMLError, ValueError):
+            raise ConfigError(
+                f"--grid {clip(item, 80)}: the values are not a comma-separated list of plain values"
+            ) from None
         if key in grid:
             raise ConfigError(f"--grid {key} is given twice; list all its values in one --grid")
         if len({json.dumps(v, sort_keys=True, default=str) for v in values}) != len(values):
@@ -212,6 +216,7 @@ def sweep(path: str, grid: dict[str, list], sets: dict, out: Path | None, storag
             raise type(err)(f"sweep point {label_of(point)}: {err}") from None
     claim_run_dir(out)
     storage = storage or base.storage or f"sqlite:///{(out / 'sweep.db').resolve()}"
+    open_storage(storage, base.heartbeat_s)  # an unreachable server fails before models load
     rows = [summary_row(p, c) for p, c in configs]
     ctx = None
     for i, (point, cfg) in enumerate(configs):

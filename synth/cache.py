@@ -53,13 +53,13 @@ class GenerationCache:
         self.data: dict[str, list[str]] = {}
         self.cut_short = False  # the last line has no newline: the next write starts a new one
         if self.path.exists():
-            text = self.path.read_text()
-            self.cut_short = bool(text) and not text.endswith("\n")
-            for line in text.splitlines():
+            raw = self.path.read_bytes()  # per line: a line of garbage bytes is one bad line
+            self.cut_short = bool(raw) and not raw.endswith(b"\n")
+            for line in raw.splitlines():
                 try:
                     row = json.loads(line)
                     self.data[row["key"]] = row["outputs"]
-                except (json.JSONDecodeError, KeyError, TypeError):
+                except (ValueError, KeyError, TypeError):  # JSONDecodeError, UnicodeDecodeError
                     continue
 
     def __contains__(self, key: str) -> bool:

@@ -13,7 +13,6 @@ to a JSONL cache as soon as its chunk finishes, and a rerun generates only what 
 from __future__ import annotations
 
 import gc
-import json
 import sys
 import warnings
 from collections.abc import Sequence
@@ -25,6 +24,7 @@ from tqdm.auto import tqdm
 
 from core.errors import ModelLoadError
 from core.models import (
+    adapter_config,
     contiguous_head_input,
     dtype_name,
     load_model,
@@ -119,7 +119,7 @@ def lora_base(ref: ModelRef) -> str | None:
         return None
     if ref.base:
         return ref.base
-    base = json.loads(cfg.read_text()).get("base_model_name_or_path")
+    base = adapter_config(p).get("base_model_name_or_path")
     if not base:
         raise ModelLoadError(f"{p}: adapter_config.json names no base model; set `base:` in the config")
     return base
@@ -362,7 +362,7 @@ MAX_LORA_RANK = 16  # vLLM's LoRA rank bound: any adapter up to it shares the en
 
 
 def lora_rank(ref: ModelRef) -> int:
-    return int(json.loads((resolve_model_path(ref.path) / "adapter_config.json").read_text()).get("r", 16))
+    return int(adapter_config(resolve_model_path(ref.path)).get("r", 16))
 
 
 def open_engine(ref: ModelRef, backend: str, settings: EngineSettings) -> Engine:

@@ -22,13 +22,12 @@ from core.cli import ArgumentParser, read_user_file, run_cli
 from core.config import parse_sets
 from core.errors import ConfigError, DataError, ModelLoadError
 from core.files import atomic_dir, check_replaceable
-from core.models import resolve_model_path
 from eval.data import read_prompt_file
 from eval.judge import RefusalJudge
 from synth.cache import GenerationCache
 from synth.card import render_card
 from synth.config import ModelSpec, SynthConfig, load_run_config, parse_synth, to_jsonable
-from synth.engine import EngineSettings, EngineSlot, lora_base, resolve_backend
+from synth.engine import EngineSettings, EngineSlot, checked_base, resolve_backend
 from synth.pipelines import (
     Context,
     answer,
@@ -109,10 +108,10 @@ def check_models(cfg: SynthConfig) -> None:
     used += [(f"pool.{i}", m) for i, m in enumerate(cfg.pool)]
     used += [(f"experts.{i}", m) for i, m in enumerate(cfg.experts)]
     used += [("judge.guard", cfg.judge.guard)] if cfg.judge.kind != "rules" else []
+    settings = EngineSettings(**cfg.engine.model_dump())
     for key, spec in used:
         try:
-            resolve_model_path(spec.path)
-            lora_base(ref(spec))
+            checked_base(ref(spec), settings)  # the loader policy too: pickled weights, remote code
         except (ModelLoadError, ValueError) as err:
             raise ModelLoadError(f"synth.{key}: {err}") from None
 

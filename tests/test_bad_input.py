@@ -78,6 +78,10 @@ def test_corrupt_weights_are_refused_before_loading(world, tmp_path):
         check_inputs(validate_config(raw))
     with pytest.raises(ModelLoadError, match="must be .gguf"):
         model_format(broken / "config.json")
+    for name, data in {"text.gguf": b"not a model\n", "cut.gguf": b"GGUF\x03\x00\x00\x00\x05"}.items():
+        (broken / name).write_bytes(data)  # a wrong file renamed; a copy cut after the magic
+        with pytest.raises(ModelLoadError, match="cannot be read as GGUF.*truncated or corrupt"):
+            model_format(broken / name)
 
 
 def test_pickled_weights_need_the_flag_and_warn(world, tmp_path):

@@ -69,6 +69,10 @@ def test_journal_file_path_alone_is_a_storage(tmp_path):
         open_storage(str(tmp_path / "study.db"), 1)
     with pytest.raises(StorageError, match="storage postgres is neither a URL .* nor a journal file"):
         open_storage("postgres", 1)
+    for typo in ("postgresql//alice:S3cret@db.example/optuna", " postgresql://alice:S3cret@db/optuna"):
+        with pytest.raises(StorageError, match="is neither a URL") as err:  # not a journal file path
+            open_storage(typo, 1)
+        assert "S3cret" not in str(err.value) and "***@db" in str(err.value)
 
 
 @pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")  # set_metric_names

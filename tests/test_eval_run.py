@@ -333,6 +333,17 @@ def test_bad_inputs_fail_with_the_fix(searched, world, tmp_path, capsys):
     assert "would be replaced" in _error(capsys, "--model", searched.run_dir, "--out", searched.run_dir)
     assert (searched.run_dir / "best.yaml").exists()
 
+    # a merged folder of pickled weights: refused, unless the config (or --set) allows pickles
+    pickled = shutil.copytree(lonely, tmp_path / "pickled")
+    torch.save(load_model(str(pickled)).state_dict(), pickled / "pytorch_model.bin")
+    (pickled / "model.safetensors").unlink()
+    capsys.readouterr()  # the loading bar above
+    ok = searched.model_dump(by_alias=True, mode="json")
+    config.write_text(yaml.safe_dump(ok))
+    assert "set allow_pickle: true" in _error(capsys, "--model", pickled, "--config", config)
+    allowed = ("--model", pickled, "--config", config, "--set", "runtime.allow_pickle=true", "--out", pickled)
+    assert "would be replaced" in _error(capsys, *allowed)  # past the weights: refused only for --out
+
 
 @pytest.mark.skipif(importlib.util.find_spec("lm_eval") is not None, reason="lm-eval is installed")
 def test_lm_eval_tasks_without_lm_eval_fail_before_any_model_loads(searched, capsys):

@@ -191,6 +191,19 @@ CASES = [
         "out_is_a_file", "is a file; set out: (or --out) to a folder", out="@tmp@/f", files={"f": "x"}
     ),
     search_case(
+        "out_under_a_file", "/f, which is a file; choose another path", out="@tmp@/f/run", files={"f": "x"}
+    ),
+    search_case("memory_size_overflows", "'1e400' is not a memory size", runtime={"max_memory": "1e400"}),
+    search_case(
+        "base_gguf_corrupt", "cannot be read as GGUF", base="@tmp@/b.gguf", files={"b.gguf": "not a model\n"}
+    ),
+    search_case(
+        "storage_url_typo",
+        "storage postgresql//***@db.example/optuna is neither a URL",
+        "--storage",
+        "postgresql//alice:S3cret@db.example/optuna",
+    ),
+    search_case(
         "cuda_without_gpu",
         "runtime.device is cuda but torch sees 0",
         runtime={"device": "cuda"},
@@ -261,6 +274,18 @@ CASES = [
     ),
     synth_case(
         "synth_model_missing", "synth.pool.0: model path does not exist", pool=[{"path": "@tmp@/nope"}]
+    ),
+    synth_case(
+        "synth_pool_adapter_config_not_object",
+        "/lora/adapter_config.json is not a JSON object; copy it again",
+        pool=[{"path": "@tmp@/lora"}],
+        files={"lora/adapter_config.json": "[]"},
+    ),
+    synth_case(
+        "synth_pool_ships_code",
+        "/m ships its own code (auto_map in config.json)",
+        pool=[{"path": "@tmp@/m"}],
+        files={"m/config.json": '{"auto_map": {"AutoModel": "evil.Model"}, "model_type": "llama"}'},
     ),
     synth_case("synth_templates_dir_missing", "synth.templates_dir", templates_dir="@tmp@/nope"),
     synth_case("synth_out_under_a_file", "which is a file", files={"f": "x"}, out="@tmp@/f"),
@@ -349,6 +374,7 @@ REAL_PROCESSES = [
 
 
 def write(path: Path, content: str | bytes) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(content if isinstance(content, bytes) else content.encode())
     return path
 

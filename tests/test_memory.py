@@ -108,9 +108,10 @@ def test_a_search_that_cannot_fit_is_refused_before_loading(world, tmp_path, cap
     err = capsys.readouterr().err
     assert "store_dtype" in err and "largest part is" in err
     assert not (tmp_path / "run").exists()  # nothing was started
-    raw["runtime"] = {"max_memory": "12 parsecs"}
-    with pytest.raises(ConfigError, match="runtime.max_memory.*not a memory size"):
-        validate_config(raw)
+    for nonsense in ("12 parsecs", "1e400", "0GB"):  # 1e400 overflows a float
+        raw["runtime"] = {"max_memory": nonsense}
+        with pytest.raises(ConfigError, match="runtime.max_memory.*not a memory size"):
+            validate_config(raw)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])

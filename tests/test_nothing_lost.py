@@ -62,6 +62,27 @@ def test_a_folder_alignmerge_did_not_write_is_never_replaced(tmp_path):
         check_replaceable(tmp_path / "ours", kind="dataset")
 
 
+def test_a_run_yaml_does_not_make_a_folder_ours_and_links_are_kept(tmp_path):
+    project = user_folder(tmp_path / "project")
+    (project / "run.yaml").write_text("my own experiment settings")
+    with pytest.raises(OutputError, match="holds files that alignmerge did not write"):
+        claim_run_dir(project)
+    assert not (project / MARKER).exists()
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(OutputError, match="which is a file"):
+        claim_run_dir(tmp_path / "afile" / "run")
+    (tmp_path / "dangling").symlink_to(tmp_path / "gone")
+    with pytest.raises(OutputError, match="broken symbolic link"):
+        claim_run_dir(tmp_path / "dangling")
+    # an --out that is a link to an empty folder: written where it points, the link kept
+    (tmp_path / "target").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "target")
+    for n in (1, 2):
+        with atomic_dir(tmp_path / "link", kind="eval") as tmp:
+            (tmp / "report.md").write_text(f"run {n}")
+    assert (tmp_path / "link").is_symlink() and (tmp_path / "target" / "report.md").read_text() == "run 2"
+
+
 def test_every_cli_refuses_an_out_folder_of_the_user(world, tmp_path):
     """optimize.search (out:), synth.generate (--out) and eval.run (--out): exit 2, one line, the
     folder untouched."""

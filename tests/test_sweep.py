@@ -88,6 +88,7 @@ def test_grid_values_are_yaml_and_labels_name_the_point():
         (["search.alpha="], "expected KEY=V1,V2"),
         (["search.alpha=0.1,0.1"], "listed twice"),
         (["search.alpha=[0.1"], "not a comma-separated list"),
+        (["search.alpha=&a [*a]"], "not a comma-separated list"),  # a YAML alias inside itself
         (["search.alpha=0.1", "search.alpha=1"], "given twice"),
         (["merge.method=ties,nosuch"], "sweep point method=nosuch"),
         (["search.alpha=0.1,-1"], "sweep point alpha=-1"),
@@ -106,6 +107,17 @@ def test_bad_grids_fail_before_anything_runs(config_file, tmp_path, capsys, grid
     err = capsys.readouterr().err
     assert err.startswith("error: ") and expected in err, err
     assert not out.exists()
+
+
+def test_an_unreachable_storage_fails_before_any_model_loads(config_file, tmp_path, capsys, monkeypatch):
+    import optimize.sweep as sweep_module
+
+    monkeypatch.setattr(sweep_module, "prepare", lambda *a: pytest.fail("models loaded"))
+    url = "postgresql://u:secret@127.0.0.1:9/db"  # port 9 (discard): nothing listens
+    argv = ["--config", str(config_file), "--out", str(tmp_path / "sweep"), "--grid", "search.alpha=0.1,1"]
+    assert main([*argv, "--storage", url]) == 2
+    err = capsys.readouterr().err
+    assert "cannot open storage postgresql://u:***@127.0.0.1:9/db" in err and "secret" not in err
 
 
 def test_points_share_loaded_models_only_when_nothing_loaded_differs(config_file):

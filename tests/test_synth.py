@@ -155,6 +155,11 @@ def test_cache_skips_a_line_cut_by_a_crash(tmp_path):
         f.write('{"key": "k3", "outp')
     again = GenerationCache(tmp_path / "c.jsonl")
     assert "k1" in again and again.get("k2") == ["b", "c"] and "k3" not in again
+    with (tmp_path / "c.jsonl").open("ab") as f:
+        f.write(b"\n\xff\xfe garbage bytes, not UTF-8\n")  # a disk error, another tool's write
+    again = GenerationCache(tmp_path / "c.jsonl")
+    again.add_many([("k4", "m", ["d"])])
+    assert GenerationCache(tmp_path / "c.jsonl").data == {"k1": ["a"], "k2": ["b", "c"], "k4": ["d"]}
     ref = ModelRef("m")
     r1 = Request([{"role": "user", "content": "hi"}], Sampling(seed=1))
     r2 = Request([{"role": "user", "content": "hi"}], Sampling(seed=2))

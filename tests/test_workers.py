@@ -334,6 +334,8 @@ def test_redact_hides_passwords():
         assert redact(kept) == kept
     assert redact("postgresql://u:pw@host:port/db") == "postgresql://***@host:port/db"  # unparsable
     assert redact("not a url u:pw@x") == "***@x"
+    ssl = "postgresql://u@h/db?sslpassword=hunter2&sslmode=require&access_token=t"
+    assert redact(ssl) == "postgresql://u@h/db?access_token=***&sslmode=require&sslpassword=***"
 
 
 def test_password_with_a_raw_at_is_refused_before_connecting():
