@@ -128,7 +128,9 @@ def claim_run_dir(run_dir: str | Path) -> Path:
         if others:
             raise OutputError(
                 f"run folder {run_dir} exists and holds files that alignmerge did not write; "
-                "outputs there could replace them: set out: (or --out) to a new folder"
+                "outputs there could replace them: set out: (or --out) to a new folder (a run folder "
+                'of an alignmerge before its .alignmerge marker: echo \'{"kind": "run"}\' > '
+                f"{run_dir}/{MARKER}, then run again)"
             )
     run_dir.mkdir(parents=True, exist_ok=True)
     if read_marker(run_dir) is None:
@@ -137,10 +139,12 @@ def claim_run_dir(run_dir: str | Path) -> Path:
 
 
 def unclaim_run_dir(run_dir: Path) -> None:
-    """Undo `claim_run_dir` on a folder it created: the marker, then the folder if still empty."""
+    """Undo `claim_run_dir` on a folder it created, when the marker is still all it holds (another
+    worker may have written there meanwhile: then the folder stays, marked)."""
     with contextlib.suppress(OSError):
-        (run_dir / MARKER).unlink()
-        run_dir.rmdir()
+        if [p.name for p in run_dir.iterdir()] == [MARKER]:
+            (run_dir / MARKER).unlink()
+            run_dir.rmdir()
 
 
 def _owner_tag() -> str:

@@ -1,6 +1,5 @@
 """Loading models and tokenizers: the one place that knows about HF folders, GGUF files, Hub ids
-(from the local Hugging Face cache, offline) and the embedded default model. Used by every floor
-above.
+(from the local Hugging Face cache, offline) and the embedded default model; every floor uses it.
 
 One loader policy for every stage (optimize, synth, eval), applied by `model_format` before any
 load: only safetensors and GGUF weights are read; pickled `.bin` checkpoints (models and LoRA
@@ -12,6 +11,7 @@ adapters) need `allow_pickle=True`; a folder that ships its own code (`auto_map`
 from __future__ import annotations
 
 import ctypes
+import functools
 import importlib.util
 import json
 import os
@@ -127,14 +127,15 @@ def check_safetensors(folder: Path) -> None:
             with safe_open(f, framework="pt") as st:
                 st.keys()
         except Exception as err:  # safetensors raises its own error type
-            raise ModelLoadError(
-                f"{f} cannot be read ({err}); the file is truncated or corrupt: copy it again"
-            ) from None
+            msg = f"{f} cannot be read ({err}); the file is truncated or corrupt"
+            raise ModelLoadError(f"{msg}: copy it again") from None
 
 
-def check_gguf(path: Path) -> None:
+@functools.lru_cache(maxsize=32)
+def check_gguf(path: Path, stamp: tuple[int, int]) -> None:
     """Read the GGUF header and tensor index (memory-mapped: no tensor data), so a truncated or
-    corrupt file is refused before any model loads."""
+    corrupt file is refused before any model loads. ~2 s for the default model (its vocabulary is
+    parsed entry by entry), so once per version of a file: `stamp` is its size and mtime."""
     import gguf
 
     try:
@@ -203,7 +204,7 @@ def model_format(path: Path, allow_pickle: bool = False, trust_remote_code: bool
     if path.is_file():
         if path.suffix == ".gguf":
             check_remote_code(path.parent, trust_remote_code)  # its tokenizer reads the folder
-            check_gguf(path)
+            check_gguf(path, ((st := path.stat()).st_size, st.st_mtime_ns))
             return "gguf"
         raise ModelLoadError(f"{path}: a model file must be .gguf; for HF models give the folder")
     if (path / "adapter_config.json").exists():

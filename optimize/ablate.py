@@ -53,7 +53,7 @@ from optimize.compare import references
 from optimize.config import Config
 from optimize.context import check_inputs, check_setup, prepare
 from optimize.merge import PLAIN
-from optimize.storage import open_storage
+from optimize.storage import claim_and_open
 from optimize.study import default_storage
 from synth.generate import for_run
 
@@ -130,9 +130,7 @@ def main(argv: list[str] | None = None) -> int:
         args = ap.parse_args(argv)
         abl, cfg = load_ablation(args.config, args.quick, args.out)
         check_setup(cfg)  # before synth: the models, that they fit, and a storage server answers
-        if cfg.storage:
-            open_storage(cfg.storage, cfg.heartbeat_s)
-        claim_run_dir(cfg.run_dir)
+        claim_and_open(cfg.run_dir, cfg.storage, cfg.heartbeat_s)
         command = shlex.join(["python", "-m", "optimize.ablate", *(sys.argv[1:] if argv is None else argv)])
         for_run(search_config_path(abl, Path(args.config).parent), cfg.data_dir, cfg.run_dir, command)
         rows = check_inputs(cfg)

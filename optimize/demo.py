@@ -23,7 +23,7 @@ from pathlib import Path
 
 from core.cli import ArgumentParser, positive_int, run_cli
 from core.config import parse_sets
-from core.files import claim_run_dir, write_text_atomic
+from core.files import write_text_atomic
 from eval import plots
 from eval.behaviour import Generation
 from eval.data import load_pairs
@@ -46,7 +46,7 @@ from optimize.export import mergekit_base_before_loading
 from optimize.methods import Candidate, Linear, MergeMethod
 from optimize.report import load_best
 from optimize.search import overrides, run
-from optimize.storage import open_storage
+from optimize.storage import claim_and_open
 from synth.generate import for_run
 
 
@@ -166,9 +166,7 @@ def main(argv: list[str] | None = None) -> int:
         exact = graded_domains(test_rows["domain"])  # domains whose references state a final answer
         suites = suite_prompts(parse_settings(cfg.eval).suites, args.limit)  # also eval.run's
         check_setup(cfg)  # before synth: the models, that they fit, and a storage server answers
-        if cfg.storage:
-            open_storage(cfg.storage, cfg.heartbeat_s)
-        claim_run_dir(cfg.run_dir)
+        claim_and_open(cfg.run_dir, cfg.storage, cfg.heartbeat_s)
         command = shlex.join(["python", "-m", "optimize.demo", *(sys.argv[1:] if argv is None else argv)])
         for_run(args.config, cfg.data_dir, cfg.run_dir, command, sets)
         rows = check_inputs(cfg)

@@ -21,8 +21,7 @@ from safetensors import SafetensorError
 
 from core.cli import ArgumentParser, run_cli
 from core.config import parse_sets
-from core.errors import OutputError, UserError
-from core.files import claim_run_dir, unclaim_run_dir
+from core.errors import OutputError
 from optimize.config import Config, load_config
 from optimize.context import Context, check_inputs, prepare
 from optimize.export import mergekit_base_before_loading
@@ -30,7 +29,7 @@ from optimize.gradient import descend
 from optimize.objective import make_trial, refusal_bounds
 from optimize.registry import SAMPLER_NAMES
 from optimize.report import load_best, write_outputs
-from optimize.storage import is_sqlite, open_storage, redact
+from optimize.storage import claim_and_open, is_sqlite, redact
 from optimize.study import default_storage, make_pruner, open_study, study_signature
 from optimize.tracking import Tracker
 from optimize.workers import (
@@ -52,15 +51,9 @@ def run(
     the outputs of the finished trials; `reraise_interrupt` then raises it again (a sweep stops)."""
     started = time.perf_counter()
     rows = check_inputs(cfg, memory=ctx is None)  # before any model loads
-    fresh = not cfg.run_dir.exists()
-    claim_run_dir(cfg.run_dir)  # a folder of the user's is refused, never written into
     url = storage or cfg.storage or default_storage(cfg)
-    try:
-        store = open_storage(url, cfg.heartbeat_s)  # an unreachable server fails before models load
-    except UserError:
-        if fresh:
-            unclaim_run_dir(cfg.run_dir)  # a mistyped URL leaves no folder behind
-        raise
+    # a folder of the user's is refused, never written into; an unreachable server fails here
+    store = claim_and_open(cfg.run_dir, url, cfg.heartbeat_s)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     if ctx is not None:
         return searched(cfg, ctx, store, url, started, reraise_interrupt)

@@ -31,7 +31,8 @@ from optuna.storages.journal import JournalFileBackend
 from optuna.trial import FrozenTrial, TrialState
 from sqlalchemy.engine import make_url
 
-from core.errors import StorageError
+from core.errors import StorageError, UserError
+from core.files import claim_run_dir, unclaim_run_dir
 
 # Optuna calls its heartbeat API "experimental" and says so on every use; we use it on purpose.
 warnings.filterwarnings(
@@ -41,6 +42,7 @@ warnings.filterwarnings(
 JOURNAL = "journal:"
 SCHEME = re.compile(r"[A-Za-z][\w+.-]*:")  # a URL's `postgresql:`, `sqlite:`, `journal:`...
 SQLITE_HEADER = b"SQLite format 3\x00"
+MISTYPED_URL = re.compile(r"\s|[A-Za-z][\w+.-]*//")
 HEARTBEAT_ATTR = "alignmerge:heartbeat"
 
 
@@ -123,8 +125,9 @@ def journal_path(url: str) -> Path | None:
 
 
 def open_journal(url: str, path: Path) -> JournalFileBackend:
-    # a typo, not a file name: no suffix nor folder, or a mistyped URL ("postgresql//u:pw@host/db")
-    if not url.startswith(JOURNAL) and (not (path.suffix or "/" in url) or "@" in url or "//" in url):
+    # a typo, not a file name: no suffix nor folder, or a mistyped URL ("postgresql//u:pw@host/db",
+    # a space before "postgresql://")
+    if not url.startswith(JOURNAL) and (not (path.suffix or "/" in url) or MISTYPED_URL.match(url)):
         raise StorageError(
             f"storage {redact(url)} is neither a URL (postgresql://..., sqlite:///PATH) nor a journal "
             "file (PATH.log or journal:PATH); check the scheme's '://' and that nothing precedes it"
@@ -142,6 +145,19 @@ def open_journal(url: str, path: Path) -> JournalFileBackend:
         return JournalFileBackend(str(path))
     except OSError as err:
         raise StorageError(f"storage {url}: cannot open the journal file: {err}") from None
+
+
+def claim_and_open(run_dir: Path, url: str | None, heartbeat_s: int) -> BaseStorage | None:
+    """Claim the run folder (`core.files.claim_run_dir`), then open `url` (a journal file may live in
+    the folder): before any model loads. A storage that fails leaves no new folder behind."""
+    fresh = not run_dir.exists()
+    claim_run_dir(run_dir)
+    try:
+        return open_storage(url, heartbeat_s) if url else None
+    except UserError:
+        if fresh:
+            unclaim_run_dir(run_dir)
+        raise
 
 
 def open_storage(url: str, heartbeat_s: int) -> BaseStorage:

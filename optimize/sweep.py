@@ -32,14 +32,14 @@ import yaml
 from core.cli import ArgumentParser, run_cli
 from core.config import clip, parse_sets
 from core.errors import ConfigError, OutputError, UserError
-from core.files import claim_run_dir, write_text_atomic
+from core.files import write_text_atomic
 from eval import plots
 from optimize.compare import for_variant
 from optimize.config import Config, load_config
 from optimize.context import Context, check_inputs, prepare, scored_sets
 from optimize.report import load_best
 from optimize.search import overrides, run
-from optimize.storage import open_storage
+from optimize.storage import claim_and_open
 from optimize.workers import RESTORED
 
 # Search keys that change how candidates are sampled or scored, not what is loaded: points that
@@ -214,9 +214,8 @@ def sweep(path: str, grid: dict[str, list], sets: dict, out: Path | None, storag
             check_inputs(cfg, memory=False)
         except UserError as err:
             raise type(err)(f"sweep point {label_of(point)}: {err}") from None
-    claim_run_dir(out)
     storage = storage or base.storage or f"sqlite:///{(out / 'sweep.db').resolve()}"
-    open_storage(storage, base.heartbeat_s)  # an unreachable server fails before models load
+    claim_and_open(out, storage, base.heartbeat_s)  # an unreachable server fails before models load
     rows = [summary_row(p, c) for p, c in configs]
     ctx = None
     for i, (point, cfg) in enumerate(configs):

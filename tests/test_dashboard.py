@@ -73,6 +73,9 @@ def test_journal_file_path_alone_is_a_storage(tmp_path):
         with pytest.raises(StorageError, match="is neither a URL") as err:  # not a journal file path
             open_storage(typo, 1)
         assert "S3cret" not in str(err.value) and "***@db" in str(err.value)
+    for folder, odd in (("scratch", "scratch//study.log"), ("me@corp", "me@corp/study.log")):
+        (tmp_path / folder).mkdir()  # a doubled slash, an @ in a folder name: still journal files
+        assert isinstance(open_storage(f"{tmp_path}/{odd}", 1), JournalHeartbeatStorage)
 
 
 @pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")  # set_metric_names

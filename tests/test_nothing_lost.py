@@ -18,7 +18,15 @@ import torch
 import yaml
 
 from core.errors import OutputError
-from core.files import MARKER, atomic_dir, check_replaceable, claim_run_dir, fingerprint, read_marker
+from core.files import (
+    MARKER,
+    atomic_dir,
+    check_replaceable,
+    claim_run_dir,
+    fingerprint,
+    read_marker,
+    unclaim_run_dir,
+)
 from core.models import load_model, load_tokenizer, materialize_hf_folder, save_model_atomic
 from optimize.config import validate_config
 from optimize.report import load_best
@@ -68,6 +76,11 @@ def test_a_run_yaml_does_not_make_a_folder_ours_and_links_are_kept(tmp_path):
     with pytest.raises(OutputError, match="holds files that alignmerge did not write"):
         claim_run_dir(project)
     assert not (project / MARKER).exists()
+    unclaim_run_dir(claim_run_dir(tmp_path / "fresh"))  # a claim undone: nothing left
+    assert not (tmp_path / "fresh").exists()
+    (claim_run_dir(tmp_path / "busy") / "study.log").write_text("another worker's")
+    unclaim_run_dir(tmp_path / "busy")  # someone wrote there meanwhile: the folder stays ours
+    assert read_marker(tmp_path / "busy") == {"kind": "run"}
     (tmp_path / "afile").write_text("x")
     with pytest.raises(OutputError, match="which is a file"):
         claim_run_dir(tmp_path / "afile" / "run")
