@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from core.config import clip
+from core.config import cut
 from core.errors import ModelLoadError
 from core.files import atomic_dir, fingerprint, read_marker
 
@@ -141,7 +141,7 @@ def check_gguf(path: Path, stamp: tuple[int, int]) -> None:
     try:
         gguf.GGUFReader(path)
     except Exception as err:  # gguf raises ValueError, struct.error, IndexError...
-        msg = f"{path} cannot be read as GGUF ({clip(err, 120)}); the file is truncated or corrupt"
+        msg = f"{path} cannot be read as GGUF ({cut(str(err), 120)}); the file is truncated or corrupt"
         raise ModelLoadError(f"{msg}: copy it again") from None
 
 
@@ -149,10 +149,10 @@ def read_json_object(path: Path) -> dict | None:
     """A model folder's JSON file (config, adapter config) as a dict; None when it is missing."""
     try:
         meta = json.loads(path.read_text())
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):  # (a .gguf file's "adapter_config.json")
         return None
     except (OSError, ValueError) as err:  # UnicodeDecodeError is a ValueError
-        raise ModelLoadError(f"{path} cannot be read as JSON ({clip(err, 120)}); copy it again") from None
+        raise ModelLoadError(f"{path} cannot be read as JSON ({cut(str(err), 120)}); copy it again") from None
     if not isinstance(meta, dict):
         raise ModelLoadError(f"{path} is not a JSON object; copy it again")
     return meta

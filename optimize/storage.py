@@ -42,7 +42,7 @@ warnings.filterwarnings(
 JOURNAL = "journal:"
 SCHEME = re.compile(r"[A-Za-z][\w+.-]*:")  # a URL's `postgresql:`, `sqlite:`, `journal:`...
 SQLITE_HEADER = b"SQLite format 3\x00"
-MISTYPED_URL = re.compile(r"\s|[A-Za-z][\w+.-]*//")
+MISTYPED_URL = re.compile(r"\s|(?:postgres|mysql|mariadb|sqlite|oracle|mssql)[\w+]*/")  # no ":"
 HEARTBEAT_ATTR = "alignmerge:heartbeat"
 
 
@@ -126,7 +126,7 @@ def journal_path(url: str) -> Path | None:
 
 def open_journal(url: str, path: Path) -> JournalFileBackend:
     # a typo, not a file name: no suffix nor folder, or a mistyped URL ("postgresql//u:pw@host/db",
-    # a space before "postgresql://")
+    # "postgresql/u:pw@host/db", a space before "postgresql://")
     if not url.startswith(JOURNAL) and (not (path.suffix or "/" in url) or MISTYPED_URL.match(url)):
         raise StorageError(
             f"storage {redact(url)} is neither a URL (postgresql://..., sqlite:///PATH) nor a journal "
@@ -134,17 +134,19 @@ def open_journal(url: str, path: Path) -> JournalFileBackend:
         )
     if not path.parent.is_dir():
         raise StorageError(
-            f"storage {url}: folder {path.parent} does not exist; create it or name another "
-            "journal file (journal:/shared/folder/study.log)"
+            f"storage {redact(url)}: folder {redact(str(path.parent))} does not exist; create it or "
+            "name another journal file (journal:/shared/folder/study.log)"
         )
     try:
         if path.is_file():
             with path.open("rb") as f:
                 if f.read(len(SQLITE_HEADER)) == SQLITE_HEADER:
-                    raise StorageError(f"storage {url} is a SQLite database; give sqlite:///{path.resolve()}")
+                    raise StorageError(
+                        f"storage {redact(url)} is a SQLite database; give sqlite:///{path.resolve()}"
+                    )
         return JournalFileBackend(str(path))
     except OSError as err:
-        raise StorageError(f"storage {url}: cannot open the journal file: {err}") from None
+        raise StorageError(f"storage {redact(url)}: cannot open the journal file: {err}") from None
 
 
 def claim_and_open(run_dir: Path, url: str | None, heartbeat_s: int) -> BaseStorage | None:

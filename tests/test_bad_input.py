@@ -18,7 +18,7 @@ import yaml
 from safetensors.torch import load_file
 
 from core.errors import ModelLoadError
-from core.models import load_model, model_format
+from core.models import adapter_config, load_model, model_format
 from optimize.config import validate_config
 from optimize.context import check_inputs
 from tests.conftest import world_config
@@ -82,6 +82,7 @@ def test_corrupt_weights_are_refused_before_loading(world, tmp_path):
         (broken / name).write_bytes(data)  # a wrong file renamed; a copy cut after the magic
         with pytest.raises(ModelLoadError, match="cannot be read as GGUF.*truncated or corrupt"):
             model_format(broken / name)
+    assert adapter_config(broken / "cut.gguf") == {}  # a model file has no adapter config: not an error
 
 
 def test_pickled_weights_need_the_flag_and_warn(world, tmp_path):

@@ -62,20 +62,22 @@ def test_dashboard_opens_the_study_of_a_search(world, tmp_path, storage, objecti
         assert all(HEARTBEAT_ATTR in t.system_attrs for t in trials)
 
 
-def test_journal_file_path_alone_is_a_storage(tmp_path):
+def test_journal_file_path_alone_is_a_storage(tmp_path, monkeypatch):
     assert isinstance(open_storage(str(tmp_path / "study.log"), 1), JournalHeartbeatStorage)
     optuna.create_study(storage=f"sqlite:///{tmp_path / 'study.db'}")
     with pytest.raises(StorageError, match=r"is a SQLite database; give sqlite:////"):
         open_storage(str(tmp_path / "study.db"), 1)
     with pytest.raises(StorageError, match="storage postgres is neither a URL .* nor a journal file"):
         open_storage("postgres", 1)
-    for typo in ("postgresql//alice:S3cret@db.example/optuna", " postgresql://alice:S3cret@db/optuna"):
+    typos = ("postgresql//alice:S3cret@db.example/optuna", "postgresql/alice:S3cret@db/optuna")
+    for typo in (*typos, " postgresql://alice:S3cret@db/optuna"):
         with pytest.raises(StorageError, match="is neither a URL") as err:  # not a journal file path
             open_storage(typo, 1)
         assert "S3cret" not in str(err.value) and "***@db" in str(err.value)
-    for folder, odd in (("scratch", "scratch//study.log"), ("me@corp", "me@corp/study.log")):
+    monkeypatch.chdir(tmp_path)  # relative paths too
+    for folder, odd in (("scratch", "scratch//study.log"), ("me@corp", f"{tmp_path}/me@corp/study.log")):
         (tmp_path / folder).mkdir()  # a doubled slash, an @ in a folder name: still journal files
-        assert isinstance(open_storage(f"{tmp_path}/{odd}", 1), JournalHeartbeatStorage)
+        assert isinstance(open_storage(odd, 1), JournalHeartbeatStorage)
 
 
 @pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")  # set_metric_names
