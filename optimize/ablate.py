@@ -51,7 +51,7 @@ from optimize.ablate_rows import (
 )
 from optimize.compare import references
 from optimize.config import Config
-from optimize.context import check_inputs, check_setup, prepare
+from optimize.context import check_setup, load_data, prepare
 from optimize.merge import PLAIN
 from optimize.storage import claim_and_open
 from optimize.study import default_storage
@@ -133,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
         claim_and_open(cfg.run_dir, cfg.storage, cfg.heartbeat_s)
         command = shlex.join(["python", "-m", "optimize.ablate", *(sys.argv[1:] if argv is None else argv)])
         for_run(search_config_path(abl, Path(args.config).parent), cfg.data_dir, cfg.run_dir, command)
-        rows = check_inputs(cfg)
+        rows = load_data(cfg)  # the rest was checked before synth (check_setup)
         return ablate(abl, cfg, rows, load_test(cfg, abl.evaluation.limit))
 
     try:

@@ -41,7 +41,7 @@ from optimize.compare import (
     variant,
 )
 from optimize.config import load_config
-from optimize.context import Context, check_inputs, check_setup, prepare
+from optimize.context import Context, check_setup, load_data, prepare
 from optimize.export import mergekit_base_before_loading
 from optimize.methods import Candidate, Linear, MergeMethod
 from optimize.report import load_best
@@ -169,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
         claim_and_open(cfg.run_dir, cfg.storage, cfg.heartbeat_s)
         command = shlex.join(["python", "-m", "optimize.demo", *(sys.argv[1:] if argv is None else argv)])
         for_run(args.config, cfg.data_dir, cfg.run_dir, command, sets)
-        rows = check_inputs(cfg)
+        rows = load_data(cfg)  # the rest was checked before synth (check_setup)
 
         cfg = variant(cfg, "", test_splits=False)
         mergekit_base_before_loading(cfg)
