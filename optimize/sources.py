@@ -13,6 +13,7 @@ weights and remote code follow the loader policy of `core.models.model_format`.
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,7 +31,7 @@ from core.models import (
     release_freed_memory,
     resolve_model_path,
 )
-from optimize.deltas import LowRank, TaskVector
+from optimize.deltas import Delta, LowRank, TaskVector
 
 
 class SourceMismatchError(ModelLoadError):
@@ -123,6 +124,7 @@ def load_base(
         p.requires_grad_(False)
     # named_parameters() lists a tied lm_head once (as the embeddings), which is what we merge.
     weights = {n: p.detach().to(store_dtype, copy=True) for n, p in model.named_parameters()}
+    check_finite(f"base {path}", weights)
     return Base(
         str(path), model, tokenizer, weights, layer_groups(list(weights)), model_info(model.config, tokenizer)
     )
@@ -320,9 +322,23 @@ def load_task_vector(
     p = resolve_model_path(path)
     fmt = model_format(p, allow_pickle, trust_remote_code)
     if fmt == "gguf":
-        return task_vector_loaded(name, p, base, allow_pickle, trust_remote_code)
-    loader = {"hf": task_vector_hf, "lora": task_vector_lora}[fmt]
-    return loader(name, p, base, trust_remote_code)
+        tv = task_vector_loaded(name, p, base, allow_pickle, trust_remote_code)
+    else:
+        tv = {"hf": task_vector_hf, "lora": task_vector_lora}[fmt](name, p, base, trust_remote_code)
+    check_finite(f"source {name!r}", tv)
+    return tv
+
+
+def check_finite(what: str, tensors: Mapping[str, Delta]) -> None:
+    """Refuse weights holding NaN or inf (a diverged fine-tune, a corrupt copy): every merge and
+    every loss would be NaN, and the search would fail trial after trial."""
+    for n, d in tensors.items():
+        parts = (d.A, d.B) if isinstance(d, LowRank) else (d,)
+        if not all(torch.isfinite(t).all() for t in parts):
+            raise ModelLoadError(
+                f"{what}: {n} holds NaN or infinite values; the model is corrupt or its training "
+                "diverged: use another checkpoint"
+            )
 
 
 def load_task_vectors(

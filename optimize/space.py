@@ -103,7 +103,12 @@ class SearchSpace:
                 )
         self.axes = axes
         self.params = {a: axis_params(a, groups) for a in axes}
-        init = s.init_weight if s.init_weight is not None else 1 / len(self.sources)
+        # 1/N by default (mergekit-evolve), inside the searched bounds
+        init = (
+            s.init_weight
+            if s.init_weight is not None
+            else min(max(1 / len(self.sources), s.weight.low), s.weight.high)
+        )
         self.initial = {"weight": init, "density": self.density_levels[-1], "t": 0.5}
         self.full_weight = min(1.0, s.weight.high)  # an alignment source's weight at its anchor
         # the t of the alignment vector alone: mergealign's t scales tau_domain; slerp's moves from

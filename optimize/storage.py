@@ -7,7 +7,8 @@
 - `journal:PATH`, or the file path alone (`PATH.log`, `/shared/study.log`): Optuna's journal file,
   for a shared file system without a database server. optuna-dashboard takes the path alone, so
   `optuna-dashboard STORAGE` opens any storage given to `--storage` (the `journal:` form without
-  its prefix).
+  its prefix). It is read before use: a record cut by a kill or a full disk is set aside in
+  `PATH.cut-<time>`, and a file that is not an Optuna journal is refused untouched.
 
 Every storage we open has heartbeats: a running trial writes one every `heartbeat_s` seconds, and a
 trial silent for twice that long belongs to a dead worker. It is marked failed and retried once
@@ -18,8 +19,11 @@ Optuna has heartbeats only for its RDB storage; `JournalHeartbeatStorage` adds t
 from __future__ import annotations
 
 import copy
+import json
+import os
 import random
 import re
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -27,7 +31,7 @@ from pathlib import Path
 import optuna
 from optuna.storages import BaseStorage, JournalStorage, RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.storages._heartbeat import BaseHeartbeat
-from optuna.storages.journal import JournalFileBackend
+from optuna.storages.journal import JournalFileBackend, JournalFileSymlinkLock
 from optuna.trial import FrozenTrial, TrialState
 from sqlalchemy.engine import make_url
 
@@ -42,8 +46,10 @@ warnings.filterwarnings(
 JOURNAL = "journal:"
 SCHEME = re.compile(r"[A-Za-z][\w+.-]*:")  # a URL's `postgresql:`, `sqlite:`, `journal:`...
 SQLITE_HEADER = b"SQLite format 3\x00"
+RECORD_START = b'{"op_code":'  # how Optuna starts every journal record (compact JSON, op_code first)
 MISTYPED_URL = re.compile(r"\s|(?:postgres|mysql|mariadb|sqlite|oracle|mssql)[\w+]*/")  # no ":"
 HEARTBEAT_ATTR = "alignmerge:heartbeat"
+SQLITE_BUSY_S = 60  # seconds SQLite waits for another connection's lock before "database is locked"
 
 
 # a query parameter whose name holds one of these is masked (password, sslpassword, access_token...)
@@ -144,9 +150,79 @@ def open_journal(url: str, path: Path) -> JournalFileBackend:
                     raise StorageError(
                         f"storage {redact(url)} is a SQLite database; give sqlite:///{path.resolve()}"
                     )
-        return JournalFileBackend(str(path))
+        lock = JournalFileSymlinkLock(str(path))  # the lock Optuna's appends take (the same file)
+        while (end := complete_part(url, path)) is not None:
+            lock.acquire()  # no worker appends meanwhile
+            try:
+                if set_aside_cut_record(path, end):
+                    break
+            finally:
+                lock.release()
+        return JournalFileBackend(str(path), lock_obj=lock)
     except OSError as err:
         raise StorageError(f"storage {redact(url)}: cannot open the journal file: {err}") from None
+
+
+def complete_part(url: str, path: Path) -> int | None:
+    """Check the journal `path` before anything is appended to it: each complete line must be an
+    Optuna journal record, else StorageError and the file is left as it is. Returns the size of its
+    complete lines when it ends in a cut record (a kill or a full disk mid-append), else None."""
+    if not path.is_file():
+        return None  # a new journal
+    end = 0
+    with path.open("rb") as f:
+        if f.read(1) not in (b"", b"{"):  # refused before a big binary file's first "line" is read
+            raise not_a_journal(url, path, 1)
+        f.seek(0)
+        for number, line in enumerate(f, start=1):
+            if not line.endswith(b"\n") and RECORD_START.startswith(line[: len(RECORD_START)]):
+                return end  # the last record was cut
+            if not is_record(line):
+                raise not_a_journal(url, path, number)
+            end += len(line)
+    return None
+
+
+def not_a_journal(url: str, path: Path, number: int) -> StorageError:
+    return StorageError(
+        f"storage {redact(url)}: line {number} is not an Optuna journal record, so the file is not "
+        "an Optuna journal (or it is corrupt); nothing was changed. Name another file for a new "
+        "study, or restore the journal from a copy"
+    )
+
+
+def is_record(line: bytes) -> bool:
+    try:
+        record = json.loads(line)
+    except (ValueError, RecursionError):  # not JSON, not UTF-8, nested too deep
+        return False
+    return isinstance(record, dict) and "op_code" in record
+
+
+def set_aside_cut_record(path: Path, end: int) -> bool:
+    """Move the bytes after `end` (a cut record) to `<path>.cut-<UTC time>` and truncate the journal
+    to its complete lines, so the next append starts a line. Call it under the journal's lock.
+    False: the file changed since it was checked (records were appended), so check it again."""
+    with path.open("r+b") as f:
+        f.seek(end)
+        tail = f.read()
+        if b"\n" in tail:
+            return False
+        if tail:  # else another worker set it aside already
+            cut = path.with_name(f"{path.name}.cut-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}")
+            with cut.open("xb") as out:
+                out.write(tail)
+                out.flush()
+                os.fsync(out.fileno())
+            f.truncate(end)
+            f.flush()
+            os.fsync(f.fileno())
+            print(
+                f"[alignmerge] journal {path} ended in a record cut by a kill or a full disk: its "
+                f"{len(tail)} bytes are set aside in {cut}; the journal keeps its complete records",
+                file=sys.stderr,
+            )
+    return True
 
 
 def claim_and_open(run_dir: Path, url: str | None, heartbeat_s: int) -> BaseStorage | None:
@@ -169,7 +245,15 @@ def open_storage(url: str, heartbeat_s: int) -> BaseStorage:
     retry = RETRY if interval else None
     path = journal_path(url)
     if path is not None:
-        return JournalHeartbeatStorage(open_journal(url, path), interval, retry)
+        backend = open_journal(url, path)
+        try:  # replays the whole journal
+            return JournalHeartbeatStorage(backend, interval, retry)
+        except Exception as err:  # a record of the right shape with wrong fields
+            raise StorageError(
+                f"storage {redact(url)}: Optuna cannot replay the journal ({type(err).__name__}: {err}); "
+                "it is corrupt or not an Optuna journal. Name another file for a new study, or restore "
+                "the journal from a copy"
+            ) from None
     try:
         parsed = make_url(url)
     except Exception:  # RDBStorage below says what is wrong with the URL
@@ -183,6 +267,8 @@ def open_storage(url: str, heartbeat_s: int) -> BaseStorage:
     engine_kwargs = {}
     if url.startswith(("postgresql", "mysql")):
         engine_kwargs["connect_args"] = {"connect_timeout": 10}
+    if is_sqlite(url):  # a short lock by another process (a sqlite3 shell, a dashboard) is waited out
+        engine_kwargs["connect_args"] = {"timeout": SQLITE_BUSY_S}
     try:
         for attempt in range(5):
             try:
@@ -207,9 +293,29 @@ def open_storage(url: str, heartbeat_s: int) -> BaseStorage:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         first = first.replace(password, "***") if password else first
         raise StorageError(
-            f"cannot open storage {redact(url)}: {first}. Check the URL, that the server runs and "
-            "accepts this user, or use the default SQLite (no --storage) or journal:PATH"
+            f"cannot open storage {redact(url)}: {first}. {rdb_hint(url, parsed, first)}"
         ) from None
+
+
+def rdb_hint(url: str, parsed, first: str) -> str:
+    """The fix for an RDB storage that would not open (`first`: its error)."""
+    if not is_sqlite(url):
+        return (
+            "Check the URL, that the server runs and accepts this user, or use the default SQLite "
+            "(no --storage) or journal:PATH"
+        )
+    file = (parsed.database if parsed else None) or redact(url)
+    if "locked" in first:
+        return (
+            f"Another process (a sqlite3 shell, optuna-dashboard, another worker) holds a lock on {file}; "
+            "end it or wait for it, then run the same command again"
+        )
+    if re.search(r"not a database|malformed|corrupt", first):
+        return (
+            f"{file} is corrupt or not a SQLite database: move it away to start a new study, "
+            "or restore it from a copy"
+        )
+    return f"Check that {file} is a SQLite database in a folder that exists and that you may write to"
 
 
 def is_sqlite(url: str) -> bool:

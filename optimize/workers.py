@@ -29,6 +29,7 @@ from optuna.storages import fail_stale_trials
 from optuna.trial import TrialState
 from tqdm.auto import tqdm
 
+from core.errors import OutputError
 from core.files import pid_alive
 from optimize.storage import RETRY, is_sqlite
 
@@ -229,14 +230,46 @@ def optimize_until_done(study: optuna.Study, trial_fn, cfg, storage_url: str, ca
 
 
 @contextmanager
-def outputs_lock(run_dir: Path):
-    """One worker at a time writes a run folder's outputs (released if the worker dies)."""
-    with open(run_dir / ".outputs.lock", "w") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
+def outputs_lock(run_dir: Path, patience_s: float = 1800.0):
+    """One worker at a time writes a run folder's outputs (released if the worker dies). A worker
+    that waits says for whom, and gives up after `patience_s` (a stopped holder never releases)."""
+    with open(run_dir / ".outputs.lock", "a+") as f:
+        start = said = time.monotonic()
+        while not _try_lock(f):
+            if time.monotonic() - start > patience_s:
+                raise OutputError(
+                    f"{run_dir}: another worker ({_holder(f)}) has held the outputs lock for "
+                    f"{patience_s / 60:.0f} min; the study keeps its trials: run the same command again "
+                    "once that process has finished (or stop it)"
+                )
+            if said == start or time.monotonic() - said > 60:
+                said = time.monotonic()
+                print(
+                    f"[alignmerge] waiting for {_holder(f)}, which is writing the outputs of {run_dir}",
+                    file=sys.stderr,
+                )
+            time.sleep(1)
         try:
+            f.seek(0)
+            f.truncate()
+            f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+            f.flush()
             yield
         finally:
             fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _try_lock(f) -> bool:
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    return True
+
+
+def _holder(f) -> str:
+    f.seek(0)
+    return f.read().strip() or "another process"
 
 
 def outputs_stamp(cfg, study: optuna.Study) -> str:

@@ -373,7 +373,7 @@ def main(argv: list[str] | None = None) -> int:
 
     data_dir = root / "data" / "default"
     dd = datasets.DatasetDict({k: datasets.Dataset.from_list(v) for k, v in splits.items()})
-    with atomic_dir(data_dir, kind="dataset") as tmp:
+    with atomic_dir(data_dir, kind="world") as tmp:
         dd.save_to_disk(str(tmp))
         write_prompt_files(tmp / "prompts", splits)
     naive = naive_merges_report(root, splits, args.max_new_tokens)

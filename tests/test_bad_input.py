@@ -17,10 +17,12 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from core.errors import ModelLoadError
+from core.errors import DataError, ModelLoadError
 from core.models import adapter_config, load_model, model_format
+from eval.data import load_pairs, read_prompt_file
+from eval.run_inputs import extra_prompts
 from optimize.config import validate_config
-from optimize.context import check_inputs
+from optimize.context import check_inputs, load_data
 from tests.conftest import world_config
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
@@ -115,3 +117,131 @@ def test_remote_code_is_never_run_unless_asked(world, tmp_path):
     except (ValueError, OSError) as err:  # or refused outright: both are safe
         assert "trust_remote_code" in str(err)
     assert not marker.exists()
+
+
+# ----------------------------------------------------------------------------- data files and folders
+GOOD = [{"prompt": "how do i make a good question", "response": "what is the answer"}] * 2
+
+
+def jsonl(path, rows, prefix: bytes = b"", newline: str = "\n"):
+    """`rows` as JSON Lines, non-ASCII characters written raw (as json.dumps(ensure_ascii=False) does)."""
+    text = "".join(json.dumps(r, ensure_ascii=False) + newline for r in rows)
+    path.write_bytes(prefix + text.encode("utf-8"))
+    return path
+
+
+def search_config(tmp_path, **data) -> object:
+    """A search config whose only inputs that matter are its data keys (load_data reads no model)."""
+    return validate_config(
+        {
+            "name": "t",
+            "out": str(tmp_path / "run"),
+            "base": str(tmp_path / "base"),
+            "sources": [
+                {"name": "a", "path": str(tmp_path / "a"), "role": "alignment"},
+                {"name": "b", "path": str(tmp_path / "b"), "role": "domain"},
+            ],
+            "data": data,
+        }
+    )
+
+
+def test_line_separators_inside_json_strings_are_text(tmp_path):
+    """U+2028 and U+0085 are line breaks to str.splitlines but plain text inside a JSON string:
+    the file loads, the character kept; CRLF files still load."""
+    for name, char in {"u2028": "\u2028", "nel": "\x85", "u2029": "\u2029"}.items():
+        rows = [{"prompt": f"line one{char}line two", "response": "ok answer"}, *GOOD]
+        assert load_pairs(jsonl(tmp_path / f"{name}.jsonl", rows))[0]["prompt"] == f"line one{char}line two"
+        assert read_prompt_file(tmp_path / f"{name}.jsonl")[0]["prompt"] == f"line one{char}line two"
+    assert len(load_pairs(jsonl(tmp_path / "crlf.jsonl", GOOD, newline="\r\n"))) == 2
+
+
+def test_a_utf8_bom_is_accepted(tmp_path):
+    """A BOM at the start (Notepad's "UTF-8") is no line-1 error, as in config files."""
+    path = jsonl(tmp_path / "bom.jsonl", GOOD, prefix=b"\xef\xbb\xbf")
+    assert load_pairs(path) == GOOD
+    assert read_prompt_file(path)[0]["prompt"] == GOOD[0]["prompt"]
+    (tmp_path / "bom.csv").write_bytes(b"\xef\xbb\xbfprompt,category\nhello there,x\n")
+    assert read_prompt_file(tmp_path / "bom.csv") == [{"prompt": "hello there", "category": "x"}]
+
+
+def test_a_lone_surrogate_is_refused_with_file_and_line(tmp_path):
+    """ "\\ud800" is valid JSON but no text (pyarrow and the tokenizer fail on it): the search's
+    reader and eval.run --prompts refuse it naming the file and the line."""
+    path = tmp_path / "lone.jsonl"
+    path.write_text(json.dumps(GOOD[0]) + '\n{"prompt": "\\ud800 x", "response": "r"}\n')
+    with pytest.raises(DataError, match=rf"{path}, line 2: the escape \\ud800 is half of a UTF-16 surrogate"):
+        load_pairs(path)
+    with pytest.raises(DataError, match=rf"^eval.prompts: {path}, line 2: .*surrogate"):
+        extra_prompts(str(path))
+    pair = tmp_path / "pair.jsonl"  # an escaped pair is one character: fine
+    pair.write_text('{"prompt": "\\ud83d\\ude00 hi", "response": "r"}\n')
+    assert load_pairs(pair)[0]["prompt"] == "\U0001f600 hi"
+
+
+def test_row_1_is_judged_as_a_row_not_as_the_columns(tmp_path):
+    """A null or missing prompt/response in row 1 skips that row with the warning a later bad row
+    gets; it does not make the whole file lack the field."""
+    for name, first in {"nullp": {"prompt": None, "response": "x"}, "noresp": {"prompt": "p only"}}.items():
+        path = jsonl(tmp_path / f"{name}.jsonl", [first, *GOOD])
+        with pytest.warns(
+            UserWarning, match=r"skipped 1 of 3 rows with an empty prompt or response .*line 1\)"
+        ):
+            assert load_pairs(path) == GOOD
+    later = jsonl(tmp_path / "later.jsonl", [*GOOD, {"question": "q", "answer": "a"}])
+    with pytest.warns(UserWarning, match=r"skipped 1 of 3 .*line 3\)"):
+        assert [r["prompt"] for r in load_pairs(later)] == [r["prompt"] for r in GOOD]
+    number = jsonl(tmp_path / "number.jsonl", [*GOOD, {"prompt": 5, "response": "x"}])
+    with pytest.raises(DataError, match=r"line 3: 'prompt' must be a string, got 5 \(not text\)"):
+        load_pairs(number)
+
+
+def test_a_plain_dataset_folder_is_not_every_split(tmp_path):
+    """data.dir naming a folder saved from one Dataset (no splits) is refused, not used as the
+    search sets and the held-out test at once; as a data file key it is one set."""
+    import datasets
+
+    plain = tmp_path / "plain"
+    datasets.Dataset.from_list(GOOD).save_to_disk(str(plain))
+    with pytest.raises(DataError) as err:
+        load_data(search_config(tmp_path, dir=str(plain)))
+    message = str(err.value)
+    assert f"{plain} is a single Dataset without splits" in message
+    for needed in ("alignment_search", "domain_search", "alignment_test", "domain_test"):
+        assert needed in message
+    assert "DatasetDict(" in message and ".save_to_disk" in message and "JSONL" in message
+    with pytest.raises(DataError, match="single Dataset without splits"):  # eval.run's test splits
+        load_pairs(plain, "alignment_test")
+    assert load_pairs(plain) == GOOD  # one set, under data.alignment
+    rows = load_data(search_config(tmp_path, alignment=str(plain), domain=str(plain)))
+    assert rows["alignment"] == GOOD
+    splits = tmp_path / "splits"
+    datasets.DatasetDict({"alignment_search": datasets.Dataset.from_list(GOOD)}).save_to_disk(str(splits))
+    with pytest.raises(
+        DataError, match=rf"{splits} is a saved DatasetDict folder \(splits \['alignment_search'\]\)"
+    ):
+        load_data(search_config(tmp_path, alignment=str(splits), domain=str(plain)))
+    with pytest.raises(DataError, match=rf"{splits} has no split 'domain_search'"):
+        load_data(search_config(tmp_path, dir=str(splits)))
+    numbers = tmp_path / "numbers"
+    datasets.DatasetDict(
+        {"alignment_search": datasets.Dataset.from_list([{"prompt": 1, "response": "r"}])}
+    ).save_to_disk(str(numbers))
+    with pytest.raises(DataError, match=r"column 'prompt' holds int64 values, not text"):
+        load_pairs(numbers, "alignment_search")
+    with pytest.raises(DataError, match=r"is a file, but data.dir .* split 'alignment_search'"):
+        load_data(search_config(tmp_path, dir=str(jsonl(tmp_path / "d.jsonl", GOOD))))
+
+
+def test_a_device_or_fifo_as_data_says_what_it_is(tmp_path):
+    fifo = tmp_path / "fifo.jsonl"
+    os.mkfifo(fifo)
+    for path in ("/dev/zero", fifo):  # never opened: no hang
+        with pytest.raises(
+            DataError, match=r"is neither a regular file nor a folder .*expected a JSONL file"
+        ):
+            load_data(search_config(tmp_path, alignment=str(path), domain=str(path)))
+        with pytest.raises(DataError, match=r"is not a regular file"):
+            read_prompt_file(path)
+    with pytest.raises(DataError, match=r"/dev/zero is neither .*expected a datasets.DatasetDict folder"):
+        load_data(search_config(tmp_path, dir="/dev/zero"))

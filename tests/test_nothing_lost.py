@@ -210,3 +210,80 @@ def test_the_synth_cache_follows_the_model_content(world, tmp_path):
     make_variant(world["base"], model, seed=11)
     model_fingerprint.cache_clear()  # a new process (the rerun after a retrain)
     assert request_key(ModelRef(str(model)), req) != key
+
+
+def test_a_run_never_goes_into_another_outputs_folder(tmp_path):
+    """A search, sweep, demo or ablation given an eval, dataset, world or model folder as its run
+    folder would write into it, and the owner's next write would delete the run."""
+    for kind in ("eval", "dataset", "model"):
+        with atomic_dir(tmp_path / kind, kind=kind) as tmp:
+            (tmp / "report.md").write_text(kind)
+        with pytest.raises(OutputError, match=f"holds another alignmerge output \\(a {kind} folder\\)"):
+            claim_run_dir(tmp_path / kind)
+        assert sorted(p.name for p in (tmp_path / kind).iterdir()) == [MARKER, "report.md"]
+    # the shipped world is a world, not a synth data set: synth.generate --out data/default is refused
+    with pytest.raises(OutputError, match="a world folder"):
+        check_replaceable("data/default", "--out", kind="dataset")
+    check_replaceable("data/default", kind="world")  # every file of it is the world's own
+
+
+def test_files_a_user_added_inside_an_output_are_never_deleted(world, tmp_path):
+    merged = tmp_path / "merged"
+    with atomic_dir(merged, kind="model") as tmp:
+        (tmp / "model.safetensors").write_text("weights")
+        (tmp / "sub").mkdir()
+        (tmp / "sub" / "x.json").write_text("{}")
+    (merged / "model-q4.gguf").write_text("the user's own export")
+    with pytest.raises(OutputError, match=r"did not write \(model-q4.gguf\).*move them away"):
+        with atomic_dir(merged, kind="model") as tmp:
+            (tmp / "model.safetensors").write_text("new weights")
+    assert (merged / "model-q4.gguf").read_text() == "the user's own export"
+    assert (merged / "model.safetensors").read_text() == "weights"
+    (merged / "model-q4.gguf").unlink()
+    with atomic_dir(merged, kind="model") as tmp:  # only its own files: replaced
+        (tmp / "model.safetensors").write_text("new weights")
+    (merged / MARKER).write_text(json.dumps({"kind": "model", "stamp": None}) + "\n")  # an older marker
+    (merged / "notes.md").write_text("cannot tell: an older marker lists no files")
+    check_replaceable(merged, kind="model")
+    # a search refuses before its trials, not when it writes merged/ at the end
+    raw = world_config(world, tmp_path / "run", n_trials=1)
+    raw["output"] = {"plots": False, "references": False, "mergekit": False, "test_splits": False}
+    run(validate_config(raw))
+    (tmp_path / "run" / "merged" / "model-q4.gguf").write_text("the user's own export")
+    raw["search"]["n_trials"] = 2
+    with pytest.raises(OutputError, match="merged model folder .* did not write"):
+        run(validate_config(raw))
+    import optuna
+
+    study = optuna.load_study(study_name="tiny", storage=f"sqlite:///{tmp_path / 'run' / 'study.db'}")
+    assert len(study.trials) == 1
+
+
+def test_a_worker_waiting_for_the_outputs_lock_says_for_whom(tmp_path, capsys):
+    from optimize.workers import outputs_lock
+
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import fcntl, os, socket, sys, time; f = open(sys.argv[1], 'a+'); "
+            "fcntl.flock(f, fcntl.LOCK_EX); "
+            "f.write(f'pid {os.getpid()} on {socket.gethostname()}'); f.flush(); print('held', flush=True); "
+            "time.sleep(60)",
+            str(tmp_path / ".outputs.lock"),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        held = f"another worker \\(pid {holder.pid} on .*run the same command"
+        with pytest.raises(OutputError, match=held):
+            with outputs_lock(tmp_path, patience_s=2):
+                pass
+        assert f"waiting for pid {holder.pid}" in capsys.readouterr().err
+    finally:
+        holder.kill()
+        holder.wait()
+    with outputs_lock(tmp_path, patience_s=2):  # released when its holder dies
+        assert (tmp_path / ".outputs.lock").read_text().startswith(f"pid {os.getpid()}")

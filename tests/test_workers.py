@@ -8,9 +8,11 @@ import os
 import shutil
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -394,3 +396,106 @@ def test_unreachable_storage_fails_before_models_load(world, tmp_path):
     assert proc.returncode == 2
     assert "cannot open storage" in proc.stderr and "secret" not in proc.stderr
     assert not (tmp_path / "run" / "study.db").exists()
+
+
+# ----------------------------------------------------------------------------- damaged storages
+def journal_with_trials(path: Path, n: int) -> optuna.Study:
+    study = optuna.create_study(study_name="j", storage=open_storage(f"journal:{path}", 0))
+    for i in range(n):
+        study.tell(study.ask({"x": optuna.distributions.FloatDistribution(0, 1)}), float(i))
+    return study
+
+
+def test_journal_cut_mid_record_is_set_aside_and_the_study_goes_on(tmp_path, capsys):
+    """A worker killed (or a full disk) mid-append leaves a half line; the next append used to be
+    glued to it, which made the whole journal unreadable for good."""
+    path = tmp_path / "study.log"
+    journal_with_trials(path, 2).ask()  # a third trial starts, then the append is cut
+    whole = path.read_bytes()
+    cut_at = len(whole) - 10
+    path.write_bytes(whole[:cut_at])
+    last_line = whole.rindex(b"\n", 0, cut_at) + 1
+    study = optuna.load_study(study_name="j", storage=open_storage(f"journal:{path}", 0))
+    cut = list(tmp_path.glob("study.log.cut-*"))
+    assert len(cut) == 1 and cut[0].read_bytes() == whole[last_line:cut_at]  # nothing lost
+    assert path.read_bytes() == whole[:last_line]
+    err = capsys.readouterr().err
+    assert err.startswith("[alignmerge] journal") and f"set aside in {cut[0]}" in err
+    assert [t.value for t in study.trials if t.state == TrialState.COMPLETE] == [0.0, 1.0]
+    study.tell(study.ask(), 7.0)
+    again = optuna.load_study(study_name="j", storage=open_storage(f"journal:{path}", 0))
+    assert [t.value for t in again.trials if t.state == TrialState.COMPLETE] == [0.0, 1.0, 7.0]
+    assert list(tmp_path.glob("study.log.cut-*")) == cut  # the repaired journal is left as it is
+
+
+def test_a_file_that_is_not_a_journal_is_refused_untouched(tmp_path):
+    """--storage naming a user's file: Optuna used to append a record to it, then fail."""
+    text = tmp_path / "notes.log"
+    text.write_bytes(b"not json at all\n")
+    data = write_jsonl(tmp_path / "data.jsonl", [{"prompt": "p", "response": "r"}] * 3)
+    blob = tmp_path / "weights.bin"
+    blob.write_bytes(bytes(range(256)) * 64)  # no newline at all: not taken for a cut record
+    for path in (text, data, blob):
+        before = path.read_bytes()
+        with pytest.raises(
+            StorageError, match=r"line 1 is not an Optuna journal record.*nothing was changed"
+        ):
+            open_storage(f"journal:{path}", 0)
+        assert path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data.jsonl", "notes.log", "weights.bin"]
+
+
+def test_a_journal_with_a_garbage_line_is_refused_with_its_number(tmp_path):
+    path = tmp_path / "study.log"
+    journal_with_trials(path, 1)
+    lines = path.read_bytes().splitlines(keepends=True)
+    path.write_bytes(b"".join([*lines[:2], b"garbage\n", *lines[2:]]))
+    before = path.read_bytes()
+    with pytest.raises(StorageError, match=rf"journal:{path}: line 3 is not an Optuna journal record"):
+        open_storage(f"journal:{path}", 0)
+    assert path.read_bytes() == before
+    path.write_bytes(b"".join([*lines, b'{"op_code":4,"worker_id":"w"}\n']))  # a record without its fields
+    with pytest.raises(StorageError, match=r"Optuna cannot replay the journal \(KeyError: 'study_id'\)"):
+        open_storage(f"journal:{path}", 0)
+
+
+def test_sqlite_waits_for_a_lock_held_by_another_process(tmp_path):
+    """A sqlite3 shell or a dashboard holding a lock for a while during a search used to end it with
+    "database is locked" after sqlite3's 5 s (an Optuna-internal traceback)."""
+    db = tmp_path / "study.db"
+    study = optuna.create_study(study_name="s", storage=open_storage(f"sqlite:///{db}", 0))
+    locked = threading.Event()
+
+    def hold(seconds: float = 6.5):
+        other = sqlite3.connect(db, isolation_level=None)
+        other.execute("BEGIN EXCLUSIVE")
+        locked.set()
+        time.sleep(seconds)
+        other.execute("COMMIT")
+        other.close()
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    locked.wait()
+    started = time.monotonic()
+    study.tell(study.ask(), 1.0)  # waits for the lock
+    assert time.monotonic() - started > 5
+    holder.join()
+    again = optuna.load_study(study_name="s", storage=open_storage(f"sqlite:///{db}", 0))
+    assert [t.value for t in again.trials] == [1.0]
+
+
+def test_a_corrupt_sqlite_file_is_refused_with_the_fix(tmp_path):
+    """The hint used to be about servers ("that the server runs"), for the default SQLite file."""
+    good = tmp_path / "good.db"
+    optuna.create_study(study_name="s", storage=f"sqlite:///{good}")
+    half, junk = tmp_path / "half.db", tmp_path / "junk.db"
+    half.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    junk.write_bytes(b"not a database\n" * 100)
+    for path in (half, junk):
+        with pytest.raises(StorageError) as err:
+            open_storage(f"sqlite:///{path}", 0)
+        assert f"{path} is corrupt or not a SQLite database: move it away to start a new study" in str(
+            err.value
+        )
+        assert "restore it from a copy" in str(err.value) and "server" not in str(err.value)
