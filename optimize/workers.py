@@ -74,7 +74,7 @@ class FailureGuard:
             if self.failed >= self.limit:
                 print(
                     f"[alignmerge] {self.failed} trials failed in this worker; stopping "
-                    "(see fail_reason in trials.csv)",
+                    "(each failed trial's fail_reason is in trials.csv and the study)",
                     file=sys.stderr,
                 )
                 self.tripped = True

@@ -65,6 +65,24 @@ def test_bad_values_name_the_key(raw, words):
         assert w in msg, msg
 
 
+def test_numbers_paths_and_labels_as_a_user_writes_them(tmp_path):
+    msg = error_of(minimal(search={"init_weight": 5.0}))
+    assert "search.init_weight 5.0 is outside search.weight [0.0, 1.0]" in msg, msg
+    config = tmp_path / "c.yaml"
+    config.write_text(
+        "name: x\nsources: [{name: a, path: p}]\nsearch: {alpha: 1e-3, beta: 1.5e3}\nout: ~/runs/x\n"
+    )
+    cfg = load_config(config, parse_sets(["data.dir=~/d", "merge.lambda=2E+0"]))
+    assert (cfg.search.alpha, cfg.search.beta, cfg.merge.lambda_) == (0.001, 1500.0, 2.0)
+    assert cfg.run_dir == Path.home() / "runs" / "x" and cfg.data_dir == Path.home() / "d"
+    assert "printable characters" in error_of(minimal(study_name="a\nb"))
+    assert "less than or equal to 10000" in error_of(minimal(merge={"lambda": 1e39}))  # not a float32
+    assert validate_config(minimal(study_name="x[search.beta=0.3] ü")).study_name == "x[search.beta=0.3] ü"
+    for value, words in (("&a {x: *a}", "refer to themselves"), ("[" * 60 + "]" * 60, "nested too deeply")):
+        with pytest.raises(ConfigError, match=words):
+            parse_sets([f"eval={value}"])
+
+
 def test_negative_weights_when_asked():
     cfg = validate_config(minimal(search={"weight": [-1, 1], "allow_negative": True}))
     assert cfg.search.weight.low == -1

@@ -218,7 +218,7 @@ def test_a_run_never_goes_into_another_outputs_folder(tmp_path):
     for kind in ("eval", "dataset", "model"):
         with atomic_dir(tmp_path / kind, kind=kind) as tmp:
             (tmp / "report.md").write_text(kind)
-        with pytest.raises(OutputError, match=f"holds another alignmerge output \\(a {kind} folder\\)"):
+        with pytest.raises(OutputError, match=f"holds another alignmerge output \\(an? {kind} folder\\)"):
             claim_run_dir(tmp_path / kind)
         assert sorted(p.name for p in (tmp_path / kind).iterdir()) == [MARKER, "report.md"]
     # the shipped world is a world, not a synth data set: synth.generate --out data/default is refused

@@ -153,6 +153,42 @@ def test_same_seed_same_trials(world, tmp_path):
     assert values[0] == values[1]
 
 
+def test_a_diverged_source_is_refused_and_a_study_without_a_finished_trial_says_why(
+    world, tmp_path, monkeypatch
+):
+    """NaN weights (a diverged fine-tune) are refused when the task vectors load, naming the
+    tensor; a search that ends without a finished trial says why (the first fail_reason, or the
+    timeout), as one error line, not a RuntimeError."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    from core.errors import ModelLoadError, UserError
+    from eval import loss
+
+    bad = shutil.copytree(world["b"], tmp_path / "diverged")
+    weights = load_file(bad / "model.safetensors")
+    weights["model.layers.0.mlp.up_proj.weight"][0, 0] = float("nan")
+    save_file(weights, bad / "model.safetensors", metadata={"format": "pt"})
+    raw = world_config(world, tmp_path / "run", n_trials=2)
+    raw["sources"][1]["path"] = str(bad)
+    with pytest.raises(ModelLoadError, match=r"source 'b': model.layers.0.mlp.up_proj.weight holds NaN"):
+        run(validate_config(raw))
+
+    real = loss.response_scores
+
+    def always_nan(*a, **k):
+        ce, mass = real(*a, **k)
+        return ce * float("nan"), mass
+
+    monkeypatch.setattr(loss, "response_scores", always_nan)
+    raw = world_config(world, tmp_path / "run2", n_trials=2)
+    with pytest.raises(
+        UserError, match="no trial completed: 5 failed, the first because of: non-finite loss"
+    ):
+        run(validate_config(raw))
+
+
 def test_non_finite_loss_fails_the_trial_and_the_study_goes_on(world, tmp_path, monkeypatch):
     from eval import loss
 
