@@ -67,7 +67,7 @@ def check_adapter(folder: Path) -> None:
     declared = {cfg["r"], *ranks.values()}
     for k, (shape, _) in factors.items():
         part = LORA_KEY.match(k).group(2)
-        r = shape[0] if part in ("lora_A", "lora_embedding_A") else shape[-1]
+        r = shape[0] if part.endswith("A") else shape[1] if len(shape) > 1 else None  # B: (out, r, ...)
         if r not in declared and math.prod(shape):
             raise _refuse(
                 folder,

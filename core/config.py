@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Annotated, Any, TypeVar, get_args
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
 from core.errors import ConfigError
 
@@ -69,7 +69,11 @@ def parse_size(text: str) -> int:
 
 
 # A memory size such as "24GiB" or "80GB", checked when the config is read.
-MemorySize = Annotated[str, AfterValidator(lambda v: parse_size(v) and v)]
+MemorySize = Annotated[
+    str,
+    BeforeValidator(lambda v: repr(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else v),
+    AfterValidator(lambda v: parse_size(v) and v),
+]
 
 _repr = reprlib.Repr()
 _repr.maxlevel, _repr.maxstring, _repr.maxother = 3, 120, 120

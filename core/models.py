@@ -11,6 +11,7 @@ adapters) need `allow_pickle=True`; a folder that ships its own code (`auto_map`
 from __future__ import annotations
 
 import ctypes
+import functools
 import importlib.util
 import os
 import warnings
@@ -191,6 +192,8 @@ def model_format(path: Path, allow_pickle: bool = False, trust_remote_code: bool
     check_remote_code(path, trust_remote_code)
     if any(path.glob("*.safetensors")) or (path / INDEX).exists():
         check_hf_folder(path)
+        if not trust_remote_code:  # (its own tokenizer code would run here, at check time)
+            _check_tokenizer(path, tuple((f.name, f.lstat().st_mtime_ns) for f in sorted(path.glob("*"))))
         return "hf"
     if any(path.glob("*.bin")):
         _pickled(path, ".bin", allow_pickle)
@@ -216,6 +219,13 @@ def load_tokenizer(path: str | os.PathLike, trust_remote_code: bool = False):
         ) from None
     check_chat_template(tokenizer, folder)
     return tokenizer
+
+
+@functools.lru_cache(maxsize=32)
+def _check_tokenizer(folder: Path, stamp: tuple) -> None:
+    """The tokenizer loads and its chat template renders: once per version of the folder's files."""
+    if any(folder.glob("tokenizer*")):
+        load_tokenizer(folder)
 
 
 def load_model(

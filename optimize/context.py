@@ -108,12 +108,11 @@ def load_test_data(cfg: Config) -> dict[str, list[dict]]:
     """The held-out test splits, when the run folder has them (they are never searched on)."""
     out = {}
     for name, split in TEST_SPLITS.items():
-        if name == "helpfulness" and not cfg.search.beta:
-            continue
-        try:
+        absent = not cfg.test_dir.exists() or (
+            (cfg.test_dir / "dataset_dict.json").is_file() and not (cfg.test_dir / split).exists()
+        )
+        if not absent and (name != "helpfulness" or cfg.search.beta):  # anything else there must load
             out[name] = load_pairs(cfg.test_dir, split)
-        except DataError:
-            pass
     return out
 
 

@@ -40,6 +40,7 @@ from optimize.workers import (
     outputs_lock,
     outputs_stamp,
     warn_sqlite_workers,
+    written_run,
     written_stamp,
 )
 
@@ -81,11 +82,25 @@ def no_trial_completed(cfg: Config, study: optuna.Study) -> UserError:
     return UserError(f"no trial completed in study {study.study_name!r} ({len(failed)} failed)")
 
 
+def check_outputs_belong(cfg: Config, study: optuna.Study) -> None:
+    """A study without trials must not replace the outputs of another one (a study.db emptied by a
+    full disk, or another --study-name in the same folder): they would be lost at the end."""
+    earlier = written_run(cfg.run_dir)
+    if study.trials or earlier.get("outputs_stamp") is None:
+        return
+    raise OutputError(
+        f"{cfg.run_dir} holds the outputs of study {earlier.get('study_name')!r} (run.yaml, merged/), "
+        f"but study {study.study_name!r} in its storage has no trials: its outputs would replace them. "
+        "Choose another --out, or move those outputs away to start over"
+    )
+
+
 def searched(cfg: Config, ctx: Context, store, url: str, started: float, reraise_interrupt: bool) -> Path:
     """The trials, then the outputs (`run` after the inputs are checked and the models loaded)."""
     pruner = make_pruner(cfg, len(ctx.scorer.batches))
     study = open_study(cfg, store, url, ctx.space, pruner, study_signature(ctx))
     fail_stale_trials(study)
+    check_outputs_belong(cfg, study)
     if is_sqlite(url) and other_workers(study):
         warn_sqlite_workers()
     ctx.refusal_bounds = refusal_bounds(ctx, study)

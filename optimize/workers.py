@@ -281,10 +281,15 @@ def outputs_stamp(cfg, study: optuna.Study) -> str:
 
 def written_stamp(run_dir: Path) -> str | None:
     """The stamp of the last complete write of a run folder's outputs (run.yaml, written last)."""
+    return written_run(run_dir).get("outputs_stamp")
+
+
+def written_run(run_dir: Path) -> dict:
+    """The run.yaml of a run folder's written outputs ({} when there are none, or it is unreadable)."""
     if not (run_dir / "report.md").is_file() or not (run_dir / "run.yaml").is_file():
-        return None
+        return {}
     try:
         doc = yaml.safe_load((run_dir / "run.yaml").read_text())
     except (OSError, ValueError, yaml.YAMLError):  # ValueError: not UTF-8 text
-        return None
-    return doc.get("outputs_stamp") if isinstance(doc, dict) else None
+        return {}
+    return doc if isinstance(doc, dict) else {}

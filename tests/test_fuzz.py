@@ -193,7 +193,7 @@ CASES = [
     search_case(
         "out_under_a_file", "/f, which is a file; choose another path", out="@tmp@/f/run", files={"f": "x"}
     ),
-    search_case("memory_size_overflows", "'1e400' is not a memory size", runtime={"max_memory": "1e400"}),
+    search_case("memory_size_overflows", "'inf' is not a memory size", runtime={"max_memory": "1e400"}),
     search_case(
         "base_gguf_corrupt", "cannot be read as GGUF", base="@tmp@/b.gguf", files={"b.gguf": "not a model\n"}
     ),

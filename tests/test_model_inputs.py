@@ -179,6 +179,28 @@ def test_a_stale_safetensors_file_next_to_a_source_is_refused(world, tmp_path):
     )
     with pytest.raises(ModelLoadError, match=r"zz-old-shard.safetensors is not part of the model"):
         model_format(folder)
+    (folder / "model.safetensors").rename(folder / "weights.safetensors")  # transformers would not load it
+    (folder / "zz-old-shard.safetensors").unlink()
+    with pytest.raises(
+        ModelLoadError, match=r"not named model.safetensors and there is no model.safetensors.index"
+    ):
+        model_format(folder)
+
+
+def test_a_tensor_in_two_shards_is_refused(world, tmp_path):
+    folder = copy(world, "base", tmp_path)
+    weights = load_file(folder / "model.safetensors")
+    head = {"lm_head.weight": weights["lm_head.weight"]}
+    weight_map = dict.fromkeys(weights, "model-00001-of-00002.safetensors") | {
+        "lm_head.weight": "model-00002-of-00002.safetensors"
+    }
+    shard(
+        folder,
+        weight_map,
+        {"model-00001-of-00002.safetensors": weights, "model-00002-of-00002.safetensors": head},
+    )
+    with pytest.raises(ModelLoadError, match=r"both hold tensor lm_head.weight; remove the stale copy"):
+        model_format(folder)
 
 
 # ----------------------------------------------------------------------------- LoRA adapters
@@ -246,10 +268,15 @@ def test_a_chat_template_that_fails_is_refused_when_the_tokenizer_loads(world, t
     (folder / "chat_template.jinja").write_text("{% for m in messages %}{{ m.content ")
     with pytest.raises(ModelLoadError, match=r"TemplateSyntaxError"):
         load_tokenizer(folder)
-    proc = search(world, tmp_path, base=str(folder))
+    with pytest.raises(ModelLoadError, match=r"its chat template fails"):
+        model_format(folder)  # checked up front, with the other files, before any weight loads
+    source = copy(world, "b", tmp_path, to="b")
+    shutil.copy(folder / "chat_template.jinja", source)
+    proc = search(world, tmp_path, sources=[{"name": "b", "path": str(source)}])
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     last = proc.stderr.strip().splitlines()[-1]
-    assert last.startswith("error: base: ") and "chat template fails" in last, proc.stderr[-2000:]
+    assert last.startswith("error: source 'b': ") and "chat template fails" in last, proc.stderr[-2000:]
+    assert "Loading weights" not in proc.stderr  # refused before the base loaded
 
 
 @pytest.mark.parametrize("text", ['{"version": "1.0", "model": ', "[]"])

@@ -257,6 +257,13 @@ def test_files_a_user_added_inside_an_output_are_never_deleted(world, tmp_path):
 
     study = optuna.load_study(study_name="tiny", storage=f"sqlite:///{tmp_path / 'run' / 'study.db'}")
     assert len(study.trials) == 1
+    # a study without trials (its study.db emptied by a full disk, or another study name) must not
+    # replace the outputs of the one that wrote them
+    (tmp_path / "run" / "merged" / "model-q4.gguf").unlink()
+    (tmp_path / "run" / "study.db").write_bytes(b"")
+    with pytest.raises(OutputError, match="holds the outputs of study 'tiny' .* has no trials"):
+        run(validate_config(raw))
+    assert (tmp_path / "run" / "merged" / "model.safetensors").is_file()
 
 
 def test_a_worker_waiting_for_the_outputs_lock_says_for_whom(tmp_path, capsys):
