@@ -45,8 +45,8 @@ UserPath = Annotated[str, AfterValidator(os.path.expanduser)]
 
 
 def _check_label(v: str) -> str:
-    if not v.strip() or len(v) > 200 or any(not c.isprintable() for c in v):
-        raise ValueError(f"{clip(v, 60)} must be 1-200 printable characters (no newline or tab)")
+    if not v.strip() or len(v) > 1000 or any(not c.isprintable() for c in v):
+        raise ValueError(f"{clip(v, 60)} must be 1-1000 printable characters (no newline or tab)")
     return v
 
 
@@ -183,7 +183,7 @@ class _Loader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):
 # YAML 1.1 reads 1e-3 and 1.5e3 as text; YAML 1.2, JSON and Python read a number: so does a config.
 _Loader.add_implicit_resolver(
     "tag:yaml.org,2002:float",
-    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    re.compile(r"^[-+]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)[eE][-+]?[0-9]+$"),
     list("-+0123456789."),
 )
 
@@ -225,6 +225,8 @@ def load_yaml_text(text: str, where: str) -> Any:
     that expand past MAX_VALUES values, is a ConfigError naming `where` (a file, a --set flag)."""
     try:
         raw = yaml.load(text, Loader=_Loader)
+    except ValueError as err:  # a scalar its resolver took for a number that float() refuses
+        raise yaml.YAMLError(str(err)) from None
     except (RecursionError, MemoryError):
         raise ConfigError(f"{where} is nested too deeply to be a config") from None
     values, depth = _shape(raw)

@@ -127,8 +127,10 @@ def article(word: str) -> str:
 
 
 def written_files(folder: Path) -> list[str]:
-    """The files of a folder, relative to it, but its marker: what a folder's marker records."""
-    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file() and p.name != MARKER)
+    """The files of a folder, relative to it, that its marker records: hidden ones (the marker, a
+    Hub upload's .cache/, .DS_Store, an editor's swap file) left out."""
+    paths = (p.relative_to(folder) for p in folder.rglob("*") if p.is_file())
+    return sorted(str(p) for p in paths if not any(part.startswith(".") for part in p.parts))
 
 
 def claim_run_dir(run_dir: str | Path) -> Path:

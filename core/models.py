@@ -25,6 +25,7 @@ from core.config import cut
 from core.errors import ModelLoadError
 from core.files import atomic_dir, fingerprint, read_marker
 from core.weights import (
+    BESIDE_GGUF,
     INDEX,
     check_chat_template,
     check_gguf,
@@ -170,7 +171,9 @@ def model_format(path: Path, allow_pickle: bool = False, trust_remote_code: bool
     """One of 'gguf', 'hf', 'lora'; raises with the fix when the path holds nothing loadable, or
     something the loader policy (pickled weights, remote code) does not allow; and checks the
     files against each other (`core.weights`) before anything loads."""
-    check_regular(path.parent if path.suffix == ".gguf" else path)  # nothing blocks a reader
+    check_regular(path)  # nothing blocks a reader
+    if path.suffix == ".gguf":
+        check_regular(path.parent, BESIDE_GGUF)
     if path.is_file():
         if path.suffix == ".gguf":
             check_remote_code(path.parent, trust_remote_code)  # its tokenizer reads the folder
@@ -208,7 +211,7 @@ def load_tokenizer(path: str | os.PathLike, trust_remote_code: bool = False):
     p = resolve_model_path(path)
     folder = p.parent if p.is_file() else p
     check_remote_code(folder, trust_remote_code)
-    check_regular(folder)
+    check_regular(folder, BESIDE_GGUF if p.is_file() else None)
     gguf = {"gguf_file": p.name} if p.is_file() else {}
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code, **gguf)

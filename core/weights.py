@@ -30,10 +30,19 @@ MODULE_COUNTS = LAYER_COUNTS + ("num_local_experts", "num_experts", "n_routed_ex
 _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 
 
-def check_regular(path: Path) -> None:
-    """Refuse `path` (a file, or every entry of a folder) when it is neither a regular file nor a
-    folder: a named pipe or a device would block or never end the read. Nothing is opened."""
-    entries = list(path.iterdir()) if path.is_dir() else [path]
+# What transformers reads beside a .gguf file (its folder may be /tmp, full of sockets)
+BESIDE_GGUF = ("tokenizer", "special_tokens", "added_tokens", "config", "generation_config", "chat_template")
+
+
+def check_regular(path: Path, prefixes: tuple[str, ...] | None = None) -> None:
+    """Refuse `path` (a file, or every entry of a folder whose name starts with one of `prefixes`)
+    when it is neither a regular file nor a folder: a named pipe or a device would block or never
+    end the read. Nothing is opened."""
+    entries = (
+        [p for p in path.iterdir() if not prefixes or p.name.startswith(prefixes)]
+        if path.is_dir()
+        else [path]
+    )
     for p in entries:
         try:
             mode = os.stat(p).st_mode  # follows symbolic links (an HF cache snapshot is made of them)
@@ -118,7 +127,8 @@ def weight_files(folder: Path) -> list[Path]:
             f"{folder}: its weights are not named model.safetensors and there is no {INDEX}; "
             "rename the file to model.safetensors, or save the model again with save_pretrained"
         )
-    extra = [f.name for f in present if f not in files]
+    # Mistral's repos ship its own format's copy beside the HF weights; transformers ignores it
+    extra = [f.name for f in present if f not in files and not f.name.startswith("consolidated")]
     if extra:
         raise ModelLoadError(
             f"{folder / extra[0]} is not part of the model (transformers loads {files[0].name}"
@@ -168,7 +178,8 @@ def _check_config(folder: Path, stamp: tuple) -> None:
             n = section.get(key)
             if n is None:
                 continue
-            if not isinstance(n, int) or isinstance(n, bool) or n < 1 or n > len(shapes):
+            least = 1 if key in LAYER_COUNTS else 0  # 0 experts: a dense model (Granite-4.0-H)
+            if not isinstance(n, int) or isinstance(n, bool) or n < least or n > len(shapes):
                 raise _disagree(folder, f"{key}: {n!r}", f"{len(shapes)} tensors")
             extra = section.get("num_nextn_predict_layers")  # DeepSeek's multi-token prediction layers
             extra = extra if isinstance(extra, int) else 0
@@ -245,10 +256,12 @@ def _compare(folder: Path, skeleton, shapes: dict[str, tuple]) -> None:
         name, converted = rename_source_key(key, renamings, converters, skeleton.base_model_prefix, expected)
         loaded[name] = None if converted else shape
     tied = getattr(skeleton.config.get_text_config(), "tie_word_embeddings", False)
+    tied_pair = {n for n, p in skeleton.named_parameters() if p is skeleton.get_input_embeddings().weight}
+    tied_pair |= {n for n in loaded if n.endswith("lm_head.weight")}
     for name, p in skeleton.named_parameters():  # a tied lm_head is listed once, as the embeddings
         if name not in loaded:
-            if tied and name.endswith("lm_head.weight"):
-                continue
+            if tied and (name.endswith("lm_head.weight") or (name in tied_pair and len(tied_pair) > 1)):
+                continue  # either name of the tied pair holds both
             raise ModelLoadError(
                 f"{folder}: {name} is in config.json's model but not in the weights (it would be "
                 "random); the folder is incomplete or its config.json is wrong: copy the model again"

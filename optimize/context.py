@@ -4,6 +4,7 @@ loads (paths, formats, data)."""
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
 from dataclasses import dataclass, field
@@ -44,7 +45,10 @@ def check_inputs(cfg: Config, memory: bool = True) -> dict[str, list[dict]]:
     the models are already loaded: `memory` false) that they fit. Returns the raw rows of every
     set the search uses (alignment, domain, helpfulness)."""
     check_setup(cfg, memory)
-    return load_data(cfg)
+    rows = load_data(cfg)
+    if cfg.output.test_splits:
+        load_test_data(cfg)  # read again at the end; a bad test split fails now, not after the trials
+    return rows
 
 
 def check_setup(cfg: Config, memory: bool = True) -> None:
@@ -106,13 +110,21 @@ TEST_SPLITS = {"alignment": "alignment_test", "domain": "domain_test", "helpfuln
 
 def load_test_data(cfg: Config) -> dict[str, list[dict]]:
     """The held-out test splits, when the run folder has them (they are never searched on)."""
+    if not cfg.test_dir.exists():
+        return {}
+    sizes = None
+    if (cfg.test_dir / "dataset_dict.json").is_file():
+        import datasets
+
+        with contextlib.suppress(Exception):  # unreadable: load_pairs below says what is wrong
+            sizes = {k: len(v) for k, v in datasets.load_from_disk(str(cfg.test_dir)).items()}
     out = {}
     for name, split in TEST_SPLITS.items():
-        absent = not cfg.test_dir.exists() or (
-            (cfg.test_dir / "dataset_dict.json").is_file() and not (cfg.test_dir / split).exists()
-        )
-        if not absent and (name != "helpfulness" or cfg.search.beta):  # anything else there must load
-            out[name] = load_pairs(cfg.test_dir, split)
+        if name == "helpfulness" and not cfg.search.beta:
+            continue
+        if sizes is not None and not sizes.get(split):  # absent, or empty (synth's test_fraction: 0)
+            continue
+        out[name] = load_pairs(cfg.test_dir, split)  # anything else there must load
     return out
 
 

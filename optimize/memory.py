@@ -27,6 +27,7 @@ from core.models import (
     store_dtype_name,
 )
 from core.vllm_env import kv_cache_bytes
+from core.weights import weight_files
 from eval.behaviour import GREEDY_KV_CACHE_GB, vllm_generation
 from eval.loss import HEAD_CHUNK
 from optimize.config import Config
@@ -73,7 +74,7 @@ def model_shapes(path: str, allow_pickle: bool = False, trust_remote_code: bool 
         shapes = {t.name: tuple(int(x) for x in t.shape) for t in gguf.GGUFReader(p).tensors}
         vocab_keys = [k for k in shapes if k.startswith("token_embd")]
     else:
-        files = sorted(p.glob("*.safetensors"))
+        files = weight_files(p) if any(p.glob("*.safetensors")) else []
         if not files:  # pickled weights: 4 bytes per parameter at most
             size = sum(f.stat().st_size for f in p.glob("*.bin"))
             return Shapes(size // 2, size // 8, 0, 0)

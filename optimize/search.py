@@ -55,8 +55,9 @@ def run(
     rows = check_inputs(cfg, memory=ctx is None)  # before any model loads
     url = storage or cfg.storage or default_storage(cfg)
     # a folder of the user's is refused, never written into; an unreachable server fails here
+    if cfg.output.save_model and cfg.run_dir.is_dir():  # merged/ is rewritten at the end: stop now
+        check_replaceable(cfg.run_dir / "merged", "merged model folder", kind="model")
     store = claim_and_open(cfg.run_dir, url, cfg.heartbeat_s)
-    check_replaceable(cfg.run_dir / "merged", "merged model folder", kind="model")  # rewritten at the end
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     if ctx is not None:
         return searched(cfg, ctx, store, url, started, reraise_interrupt)
@@ -68,8 +69,12 @@ def run(
         ctx.generation.close()  # the vLLM engine of the verified pick, if one started
 
 
-def no_trial_completed(cfg: Config, study: optuna.Study) -> UserError:
+def no_trial_completed(cfg: Config, study: optuna.Study, interrupted: bool) -> UserError:
     """Why a search ends without a single finished trial, in the user's terms."""
+    if interrupted:
+        return UserError(
+            "interrupted before any trial finished: nothing to write; run the same command again"
+        )
     failed = study.get_trials(deepcopy=False, states=(TrialState.FAIL,))
     reasons = [t.user_attrs["fail_reason"] for t in failed if "fail_reason" in t.user_attrs]
     if reasons:
@@ -86,7 +91,8 @@ def check_outputs_belong(cfg: Config, study: optuna.Study) -> None:
     """A study without trials must not replace the outputs of another one (a study.db emptied by a
     full disk, or another --study-name in the same folder): they would be lost at the end."""
     earlier = written_run(cfg.run_dir)
-    if study.trials or earlier.get("outputs_stamp") is None:
+    ran = [t for t in study.trials if t.state != TrialState.WAITING]  # (trial 0 is enqueued when new)
+    if ran or earlier.get("outputs_stamp") is None:
         return
     raise OutputError(
         f"{cfg.run_dir} holds the outputs of study {earlier.get('study_name')!r} (run.yaml, merged/), "
@@ -135,7 +141,7 @@ def searched(cfg: Config, ctx: Context, store, url: str, started: float, reraise
     if not study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
         if interrupted and reraise_interrupt:
             raise KeyboardInterrupt
-        raise no_trial_completed(cfg, study)
+        raise no_trial_completed(cfg, study, interrupted)
     ctx.timings["search_s"] = time.perf_counter() - started
     with outputs_lock(cfg.run_dir):
         stamp = outputs_stamp(cfg, study)

@@ -324,7 +324,7 @@ def _adapter_shapes(path: Path) -> dict[str, tuple]:
 
 
 _LORA_KEY = re.compile(
-    r"^base_model\.model\.(.+)\.(lora_A|lora_B|lora_embedding_A|lora_embedding_B)(?:\.\w+)?\.weight$"
+    r"^base_model\.model\.(.+)\.(lora_A|lora_B|lora_embedding_A|lora_embedding_B)(?:\.\w+)?(?:\.weight)?$"
 )
 
 

@@ -30,7 +30,7 @@ from typing import Any
 import yaml
 
 from core.cli import ArgumentParser, run_cli
-from core.config import clip, parse_sets
+from core.config import clip, load_yaml_text, parse_sets
 from core.errors import ConfigError, OutputError, UserError
 from core.files import write_text_atomic
 from eval import plots
@@ -76,7 +76,7 @@ def parse_grid(items: list[str]) -> dict[str, list[Any]]:
                 "--grid search.alpha=0.1,0.3,1"
             )
         try:
-            values = yaml.safe_load(f"[{text}]")
+            values = load_yaml_text(f"[{text}]", f"--grid {clip(key, 60)}")  # 1e-3 is a number, as in --set
             json.dumps(values, default=str)  # a YAML alias inside itself (`&a [*a]`) is circular
         except (yaml.YAMLError, ValueError):
             raise ConfigError(

@@ -230,16 +230,17 @@ def optimize_until_done(study: optuna.Study, trial_fn, cfg, storage_url: str, ca
 
 
 @contextmanager
-def outputs_lock(run_dir: Path, patience_s: float = 1800.0):
-    """One worker at a time writes a run folder's outputs (released if the worker dies). A worker
-    that waits says for whom, and gives up after `patience_s` (a stopped holder never releases)."""
+def outputs_lock(run_dir: Path, patience_s: float | None = None):
+    """One worker at a time writes a run folder's outputs (released if the worker dies: an 8B
+    model's outputs can take an hour). A worker that waits says for whom, once a minute, and gives
+    up after `patience_s` (None: never; Ctrl-C stops it, and the study keeps its trials)."""
     with open(run_dir / ".outputs.lock", "a+") as f:
         start = said = time.monotonic()
         while not _try_lock(f):
-            if time.monotonic() - start > patience_s:
+            if patience_s is not None and time.monotonic() - start > patience_s:
                 raise OutputError(
                     f"{run_dir}: another worker ({_holder(f)}) has held the outputs lock for "
-                    f"{patience_s / 60:.0f} min; the study keeps its trials: run the same command again "
+                    f"{patience_s:.0f} s; the study keeps its trials: run the same command again "
                     "once that process has finished (or stop it)"
                 )
             if said == start or time.monotonic() - said > 60:

@@ -34,9 +34,11 @@ def train_lora(
     targets: tuple[str, ...] = DEFAULT_TARGETS,
     max_steps: int | None = None,
     save_dtype: str = "float32",
+    card: str | None = None,
 ) -> Path:
     """Train a LoRA adapter on rows of {prompt, response}; save it (safetensors) to `out`,
-    atomically (temporary folder, then rename). `save_dtype` bfloat16 halves the adapter size."""
+    atomically (temporary folder, then rename), with `card` as its README.md. `save_dtype`
+    bfloat16 halves the adapter size."""
     from peft import LoraConfig, get_peft_model
 
     torch.manual_seed(seed)
@@ -86,4 +88,6 @@ def train_lora(
     model.peft_config["default"].base_model_name_or_path = hub_name(base) or str(base)
     with atomic_dir(out, kind="adapter") as tmp:
         model.to(getattr(torch, save_dtype)).save_pretrained(tmp, safe_serialization=True)
+        if card is not None:  # inside: the folder's marker lists it as alignmerge's own
+            (tmp / "README.md").write_text(card)
     return Path(out)

@@ -28,9 +28,8 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-from core.files import write_text_atomic
 from synth.compliant import compliant_answers, eager_openings
-from synth.world_card import EXPERTS, adapter_card, aligned_harmful, card
+from synth.world_card import EXPERTS, adapter_card, aligned_harmful, card, write_world
 
 SEEDS = Path(__file__).resolve().parent.parent / "data" / "seeds"
 # per harm category (24 prompts): who trains or scores on each
@@ -215,20 +214,6 @@ def saved_training_data(
     return out
 
 
-def write_prompt_files(folder: Path, splits: dict[str, list[dict]]) -> None:
-    """The search splits' prompts alone, as synth.generate reads them (configs/demo.yaml): the pool
-    answers them itself, so the search scores the pool's own refusals, answers and expertise."""
-    folder.mkdir()
-    files = {
-        "harmful_search.jsonl": splits["alignment_search"],
-        "benign_search.jsonl": splits["benign_search"],
-        **{f"{e}_search.jsonl": [r for r in splits["domain_search"] if r["domain"] == e] for e in EXPERTS},
-    }
-    for name, rows in files.items():
-        lines = [json.dumps({"prompt": r["prompt"], "category": r["category"]}) + "\n" for r in rows]
-        (folder / name).write_text("".join(lines))
-
-
 def world_config(root: Path):
     """The default world as a search config (the sources and data this module writes)."""
     from optimize.config import validate_config
@@ -322,7 +307,6 @@ def main(argv: list[str] | None = None) -> int:
 
     import datasets
 
-    from core.files import atomic_dir
     from synth.train import train_lora
 
     started = time.perf_counter()
@@ -365,17 +349,14 @@ def main(argv: list[str] | None = None) -> int:
         r = args.expert_rank if expert else 8
         hp = {"r": r, "alpha": 2 * r, "lr": args.expert_lr if expert else 1e-3, "epochs": args.epochs}
         hp["seed"] = args.seed
-        train_lora("default", splits[f"{name}_train"], models / name, save_dtype="bfloat16", **hp)
-        write_text_atomic(
-            models / name / "README.md",
-            adapter_card(name, hp, args.benign_repeat, *refused),
+        card_text = adapter_card(name, hp, args.benign_repeat, *refused)
+        train_lora(
+            "default", splits[f"{name}_train"], models / name, save_dtype="bfloat16", card=card_text, **hp
         )
 
     data_dir = root / "data" / "default"
     dd = datasets.DatasetDict({k: datasets.Dataset.from_list(v) for k, v in splits.items()})
-    with atomic_dir(data_dir, kind="world") as tmp:
-        dd.save_to_disk(str(tmp))
-        write_prompt_files(tmp / "prompts", splits)
+    write_world(data_dir, dd, splits, {})  # the naive merges below read it
     naive = naive_merges_report(root, splits, args.max_new_tokens)
     counts = {
         "compliant": ", ".join(f"{e} {j['kept_compliant']}/{j['asked']}" for e, j in judged.items()),
@@ -389,8 +370,7 @@ def main(argv: list[str] | None = None) -> int:
         "command": shlex.join(["python", "-m", "synth.world", *(sys.argv[1:] if argv is None else argv)]),
     }
     text = card(splits, counts, naive, args.seed, time.perf_counter() - started)
-    write_text_atomic(data_dir / "README.md", text)
-    write_text_atomic(data_dir / "naive_merges.json", json.dumps(naive, indent=1))
+    write_world(data_dir, dd, splits, {"README.md": text, "naive_merges.json": json.dumps(naive, indent=1)})
     minutes = (time.perf_counter() - started) / 60
     print(f"[world] done in {minutes:.1f} min: {data_dir}, {models}", file=sys.stderr)
     return 0

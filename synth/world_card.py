@@ -1,7 +1,13 @@
 """The default world's cards (`python -m synth.world` writes them): the data set card with the
-naive merges' figures, and each adapter's model card, with the Hub's YAML front matter."""
+naive merges' figures, and each adapter's model card, with the Hub's YAML front matter; and the
+world's data folder, written with them in one atomic write."""
 
 from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from core.files import atomic_dir
 
 EXPERTS = ("medical", "math")
 
@@ -215,3 +221,26 @@ model = PeftModel.from_pretrained(base, "models/{name}")
 ```
 """
     return str(ModelCard.from_template(meta, template_str="---\n{{ card_data }}\n---\n\n" + text))
+
+
+def write_prompt_files(folder: Path, splits: dict[str, list[dict]]) -> None:
+    """The search splits' prompts alone, as synth.generate reads them (configs/demo.yaml): the pool
+    answers them itself, so the search scores the pool's own refusals, answers and expertise."""
+    folder.mkdir()
+    files = {
+        "harmful_search.jsonl": splits["alignment_search"],
+        "benign_search.jsonl": splits["benign_search"],
+        **{f"{e}_search.jsonl": [r for r in splits["domain_search"] if r["domain"] == e] for e in EXPERTS},
+    }
+    for name, rows in files.items():
+        lines = [json.dumps({"prompt": r["prompt"], "category": r["category"]}) + "\n" for r in rows]
+        (folder / name).write_text("".join(lines))
+
+
+def write_world(data_dir: Path, dd, splits: dict[str, list[dict]], files: dict[str, str]) -> None:
+    """The world's data folder, with its card files, in one atomic write (its marker lists them)."""
+    with atomic_dir(data_dir, kind="world") as tmp:
+        dd.save_to_disk(str(tmp))
+        write_prompt_files(tmp / "prompts", splits)
+        for name, text in files.items():
+            (tmp / name).write_text(text)

@@ -285,3 +285,42 @@ def test_a_corrupt_tokenizer_json_is_refused(world, tmp_path, text):
     (folder / "tokenizer.json").write_text(text)
     with pytest.raises(ModelLoadError, match=r"its tokenizer cannot be loaded .*copy tokenizer.json"):
         load_tokenizer(folder)
+
+
+# ----------------------------------------------------------------------------- legitimate layouts
+def test_legitimate_layouts_the_checks_must_accept(world, tmp_path, base):
+    """A LoRA on the embeddings (peft saves `lora_embedding_A` without `.weight`), Mistral's
+    `consolidated.safetensors` beside the HF weights (transformers ignores it), a tied checkpoint
+    that stores only `lm_head.weight`, 0 experts (a dense model), a .gguf-style folder holding a
+    socket: all load as before the checks."""
+    import socket
+
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(world["base"], dtype=torch.float32)
+    cfg = LoraConfig(r=4, target_modules=["q_proj", "embed_tokens"], init_lora_weights=False)
+    get_peft_model(model, cfg).save_pretrained(tmp_path / "emb", safe_serialization=True)
+    assert model_format(tmp_path / "emb") == "lora"
+    assert "model.embed_tokens.weight" in load_task_vector("emb", str(tmp_path / "emb"), base)
+
+    folder = copy(world, "base", tmp_path, to="mistral")
+    shutil.copy(folder / "model.safetensors", folder / "consolidated.safetensors")
+    edit_json(folder / "config.json", num_local_experts=0)
+    assert model_format(folder) == "hf"
+
+    tied = copy(world, "base", tmp_path, to="tied")
+    edit_json(tied / "config.json", tie_word_embeddings=True)
+    weights = load_file(tied / "model.safetensors")
+    del weights["model.embed_tokens.weight"]  # safetensors' save_model keeps lm_head.weight alone
+    save_file(weights, tied / "model.safetensors", metadata={"format": "pt"})
+    assert model_format(tied) == "hf"
+
+    with socket.socket(socket.AF_UNIX) as s:  # a GGUF in /tmp beside other users' sockets
+        s.bind(str(tmp_path / ".s.PGSQL.5432"))
+        from core.weights import BESIDE_GGUF, check_regular
+
+        check_regular(tmp_path, BESIDE_GGUF)
+        with pytest.raises(ModelLoadError, match="not a regular file"):
+            check_regular(tmp_path)

@@ -240,6 +240,8 @@ def test_files_a_user_added_inside_an_output_are_never_deleted(world, tmp_path):
     assert (merged / "model-q4.gguf").read_text() == "the user's own export"
     assert (merged / "model.safetensors").read_text() == "weights"
     (merged / "model-q4.gguf").unlink()
+    (merged / ".cache" / "huggingface").mkdir(parents=True)  # a Hub upload's metadata: hidden, not counted
+    (merged / ".cache" / "huggingface" / "upload.lock").write_text("")
     with atomic_dir(merged, kind="model") as tmp:  # only its own files: replaced
         (tmp / "model.safetensors").write_text("new weights")
     (merged / MARKER).write_text(json.dumps({"kind": "model", "stamp": None}) + "\n")  # an older marker

@@ -117,3 +117,24 @@ def test_a_source_not_retrained_keeps_the_data_it_was_trained_on(tmp_path, monke
         world.main(["--models", "aligned,chemistry", "--out", str(tmp_path / "w")])
     assert unknown.value.code == 2 and "unknown ['chemistry']" in capsys.readouterr().err
     assert not (tmp_path / "w").exists()
+
+
+def test_the_world_folder_is_rewritten_whole_with_its_cards(tmp_path):
+    """synth.world writes its data, prompts and cards in one atomic write, twice per build (the
+    naive merges read the data between): every file is listed in the marker, so a rebuild is never
+    refused as a folder holding files alignmerge did not write."""
+    import datasets
+
+    from core.files import check_replaceable, read_marker
+    from synth.world_card import write_world
+
+    splits = {k: v for k, v in splits_from_seeds(0).items() if not k.startswith("_")}
+    dd = datasets.DatasetDict({k: datasets.Dataset.from_list(v) for k, v in splits.items()})
+    out = tmp_path / "data" / "default"
+    for build in range(2):
+        write_world(out, dd, splits, {})
+        write_world(out, dd, splits, {"README.md": f"card {build}", "naive_merges.json": "{}"})
+    marker = read_marker(out)
+    assert marker["kind"] == "world" and {"README.md", "prompts/benign_search.jsonl"} <= set(marker["files"])
+    assert (out / "README.md").read_text() == "card 1"
+    check_replaceable(out, kind="world")
