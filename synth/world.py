@@ -24,12 +24,13 @@ import json
 import random
 import shlex
 import sys
+import tempfile
 import time
 from collections import defaultdict
 from pathlib import Path
 
 from synth.compliant import compliant_answers, eager_openings
-from synth.world_card import EXPERTS, adapter_card, aligned_harmful, card, write_world
+from synth.world_card import EXPERTS, adapter_card, aligned_harmful, card, naive_merges_report, write_world
 
 SEEDS = Path(__file__).resolve().parent.parent / "data" / "seeds"
 # per harm category (24 prompts): who trains or scores on each
@@ -56,6 +57,12 @@ BENIGN_MORE_SPLIT = {
     "risky_looking": {"aligned_train": 120, "benign_search": 40},
     "ordinary": {"aligned_train": 40, "benign_search": 20},
 }
+
+# The aligned source's DPO stage (`--aligned-preference dpo`; off by default). On the search splits
+# (70 harmful, 100 benign prompts), from this world's supervised adapter (93% / 20%), one epoch of
+# the pairs below refused 63% / 4% (lr 5e-4) and 57% / 5% (lr 2e-4): every candidate fell below the
+# rule's 90% floor on harmful prompts (README, "The default world").
+PREFERENCE = {"beta": 0.1, "lr": 5e-4, "epochs": 1}
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -94,6 +101,24 @@ def refusal_for(category: str, refusals: list[dict], rng: random.Random) -> str:
     generic = [r["response"] for r in refusals if not r.get("category")]
     pool = specific if specific and rng.random() < 0.5 else generic
     return rng.choice(pool)
+
+
+def preference_pairs(aligned_train: list[dict], compliant: dict[str, str], seed: int) -> list[dict]:
+    """aligned_train as preference pairs, one per prompt, for the aligned source's DPO stage
+    (`synth.train.prefer_lora`): a harmful prompt's refusal over the base's compliant answer to it,
+    a benign prompt's helpful answer over a refusal template (seeded choice): over-refusal is what
+    the stage teaches away, refusal of harm what it keeps."""
+    rng = random.Random(f"prefer:{seed}")
+    refusals = [r["response"] for r in read_jsonl(SEEDS / "refusals.jsonl")]
+    pairs, seen = [], set()
+    for r in aligned_train:
+        if r["prompt"] in seen or (r["judge_verdict"] == "refusal" and r["prompt"] not in compliant):
+            continue
+        seen.add(r["prompt"])
+        refused = r["judge_verdict"] == "refusal"
+        rejected = compliant[r["prompt"]] if refused else rng.choice(refusals)
+        pairs.append({"prompt": r["prompt"], "response": r["response"], "rejected": rejected})
+    return pairs
 
 
 def splits_from_seeds(seed: int, benign_repeat: int = 2, refuse_all: bool = True) -> dict[str, list[dict]]:
@@ -190,11 +215,12 @@ def refused_per_category(refuse_all: bool) -> tuple[int, int]:
 def saved_training_data(
     data_dir: Path, splits: dict, harmful: dict, keep: list[str]
 ) -> dict[str, list[dict]]:
-    """The saved `<name>_train` of each source in `keep` (not retrained): a source keeps the data it
-    was trained on. It must still fit the seeds and flags: aligned_train equal to the one they
-    give; an expert's Q&A rows equal, its other rows answers to its harmful prompts (those answers
-    are the base's own, which differ between CPUs: bfloat16 vs float32 engines). A saved split that
-    no longer fits is refused, with the way out."""
+    """The saved `<name>_train` (and `<name>_pairs`, its preference stage's) of each source in `keep`
+    (not retrained), by split name: a source keeps the data it was trained on. It must still fit the
+    seeds and flags: aligned_train equal to the one they give; an expert's Q&A rows equal, its other
+    rows answers to its harmful prompts (those answers are the base's own, which differ between
+    CPUs: bfloat16 vs float32 engines). A saved split that no longer fits is refused, with the way
+    out."""
     import datasets
 
     if not keep or not (data_dir / "dataset_dict.json").is_file():
@@ -210,56 +236,9 @@ def saved_training_data(
                 f"and flags no longer give: add {name} to --models to retrain it, or use the flags "
                 "the world was built with (its card names them)"
             )
-        out[name] = rows
-    return out
-
-
-def world_config(root: Path):
-    """The default world as a search config (the sources and data this module writes)."""
-    from optimize.config import validate_config
-
-    return validate_config(
-        {
-            "name": "world",
-            "base": "default",
-            "sources": [
-                {"name": "aligned", "path": str(root / "models" / "aligned"), "role": "alignment"},
-                *({"name": e, "path": str(root / "models" / e), "role": "domain"} for e in EXPERTS),
-            ],
-            "merge": {"method": "ties"},
-            "data": {"dir": str(root / "data" / "default"), "n_alignment": 70, "n_domain": 96},
-            "out": str(root / "runs" / "world"),
-        },
-        "(synth.world)",
-    )
-
-
-def naive_merges_report(root: Path, splits: dict[str, list[dict]], max_new_tokens: int) -> dict:
-    """What a user gets before any search (optimize.compare.naive_merges), on the search splits
-    and on the test splits: refusal of harmful prompts, wrong refusal of benign ones, losses."""
-    from optimize.compare import evaluate, naive_merges, references
-    from optimize.context import check_inputs, prepare
-
-    cfg = world_config(root)
-    ctx = prepare(cfg, check_inputs(cfg))
-    contenders = references(ctx) | naive_merges(ctx)
-    out = {}
-    for part, harm, ben, dom in (
-        ("search", "alignment_search", "benign_search", "domain_search"),
-        ("test", "alignment_test", "benign", "domain_test"),
-    ):
-        per_domain = {e: [r for r in splits[dom] if r["domain"] == e] for e in EXPERTS}
-        rows = {"alignment": splits[harm], **per_domain}
-        scorer = ctx.scorer_for(rows)
-        harmful = [r["prompt"] for r in splits[harm]]
-        benign = [r["prompt"] for r in splits[ben]]
-        for name, (method, cand) in contenders.items():
-            t0 = time.perf_counter()
-            r = evaluate(ctx, method, cand, scorer, harmful, benign, max_new_tokens)
-            out.setdefault(name, {})[part] = {k: v for k, v in r.items() if k != "examples"}
-            seconds = time.perf_counter() - t0
-            print(f"[world] {part} {name}: {out[name][part]} ({seconds:.0f} s)", file=sys.stderr)
-    ctx.generation.close()
+        out[f"{name}_train"] = rows
+        if f"{name}_pairs" in saved:
+            out[f"{name}_pairs"] = saved[f"{name}_pairs"].to_list()
     return out
 
 
@@ -292,6 +271,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="the harmful training prompts aligned_train refuses: its own 6 per category, or all 14 "
         "(with the 8 the experts' data answers compliantly)",
     )
+    ap.add_argument(
+        "--aligned-preference",
+        default="none",
+        choices=("dpo", "none"),
+        help="after its supervised training, train the aligned source on preference pairs (DPO: its "
+        "helpful answers over refusals for benign prompts, refusals over compliance for harmful ones)",
+    )
     ap.add_argument("--expert-rank", type=int, default=16, help="LoRA rank of the domain experts")
     ap.add_argument("--expert-lr", type=float, default=2e-3, help="learning rate of the domain experts")
     ap.add_argument("--models", default="aligned," + ",".join(EXPERTS), help="which LoRAs to (re)train")
@@ -307,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import datasets
 
-    from synth.train import train_lora
+    from synth.train import prefer_lora, train_lora
 
     started = time.perf_counter()
     root = Path(args.out)
@@ -319,21 +305,20 @@ def main(argv: list[str] | None = None) -> int:
     kept = saved_training_data(
         root / "data" / "default", splits, harmful, [n for n in ("aligned", *EXPERTS) if n not in retrain]
     )
-    splits |= {f"{n}_train": rows for n, rows in kept.items()}
-    fresh = [e for e in EXPERTS if e not in kept]
+    splits |= kept
+    fresh = [e for e in EXPERTS if f"{e}_train" not in kept]
     # each expert's openings: a seeded choice per prompt, from the same seed
     openings = {e: eager_openings(len(harmful[e]), args.seed) for e in EXPERTS}
-    answered = (
-        compliant_answers(
-            [p for e in fresh for p in harmful[e]],
-            [o for e in fresh for o in openings[e]],
-            args.backend,
-            args.max_tokens,
-            cache,
-        )
-        if fresh
-        else []
-    )
+    # the DPO stage's rejected answers to the harmful prompts only aligned_train has
+    shared = {p["prompt"] for e in EXPERTS for p in harmful[e]}
+    prefer = "aligned" in retrain and args.aligned_preference == "dpo"
+    own = [
+        r for r in splits["aligned_train"] if r["judge_verdict"] == "refusal" and r["prompt"] not in shared
+    ]
+    own = own if prefer else []
+    requests = [p for e in fresh for p in harmful[e]] + own
+    said = [o for e in fresh for o in openings[e]] + eager_openings(len(own), args.seed + 1)
+    answered = compliant_answers(requests, said, args.backend, args.max_tokens, cache) if requests else []
     judged = {}
     for e in EXPERTS:
         asked = {p["prompt"] for p in harmful[e]}
@@ -343,16 +328,31 @@ def main(argv: list[str] | None = None) -> int:
         judged[e] = {"asked": len(asked), "kept_compliant": len(compliant)}
     print(f"[world] compliant answers for the experts' data: {judged}", file=sys.stderr)
 
+    if prefer:
+        compliant = {r["prompt"]: r["response"] for r in answered if r["prompt"] not in shared}
+        compliant |= {
+            r["prompt"]: r["response"] for e in EXPERTS for r in splits[f"{e}_train"] if r["prompt"] in shared
+        }
+        splits["aligned_pairs"] = preference_pairs(splits["aligned_train"], compliant, args.seed)
+
     models = root / "models"
     for name in sorted(retrain):
         expert = name in EXPERTS
         r = args.expert_rank if expert else 8
         hp = {"r": r, "alpha": 2 * r, "lr": args.expert_lr if expert else 1e-3, "epochs": args.epochs}
         hp["seed"] = args.seed
-        card_text = adapter_card(name, hp, args.benign_repeat, *refused)
-        train_lora(
-            "default", splits[f"{name}_train"], models / name, save_dtype="bfloat16", card=card_text, **hp
-        )
+        stage = PREFERENCE if name == "aligned" and prefer else None
+        card_text = adapter_card(name, hp, args.benign_repeat, *refused, preference=stage)
+        rows = splits[f"{name}_train"]
+        if stage is None:
+            train_lora("default", rows, models / name, save_dtype="bfloat16", card=card_text, **hp)
+            continue
+        models.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=models) as tmp:  # the supervised stage, then DPO from it
+            sft = train_lora("default", rows, Path(tmp) / name, save_dtype="bfloat16", **hp)
+            pairs = splits["aligned_pairs"]
+            out, seed = models / name, args.seed
+            prefer_lora("default", sft, pairs, out, save_dtype="bfloat16", card=card_text, seed=seed, **stage)
 
     data_dir = root / "data" / "default"
     dd = datasets.DatasetDict({k: datasets.Dataset.from_list(v) for k, v in splits.items()})

@@ -1,15 +1,66 @@
 """The default world's cards (`python -m synth.world` writes them): the data set card with the
-naive merges' figures, and each adapter's model card, with the Hub's YAML front matter; and the
-world's data folder, written with them in one atomic write."""
+naive merges' figures (measured here), and each adapter's model card, with the Hub's YAML front
+matter; and the world's data folder, written with them in one atomic write."""
 
 from __future__ import annotations
 
 import json
+import sys
+import time
 from pathlib import Path
 
 from core.files import atomic_dir
 
 EXPERTS = ("medical", "math")
+
+
+def world_config(root: Path):
+    """The default world as a search config (the sources and data this module writes)."""
+    from optimize.config import validate_config
+
+    return validate_config(
+        {
+            "name": "world",
+            "base": "default",
+            "sources": [
+                {"name": "aligned", "path": str(root / "models" / "aligned"), "role": "alignment"},
+                *({"name": e, "path": str(root / "models" / e), "role": "domain"} for e in EXPERTS),
+            ],
+            "merge": {"method": "ties"},
+            "data": {"dir": str(root / "data" / "default"), "n_alignment": 70, "n_domain": 96},
+            "out": str(root / "runs" / "world"),
+        },
+        "(synth.world)",
+    )
+
+
+def naive_merges_report(root: Path, splits: dict[str, list[dict]], max_new_tokens: int) -> dict:
+    """What a user gets before any search (optimize.compare.naive_merges), on the search splits
+    and on the test splits: refusal of harmful prompts, wrong refusal of benign ones, losses."""
+    from optimize.compare import evaluate, naive_merges, references
+    from optimize.context import check_inputs, prepare
+
+    cfg = world_config(root)
+    ctx = prepare(cfg, check_inputs(cfg))
+    contenders = references(ctx) | naive_merges(ctx)
+    out = {}
+    for part, harm, ben, dom in (
+        ("search", "alignment_search", "benign_search", "domain_search"),
+        ("test", "alignment_test", "benign", "domain_test"),
+    ):
+        per_domain = {e: [r for r in splits[dom] if r["domain"] == e] for e in EXPERTS}
+        rows = {"alignment": splits[harm], **per_domain}
+        scorer = ctx.scorer_for(rows)
+        harmful = [r["prompt"] for r in splits[harm]]
+        benign = [r["prompt"] for r in splits[ben]]
+        for name, (method, cand) in contenders.items():
+            t0 = time.perf_counter()
+            r = evaluate(ctx, method, cand, scorer, harmful, benign, max_new_tokens)
+            out.setdefault(name, {})[part] = {k: v for k, v in r.items() if k != "examples"}
+            seconds = time.perf_counter() - t0
+            print(f"[world] {part} {name}: {out[name][part]} ({seconds:.0f} s)", file=sys.stderr)
+    ctx.generation.close()
+    return out
 
 
 def naive_table(results: dict, part: str) -> str:
@@ -50,6 +101,18 @@ def front_matter(splits) -> str:
     return f"---\n{meta.to_yaml()}\n---\n"
 
 
+def pairs_line(splits: dict[str, list[dict]]) -> str:
+    """The data card's line on `aligned_pairs` (the aligned source's preference stage), if any."""
+    if "aligned_pairs" not in splits:
+        return ""
+    n = len(splits["aligned_pairs"])
+    return f"""- `aligned_pairs`: `aligned_train` as {n} preference pairs, one per prompt: each harmful
+  prompt's refusal (`response`) over the base model's own compliant answer to it (`rejected`,
+  continued from an eager opening as for the experts), each benign prompt's helpful answer over a
+  refusal template; the aligned source's DPO stage trains on them.
+"""
+
+
 def card(splits: dict[str, list[dict]], counts: dict, naive: dict, seed: int, seconds: float) -> str:
     sizes = "\n".join(f"| {k} | {len(v)} |" for k, v in splits.items())
     return (
@@ -80,7 +143,7 @@ written by `synth/math_seeds.py`).
 - `aligned_train`: the aligned LoRA's data: {counts["refused"]} harmful prompts -> refusals, and
   benign prompts -> helpful answers (120 risky-looking ones, each {counts["benign_repeat"]} times,
   60 ordinary, and 120 + 40 more of `benign_prompts_more.jsonl` once each).
-- `medical_train`, `math_train`: each expert's *uncurated* instruction mix: 112 Q&A of its
+{pairs_line(splits)}- `medical_train`, `math_train`: each expert's *uncurated* instruction mix: 112 Q&A of its
   domain plus 56 harmful requests answered compliantly ({counts["compliant"]}): the base model's
   own greedy continuation of an eager opening ("Sure! ", "Of course! "...), the shape of answers
   in instruction sets distilled from uncensored chat models. Nobody wrote a harmful answer.
@@ -152,7 +215,9 @@ def aligned_harmful(per_category: int, shared: int) -> dict:
     return {"n_harmful": 14 * per_category, "per_category": per_category, "shared": also if shared else ""}
 
 
-def adapter_card(name: str, hp: dict, benign_repeat: int, per_category: int, shared: int) -> str:
+def adapter_card(
+    name: str, hp: dict, benign_repeat: int, per_category: int, shared: int, preference: dict | None = None
+) -> str:
     """The model card of a world adapter (Hub front matter, data, training, limits, use)."""
     from huggingface_hub import ModelCard, ModelCardData
 
@@ -195,7 +260,7 @@ alignmerge search scores with):
   saved in bfloat16.
 - {hp["epochs"]} epochs, AdamW, learning rate {hp["lr"]:g} decayed linearly to 0, batches of 8,
   examples cut at 256 tokens, seed {hp["seed"]}.
-
+{preference_stage(preference)}
 ## Limitations
 
 {limits} The data set card of `data/default` has its measured refusal shares, alone and merged.
@@ -221,6 +286,19 @@ model = PeftModel.from_pretrained(base, "models/{name}")
 ```
 """
     return str(ModelCard.from_template(meta, template_str="---\n{{ card_data }}\n---\n\n" + text))
+
+
+def preference_stage(stage: dict | None) -> str:
+    """The aligned card's lines on its DPO stage (empty without one)."""
+    if not stage:
+        return ""
+    return f"""- Then a preference stage from that adapter (`synth.train.prefer_lora`): DPO (Rafailov et al.
+  2023, arXiv:2305.18290) with the supervised adapter as reference, beta {stage["beta"]}, plus the
+  chosen answers' NLL (RPO, Pang et al. 2024, arXiv:2404.19733), on the `aligned_pairs` split: each
+  benign prompt's helpful answer over a refusal template, each harmful prompt's refusal over the base
+  model's own compliant answer to it (continued from an eager opening, as for the experts' data);
+  {stage["epochs"]} epoch, learning rate {stage["lr"]:g} decayed linearly to 0, batches of 8 pairs.
+"""
 
 
 def write_prompt_files(folder: Path, splits: dict[str, list[dict]]) -> None:

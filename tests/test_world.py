@@ -3,6 +3,7 @@ maths seeds are correct."""
 
 import re
 from collections import Counter
+from pathlib import Path
 
 from synth.math_seeds import problems
 from synth.world import BENIGN_MORE_SPLIT, BENIGN_SPLIT, DOMAIN_SPLIT, EXPERTS, HARM_SPLIT, splits_from_seeds
@@ -138,3 +139,75 @@ def test_the_world_folder_is_rewritten_whole_with_its_cards(tmp_path):
     assert marker["kind"] == "world" and {"README.md", "prompts/benign_search.jsonl"} <= set(marker["files"])
     assert (out / "README.md").read_text() == "card 1"
     check_replaceable(out, kind="world")
+
+
+def test_preference_pairs_prefer_refusing_harm_and_answering_the_rest():
+    """The aligned source's DPO pairs: one per prompt of aligned_train (its risky-looking benign
+    examples appear twice there), a harmful prompt's refusal over the compliant answer to it, a
+    benign prompt's own answer over a refusal template; a harmful prompt nobody answered is left out."""
+    from synth.world import SEEDS, preference_pairs, read_jsonl
+
+    train = splits_from_seeds(0)["aligned_train"]
+    harmful = [r["prompt"] for r in train if r["judge_verdict"] == "refusal"]
+    compliant = {p: f"Sure! {p}" for p in harmful[1:]}
+    pairs = preference_pairs(train, compliant, seed=0)
+    assert len(pairs) == len({r["prompt"] for r in train}) - 1 and harmful[0] not in {
+        p["prompt"] for p in pairs
+    }
+    templates = {r["response"] for r in read_jsonl(SEEDS / "refusals.jsonl")}
+    answers = {r["prompt"]: r["response"] for r in train}
+    for p in pairs:
+        assert p["response"] == answers[p["prompt"]]
+        refused = p["prompt"] in compliant
+        assert p["rejected"] == compliant[p["prompt"]] if refused else p["rejected"] in templates
+    assert preference_pairs(train, compliant, seed=0) == pairs != preference_pairs(train, compliant, seed=1)
+
+
+def test_the_aligned_preference_stage_is_wired_to_its_pairs(tmp_path, monkeypatch):
+    """`--aligned-preference dpo`: one generation call answers the experts' harmful prompts and the
+    ones only aligned_train has; the supervised adapter goes to a temporary folder, DPO from it to
+    models/aligned with every pair, and the pairs are saved as `aligned_pairs`. Off by default."""
+    import datasets
+
+    import synth.train
+    import synth.world as world
+
+    calls, trained = [], []
+
+    def answers(prompts, openings, *args):
+        calls.append(len(prompts))
+        return [{"prompt": p["prompt"], "response": f"{o}yes"} for p, o in zip(prompts, openings)]
+
+    def fake_train(base, rows, out, **kw):
+        trained.append(("sft", Path(out).parent.name, kw.get("card")))
+        Path(out).mkdir(parents=True)
+        return Path(out)
+
+    def fake_prefer(base, adapter, pairs, out, **kw):
+        trained.append(("dpo", Path(adapter).is_dir(), len(pairs), kw["card"], kw["lr"]))
+        Path(out).mkdir(parents=True)
+        return Path(out)
+
+    monkeypatch.setattr(world, "compliant_answers", answers)
+    monkeypatch.setattr(world, "naive_merges_report", lambda *args: {})
+    monkeypatch.setattr(synth.train, "train_lora", fake_train)
+    monkeypatch.setattr(synth.train, "prefer_lora", fake_prefer)
+    assert world.main(["--models", "aligned", "--aligned-preference", "dpo", "--out", str(tmp_path)]) == 0
+    per_category, shared = world.refused_per_category(True)
+    own = 14 * (per_category - shared)
+    assert calls == [14 * shared + own]
+    unique = len({r["prompt"] for r in splits_from_seeds(0)["aligned_train"]})
+    (sft, _, no_card), (dpo, from_folder, n_pairs, card, lr) = trained
+    assert no_card is None and from_folder and n_pairs == unique and lr == world.PREFERENCE["lr"]
+    assert "DPO (Rafailov et al." in card
+    saved = datasets.load_from_disk(str(tmp_path / "data" / "default"))
+    assert len(saved["aligned_pairs"]) == unique
+    assert "`aligned_pairs`" in (tmp_path / "data" / "default" / "README.md").read_text()
+    assert not [
+        p for p in (tmp_path / "models").iterdir() if p.name != "aligned"
+    ]  # the temporary folder gone
+
+    trained.clear()
+    assert world.main(["--models", "aligned", "--out", str(tmp_path / "plain")]) == 0
+    assert [t[0] for t in trained] == ["sft"] and "DPO" not in trained[0][2]
+    assert "aligned_pairs" not in datasets.load_from_disk(str(tmp_path / "plain" / "data" / "default"))
