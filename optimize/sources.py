@@ -22,7 +22,7 @@ from safetensors import safe_open
 from tqdm.auto import tqdm
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-from core.adapters import unload_partial
+from core.adapters import LORA_KEY, unload_partial
 from core.config import cut
 from core.errors import ModelLoadError
 from core.models import (
@@ -33,7 +33,7 @@ from core.models import (
     release_freed_memory,
     resolve_model_path,
 )
-from core.weights import weight_files
+from core.weights import header_shapes, weight_files
 from optimize.deltas import Delta, LowRank, TaskVector
 
 
@@ -247,21 +247,16 @@ def task_vector_lora(name: str, path: Path, base: Base, trust_remote_code: bool 
     """Each adapted module's delta as peft computes it (rank/alpha patterns, rsLoRA and
     fan_in_fan_out included): factored (`LowRank`) for linear layers, dense (in the store dtype)
     for the rest. The adapter is injected into the working model, read, and unloaded again, which
-    restores the base modules untouched."""
+    restores the base modules untouched (modules_to_save included, and with them tied weights)."""
     from peft import LoraConfig, PeftModel
     from peft.tuners.lora import Linear as LoraLinear
     from peft.tuners.lora import LoraLayer
     from peft.utils import ModulesToSaveWrapper
 
     try:  # model_format checked the config (core.adapters); what only peft sees is its to refuse
-        cfg = LoraConfig.from_pretrained(path)  # JSON only: peft runs no code here, takes no such flag
+        LoraConfig.from_pretrained(path)  # JSON only: peft runs no code here, takes no such flag
     except Exception as err:
         raise _peft_error(name, path, err) from None
-    if getattr(cfg, "use_dora", False):
-        raise ModelLoadError(
-            f"source {name!r}: DoRA adapters are not supported (their delta is "
-            "not B @ A); merge the adapter into the model and use the folder"
-        )
     if (path / "tokenizer_config.json").exists():
         tok = tokenizer_of(f"source {name!r}", path, trust_remote_code)
         tmpl = getattr(tok, "chat_template", None)
@@ -276,6 +271,8 @@ def task_vector_lora(name: str, path: Path, base: Base, trust_remote_code: bool 
         raise _peft_error(name, path, err) from None
     held = {m.group(1) for k in shapes if (m := _LORA_KEY.match(k))}  # modules with weights in the file
     tv = {}
+    # peft's unload leaves a modules_to_save copy in the model (untying tied weights): the base's go back
+    wrappers = {n: m for n, m in base.model.named_modules() if isinstance(m, ModulesToSaveWrapper)}
     try:
         for module_name, module in peft_model.base_model.model.named_modules():
             if (
@@ -297,11 +294,19 @@ def task_vector_lora(name: str, path: Path, base: Base, trust_remote_code: bool 
             elif isinstance(module, ModulesToSaveWrapper):
                 for pname, p in module.modules_to_save["source"].named_parameters():
                     n = f"{module_name}.{pname}"
+                    if n not in base.weights:  # an alias: the base ties it to another weight
+                        raise ModelLoadError(
+                            f"source {name!r}: {path} trains its own {module_name} (modules_to_save), "
+                            f"but the base ties {n} to another weight and a merge has one of them: use "
+                            "an adapter trained without it in modules_to_save"
+                        )
                     d = _delta(n, p.detach(), base.weights[n])
                     if d is not None:
                         tv[n] = d
     finally:
         peft_model.unload()
+        for module_name, wrapper in wrappers.items():
+            base.model.set_submodule(module_name, wrapper.original_module)
     return tv
 
 
@@ -314,18 +319,14 @@ def _peft_error(name: str, path: Path, err: Exception) -> ModelLoadError:
 
 
 def _adapter_shapes(path: Path) -> dict[str, tuple]:
-    f = path / "adapter_model.safetensors"
-    if f.exists():
-        with safe_open(f, framework="pt", device="cpu") as st:
-            return {k: tuple(st.get_slice(k).get_shape()) for k in st.keys()}
+    if (f := path / "adapter_model.safetensors").exists():
+        return header_shapes([f])
     # adapter_model.bin: model_format lets it through only with allow_pickle
     state = torch.load(path / "adapter_model.bin", map_location="cpu", weights_only=True)
     return {k: tuple(v.shape) for k, v in state.items()}
 
 
-_LORA_KEY = re.compile(
-    r"^base_model\.model\.(.+)\.(lora_A|lora_B|lora_embedding_A|lora_embedding_B)(?:\.\w+)?(?:\.weight)?$"
-)
+_LORA_KEY = re.compile(r"^base_model\.model\." + LORA_KEY.pattern.removeprefix("^"))  # peft's prefix
 
 
 def _check_lora_shapes(name: str, base: Base, shapes: dict[str, tuple]) -> None:

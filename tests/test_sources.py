@@ -60,6 +60,52 @@ def test_lora_task_vector_is_b_a_scaling_and_base_is_restored(world, base):
     assert type(base.model.model.layers[0].self_attn.q_proj).__name__ == "Linear"
 
 
+def tied_base(folder):
+    """The tiny Llama with lm_head tied to the embedding, as SmolLM2 and Llama-3.2 ship."""
+    untied = make_tiny_llama(folder.parent / f"{folder.name}_untied", num_layers=2)
+    model = AutoModelForCausalLM.from_pretrained(untied, dtype=torch.float32)
+    model.config.tie_word_embeddings = True
+    model.lm_head.weight = model.model.embed_tokens.weight
+    model.save_pretrained(folder)
+    AutoTokenizer.from_pretrained(untied).save_pretrained(folder)
+    return folder
+
+
+def lora_saving(base_path, out, modules):
+    """A LoRA on q_proj that also trains its own copy of `modules` (peft's modules_to_save)."""
+    from peft import LoraConfig, get_peft_model
+
+    model = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32)
+    cfg = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"], modules_to_save=modules)
+    peft_model = get_peft_model(model, cfg)
+    with torch.no_grad():
+        for n, p in peft_model.named_parameters():
+            if "modules_to_save" in n:
+                p.add_(0.5)
+    peft_model.save_pretrained(out, safe_serialization=True)
+    return out
+
+
+def test_modules_to_save_become_deltas_and_the_base_keeps_its_own_and_its_ties(tmp_path):
+    """peft's unload leaves the adapter's trained copy of a modules_to_save module in the model; it
+    untied a tied base's lm_head, and the merger then failed with KeyError 'lm_head.weight'."""
+    base = load_base(str(tied_base(tmp_path / "tied")), torch.float32, "cpu")
+    before = {n: p.detach().clone() for n, p in base.model.named_parameters()}
+    tv = load_task_vector("emb", str(lora_saving(base.path, tmp_path / "emb", ["embed_tokens"])), base)
+    torch.testing.assert_close(
+        dense(tv["model.embed_tokens.weight"]), torch.full_like(before["model.embed_tokens.weight"], 0.5)
+    )
+    assert base.model.lm_head.weight is base.model.model.embed_tokens.weight  # still tied
+    after = dict(base.model.named_parameters())
+    assert set(after) == set(before) and all(torch.equal(after[n].detach(), p) for n, p in before.items())
+    with pytest.raises(
+        ModelLoadError, match=r"trains its own lm_head \(modules_to_save\), but the base ties"
+    ):
+        load_task_vector("head", str(lora_saving(base.path, tmp_path / "head", ["lm_head"])), base)
+    assert base.model.lm_head.weight is base.model.model.embed_tokens.weight
+    assert all(torch.equal(p.detach(), before[n]) for n, p in base.model.named_parameters())
+
+
 def test_other_architecture_shapes_vocab_and_template_are_refused(world, base, tmp_path):
     wide = make_tiny_llama(tmp_path / "wide", num_layers=4, hidden_size=128, num_heads=2)
     with pytest.raises(SourceMismatchError, match="shape of model"):
