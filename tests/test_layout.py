@@ -3,7 +3,7 @@
   0  core       imports nothing of ours
   1  eval       core
   2  synth      eval, core         optimize  eval, core        (never each other)
-  3  the applications eval.run (+ run_inputs), optimize.demo, optimize.ablate, synth.world:
+  3  the applications eval.run (+ run_inputs), optimize.demo, optimize.ablate, synth.world (+ world_card):
      anything below;
      nothing imports them but their own parts
 
@@ -25,7 +25,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = {"core": 0, "eval": 1, "synth": 2, "optimize": 2}
-APPS = {"eval.run", "eval.run_inputs", "optimize.demo", "optimize.ablate", "synth.world"}
+APPS = {"eval.run", "eval.run_inputs", "optimize.demo", "optimize.ablate", "synth.world", "synth.world_card"}
 CLIS = [
     "optimize.search",
     "optimize.sweep",
