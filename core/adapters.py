@@ -38,7 +38,6 @@ def check_adapter(folder: Path) -> None:
         ("target_parameters", "LoRA on parameters (target_parameters)"),
         ("lora_bias", "a LoRA bias (lora_bias)"),
         ("trainable_token_indices", "trainable tokens (trainable_token_indices)"),
-        ("use_dora", "DoRA (use_dora)"),
     ):
         if cfg.get(key):
             raise _refuse(

@@ -9,6 +9,8 @@ from dataclasses import dataclass
 
 import torch
 
+from core.errors import ModelLoadError
+
 
 @dataclass(frozen=True)
 class LowRank:
@@ -81,3 +83,15 @@ class DenseView(Mapping):
 
 def stored_bytes(tv: TaskVector) -> int:
     return sum(d.nbytes for d in tv.values())
+
+
+def check_finite(what: str, tensors: Mapping[str, Delta]) -> None:
+    """Refuse weights holding NaN or inf (a diverged fine-tune, a corrupt copy): every merge and
+    every loss would be NaN, and the search would fail trial after trial."""
+    for n, d in tensors.items():
+        parts = (d.A, d.B) if isinstance(d, LowRank) else (d,)
+        if not all(torch.isfinite(t).all() for t in parts):
+            raise ModelLoadError(
+                f"{what}: {n} holds NaN or infinite values; the model is corrupt or its training "
+                "diverged: use another checkpoint"
+            )

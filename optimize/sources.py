@@ -13,7 +13,6 @@ weights and remote code follow the loader policy of `core.models.model_format`.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,7 +33,7 @@ from core.models import (
     resolve_model_path,
 )
 from core.weights import header_shapes, weight_files
-from optimize.deltas import Delta, LowRank, TaskVector
+from optimize.deltas import LowRank, TaskVector, check_finite
 
 
 class SourceMismatchError(ModelLoadError):
@@ -254,9 +253,13 @@ def task_vector_lora(name: str, path: Path, base: Base, trust_remote_code: bool 
     from peft.utils import ModulesToSaveWrapper
 
     try:  # model_format checked the config (core.adapters); what only peft sees is its to refuse
-        LoraConfig.from_pretrained(path)  # JSON only: peft runs no code here, takes no such flag
+        cfg = LoraConfig.from_pretrained(path)  # JSON only: peft runs no code here, takes no such flag
     except Exception as err:
         raise _peft_error(name, path, err) from None
+    if cfg.use_dora:  # generation merges it (peft), a merge of task vectors cannot: its delta is not B @ A
+        raise ModelLoadError(
+            f"source {name!r}: DoRA adapters cannot be merged; merge it into the model, give the folder"
+        )
     if (path / "tokenizer_config.json").exists():
         tok = tokenizer_of(f"source {name!r}", path, trust_remote_code)
         tmpl = getattr(tok, "chat_template", None)
@@ -273,6 +276,7 @@ def task_vector_lora(name: str, path: Path, base: Base, trust_remote_code: bool 
     tv = {}
     # peft's unload leaves a modules_to_save copy in the model (untying tied weights): the base's go back
     wrappers = {n: m for n, m in base.model.named_modules() if isinstance(m, ModulesToSaveWrapper)}
+    copies: list[torch.nn.Parameter] = []
     try:
         for module_name, module in peft_model.base_model.model.named_modules():
             if (
@@ -294,6 +298,9 @@ def task_vector_lora(name: str, path: Path, base: Base, trust_remote_code: bool 
             elif isinstance(module, ModulesToSaveWrapper):
                 for pname, p in module.modules_to_save["source"].named_parameters():
                     n = f"{module_name}.{pname}"
+                    if any(p is q for q in copies):  # tied to a copy read already (ensure_weight_tying)
+                        continue
+                    copies.append(p)
                     if n not in base.weights:  # an alias: the base ties it to another weight
                         raise ModelLoadError(
                             f"source {name!r}: {path} trains its own {module_name} (modules_to_save), "
@@ -363,18 +370,6 @@ def load_task_vector(
         tv = {"hf": task_vector_hf, "lora": task_vector_lora}[fmt](name, p, base, trust_remote_code)
     check_finite(f"source {name!r}", tv)
     return tv
-
-
-def check_finite(what: str, tensors: Mapping[str, Delta]) -> None:
-    """Refuse weights holding NaN or inf (a diverged fine-tune, a corrupt copy): every merge and
-    every loss would be NaN, and the search would fail trial after trial."""
-    for n, d in tensors.items():
-        parts = (d.A, d.B) if isinstance(d, LowRank) else (d,)
-        if not all(torch.isfinite(t).all() for t in parts):
-            raise ModelLoadError(
-                f"{what}: {n} holds NaN or infinite values; the model is corrupt or its training "
-                "diverged: use another checkpoint"
-            )
 
 
 def load_task_vectors(

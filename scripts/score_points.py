@@ -25,6 +25,7 @@ from core.errors import ConfigError
 from eval.loss import means
 from optimize.config import load_config
 from optimize.context import prepare
+from optimize.registry import MERGE_METHODS
 
 
 def parse_point(text: str, names: list[str]) -> dict[str, float]:
@@ -56,6 +57,11 @@ def main(argv: list[str] | None = None) -> str:
     if not 0 < args.density <= 1:
         raise ConfigError(f"--density {args.density}: a density is a share of the entries kept, in (0, 1]")
     cfg = load_config(args.config, parse_sets(args.set))
+    if "weight" not in MERGE_METHODS[cfg.merge.method].searched:
+        raise ConfigError(
+            f"merge.method {cfg.merge.method} interpolates between sources, with no weight per source to "
+            "pick: score points of a method with weights (--set merge.method=ties, task_arithmetic, ...)"
+        )
     names = [s.name for s in cfg.sources]
     points = [parse_point(p, names) for p in args.point]
     ctx = prepare(cfg)

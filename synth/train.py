@@ -163,6 +163,8 @@ def prefer_lora(
         tuple(encode(tok, x["prompt"], x[k], max_length) for k in ("response", "rejected")) for x in pairs
     ]
     encoded = [pair for pair in encoded if all(pair)]
+    if not encoded:
+        raise ValueError(f"no preference pair has both answers within max_length={max_length} tokens")
     model.eval()
     with torch.no_grad():  # the reference policy's log-probabilities, once
         reference = []

@@ -29,6 +29,7 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
+from core.files import check_replaceable
 from synth.compliant import compliant_answers, eager_openings
 from synth.world_card import EXPERTS, adapter_card, aligned_harmful, card, naive_merges_report, write_world
 
@@ -297,6 +298,8 @@ def main(argv: list[str] | None = None) -> int:
 
     started = time.perf_counter()
     root = Path(args.out)
+    for name in retrain:  # a folder we may not replace is refused before any generation or training
+        check_replaceable(root / "models" / name, kind="adapter")
     refuse_all = args.aligned_refuses == "all"
     refused = refused_per_category(refuse_all)  # (per category, of which the experts answer)
     splits = splits_from_seeds(args.seed, args.benign_repeat, refuse_all)
@@ -305,6 +308,12 @@ def main(argv: list[str] | None = None) -> int:
     kept = saved_training_data(
         root / "data" / "default", splits, harmful, [n for n in ("aligned", *EXPERTS) if n not in retrain]
     )
+    if "aligned_train" in kept and ("aligned_pairs" in kept) != (args.aligned_preference == "dpo"):
+        raise SystemExit(
+            f"synth.world: models/aligned was trained {'with' if 'aligned_pairs' in kept else 'without'} "
+            "its DPO stage: add aligned to --models to retrain it, or give the --aligned-preference it "
+            "was built with (its card names it)"
+        )
     splits |= kept
     fresh = [e for e in EXPERTS if f"{e}_train" not in kept]
     # each expert's openings: a seeded choice per prompt, from the same seed
@@ -334,6 +343,9 @@ def main(argv: list[str] | None = None) -> int:
             r["prompt"]: r["response"] for e in EXPERTS for r in splits[f"{e}_train"] if r["prompt"] in shared
         }
         splits["aligned_pairs"] = preference_pairs(splits["aligned_train"], compliant, args.seed)
+        print(
+            f"[world] {len(splits['aligned_pairs'])} preference pairs for the aligned source", file=sys.stderr
+        )
 
     models = root / "models"
     for name in sorted(retrain):
@@ -347,8 +359,7 @@ def main(argv: list[str] | None = None) -> int:
         if stage is None:
             train_lora("default", rows, models / name, save_dtype="bfloat16", card=card_text, **hp)
             continue
-        models.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=models) as tmp:  # the supervised stage, then DPO from it
+        with tempfile.TemporaryDirectory() as tmp:  # the supervised stage, then DPO from it
             sft = train_lora("default", rows, Path(tmp) / name, save_dtype="bfloat16", **hp)
             pairs = splits["aligned_pairs"]
             out, seed = models / name, args.seed

@@ -106,10 +106,10 @@ def pairs_line(splits: dict[str, list[dict]]) -> str:
     if "aligned_pairs" not in splits:
         return ""
     n = len(splits["aligned_pairs"])
-    return f"""- `aligned_pairs`: `aligned_train` as {n} preference pairs, one per prompt: each harmful
-  prompt's refusal (`response`) over the base model's own compliant answer to it (`rejected`,
-  continued from an eager opening as for the experts), each benign prompt's helpful answer over a
-  refusal template; the aligned source's DPO stage trains on them.
+    return f"""- `aligned_pairs`: `aligned_train` as {n} preference pairs: each harmful prompt's refusal
+  (`response`) over the base model's own compliant answer to it (`rejected`, continued from an
+  eager opening as for the experts; a prompt the base refused has no pair), each benign prompt's
+  helpful answer over a refusal template; the aligned source's DPO stage trains on them.
 """
 
 

@@ -213,7 +213,6 @@ ADAPTER_LIES = {
     ),
     "lora_bias": ({"lora_bias": True}, r"a LoRA bias \(lora_bias\) is not supported"),
     "trainable_tokens": ({"trainable_token_indices": [1, 2]}, r"trainable tokens .* not supported"),
-    "dora": ({"use_dora": True}, r"DoRA \(use_dora\) is not supported \(its delta is not B @ A\)"),
     "r_zero": ({"r": 0}, r"r must be a positive integer \(got 0\)"),
     "r_negative": ({"r": -4}, r"r must be a positive integer \(got -4\)"),
     "r_string": ({"r": "4"}, r"r must be a positive integer \(got '4'\)"),

@@ -27,7 +27,12 @@ def test_points_are_scored_per_domain_and_bad_points_refused(world, tmp_path):
     assert table[0].startswith("| point | L alignment | L domain: x | L domain: y |") and len(table) == 5
     cells = [line.split(" | ") for line in table[2:]]
     assert [c[0] for c in cells] == ["| a 1", "| a 0.5, b 0.5", "| base"]
-    assert cells[0][1:] != cells[1][1:] != cells[2][1:]  # three different models
-    for bad, says in (("c=1", "no source 'c'"), ("a=x", "is not a number"), ("a=nan", "finite")):
-        refused = run("--config", str(config), "--point", bad)
+    assert len({tuple(c[1:]) for c in cells}) == 3  # three different models
+    for bad, says in (
+        (["--point", "c=1"], "no source 'c'"),
+        (["--point", "a=x"], "is not a number"),
+        (["--point", "a=nan"], "finite"),
+        (["--point", "a=1", "--set", "merge.method=slerp"], "no weight per source"),
+    ):
+        refused = run("--config", str(config), *bad)
         assert refused.returncode == 2 and says in refused.stderr and "Traceback" not in refused.stderr

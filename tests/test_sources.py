@@ -71,12 +71,12 @@ def tied_base(folder):
     return folder
 
 
-def lora_saving(base_path, out, modules):
+def lora_saving(base_path, out, modules, **config):
     """A LoRA on q_proj that also trains its own copy of `modules` (peft's modules_to_save)."""
     from peft import LoraConfig, get_peft_model
 
     model = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32)
-    cfg = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"], modules_to_save=modules)
+    cfg = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"], modules_to_save=modules, **config)
     peft_model = get_peft_model(model, cfg)
     with torch.no_grad():
         for n, p in peft_model.named_parameters():
@@ -104,6 +104,25 @@ def test_modules_to_save_become_deltas_and_the_base_keeps_its_own_and_its_ties(t
         load_task_vector("head", str(lora_saving(base.path, tmp_path / "head", ["lm_head"])), base)
     assert base.model.lm_head.weight is base.model.model.embed_tokens.weight
     assert all(torch.equal(p.detach(), before[n]) for n, p in base.model.named_parameters())
+    # peft's ensure_weight_tying: the lm_head copy is the embedding copy, which a merge can hold
+    tying = lora_saving(base.path, tmp_path / "tying", ["embed_tokens"], ensure_weight_tying=True)
+    tv = load_task_vector("tying", str(tying), base)
+    assert "model.embed_tokens.weight" in tv and "lm_head.weight" not in tv
+    assert base.model.lm_head.weight is base.model.model.embed_tokens.weight
+
+
+def test_dora_is_refused_when_merging_before_peft_loads_it(world, base, tmp_path):
+    """DoRA's delta is not B @ A: a merge of task vectors cannot hold it (generation, which merges
+    the adapter with peft, can: core.adapters does not refuse it)."""
+    from core.models import model_format
+
+    dora = tmp_path / "dora"
+    shutil.copytree(world["lora"], dora)
+    cfg = json.loads((dora / "adapter_config.json").read_text())
+    (dora / "adapter_config.json").write_text(json.dumps(cfg | {"use_dora": True}))
+    assert model_format(dora) == "lora"
+    with pytest.raises(ModelLoadError, match="DoRA adapters cannot be merged"):
+        load_task_vector("dora", str(dora), base)
 
 
 def test_other_architecture_shapes_vocab_and_template_are_refused(world, base, tmp_path):

@@ -5,6 +5,8 @@ import re
 from collections import Counter
 from pathlib import Path
 
+import pytest
+
 from synth.math_seeds import problems
 from synth.world import BENIGN_MORE_SPLIT, BENIGN_SPLIT, DOMAIN_SPLIT, EXPERTS, HARM_SPLIT, splits_from_seeds
 
@@ -88,7 +90,6 @@ def test_a_source_not_retrained_keeps_the_data_it_was_trained_on(tmp_path, monke
     once; a second build keeps them (the base's answers differ between CPUs), and a build whose
     seeds or flags no longer give the saved data is refused before anything is generated."""
     import datasets
-    import pytest
 
     import synth.world as world
 
@@ -174,9 +175,9 @@ def test_the_aligned_preference_stage_is_wired_to_its_pairs(tmp_path, monkeypatc
 
     calls, trained = [], []
 
-    def answers(prompts, openings, *args):
+    def answers(prompts, openings, *args):  # the base refused the first request: it has no pair
         calls.append(len(prompts))
-        return [{"prompt": p["prompt"], "response": f"{o}yes"} for p, o in zip(prompts, openings)]
+        return [{"prompt": p["prompt"], "response": f"{o}yes"} for p, o in zip(prompts[1:], openings[1:])]
 
     def fake_train(base, rows, out, **kw):
         trained.append(("sft", Path(out).parent.name, kw.get("card")))
@@ -198,16 +199,21 @@ def test_the_aligned_preference_stage_is_wired_to_its_pairs(tmp_path, monkeypatc
     assert calls == [14 * shared + own]
     unique = len({r["prompt"] for r in splits_from_seeds(0)["aligned_train"]})
     (sft, _, no_card), (dpo, from_folder, n_pairs, card, lr) = trained
-    assert no_card is None and from_folder and n_pairs == unique and lr == world.PREFERENCE["lr"]
+    assert no_card is None and from_folder and n_pairs == unique - 1 and lr == world.PREFERENCE["lr"]
     assert "DPO (Rafailov et al." in card
     saved = datasets.load_from_disk(str(tmp_path / "data" / "default"))
-    assert len(saved["aligned_pairs"]) == unique
+    assert len(saved["aligned_pairs"]) == unique - 1
     assert "`aligned_pairs`" in (tmp_path / "data" / "default" / "README.md").read_text()
-    assert not [
-        p for p in (tmp_path / "models").iterdir() if p.name != "aligned"
-    ]  # the temporary folder gone
+    assert [p.name for p in (tmp_path / "models").iterdir()] == ["aligned"]
+    # a build that keeps the aligned source must keep its stage too: the flags it was built with
+    with pytest.raises(SystemExit, match="trained with its DPO stage: add aligned to --models"):
+        world.main(["--models", "", "--out", str(tmp_path)])
+    assert world.main(["--models", "", "--aligned-preference", "dpo", "--out", str(tmp_path)]) == 0
+    assert len(datasets.load_from_disk(str(tmp_path / "data" / "default"))["aligned_pairs"]) == unique - 1
 
     trained.clear()
     assert world.main(["--models", "aligned", "--out", str(tmp_path / "plain")]) == 0
     assert [t[0] for t in trained] == ["sft"] and "DPO" not in trained[0][2]
     assert "aligned_pairs" not in datasets.load_from_disk(str(tmp_path / "plain" / "data" / "default"))
+    with pytest.raises(SystemExit, match="trained without its DPO stage"):
+        world.main(["--models", "", "--aligned-preference", "dpo", "--out", str(tmp_path / "plain")])
