@@ -97,11 +97,9 @@ def n_finished(study: optuna.Study) -> int:
 
 def slots_left(study: optuna.Study, n_trials: int) -> int:
     """Trials this worker may still start: the target minus the trials finished or running in any
-    worker. A trial waiting to be retried is always run (the next ask takes it)."""
-    trials = searched_trials(study, FINISHED + (TrialState.RUNNING, TrialState.WAITING))
-    if any(t.state == TrialState.WAITING for t in trials):
-        return max(1, n_trials - len(trials) + 1)
-    return n_trials - len(trials)
+    worker (the next ask takes a trial waiting to be retried first). A retry left waiting once the
+    study holds its n_trials (a rerun with a lower --n-trials after a kill) is not run."""
+    return n_trials - len(searched_trials(study, FINISHED + (TrialState.RUNNING,)))
 
 
 def is_surplus(study: optuna.Study, trial: optuna.Trial, n_trials: int) -> bool:

@@ -358,6 +358,21 @@ def test_surplus_trial_when_workers_race_at_the_end(tmp_path):
     assert not is_surplus(study, study.ask(), 5)
 
 
+def test_a_retry_waiting_past_the_target_is_not_run(tmp_path):
+    """A worker killed mid-trial leaves a retry waiting; rerun with a lower --n-trials, the study
+    already holds them: nothing is started (it was run and failed as 'other workers had taken the
+    last slots'). With a higher target the retry is the next trial."""
+    study = optuna.create_study(storage=f"sqlite:///{tmp_path / 's.db'}")
+    for x in range(3):
+        study.enqueue_trial({"x": float(x)})
+        study.optimize(lambda t: t.suggest_float("x", 0, 9), n_trials=1)
+    killed = study.ask({"x": optuna.distributions.FloatDistribution(0, 9)})
+    study.tell(killed, state=TrialState.FAIL)
+    study.enqueue_trial(killed.params)  # optimize.storage's retry of a dead worker's trial
+    assert slots_left(study, 2) < 0 and slots_left(study, 3) == 0
+    assert slots_left(study, 5) == 2 and study.ask().number == killed.number + 1  # the retry first
+
+
 def test_sqlite_shared_by_two_workers_warns(tmp_path, capsys):
     study = optuna.create_study(storage=f"sqlite:///{tmp_path / 's.db'}")
     other = study.ask()
