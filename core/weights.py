@@ -11,12 +11,16 @@ transformers initialise the missing tensors at random, or allocate what the conf
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import json
 import os
 import re
+import signal
 import stat
+import threading
+import time
 from pathlib import Path
 
 import torch
@@ -270,15 +274,51 @@ def _compare(folder: Path, skeleton, shapes: dict[str, tuple]) -> None:
             raise _disagree(folder, f"{name} of shape {tuple(p.shape)}", f"{loaded[name]}")
 
 
+TEMPLATE_SECONDS = 10.0  # to render two short messages; a template running longer loops
+
+
+class _TemplateTimeout(Exception):
+    pass
+
+
+@contextlib.contextmanager
+def _time_limit(seconds: float):
+    """Raise _TemplateTimeout in this block after `seconds` (a SIGALRM timer: the main thread of a
+    Unix process only; elsewhere no limit)."""
+    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "setitimer"):
+        yield
+        return
+
+    def expire(*_):
+        raise _TemplateTimeout
+
+    previous, started = signal.signal(signal.SIGALRM, expire), time.monotonic()
+    pending, _ = signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+        if pending:  # someone else's timer (a test runner's): re-armed with what was left of it
+            signal.setitimer(signal.ITIMER_REAL, max(1e-3, pending - (time.monotonic() - started)))
+
+
 def check_chat_template(tokenizer, folder: Path) -> None:
     """Render a plain conversation as the scorer does (`eval.loss.encode`): a template that
-    raises, or does not parse, is refused once, here, not on the first example."""
+    raises, does not parse, or runs for TEMPLATE_SECONDS (nested loops) is refused once, here, not
+    on the first example."""
     if not getattr(tokenizer, "chat_template", None):
         return
     messages = [{"role": "user", "content": "Hello"}, {"role": "assistant", "content": "Hi."}]
     try:
-        tokenizer.apply_chat_template(messages, tokenize=False)
-        tokenizer.apply_chat_template(messages[:1], tokenize=False, add_generation_prompt=True)
+        with _time_limit(TEMPLATE_SECONDS):
+            tokenizer.apply_chat_template(messages, tokenize=False)
+            tokenizer.apply_chat_template(messages[:1], tokenize=False, add_generation_prompt=True)
+    except _TemplateTimeout:
+        raise ModelLoadError(
+            f"{folder}: its chat template ran for {TEMPLATE_SECONDS:g} s on a two-message conversation "
+            "without finishing (a loop?); fix chat_template in its tokenizer files"
+        ) from None
     except Exception as err:  # jinja2's TemplateError, SecurityError, UndefinedError...
         raise ModelLoadError(
             f"{folder}: its chat template fails on a plain user/assistant conversation "

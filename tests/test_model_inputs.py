@@ -279,6 +279,17 @@ def test_a_chat_template_that_fails_is_refused_when_the_tokenizer_loads(world, t
     assert "Loading weights" not in proc.stderr  # refused before the base loaded
 
 
+def test_a_chat_template_that_never_finishes_is_refused(world, tmp_path, monkeypatch):
+    import core.weights
+
+    monkeypatch.setattr(core.weights, "TEMPLATE_SECONDS", 0.5)
+    folder = copy(world, "base", tmp_path)
+    loop = "{% for i in range(99999) %}{% for j in range(99999) %}{{ '' }}{% endfor %}{% endfor %}"
+    (folder / "chat_template.jinja").write_text(loop)
+    with pytest.raises(ModelLoadError, match=r"its chat template ran for 0.5 s .* without finishing"):
+        load_tokenizer(folder)
+
+
 @pytest.mark.parametrize("text", ['{"version": "1.0", "model": ', "[]"])
 def test_a_corrupt_tokenizer_json_is_refused(world, tmp_path, text):
     folder = copy(world, "base", tmp_path)
