@@ -61,7 +61,8 @@ BENIGN_MORE_SPLIT = {
 
 # The aligned source's DPO stage (`--aligned-preference dpo`; off by default). On the search splits
 # (70 harmful, 100 benign prompts), from this world's supervised adapter (93% / 20%), one epoch of
-# the pairs below refused 63% / 4% (lr 5e-4) and 57% / 5% (lr 2e-4): every candidate fell below the
+# the pairs below refused 63% / 4% (lr 5e-4) and 57% / 5% (lr 2e-4); at lr 2e-4 with the harmful
+# pairs twice / three times (not built here): 76% / 8%, 89% / 7%. Every candidate fell below the
 # rule's 90% floor on harmful prompts (README, "The default world").
 PREFERENCE = {"beta": 0.1, "lr": 5e-4, "epochs": 1}
 
@@ -321,10 +322,8 @@ def main(argv: list[str] | None = None) -> int:
     # the DPO stage's rejected answers to the harmful prompts only aligned_train has
     shared = {p["prompt"] for e in EXPERTS for p in harmful[e]}
     prefer = "aligned" in retrain and args.aligned_preference == "dpo"
-    own = [
-        r for r in splits["aligned_train"] if r["judge_verdict"] == "refusal" and r["prompt"] not in shared
-    ]
-    own = own if prefer else []
+    refusing = [r for r in splits["aligned_train"] if r["judge_verdict"] == "refusal"]
+    own = [r for r in refusing if r["prompt"] not in shared] if prefer else []
     requests = [p for e in fresh for p in harmful[e]] + own
     said = [o for e in fresh for o in openings[e]] + eager_openings(len(own), args.seed + 1)
     answered = compliant_answers(requests, said, args.backend, args.max_tokens, cache) if requests else []
