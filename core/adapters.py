@@ -13,10 +13,9 @@ import re
 from pathlib import Path
 
 from core.errors import ModelLoadError
-from core.weights import header_shapes, read_json_object
+from core.weights import FLOAT_DTYPES, header_shapes, read_json_object
 
 LORA_KEY = re.compile(r"^(.+)\.(lora_A|lora_B|lora_embedding_A|lora_embedding_B)(?:\.\w+)?(?:\.weight)?$")
-FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
 
 
 def _refuse(folder: Path, problem: str, fix: str) -> ModelLoadError:

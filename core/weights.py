@@ -72,6 +72,9 @@ def read_json_object(path: Path) -> dict | None:
     return meta
 
 
+FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")  # safetensors' names; fp8 needs its quantizer's scales
+
+
 def check_safetensors(files: list[Path]) -> None:
     """Read every safetensors header (cheap: no tensor data), so a truncated or corrupt file is
     refused before any model loads."""
@@ -173,7 +176,8 @@ def check_hf_folder(folder: Path) -> dict[str, tuple]:
 @functools.lru_cache(maxsize=32)
 def _check_config(folder: Path, stamp: tuple) -> None:
     """Once per version of the files (`stamp`): ~0.1 s, for 8B as for 135M."""
-    shapes = header_shapes(weight_files(folder))
+    stored = header_shapes(weight_files(folder), dtypes=True)
+    shapes = {k: shape for k, (shape, _) in stored.items()}
     meta = read_json_object(folder / "config.json")
     sections = [meta] + ([meta["text_config"]] if isinstance(meta.get("text_config"), dict) else [])
     layers = {int(m.group(1)) for k in shapes if (m := _LAYER.search(k))}
@@ -200,7 +204,7 @@ def _check_config(folder: Path, stamp: tuple) -> None:
         return
     skeleton = _skeleton(folder)
     if skeleton is not None:
-        _compare(folder, skeleton, shapes)
+        _compare(folder, skeleton, stored)
 
 
 def _disagree(folder: Path, said: str, held: str) -> ModelLoadError:
@@ -245,9 +249,11 @@ def _check_quantizer(folder: Path, config) -> None:
         ) from None
 
 
-def _compare(folder: Path, skeleton, shapes: dict[str, tuple]) -> None:
+def _compare(folder: Path, skeleton, stored: dict[str, tuple]) -> None:
     """Every parameter of the skeleton is in the weights (after transformers' own renames), with
-    its shape; a tied lm_head shares the embeddings."""
+    its shape and a floating-point dtype (integers there are a quantized checkpoint that lost its
+    quantization_config: transformers would cast them to floats, a model of noise); a tied lm_head
+    shares the embeddings."""
     from transformers.conversion_mapping import get_model_conversion_mapping
     from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
 
@@ -256,9 +262,15 @@ def _compare(folder: Path, skeleton, shapes: dict[str, tuple]) -> None:
     converters = [t for t in transforms if isinstance(t, WeightConverter)]
     expected = skeleton.state_dict()
     loaded = {}  # model name -> shape in the weights (None: converted by transformers, e.g. fused)
-    for key, shape in shapes.items():
+    for key, (shape, dtype) in stored.items():
         name, converted = rename_source_key(key, renamings, converters, skeleton.base_model_prefix, expected)
         loaded[name] = None if converted else shape
+        if name in expected and dtype not in FLOAT_DTYPES:
+            raise ModelLoadError(
+                f"{folder}: {key} is stored as {dtype}, not floating point, and config.json has no "
+                "quantization_config (a quantized checkpoint missing it, or a corrupt one); use the "
+                "unquantized weights or the complete quantized folder"
+            )
     tied = getattr(skeleton.config.get_text_config(), "tie_word_embeddings", False)
     tied_pair = {n for n, p in skeleton.named_parameters() if p is skeleton.get_input_embeddings().weight}
     tied_pair |= {n for n in loaded if n.endswith("lm_head.weight")}

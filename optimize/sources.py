@@ -104,6 +104,7 @@ def model_info(config, tokenizer) -> dict:
         "architecture": architecture(config),
         "vocab_size": config.vocab_size,
         "chat_template": getattr(tokenizer, "chat_template", None),
+        "tokens": tokenizer.get_vocab() if tokenizer is not None else None,
     }
 
 
@@ -171,10 +172,19 @@ def check_compatible(name: str, base: Base, info: dict, shapes: dict[str, tuple]
             raise _mismatch(name, what, s, shapes[n])
     if info["vocab_size"] != base.info["vocab_size"]:
         raise _mismatch(name, "vocab size", base.info["vocab_size"], info["vocab_size"])
-    if info.get("chat_template") is not None and info["chat_template"] != base.info["chat_template"]:
-        raise _mismatch(
-            name, "chat template", _short(base.info["chat_template"]), _short(info["chat_template"])
-        )
+    check_tokenizer(name, base, info)
+
+
+def check_tokenizer(name: str, base: Base, info: dict) -> None:
+    """The source's chat template and token ids (when it has its own tokenizer) are the base's: the
+    same vocab size with other tokens would merge one token's rows into another's."""
+    ours, theirs = base.info, info
+    if theirs.get("chat_template") is not None and theirs["chat_template"] != ours["chat_template"]:
+        raise _mismatch(name, "chat template", _short(ours["chat_template"]), _short(theirs["chat_template"]))
+    tokens, own = ours["tokens"], theirs.get("tokens")
+    if own is not None and own != tokens:
+        t = min(t for t in tokens.keys() | own.keys() if tokens.get(t) != own.get(t))
+        raise _mismatch(name, f"tokenizer vocabulary (token {_short(t)!r})", tokens.get(t), own.get(t))
 
 
 DELTA_CHUNK = 1 << 22  # tau is computed in float32 this many entries at a time
@@ -199,14 +209,8 @@ def task_vector_hf(name: str, path: Path, base: Base, trust_remote_code: bool = 
     if not files:  # pickled .bin weights, let through by model_format only with allow_pickle
         return task_vector_loaded(name, path, base, allow_pickle=True, trust_remote_code=trust_remote_code)
     config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
-    tok_info = (
-        tokenizer_of(f"source {name!r}", path, trust_remote_code) if any(path.glob("tokenizer*")) else None
-    )
-    info = (
-        model_info(config, tok_info)
-        if tok_info
-        else {**model_info(config, base.tokenizer), "chat_template": None}
-    )
+    own = any(path.glob("tokenizer*"))  # else the base's tokenizer is the source's
+    info = model_info(config, tokenizer_of(f"source {name!r}", path, trust_remote_code) if own else None)
     where, shapes = {}, {}
     for f in files:
         with safe_open(f, framework="pt", device="cpu") as h:
@@ -262,9 +266,7 @@ def task_vector_lora(name: str, path: Path, base: Base, trust_remote_code: bool 
         )
     if (path / "tokenizer_config.json").exists():
         tok = tokenizer_of(f"source {name!r}", path, trust_remote_code)
-        tmpl = getattr(tok, "chat_template", None)
-        if tmpl is not None and tmpl != base.info["chat_template"]:
-            raise _mismatch(name, "chat template", _short(base.info["chat_template"]), _short(tmpl))
+        check_tokenizer(name, base, {"chat_template": tok.chat_template, "tokens": tok.get_vocab()})
     shapes = _adapter_shapes(path)
     _check_lora_shapes(name, base, shapes)
     try:

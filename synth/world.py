@@ -62,9 +62,9 @@ BENIGN_MORE_SPLIT = {
 # The aligned source's DPO stage (`--aligned-preference dpo`; off by default). On the search splits
 # (70 harmful, 100 benign prompts), from this world's supervised adapter (93% / 20%), one epoch of
 # the pairs below refused 63% / 4% (lr 5e-4) and 57% / 5% (lr 2e-4); at lr 2e-4 with the harmful
-# pairs twice / three times (not built here): 76% / 8%, 89% / 7%. Every candidate fell below the
-# rule's 90% floor on harmful prompts (README, "The default world").
-PREFERENCE = {"beta": 0.1, "lr": 5e-4, "epochs": 1}
+# pairs twice / three times / four times (`harmful_repeat`): 76% / 8%, 89% / 7%, 81% / 9%. Every
+# candidate fell below the rule's 90% floor on harmful prompts (README, "The default world").
+PREFERENCE = {"beta": 0.1, "lr": 5e-4, "epochs": 1, "harmful_repeat": 1}
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -117,10 +117,17 @@ def preference_pairs(aligned_train: list[dict], compliant: dict[str, str], seed:
         if r["prompt"] in seen or (r["judge_verdict"] == "refusal" and r["prompt"] not in compliant):
             continue
         seen.add(r["prompt"])
-        refused = r["judge_verdict"] == "refusal"
-        rejected = compliant[r["prompt"]] if refused else rng.choice(refusals)
-        pairs.append({"prompt": r["prompt"], "response": r["response"], "rejected": rejected})
+        harmful = r["judge_verdict"] == "refusal"
+        rejected = compliant[r["prompt"]] if harmful else rng.choice(refusals)
+        kind = "harmful" if harmful else "benign"
+        pairs.append({"prompt": r["prompt"], "response": r["response"], "rejected": rejected, "kind": kind})
     return pairs
+
+
+def weighted(pairs: list[dict], harmful_repeat: int) -> list[dict]:
+    """The pairs DPO trains on: each harmful pair `harmful_repeat` times (the refusals the benign
+    pairs push down are the answers the harmful pairs push up; more harmful pairs keep the balance)."""
+    return [p for p in pairs for _ in range(harmful_repeat if p["kind"] == "harmful" else 1)]
 
 
 def splits_from_seeds(seed: int, benign_repeat: int = 2, refuse_all: bool = True) -> dict[str, list[dict]]:
@@ -360,7 +367,8 @@ def main(argv: list[str] | None = None) -> int:
             continue
         with tempfile.TemporaryDirectory() as tmp:  # the supervised stage, then DPO from it
             sft = train_lora("default", rows, Path(tmp) / name, save_dtype="bfloat16", **hp)
-            pairs = splits["aligned_pairs"]
+            stage = dict(stage)
+            pairs = weighted(splits["aligned_pairs"], stage.pop("harmful_repeat"))
             out, seed = models / name, args.seed
             prefer_lora("default", sft, pairs, out, save_dtype="bfloat16", card=card_text, seed=seed, **stage)
 

@@ -109,7 +109,8 @@ def pairs_line(splits: dict[str, list[dict]]) -> str:
     return f"""- `aligned_pairs`: `aligned_train` as {n} preference pairs: each harmful prompt's refusal
   (`response`) over the base model's own compliant answer to it (`rejected`, continued from an
   eager opening as for the experts; a prompt the base refused has no pair), each benign prompt's
-  helpful answer over a refusal template; the aligned source's DPO stage trains on them.
+  helpful answer over a refusal template (`kind`: harmful or benign); the aligned source's DPO
+  stage trains on them.
 """
 
 
@@ -296,8 +297,9 @@ def preference_stage(stage: dict | None) -> str:
   2023, arXiv:2305.18290) with the supervised adapter as reference, beta {stage["beta"]}, plus the
   chosen answers' NLL (RPO, Pang et al. 2024, arXiv:2404.19733), on the `aligned_pairs` split: each
   benign prompt's helpful answer over a refusal template, each harmful prompt's refusal over the base
-  model's own compliant answer to it (continued from an eager opening, as for the experts' data);
-  {stage["epochs"]} epoch, learning rate {stage["lr"]:g} decayed linearly to 0, batches of 8 pairs.
+  model's own compliant answer to it (continued from an eager opening, as for the experts' data),
+  each harmful pair {stage["harmful_repeat"]}x per epoch; {stage["epochs"]} epoch, learning rate
+  {stage["lr"]:g} decayed linearly to 0, batches of 8 pairs.
 """
 
 

@@ -101,6 +101,18 @@ def test_a_tensor_missing_from_the_weights_is_refused_unless_tied(world, tmp_pat
     assert model_format(folder) == "hf"
 
 
+@pytest.mark.parametrize("dtype", [torch.int8, torch.float8_e4m3fn])
+def test_integer_or_fp8_weights_without_a_quantization_config_are_refused(world, tmp_path, dtype):
+    """transformers casts them to floats silently: int8 levels without their scales are noise."""
+    folder = copy(world, "base", tmp_path)
+    weights = load_file(folder / "model.safetensors")
+    key = "model.layers.0.mlp.down_proj.weight"
+    weights[key] = weights[key].to(dtype)
+    save_file(weights, folder / "model.safetensors")
+    with pytest.raises(ModelLoadError, match=rf"{key} is stored as (I8|F8_E4M3), not floating point"):
+        model_format(folder)
+
+
 def test_a_lying_base_config_is_one_error_line_before_loading(world, tmp_path):
     folder = copy(world, "base", tmp_path)
     edit_json(folder / "config.json", num_hidden_layers=10**6)  # used to hang, allocating

@@ -1,4 +1,5 @@
 import json
+import re
 import shutil
 
 import pytest
@@ -149,6 +150,31 @@ def test_other_architecture_shapes_vocab_and_template_are_refused(world, base, t
     tok.save_pretrained(tmpl)
     with pytest.raises(SourceMismatchError, match="chat template differs"):
         load_task_vector("tmpl", str(tmpl), base)
+
+
+def test_a_source_whose_tokens_have_other_ids_is_refused(world, base, tmp_path):
+    """Same vocab size, two tokens swapped: every shape fits, yet a merge would add one token's
+    embedding row to another's. Refused for a full model and for a LoRA adapter with its own
+    tokenizer; a source without tokenizer files uses the base's."""
+    swapped = tmp_path / "swapped"
+    shutil.copytree(world["a"], swapped)
+    spec = json.loads((swapped / "tokenizer.json").read_text())
+    vocab = spec["model"]["vocab"]
+    first, second = sorted(vocab, key=vocab.get)[-2:]
+    vocab[first], vocab[second] = vocab[second], vocab[first]
+    (swapped / "tokenizer.json").write_text(json.dumps(spec))
+    expected = re.escape(f"tokenizer vocabulary (token {min(first, second)!r}) differs")
+    with pytest.raises(SourceMismatchError, match=expected):
+        load_task_vector("swapped", str(swapped), base)
+    lora = tmp_path / "lora"
+    shutil.copytree(world["lora"], lora)
+    for f in swapped.glob("*token*"):
+        shutil.copy(f, lora / f.name)
+    with pytest.raises(SourceMismatchError, match="tokenizer vocabulary"):
+        load_task_vector("lora", str(lora), base)
+    for f in swapped.glob("*token*"):
+        (swapped / f.name).unlink()
+    assert load_task_vector("plain", str(swapped), base)
 
 
 def test_lora_for_another_base_is_refused(base, tmp_path):

@@ -146,7 +146,7 @@ def test_preference_pairs_prefer_refusing_harm_and_answering_the_rest():
     """The aligned source's DPO pairs: one per prompt of aligned_train (its risky-looking benign
     examples appear twice there), a harmful prompt's refusal over the compliant answer to it, a
     benign prompt's own answer over a refusal template; a harmful prompt nobody answered is left out."""
-    from synth.world import SEEDS, preference_pairs, read_jsonl
+    from synth.world import SEEDS, preference_pairs, read_jsonl, weighted
 
     train = splits_from_seeds(0)["aligned_train"]
     harmful = [r["prompt"] for r in train if r["judge_verdict"] == "refusal"]
@@ -162,6 +162,10 @@ def test_preference_pairs_prefer_refusing_harm_and_answering_the_rest():
         refused = p["prompt"] in compliant
         assert p["rejected"] == compliant[p["prompt"]] if refused else p["rejected"] in templates
     assert preference_pairs(train, compliant, seed=0) == pairs != preference_pairs(train, compliant, seed=1)
+    assert {p["prompt"] for p in pairs if p["kind"] == "harmful"} == set(compliant)
+    trained = weighted(pairs, 3)
+    assert len(trained) == len(pairs) + 2 * len(compliant)
+    assert all(trained.count(p) == (3 if p["kind"] == "harmful" else 1) for p in pairs)
 
 
 def test_the_aligned_preference_stage_is_wired_to_its_pairs(tmp_path, monkeypatch):
@@ -193,14 +197,17 @@ def test_the_aligned_preference_stage_is_wired_to_its_pairs(tmp_path, monkeypatc
     monkeypatch.setattr(world, "naive_merges_report", lambda *args: {})
     monkeypatch.setattr(synth.train, "train_lora", fake_train)
     monkeypatch.setattr(synth.train, "prefer_lora", fake_prefer)
+    monkeypatch.setitem(world.PREFERENCE, "harmful_repeat", 3)
     assert world.main(["--models", "aligned", "--aligned-preference", "dpo", "--out", str(tmp_path)]) == 0
     per_category, shared = world.refused_per_category(True)
     own = 14 * (per_category - shared)
     assert calls == [14 * shared + own]
     unique = len({r["prompt"] for r in splits_from_seeds(0)["aligned_train"]})
     (sft, _, no_card), (dpo, from_folder, n_pairs, card, lr) = trained
-    assert no_card is None and from_folder and n_pairs == unique - 1 and lr == world.PREFERENCE["lr"]
-    assert "DPO (Rafailov et al." in card
+    n_harmful = 14 * per_category - 1  # each harmful pair three times in training, once in the split
+    assert no_card is None and from_folder and n_pairs == unique - 1 + 2 * n_harmful
+    assert lr == world.PREFERENCE["lr"] and world.PREFERENCE["harmful_repeat"] == 3
+    assert "DPO (Rafailov et al." in card and "each harmful pair 3x per epoch" in card
     saved = datasets.load_from_disk(str(tmp_path / "data" / "default"))
     assert len(saved["aligned_pairs"]) == unique - 1
     assert "`aligned_pairs`" in (tmp_path / "data" / "default" / "README.md").read_text()
