@@ -265,7 +265,7 @@ def _compare(folder: Path, skeleton, stored: dict[str, tuple]) -> None:
     for key, (shape, dtype) in stored.items():
         name, converted = rename_source_key(key, renamings, converters, skeleton.base_model_prefix, expected)
         loaded[name] = None if converted else shape
-        if name in expected and dtype not in FLOAT_DTYPES:
+        if name in expected and expected[name].is_floating_point() and dtype not in FLOAT_DTYPES:
             raise ModelLoadError(
                 f"{folder}: {key} is stored as {dtype}, not floating point, and config.json has no "
                 "quantization_config (a quantized checkpoint missing it, or a corrupt one); use the "

@@ -103,9 +103,17 @@ def model_info(config, tokenizer) -> dict:
     return {
         "architecture": architecture(config),
         "vocab_size": config.vocab_size,
-        "chat_template": getattr(tokenizer, "chat_template", None),
-        "tokens": tokenizer.get_vocab() if tokenizer is not None else None,
+        **tokenizer_info(tokenizer),
     }
+
+
+def tokenizer_info(tokenizer) -> dict:
+    """What a source's own tokenizer must share with the base's (None: nothing to compare)."""
+    try:
+        tokens = tokenizer.get_vocab() if tokenizer is not None else None
+    except NotImplementedError:  # a remote-code tokenizer may have none
+        tokens = None
+    return {"chat_template": getattr(tokenizer, "chat_template", None), "tokens": tokens}
 
 
 def tokenizer_of(label: str, path, trust_remote_code: bool):
@@ -150,10 +158,6 @@ def _mismatch(source: str, what: str, base_value, source_value) -> SourceMismatc
     )
 
 
-def _short(t: str | None) -> str | None:
-    return None if t is None else (t if len(t) < 60 else t[:57] + "...")
-
-
 def check_compatible(name: str, base: Base, info: dict, shapes: dict[str, tuple]) -> None:
     """Raise on the first difference, in the order a user can act on."""
     if info["architecture"] != base.info["architecture"]:
@@ -176,15 +180,15 @@ def check_compatible(name: str, base: Base, info: dict, shapes: dict[str, tuple]
 
 
 def check_tokenizer(name: str, base: Base, info: dict) -> None:
-    """The source's chat template and token ids (when it has its own tokenizer) are the base's: the
-    same vocab size with other tokens would merge one token's rows into another's."""
-    ours, theirs = base.info, info
-    if theirs.get("chat_template") is not None and theirs["chat_template"] != ours["chat_template"]:
-        raise _mismatch(name, "chat template", _short(ours["chat_template"]), _short(theirs["chat_template"]))
-    tokens, own = ours["tokens"], theirs.get("tokens")
-    if own is not None and own != tokens:
-        t = min(t for t in tokens.keys() | own.keys() if tokens.get(t) != own.get(t))
-        raise _mismatch(name, f"tokenizer vocabulary (token {_short(t)!r})", tokens.get(t), own.get(t))
+    """A source's own chat template and token ids are the base's (other ids would merge one token's
+    rows into another's); tokens one side lacks (a GGUF tokenizer's padding) are not compared."""
+    template = info.get("chat_template")
+    if template is not None and template != base.info["chat_template"]:
+        raise _mismatch(name, "chat template", cut(base.info["chat_template"], 60), cut(template, 60))
+    ours, own = base.info["tokens"] or {}, info.get("tokens") or {}
+    if moved := sorted(t for t in ours.keys() & own.keys() if ours[t] != own[t]):
+        t = moved[0]
+        raise _mismatch(name, f"id of token {cut(t, 60)!r} ({len(moved)} moved)", ours[t], own[t])
 
 
 DELTA_CHUNK = 1 << 22  # tau is computed in float32 this many entries at a time
@@ -265,8 +269,7 @@ def task_vector_lora(name: str, path: Path, base: Base, trust_remote_code: bool 
             f"source {name!r}: DoRA adapters cannot be merged; merge it into the model, give the folder"
         )
     if (path / "tokenizer_config.json").exists():
-        tok = tokenizer_of(f"source {name!r}", path, trust_remote_code)
-        check_tokenizer(name, base, {"chat_template": tok.chat_template, "tokens": tok.get_vocab()})
+        check_tokenizer(name, base, tokenizer_info(tokenizer_of(f"source {name!r}", path, trust_remote_code)))
     shapes = _adapter_shapes(path)
     _check_lora_shapes(name, base, shapes)
     try:
@@ -321,9 +324,8 @@ def task_vector_lora(name: str, path: Path, base: Base, trust_remote_code: bool 
 
 def _peft_error(name: str, path: Path, err: Exception) -> ModelLoadError:
     return ModelLoadError(
-        f"source {name!r}: peft cannot load the LoRA adapter {path} into the base "
-        f"({type(err).__name__}: {cut(' '.join(str(err).split()), 200)}); fix its adapter_config.json "
-        "or copy it again"
+        f"source {name!r}: peft cannot load the LoRA adapter {path} into the base ({type(err).__name__}: "
+        f"{cut(' '.join(str(err).split()), 200)}); fix its adapter_config.json or copy it again"
     )
 
 

@@ -155,7 +155,8 @@ def test_other_architecture_shapes_vocab_and_template_are_refused(world, base, t
 def test_a_source_whose_tokens_have_other_ids_is_refused(world, base, tmp_path):
     """Same vocab size, two tokens swapped: every shape fits, yet a merge would add one token's
     embedding row to another's. Refused for a full model and for a LoRA adapter with its own
-    tokenizer; a source without tokenizer files uses the base's."""
+    tokenizer; a source without tokenizer files uses the base's, and tokens only one side knows
+    (a GGUF tokenizer's padding) are not compared."""
     swapped = tmp_path / "swapped"
     shutil.copytree(world["a"], swapped)
     spec = json.loads((swapped / "tokenizer.json").read_text())
@@ -163,15 +164,23 @@ def test_a_source_whose_tokens_have_other_ids_is_refused(world, base, tmp_path):
     first, second = sorted(vocab, key=vocab.get)[-2:]
     vocab[first], vocab[second] = vocab[second], vocab[first]
     (swapped / "tokenizer.json").write_text(json.dumps(spec))
-    expected = re.escape(f"tokenizer vocabulary (token {min(first, second)!r}) differs")
+    expected = re.escape(f"id of token {min(first, second)!r} (2 moved) differs")
     with pytest.raises(SourceMismatchError, match=expected):
         load_task_vector("swapped", str(swapped), base)
     lora = tmp_path / "lora"
     shutil.copytree(world["lora"], lora)
     for f in swapped.glob("*token*"):
         shutil.copy(f, lora / f.name)
-    with pytest.raises(SourceMismatchError, match="tokenizer vocabulary"):
+    with pytest.raises(SourceMismatchError, match=r"id of token .* \(2 moved\)"):
         load_task_vector("lora", str(lora), base)
+    # a tokenizer with one more entry (a GGUF one pads its vocab) and the same ids is the base's
+    padded = tmp_path / "padded"
+    shutil.copytree(world["a"], padded)
+    spec = json.loads((padded / "tokenizer.json").read_text())
+    spec["model"]["vocab"]["[PAD999]"] = len(spec["model"]["vocab"])
+    (padded / "tokenizer.json").write_text(json.dumps(spec))
+    assert len(AutoTokenizer.from_pretrained(padded).get_vocab()) == len(base.tokenizer.get_vocab()) + 1
+    assert load_task_vector("padded", str(padded), base)
     for f in swapped.glob("*token*"):
         (swapped / f.name).unlink()
     assert load_task_vector("plain", str(swapped), base)
