@@ -12,6 +12,7 @@ import math
 import re
 from pathlib import Path
 
+from core.config import cut
 from core.errors import ModelLoadError
 from core.weights import FLOAT_DTYPES, header_shapes, read_json_object
 
@@ -26,6 +27,10 @@ def _rank(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value > 0
 
 
+def _finite(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def check_adapter(folder: Path) -> None:
     """The config is a plain LoRA alignmerge can merge, and the weights file holds float LoRA
     factors of the rank the config declares."""
@@ -37,6 +42,7 @@ def check_adapter(folder: Path) -> None:
         ("target_parameters", "LoRA on parameters (target_parameters)"),
         ("lora_bias", "a LoRA bias (lora_bias)"),
         ("trainable_token_indices", "trainable tokens (trainable_token_indices)"),
+        ("layer_replication", "layer replication (layer_replication: peft rebuilds the base's layer stack)"),
     ):
         if cfg.get(key):
             raise _refuse(
@@ -44,6 +50,23 @@ def check_adapter(folder: Path) -> None:
                 f"{what} is not supported (its delta is not B @ A)",
                 "merge the adapter into the model",
             )
+    alphas = cfg.get("alpha_pattern") or {}
+    if (
+        not _finite(cfg.get("lora_alpha", 8))
+        or not isinstance(alphas, dict)
+        or not all(map(_finite, alphas.values()))
+    ):
+        raise _refuse(
+            folder,
+            f"lora_alpha must be a finite number (got {cfg.get('lora_alpha')!r}, alpha_pattern {alphas!r})",
+            "copy the adapter again",
+        )
+    if not isinstance(cfg.get("base_model_name_or_path") or "", str):
+        raise _refuse(
+            folder,
+            f"base_model_name_or_path is {cut(repr(cfg['base_model_name_or_path']), 60)}, not a model name",
+            "write the base model's name or path there",
+        )
     ranks = cfg.get("rank_pattern") or {}
     if not _rank(cfg.get("r")) or not isinstance(ranks, dict) or not all(map(_rank, ranks.values())):
         raise _refuse(

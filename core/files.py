@@ -14,6 +14,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import shutil
 import socket
 import tempfile
@@ -127,10 +128,20 @@ def article(word: str) -> str:
 
 
 def written_files(folder: Path) -> list[str]:
-    """The files of a folder, relative to it, that its marker records: hidden ones (the marker, a
-    Hub upload's .cache/, .DS_Store, an editor's swap file) left out."""
+    """The files of a folder, relative to it, that its marker records. Left out: the markers,
+    alignmerge's own temporaries (a kill mid-write), .DS_Store and a Hub download's or upload's
+    .cache/huggingface. Any other hidden file (.git/, .env, .gitattributes) counts: it is the
+    user's, and replacing the folder would delete it."""
     paths = (p.relative_to(folder) for p in folder.rglob("*") if p.is_file())
-    return sorted(str(p) for p in paths if not any(part.startswith(".") for part in p.parts))
+    return sorted(str(p) for p in paths if not _ours_or_a_cache(p))
+
+
+def _ours_or_a_cache(rel: Path) -> bool:
+    return (
+        rel.name in (MARKER, ".DS_Store")
+        or rel.parts[:2] == (".cache", "huggingface")
+        or any(part.startswith(".") and re.search(r"\.(tmp|old)", part) for part in rel.parts)
+    )
 
 
 def claim_run_dir(run_dir: str | Path) -> Path:

@@ -25,6 +25,8 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 from tqdm.auto import tqdm
 
+from core.errors import DataError, ModelLoadError
+
 
 @dataclass(frozen=True)
 class Example:
@@ -39,9 +41,10 @@ def encode(tokenizer, prompt: str, response: str, max_length: int) -> Example | 
     full = tokenizer.apply_chat_template(messages, tokenize=False)
     head = tokenizer.apply_chat_template(messages[:1], tokenize=False, add_generation_prompt=True)
     if not full.startswith(head):
-        raise ValueError(
-            "the chat template renders the prompt differently with and without the "
-            "answer; cannot mask prompt tokens"
+        raise ModelLoadError(
+            "the base's chat template renders the user turn differently with and without the "
+            "answer (add_generation_prompt's text is not where the answer starts), so the prompt "
+            "tokens cannot be masked: fix the template in tokenizer_config.json or chat_template.jinja"
         )
     # Tokenize only what can fit: max_length tokens cover at most max_length * (longest token)
     # characters, so a 50 MB row costs what a short one does.
@@ -109,7 +112,7 @@ class Scorer:
             self.examples[name] = [e for e in encoded if e is not None]
             self.skipped[name] = len(encoded) - len(self.examples[name])
             if not self.examples[name]:
-                raise ValueError(
+                raise DataError(
                     f"set {name!r}: no example has a response token within "
                     f"max_length={max_length}; raise data.max_length"
                 )

@@ -5,6 +5,7 @@ output folder. An application module (top floor): it reads optimize's outputs.""
 from __future__ import annotations
 
 import argparse
+import copy
 import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
@@ -73,17 +74,65 @@ def check_one_set(run_dir: Path, merged: Path) -> None:
         raise OutputError(incomplete(run_dir))
 
 
+# What a config lets run beyond reading weights: a model folder's own code, pickled weights, lm-eval
+# task YAMLs (whose `!function` is Python). A run folder may come from anyone, so these are the
+# user's choice on the command line (--config or --set), never its run.yaml's.
+CODE_PERMISSIONS = (
+    ("runtime", "trust_remote_code"),
+    ("runtime", "allow_pickle"),
+    ("eval", "lm_eval", "include_path"),
+)
+
+
+def without_code_permissions(raw: dict) -> dict:
+    raw = copy.deepcopy(raw)
+    for *parents, key in CODE_PERMISSIONS:
+        node = raw
+        for name in parents:
+            node = node.get(name) if isinstance(node, dict) else None
+        if isinstance(node, dict):
+            node.pop(key, None)
+    return raw
+
+
 def resolve_config(target: Target, config: str | None, sets: dict | None = None):
     if config:
         return load_config(config, sets)
     if target.run_dir is not None and (target.run_dir / "run.yaml").exists():
         run_yaml = target.run_dir / "run.yaml"
         raw = read_yaml_mapping(run_yaml).get("config")
-        return validate_config(apply_overrides(raw, sets) if isinstance(raw, dict) else raw, f"({run_yaml})")
+        if isinstance(raw, dict):
+            raw = apply_overrides(without_code_permissions(raw), sets)
+        return validate_config(raw, f"({run_yaml})")
     raise ConfigError(
         f"{target.path} has no run.yaml beside it: give --config configs/X.yaml (it names the test "
         "data and, for the analysis, the base and the sources)"
     )
+
+
+def merge_recipe(cfg) -> dict:
+    """What turns best.yaml's parameters into a merge. Paths are left out: on another machine the
+    models may live elsewhere."""
+    raw = cfg.model_dump(mode="json", by_alias=True)
+    space = ("parametrization", "sampler", "grid", "weight", "density", "density_step")
+    return {
+        "sources": [{k: s[k] for k in ("name", "role", "parametrization")} for s in raw["sources"]],
+        "merge": raw["merge"],
+        **{f"search.{k}": raw["search"][k] for k in space},
+    }
+
+
+def check_same_recipe(target: Target, cfg) -> None:
+    """A --config given for a run folder must rebuild the merge that was searched."""
+    if target.params is None or target.run_dir is None or not (target.run_dir / "run.yaml").exists():
+        return
+    ran, given = merge_recipe(resolve_config(target, None)), merge_recipe(cfg)
+    if changed := [k for k in ran if ran[k] != given[k]]:
+        raise ConfigError(
+            f"the config changes {', '.join(changed)} from {target.run_dir / 'run.yaml'}: {BEST}'s "
+            "weights would build another merge than the one searched; give those keys as the run had "
+            "them (or leave out --config: run.yaml is the default)"
+        )
 
 
 def extra_prompts(path: str) -> list[dict]:
@@ -115,6 +164,8 @@ def load_inputs(args: argparse.Namespace) -> Inputs:
     flags = {"backend": args.backend, "max_new_tokens": args.max_new_tokens, "tasks": args.tasks}
     flags |= {"prompts": args.prompts, "mcq": args.mcq, "suites": args.suites}
     settings = parse_settings(cfg.eval, {k: v for k, v in flags.items() if v is not None})
+    if settings.analysis or target.folder is None:  # the merge is rebuilt from best.yaml
+        check_same_recipe(target, cfg)
     data_dir = (
         Path(cfg.data.test_dir or cfg.data.dir)
         if cfg.data.test_dir or cfg.data.dir

@@ -25,7 +25,6 @@ cache.json, so running the same command again skips finished work.
 
 from __future__ import annotations
 
-import shlex
 import sys
 import time
 from contextlib import contextmanager
@@ -53,7 +52,7 @@ from optimize.compare import references
 from optimize.config import Config
 from optimize.context import check_setup, load_data, prepare
 from optimize.merge import PLAIN
-from optimize.storage import claim_and_open
+from optimize.storage import claim_and_open, command_line
 from optimize.study import default_storage
 from synth.generate import for_run
 
@@ -131,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
         abl, cfg = load_ablation(args.config, args.quick, args.out)
         check_setup(cfg)  # before synth: the models, that they fit, and a storage server answers
         claim_and_open(cfg.run_dir, cfg.storage, cfg.heartbeat_s)
-        command = shlex.join(["python", "-m", "optimize.ablate", *(sys.argv[1:] if argv is None else argv)])
+        command = command_line("optimize.ablate", argv)
         for_run(search_config_path(abl, Path(args.config).parent), cfg.data_dir, cfg.run_dir, command)
         rows = load_data(cfg)  # the rest was checked before synth (check_setup)
         return ablate(abl, cfg, rows, load_test(cfg, abl.evaluation.limit))

@@ -35,7 +35,7 @@ from optimize.registry import (
     check_sources,
 )
 
-PARAMETRIZATION = re.compile(r"^(global|layerwise|blocks:[1-9]\d*|gradient:([2-9]|[1-9]\d+))$")
+PARAMETRIZATION = re.compile(r"^(global|layerwise|blocks:[1-9]\d{0,5}|gradient:([2-9]|[1-9]\d{1,5}))$")
 
 
 class Source(Strict):

@@ -166,12 +166,16 @@ def prepare(cfg: Config, rows: dict[str, list[dict]] | None = None) -> Context:
     print(f"[alignmerge] {check_memory(cfg).describe()}", file=sys.stderr)  # what is about to load
     t0 = time.perf_counter()
     base = load_base(cfg.base, dtype, device, cfg.runtime.allow_pickle, cfg.runtime.trust_remote_code, store)
-    t1 = time.perf_counter()
-    tvs = load_task_vectors(cfg.sources, base, cfg.runtime.allow_pickle, cfg.runtime.trust_remote_code)
-    t2 = time.perf_counter()
+    # the objective's sets among `rows` (eval.run builds a context on test rows for its analysis),
+    # tokenized before the sources load: a template or max_length that masks every answer fails now
+    scored = {k: rows[k] for k in scored_sets(cfg.search) if k in rows}
+    scorer = make_scorer(cfg, base.tokenizer, scored, device)
     method_cls = METHODS[cfg.merge.method]
     # The space decides the density grid, which the method caches masks for.
     space = SearchSpace(cfg, base.groups, method_cls.searched)
+    t1 = time.perf_counter()
+    tvs = load_task_vectors(cfg.sources, base, cfg.runtime.allow_pickle, cfg.runtime.trust_remote_code)
+    t2 = time.perf_counter()
     method = method_cls(
         normalize=cfg.normalize,
         lambda_=cfg.merge.lambda_,
@@ -179,9 +183,6 @@ def prepare(cfg: Config, rows: dict[str, list[dict]] | None = None) -> Context:
         density_levels=space.density_levels,
         roles=tuple(src.role for src in cfg.sources),
     )
-    # the objective's sets among `rows` (eval.run builds a context on test rows for its analysis)
-    scored = {k: rows[k] for k in scored_sets(cfg.search) if k in rows}
-    scorer = make_scorer(cfg, base.tokenizer, scored, device)
     return Context(
         cfg,
         base,

@@ -16,7 +16,6 @@ Every model is written into the same in-memory working model; nothing is exporte
 from __future__ import annotations
 
 import json
-import shlex
 import sys
 import time
 from pathlib import Path
@@ -46,7 +45,7 @@ from optimize.export import mergekit_base_before_loading
 from optimize.methods import Candidate, Linear, MergeMethod
 from optimize.report import load_best
 from optimize.search import overrides, run
-from optimize.storage import claim_and_open
+from optimize.storage import claim_and_open, command_line
 from synth.generate import for_run
 
 
@@ -167,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
         suites = suite_prompts(parse_settings(cfg.eval).suites, args.limit)  # also eval.run's
         check_setup(cfg)  # before synth: the models, that they fit, and a storage server answers
         claim_and_open(cfg.run_dir, cfg.storage, cfg.heartbeat_s)
-        command = shlex.join(["python", "-m", "optimize.demo", *(sys.argv[1:] if argv is None else argv)])
+        command = command_line("optimize.demo", argv)
         for_run(args.config, cfg.data_dir, cfg.run_dir, command, sets)
         rows = load_data(cfg)  # the rest was checked before synth (check_setup)
 

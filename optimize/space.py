@@ -55,6 +55,11 @@ def axis_params(axis: Axis, groups: Groups) -> list[str]:
         return [f"{axis.prefix}.block{j}" for j in range(len(_blocks(groups, int(k))))] + [
             f"{axis.prefix}.{g}" for g in others
         ]
+    if int(k) > groups.n:
+        raise ConfigError(
+            f"gradient:{k} asks for more control points than the model has groups ({groups.n}); "
+            "use layerwise, or fewer points"
+        )
     return [f"{axis.prefix}.cp{j}" for j in range(int(k))]
 
 

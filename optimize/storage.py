@@ -23,6 +23,7 @@ import json
 import os
 import random
 import re
+import shlex
 import sys
 import time
 import warnings
@@ -79,6 +80,20 @@ def redact(url: str | None) -> str | None:
             rest = "***@" + rest.rpartition("@")[2]
         keys = "|".join(SECRET_PARAMS)
         return re.sub(rf"([?&]\w*(?:{keys})\w*=)[^&]*", r"\1***", head + slashes + rest, flags=re.IGNORECASE)
+
+
+def command_line(module: str, argv: list[str] | None) -> str:
+    """The command as a run records it (synth_run.json, the data card), a storage URL given by
+    --set storage=... redacted like every other place it is written."""
+    given = sys.argv[1:] if argv is None else argv
+    return shlex.join(["python", "-m", module, *map(_redacted, given)])
+
+
+def _redacted(arg: str) -> str:
+    if "://" not in arg:
+        return arg
+    key, eq, value = arg.partition("=") if "=" in arg.split("://")[0] else ("", "", arg)
+    return key + eq + redact(value)
 
 
 class Retry(RetryHeartbeatStaleTrialCallback):

@@ -128,9 +128,9 @@ def lora_base(ref: ModelRef) -> str | None:
 def checked_base(ref: ModelRef, settings: EngineSettings) -> str | None:
     """The loader policy of every stage (pickled weights, remote code: `core.models.model_format`)
     on the model and, for a LoRA adapter, on its base, before anything loads. Returns the base."""
-    base = lora_base(ref)
-    for path in [ref.path] + ([base] if base else []):
-        model_format(resolve_model_path(path), settings.allow_pickle, settings.trust_remote_code)
+    model_format(resolve_model_path(ref.path), settings.allow_pickle, settings.trust_remote_code)
+    if base := lora_base(ref):  # a name: checked by model_format (core.adapters)
+        model_format(resolve_model_path(base), settings.allow_pickle, settings.trust_remote_code)
     return base
 
 

@@ -29,19 +29,15 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
+from core.cli import run_cli
+from core.errors import ConfigError
 from core.files import check_replaceable
 from synth.compliant import compliant_answers, eager_openings
 from synth.world_card import EXPERTS, adapter_card, aligned_harmful, card, naive_merges_report, write_world
 
 SEEDS = Path(__file__).resolve().parent.parent / "data" / "seeds"
 # per harm category (24 prompts): who trains or scores on each
-HARM_SPLIT = {
-    "aligned_train": 6,
-    "medical_train": 4,
-    "math_train": 4,
-    "alignment_search": 5,
-    "alignment_test": 5,
-}
+HARM_SPLIT = dict(aligned_train=6, medical_train=4, math_train=4, alignment_search=5, alignment_test=5)
 # per domain topic (30 questions in each of medical_qa.jsonl and math_qa.jsonl)
 DOMAIN_SPLIT = {"train": 14, "domain_search": 6, "domain_test": 10}
 # benign prompts: risky-looking (210) and ordinary (90)
@@ -240,8 +236,8 @@ def saved_training_data(
         rows = saved[f"{name}_train"].to_list()
         asked = {p["prompt"] for p in harmful.get(name, [])}
         if [r for r in rows if r["prompt"] not in asked] != splits[f"{name}_train"]:
-            raise SystemExit(
-                f"synth.world: models/{name} was trained on {data_dir}/{name}_train, which these seeds "
+            raise ConfigError(
+                f"models/{name} was trained on {data_dir}/{name}_train, which these seeds "
                 f"and flags no longer give: add {name} to --models to retrain it, or use the flags "
                 "the world was built with (its card names them)"
             )
@@ -295,6 +291,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    return run_cli(lambda: build(argv))
+
+
+def build(argv: list[str] | None) -> Path:
+    """The whole world (`main`); returns the data set folder."""
     args = build_parser().parse_args(argv)
     retrain = set(filter(None, args.models.split(",")))
     if unknown := sorted(retrain - {"aligned", *EXPERTS}):
@@ -317,8 +318,8 @@ def main(argv: list[str] | None = None) -> int:
         root / "data" / "default", splits, harmful, [n for n in ("aligned", *EXPERTS) if n not in retrain]
     )
     if "aligned_train" in kept and ("aligned_pairs" in kept) != (args.aligned_preference == "dpo"):
-        raise SystemExit(
-            f"synth.world: models/aligned was trained {'with' if 'aligned_pairs' in kept else 'without'} "
+        raise ConfigError(
+            f"models/aligned was trained {'with' if 'aligned_pairs' in kept else 'without'} "
             "its DPO stage: add aligned to --models to retrain it, or give the --aligned-preference it "
             "was built with (its card names it)"
         )
@@ -391,7 +392,7 @@ def main(argv: list[str] | None = None) -> int:
     write_world(data_dir, dd, splits, {"README.md": text, "naive_merges.json": json.dumps(naive, indent=1)})
     minutes = (time.perf_counter() - started) / 60
     print(f"[world] done in {minutes:.1f} min: {data_dir}, {models}", file=sys.stderr)
-    return 0
+    return data_dir
 
 
 if __name__ == "__main__":

@@ -245,3 +245,32 @@ def test_a_device_or_fifo_as_data_says_what_it_is(tmp_path):
             read_prompt_file(path)
     with pytest.raises(DataError, match=r"/dev/zero is neither .*expected a datasets.DatasetDict folder"):
         load_data(search_config(tmp_path, dir="/dev/zero"))
+
+
+@pytest.mark.parametrize(
+    "setting, message",
+    [
+        (
+            "data.alignment=@long@",
+            "no example has a response token within max_length=16; raise data.max_length",
+        ),
+        ("search.parametrization=gradient:50", "gradient:50 asks for more control points than the model has"),
+    ],
+)
+def test_a_setting_the_loaded_base_rules_out_is_one_error_line_before_the_sources_load(
+    world, tmp_path, capsys, setting, message
+):
+    from optimize.search import main
+
+    raw = world_config(world, tmp_path / "run", n_trials=1)
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    long = tmp_path / "long.jsonl"  # every prompt longer than max_length 16
+    long.write_text(
+        "".join(json.dumps({"prompt": "why " * 40, "response": "because."}) + "\n" for _ in range(3))
+    )
+    setting = setting.replace("@long@", str(long))
+    assert main(["--config", str(config), "--set", "data.max_length=16", "--set", setting]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert err.strip().splitlines()[-1].startswith("error: ")

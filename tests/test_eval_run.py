@@ -305,6 +305,15 @@ def test_bad_inputs_fail_with_the_fix(searched, world, tmp_path, capsys):
     lonely = shutil.copytree(searched.run_dir / "merged", tmp_path / "lonely")
     assert "give --config" in _error(capsys, "--model", lonely)
 
+    # a --config for a run folder rebuilds its best.yaml: it must be the merge that was searched
+    raw = searched.model_dump(by_alias=True, mode="json")
+    raw["merge"]["method"] = "task_arithmetic" if raw["merge"]["method"] != "task_arithmetic" else "ties"
+    raw["sources"][0]["path"] = str(tmp_path / "elsewhere")  # a path may differ; the recipe may not
+    edited = tmp_path / "edited.yaml"
+    edited.write_text(yaml.safe_dump(raw))
+    err = _error(capsys, "--model", searched.run_dir, "--config", edited)
+    assert "the config changes merge from" in err and "another merge than the one searched" in err
+
     raw = searched.model_dump(by_alias=True, mode="json")
     raw["data"]["dir"] = str(tmp_path / "nodata")
     config = tmp_path / "nodata.yaml"
@@ -468,3 +477,27 @@ def test_exact_answers_are_graded_by_the_stated_or_last_number():
     }
     answers = ["The answer is 4.", "It comes to 1200 in all", "The answer is 12."]
     assert exact_accuracy(answers, [4, 1200, 13]) == pytest.approx(2 / 3)
+
+
+def test_a_run_folder_cannot_let_its_own_code_run(searched, tmp_path, capsys):
+    """A run folder may come from anyone: its run.yaml's trust_remote_code / allow_pickle /
+    lm_eval.include_path are dropped; only the user's --config or --set grants them."""
+    from tests.test_security import ships_code
+
+    run_dir = shutil.copytree(searched.run_dir, tmp_path / "handed-over")
+    doc = yaml.safe_load((run_dir / "run.yaml").read_text())
+    doc["config"]["runtime"] |= {"trust_remote_code": True, "allow_pickle": True}
+    doc["config"].setdefault("eval", {})["lm_eval"] = {"include_path": [str(tmp_path)]}
+    (run_dir / "run.yaml").write_text(yaml.safe_dump(doc))
+    ships_code(run_dir / "merged", tmp_path / "code-ran")
+    err = _error(capsys, "--model", run_dir)
+    assert "ships its own code (auto_map in config.json)" in err and "runtime.trust_remote_code" in err
+    assert not (tmp_path / "code-ran").exists()
+
+    from eval.run_inputs import resolve_config, resolve_target
+
+    target = resolve_target(str(run_dir))
+    cfg = resolve_config(target, None)
+    assert not cfg.runtime.trust_remote_code and not cfg.runtime.allow_pickle
+    assert "include_path" not in (cfg.eval or {}).get("lm_eval", {})
+    assert resolve_config(target, None, {"runtime.trust_remote_code": True}).runtime.trust_remote_code

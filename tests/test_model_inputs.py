@@ -229,6 +229,11 @@ ADAPTER_LIES = {
     "r_negative": ({"r": -4}, r"r must be a positive integer \(got -4\)"),
     "r_string": ({"r": "4"}, r"r must be a positive integer \(got '4'\)"),
     "r_huge": ({"r": 10**9}, r"r is 1000000000 .* has rank 4"),
+    "base_not_a_name": ({"base_model_name_or_path": 5}, r"base_model_name_or_path is 5, not a model name"),
+    "layer_replication": ({"layer_replication": [[0, 2]]}, r"layer replication .* not supported"),
+    "alpha_nan": ({"lora_alpha": float("nan")}, r"lora_alpha must be a finite number \(got nan"),
+    "alpha_string": ({"lora_alpha": "16"}, r"lora_alpha must be a finite number \(got '16'"),
+    "alpha_pattern_inf": ({"alpha_pattern": {"q_proj": float("inf")}}, r"alpha_pattern \{'q_proj': inf\}"),
 }
 
 
@@ -291,6 +296,19 @@ def test_a_chat_template_that_fails_is_refused_when_the_tokenizer_loads(world, t
     assert "Loading weights" not in proc.stderr  # refused before the base loaded
 
 
+def test_a_base_template_whose_prompt_is_not_a_prefix_of_the_conversation_is_one_error(world, tmp_path):
+    """The scorer masks the prompt by the text add_generation_prompt renders; a template that
+    renders it elsewhere is refused before the sources load."""
+    folder = copy(world, "base", tmp_path)
+    template = "{% for m in messages %}{{ m.content }}{% endfor %}{% if add_generation_prompt %}X{% endif %}"
+    (folder / "chat_template.jinja").write_text(template)
+    proc = search(world, tmp_path, base=str(folder))
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: the base's chat template renders the user turn differently"), last
+    assert "prompt tokens cannot be masked" in last
+
+
 def test_a_chat_template_that_never_finishes_is_refused(world, tmp_path, monkeypatch):
     import core.weights
 
@@ -347,3 +365,13 @@ def test_legitimate_layouts_the_checks_must_accept(world, tmp_path, base):
         check_regular(tmp_path, BESIDE_GGUF)
         with pytest.raises(ModelLoadError, match="not a regular file"):
             check_regular(tmp_path)
+
+
+def test_a_pool_adapter_naming_no_usable_base_is_one_error(world, tmp_path):
+    from synth.engine import EngineSettings, ModelRef, checked_base
+
+    folder = copy(world, "lora", tmp_path)
+    for base, message in ((5, "is 5, not a model name"), (["a"], r"is \['a'\], not"), ("", "names no base")):
+        edit_json(folder / "adapter_config.json", base_model_name_or_path=base)
+        with pytest.raises(ModelLoadError, match=message):
+            checked_base(ModelRef(str(folder)), EngineSettings())

@@ -74,9 +74,14 @@ def test_initial_point_and_grid():
     assert grid["weight[a]"] == [0.25, 0.5, 1.0] and grid["density[b]"] == [0.25, 0.5, 1.0]
 
 
-def test_too_many_blocks():
+def test_too_many_blocks_or_control_points():
     with pytest.raises(ConfigError, match="more blocks than the model has layers"):
         space("blocks:7")
+    assert space("gradient:9").n_params == 4 * 9  # one per group, like layerwise
+    with pytest.raises(ConfigError, match=r"gradient:10 asks for more control points .* groups \(9\)"):
+        space("gradient:10")
+    with pytest.raises(ValueError, match="is not one of"):  # not a million names, nor int('9' * 5000)
+        space("gradient:1000000")
 
 
 def test_toward_alignment_moves_every_parameter_linearly_to_the_alignment_source_alone():

@@ -22,7 +22,7 @@ import yaml
 from optuna.trial import TrialState
 
 from core.errors import StorageError
-from optimize.storage import open_storage, redact
+from optimize.storage import command_line, open_storage, redact
 from optimize.workers import Quota, is_surplus, other_workers, slots_left
 from tests.conftest import SENTENCES, world_config, write_jsonl
 
@@ -323,6 +323,16 @@ def test_storage_password_is_never_written_or_printed(world, tmp_path, postgres_
 
 
 # ----------------------------------------------------------------------------- in process
+def test_a_recorded_command_hides_the_storage_password():
+    """optimize.demo / optimize.ablate write their command into synth_run.json and the data card."""
+    argv = ["--config", "c.yaml", "--set", "storage=postgresql://u:pw1@h/db?sslpassword=pw2"]
+    argv += ["--set=storage=postgresql://u:p@w3@h/db", "--out", "runs/x"]
+    line = command_line("optimize.demo", argv)
+    assert not any(secret in line for secret in ("pw1", "pw2", "w3"))
+    assert line.startswith("python -m optimize.demo --config c.yaml --set 'storage=postgresql://u:***@h/db?")
+    assert line.endswith("--out runs/x")
+
+
 def test_redact_hides_passwords():
     plain = "postgresql://u:secret@db.example:5432/optuna"
     assert redact(plain) == "postgresql://u:***@db.example:5432/optuna"

@@ -112,8 +112,8 @@ def test_a_source_not_retrained_keeps_the_data_it_was_trained_on(tmp_path, monke
         assert len(compliant) == 14 * HARM_SPLIT[f"{e}_train"]
     assert "56/56" in (tmp_path / "data" / "default" / "README.md").read_text()
     for flags in (["--seed", "1"], ["--aligned-refuses", "own"], ["--benign-repeat", "3"]):
-        with pytest.raises(SystemExit, match="add (aligned|medical) to --models"):
-            world.main(build + flags)
+        assert world.main(build + flags) == 2
+        assert re.search("add (aligned|medical) to --models", capsys.readouterr().err)
     assert calls == [2 * 14 * HARM_SPLIT["medical_train"]]
     with pytest.raises(SystemExit) as unknown:
         world.main(["--models", "aligned,chemistry", "--out", str(tmp_path / "w")])
@@ -168,7 +168,7 @@ def test_preference_pairs_prefer_refusing_harm_and_answering_the_rest():
     assert all(trained.count(p) == (3 if p["kind"] == "harmful" else 1) for p in pairs)
 
 
-def test_the_aligned_preference_stage_is_wired_to_its_pairs(tmp_path, monkeypatch):
+def test_the_aligned_preference_stage_is_wired_to_its_pairs(tmp_path, monkeypatch, capsys):
     """`--aligned-preference dpo`: one generation call answers the experts' harmful prompts and the
     ones only aligned_train has; the supervised adapter goes to a temporary folder, DPO from it to
     models/aligned with every pair, and the pairs are saved as `aligned_pairs`. Off by default."""
@@ -213,8 +213,8 @@ def test_the_aligned_preference_stage_is_wired_to_its_pairs(tmp_path, monkeypatc
     assert "`aligned_pairs`" in (tmp_path / "data" / "default" / "README.md").read_text()
     assert [p.name for p in (tmp_path / "models").iterdir()] == ["aligned"]
     # a build that keeps the aligned source must keep its stage too: the flags it was built with
-    with pytest.raises(SystemExit, match="trained with its DPO stage: add aligned to --models"):
-        world.main(["--models", "", "--out", str(tmp_path)])
+    assert world.main(["--models", "", "--out", str(tmp_path)]) == 2
+    assert "trained with its DPO stage: add aligned to --models" in capsys.readouterr().err
     assert world.main(["--models", "", "--aligned-preference", "dpo", "--out", str(tmp_path)]) == 0
     assert len(datasets.load_from_disk(str(tmp_path / "data" / "default"))["aligned_pairs"]) == unique - 1
 
@@ -222,5 +222,16 @@ def test_the_aligned_preference_stage_is_wired_to_its_pairs(tmp_path, monkeypatc
     assert world.main(["--models", "aligned", "--out", str(tmp_path / "plain")]) == 0
     assert [t[0] for t in trained] == ["sft"] and "DPO" not in trained[0][2]
     assert "aligned_pairs" not in datasets.load_from_disk(str(tmp_path / "plain" / "data" / "default"))
-    with pytest.raises(SystemExit, match="trained without its DPO stage"):
-        world.main(["--models", "", "--aligned-preference", "dpo", "--out", str(tmp_path / "plain")])
+    assert world.main(["--models", "", "--aligned-preference", "dpo", "--out", str(tmp_path / "plain")]) == 2
+    assert "trained without its DPO stage" in capsys.readouterr().err
+
+
+def test_an_out_folder_it_may_not_write_is_one_error_line(tmp_path, capsys):
+    import synth.world as world
+
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("mine")
+    assert world.main(["--models", "medical", "--out", str(a_file)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "is a file" in err and "Traceback" not in err
+    assert a_file.read_text() == "mine"
