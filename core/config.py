@@ -63,7 +63,7 @@ def parse_size(text: str) -> int:
     """`24GiB`, `80 GB`, `512MiB`, `2e9` -> bytes."""
     m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([a-z]*)\s*", str(text).lower())
     size = float(m.group(1)) * _UNITS[m.group(2)] if m and m.group(2) in _UNITS else 0.0
-    if not 0 < size < float("inf"):
+    if not 1 <= size < float("inf"):  # "0.5" is half a byte, not half a GB
         raise ValueError(f"{clip(text, 60)} is not a memory size (write e.g. 24GiB, 80GB or 512MiB)")
     return int(size)
 

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import yaml
 
-from core.errors import OutputError
+from core.errors import ModelLoadError, OutputError
 
 MARKER = ".alignmerge"
 
@@ -253,14 +253,22 @@ def fingerprint(path: str | Path, full_below: int = 256 << 20) -> str:
     for f in files:
         if (f.name.startswith(".") or f.suffix == ".md") and f != path:  # our marker, temporaries,
             continue  # model cards: not what the model computes
-        size = f.stat().st_size
-        digest.update(f"{f.relative_to(path) if f != path else f.name}:{size}:".encode())
-        with f.open("rb") as fh:
-            if size <= full_below:
-                for block in iter(lambda: fh.read(1 << 20), b""):
-                    digest.update(block)
-            else:
-                digest.update(fh.read(1 << 20))
-                fh.seek(size - (1 << 20))
-                digest.update(fh.read(1 << 20))
+        try:
+            _digest_file(digest, f, f.relative_to(path) if f != path else f.name, full_below)
+        except OSError as err:
+            problem = f"cannot read {f} ({err.strerror or err})"
+            raise ModelLoadError(f"{problem}: check its permissions and disk") from None
     return digest.hexdigest()[:16]
+
+
+def _digest_file(digest, f: Path, name, full_below: int) -> None:
+    size = f.stat().st_size
+    digest.update(f"{name}:{size}:".encode())
+    with f.open("rb") as fh:
+        if size <= full_below:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(block)
+        else:
+            digest.update(fh.read(1 << 20))
+            fh.seek(size - (1 << 20))
+            digest.update(fh.read(1 << 20))

@@ -299,8 +299,8 @@ class Config(Strict):
     @model_validator(mode="after")
     def _consistent(self):
         names = [s.name for s in self.sources]
-        if len(set(names)) != len(names):
-            raise ValueError(f"sources: names must be unique, got {clip(names)}")
+        if len(set(names)) != len(names) or "base" in names:  # "base" names the base in reports and exports
+            raise ValueError(f"sources: names must be unique and not 'base', got {clip(names)}")
         paths = [os.path.normpath(s.path) for s in self.sources]
         twice = next((p for i, p in enumerate(paths) if p in paths[:i]), None)
         if twice is not None:

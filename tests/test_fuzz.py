@@ -248,6 +248,11 @@ CASES = [
         search={"constrain": {"enabled": True}, "score": "domain"},
     ),
     search_case("storage_in_memory", "is an in-memory SQLite database", "--storage", "sqlite://"),
+    search_case(
+        "source_named_base",
+        "names must be unique and not 'base'",
+        sources=[{"name": "base", "path": "@a@"}, {"name": "b", "path": "@b@"}],
+    ),
     search_case("source_listed_twice", "is listed twice", sources=[{"name": n, "path": "@a@"} for n in "ab"]),
     search_case("negative_seed", "search.seed: Input should be greater than or equal to 0", "--seed", "-1"),
     search_case("unknown_flag", "unrecognized arguments: --n-trails 5", "--n-trails", "5"),

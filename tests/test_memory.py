@@ -108,7 +108,7 @@ def test_a_search_that_cannot_fit_is_refused_before_loading(world, tmp_path, cap
     err = capsys.readouterr().err
     assert "store_dtype" in err and "largest part is" in err
     assert not (tmp_path / "run").exists()  # nothing was started
-    for nonsense in ("12 parsecs", "1e400", "0GB"):  # 1e400 overflows a float
+    for nonsense in ("12 parsecs", "1e400", "0GB", "0.5"):  # 1e400 overflows a float; 0.5 bytes
         raw["runtime"] = {"max_memory": nonsense}
         with pytest.raises(ConfigError, match="runtime.max_memory.*not a memory size"):
             validate_config(raw)

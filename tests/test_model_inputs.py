@@ -375,3 +375,13 @@ def test_a_pool_adapter_naming_no_usable_base_is_one_error(world, tmp_path):
         edit_json(folder / "adapter_config.json", base_model_name_or_path=base)
         with pytest.raises(ModelLoadError, match=message):
             checked_base(ModelRef(str(folder)), EngineSettings())
+
+
+def test_a_model_file_that_cannot_be_read_is_one_error(world, tmp_path):
+    """The fingerprint reads every file of a model folder (the synth cache's key, run.yaml)."""
+    from core.files import fingerprint
+
+    folder = copy(world, "a", tmp_path)
+    (folder / "extra.bin").symlink_to("/proc/self/mem")  # opens, then every read fails (EIO)
+    with pytest.raises(ModelLoadError, match=r"cannot read .*extra.bin \(Input/output error\): check"):
+        fingerprint(folder)
