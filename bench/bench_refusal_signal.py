@@ -28,6 +28,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from core.files import write_text_atomic  # noqa: E402
+from eval.run_inputs import without_code_permissions  # noqa: E402
 from optimize.config import validate_config  # noqa: E402
 from optimize.context import check_inputs, prepare  # noqa: E402
 from optimize.merge import PLAIN  # noqa: E402
@@ -44,7 +45,8 @@ def correlations(x: list[float], y: list[float]) -> dict:
 
 def measure(run_dir: Path, max_new_tokens: int) -> dict:
     run = yaml.safe_load((run_dir / "run.yaml").read_text())
-    raw = run["config"] | {"storage": None}
+    # a run folder grants no remote code, pickles or lm-eval tasks (eval.run_inputs)
+    raw = without_code_permissions(run["config"], run_dir / "run.yaml") | {"storage": None}
     raw["search"]["verify"]["top_k"] = max(1, raw["search"]["verify"]["top_k"])  # loads D_help
     cfg = validate_config(raw)
     ctx = prepare(cfg, check_inputs(cfg))

@@ -12,7 +12,7 @@ import math
 import re
 from pathlib import Path
 
-from core.config import cut
+from core.config import clip, cut
 from core.errors import ModelLoadError
 from core.weights import FLOAT_DTYPES, header_shapes, read_json_object
 
@@ -27,8 +27,8 @@ def _rank(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value > 0
 
 
-def _finite(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+def _alpha(value) -> bool:  # real adapters use 1-512; 1e300 would overflow the deltas
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and abs(value) <= 1e6
 
 
 def check_adapter(folder: Path) -> None:
@@ -52,13 +52,14 @@ def check_adapter(folder: Path) -> None:
             )
     alphas = cfg.get("alpha_pattern") or {}
     if (
-        not _finite(cfg.get("lora_alpha", 8))
+        not _alpha(cfg.get("lora_alpha", 8))
         or not isinstance(alphas, dict)
-        or not all(map(_finite, alphas.values()))
+        or not all(map(_alpha, alphas.values()))
     ):
         raise _refuse(
             folder,
-            f"lora_alpha must be a finite number (got {cfg.get('lora_alpha')!r}, alpha_pattern {alphas!r})",
+            f"lora_alpha must be a number of at most 1e6 (got {cfg.get('lora_alpha')!r}, "
+            f"alpha_pattern {clip(alphas, 100)})",
             "copy the adapter again",
         )
     if not isinstance(cfg.get("base_model_name_or_path") or "", str):

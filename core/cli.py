@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import csv
+import re
+import shlex
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -69,3 +71,48 @@ def run_cli(work: Callable[[], object]) -> int:
         return 2
     print(result)
     return 0
+
+
+# a query parameter whose name holds one of these is masked (password, sslpassword, access_token...)
+SECRET_PARAMS = ("pass", "pwd", "secret", "token", "key", "auth", "credential")
+
+
+def secret_param(name: str) -> bool:
+    return any(word in name.lower() for word in SECRET_PARAMS)
+
+
+def redact(url: str | None) -> str | None:
+    """`url` fit to print or write: the password and secret query parameters shown as ***.
+    Never fails; a URL it cannot read has everything between // and the last @ masked."""
+    if not url or url.startswith(("journal:", "sqlite:")):  # no credentials (sqlite+pysqlcipher: has)
+        return url
+    from sqlalchemy.engine import make_url
+
+    try:
+        parsed = make_url(url)
+        if "@" in (parsed.host or ""):  # a raw "@" in the password: SQLAlchemy ends it there
+            raise ValueError(url)
+        query = {k: "***" if secret_param(k) else v for k, v in parsed.query.items()}
+        return parsed.set(query=query).render_as_string(hide_password=True).replace("=%2A%2A%2A", "=***")
+    except Exception:
+        head, slashes, rest = url.partition("//")
+        if not slashes:
+            head, rest = "", url
+        if "@" in rest:
+            rest = "***@" + rest.rpartition("@")[2]
+        keys = "|".join(SECRET_PARAMS)
+        return re.sub(rf"([?&]\w*(?:{keys})\w*=)[^&]*", r"\1***", head + slashes + rest, flags=re.IGNORECASE)
+
+
+def command_line(module: str, argv: list[str] | None) -> str:
+    """The command as a run records it (synth_run.json, the data card), a storage URL given by
+    --set storage=... redacted like every other place it is written."""
+    given = sys.argv[1:] if argv is None else argv
+    return shlex.join(["python", "-m", module, *map(_redacted, given)])
+
+
+def _redacted(arg: str) -> str:
+    if "://" not in arg:
+        return arg
+    key, eq, value = arg.partition("=") if "=" in arg.split("://")[0] else ("", "", arg)
+    return key + eq + redact(value)

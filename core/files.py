@@ -127,6 +127,10 @@ def article(word: str) -> str:
     return "an" if word[:1] in "aeiou" else "a"
 
 
+# the names atomic_file (mkstemp) and atomic_dir (with `_owner_tag`) give their temporaries
+TEMPORARY = re.compile(r"\..+\.(\w{8}\.tmp(\.\w+)?|tmp-.+-\d+-\w+|old-.+-\d+)")
+
+
 def written_files(folder: Path) -> list[str]:
     """The files of a folder, relative to it, that its marker records. Left out: the markers,
     alignmerge's own temporaries (a kill mid-write), .DS_Store and a Hub download's or upload's
@@ -140,7 +144,7 @@ def _ours_or_a_cache(rel: Path) -> bool:
     return (
         rel.name in (MARKER, ".DS_Store")
         or rel.parts[:2] == (".cache", "huggingface")
-        or any(part.startswith(".") and re.search(r"\.(tmp|old)", part) for part in rel.parts)
+        or any(TEMPORARY.fullmatch(part) for part in rel.parts)
     )
 
 

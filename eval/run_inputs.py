@@ -75,34 +75,50 @@ def check_one_set(run_dir: Path, merged: Path) -> None:
 
 
 # What a config lets run beyond reading weights: a model folder's own code, pickled weights, lm-eval
-# task YAMLs (whose `!function` is Python). A run folder may come from anyone, so these are the
-# user's choice on the command line (--config or --set), never its run.yaml's.
-CODE_PERMISSIONS = (
-    ("runtime", "trust_remote_code"),
-    ("runtime", "allow_pickle"),
-    ("eval", "lm_eval", "include_path"),
-)
+# tasks (a task YAML's `!function` is Python; a task name may be a YAML's path). A run folder may come
+# from anyone, so these are the user's choice on the command line (--config, --set, --tasks), never
+# its run.yaml's.
+CODE_PERMISSIONS = {  # and how the user grants each
+    "runtime.trust_remote_code": "--set runtime.trust_remote_code=true",
+    "runtime.allow_pickle": "--set runtime.allow_pickle=true",
+    "eval.lm_eval": "--tasks NAME or --set eval.lm_eval.tasks=[...]",
+}
 
 
-def without_code_permissions(raw: dict) -> dict:
+def _part(raw: dict, dotted: str) -> tuple[dict | None, str]:
+    """The mapping holding `dotted`'s last key, and that key."""
+    *parents, key = dotted.split(".")
+    for name in parents:
+        raw = raw.get(name) if isinstance(raw, dict) else None
+    return (raw if isinstance(raw, dict) else None), key
+
+
+def without_code_permissions(raw: dict, source: Path, granted: set[str] = frozenset()) -> dict:
+    """`raw` (a run.yaml's config) without CODE_PERMISSIONS. One it sets that the user did not
+    give on the command line is refused, named, rather than dropped unseen."""
     raw = copy.deepcopy(raw)
-    for *parents, key in CODE_PERMISSIONS:
-        node = raw
-        for name in parents:
-            node = node.get(name) if isinstance(node, dict) else None
-        if isinstance(node, dict):
-            node.pop(key, None)
+    for dotted, how in CODE_PERMISSIONS.items():
+        node, key = _part(raw, dotted)
+        value = node.pop(key, None) if node is not None else None
+        wanted = any(value.values()) if isinstance(value, dict) else value
+        if wanted and not any(g == dotted or g.startswith(dotted + ".") for g in granted):
+            raise ConfigError(
+                f"{source} sets {dotted}, which lets code run; a run folder cannot grant that: give it "
+                f"yourself if you trust the run ({how})"
+            )
     return raw
 
 
-def resolve_config(target: Target, config: str | None, sets: dict | None = None):
+def resolve_config(target: Target, config: str | None, sets: dict | None = None, granted=frozenset()):
+    """The config of an evaluation: --config, else the run folder's run.yaml (`granted`: the
+    CODE_PERMISSIONS the command line gives, beyond `sets`)."""
     if config:
         return load_config(config, sets)
     if target.run_dir is not None and (target.run_dir / "run.yaml").exists():
         run_yaml = target.run_dir / "run.yaml"
         raw = read_yaml_mapping(run_yaml).get("config")
         if isinstance(raw, dict):
-            raw = apply_overrides(without_code_permissions(raw), sets)
+            raw = apply_overrides(without_code_permissions(raw, run_yaml, set(sets or {}) | granted), sets)
         return validate_config(raw, f"({run_yaml})")
     raise ConfigError(
         f"{target.path} has no run.yaml beside it: give --config configs/X.yaml (it names the test "
@@ -113,25 +129,31 @@ def resolve_config(target: Target, config: str | None, sets: dict | None = None)
 def merge_recipe(cfg) -> dict:
     """What turns best.yaml's parameters into a merge. Paths are left out: on another machine the
     models may live elsewhere."""
-    raw = cfg.model_dump(mode="json", by_alias=True)
-    space = ("parametrization", "sampler", "grid", "weight", "density", "density_step")
+    raw, s = cfg.model_dump(mode="json", by_alias=True), cfg.search
+    snapped = s.grid if s.sampler == "grid" else (raw["search"]["density"], s.density_step)
     return {
-        "sources": [{k: s[k] for k in ("name", "role", "parametrization")} for s in raw["sources"]],
-        "merge": raw["merge"],
-        **{f"search.{k}": raw["search"][k] for k in space},
+        "sources": [{k: src[k] for k in ("name", "role", "parametrization")} for src in raw["sources"]],
+        "merge": raw["merge"] | {"normalize": cfg.normalize},
+        "search.parametrization": s.parametrization,
+        "search.weight": raw["search"]["weight"],
+        "search.density": snapped,  # a grid sampler snaps densities to its grid; the others to density_step
     }
 
 
 def check_same_recipe(target: Target, cfg) -> None:
-    """A --config given for a run folder must rebuild the merge that was searched."""
+    """A config given for a run folder must rebuild the merge that was searched."""
     if target.params is None or target.run_dir is None or not (target.run_dir / "run.yaml").exists():
         return
-    ran, given = merge_recipe(resolve_config(target, None)), merge_recipe(cfg)
+    try:  # what it ran with; loading is the given config's (its permissions: granted or not)
+        ran = merge_recipe(resolve_config(target, None, granted=set(CODE_PERMISSIONS)))
+    except ConfigError:  # a run.yaml this version no longer reads: the given config is all there is
+        return
+    given = merge_recipe(cfg)
     if changed := [k for k in ran if ran[k] != given[k]]:
         raise ConfigError(
-            f"the config changes {', '.join(changed)} from {target.run_dir / 'run.yaml'}: {BEST}'s "
-            "weights would build another merge than the one searched; give those keys as the run had "
-            "them (or leave out --config: run.yaml is the default)"
+            f"the config (--config, --set) changes {', '.join(changed)} from {target.run_dir / 'run.yaml'}: "
+            f"{BEST}'s weights would build another merge than the one searched; give those keys as the "
+            "run had them"
         )
 
 
@@ -156,7 +178,7 @@ class Inputs:
 def load_inputs(args: argparse.Namespace) -> Inputs:
     """Everything checked before any model loads; bad input raises with the problem and the fix."""
     target = resolve_target(args.model)
-    cfg = resolve_config(target, args.config, parse_sets(args.set))
+    cfg = resolve_config(target, args.config, parse_sets(args.set), {"eval.lm_eval"} if args.tasks else set())
     check_runtime(cfg)  # a GPU config on a CPU node
     policy = (cfg.runtime.allow_pickle, cfg.runtime.trust_remote_code)
     if target.folder is not None:

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import optuna
 
-from core.cli import ArgumentParser, run_cli
+from core.cli import ArgumentParser, command_line, run_cli
 from core.files import claim_run_dir
 from eval.suites import suite_prompts
 from optimize.ablate_config import Ablation, load_ablation, load_test, search_config_path
@@ -52,7 +52,7 @@ from optimize.compare import references
 from optimize.config import Config
 from optimize.context import check_setup, load_data, prepare
 from optimize.merge import PLAIN
-from optimize.storage import claim_and_open, command_line
+from optimize.storage import claim_and_open
 from optimize.study import default_storage
 from synth.generate import for_run
 

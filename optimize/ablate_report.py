@@ -9,13 +9,13 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from core.cli import redact
 from core.files import write_text_atomic
 from eval import plots
 from optimize.ablate_config import Ablation
 from optimize.ablate_rows import Row, sampler_summary
 from optimize.config import Config
 from optimize.objective import describe_weighted
-from optimize.storage import redact
 
 COLUMNS = [
     "row",

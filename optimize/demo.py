@@ -20,7 +20,7 @@ import sys
 import time
 from pathlib import Path
 
-from core.cli import ArgumentParser, positive_int, run_cli
+from core.cli import ArgumentParser, command_line, positive_int, run_cli
 from core.config import parse_sets
 from core.files import write_text_atomic
 from eval import plots
@@ -45,7 +45,7 @@ from optimize.export import mergekit_base_before_loading
 from optimize.methods import Candidate, Linear, MergeMethod
 from optimize.report import load_best
 from optimize.search import overrides, run
-from optimize.storage import claim_and_open, command_line
+from optimize.storage import claim_and_open
 from synth.generate import for_run
 
 

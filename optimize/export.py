@@ -22,22 +22,32 @@ import numpy as np
 import yaml
 
 from core.models import (
+    adapter_config,
     checkpoint_dtype,
     hub_name,
     materialize_hf_folder,
+    model_format,
     resolve_device,
     resolve_dtype,
     resolve_model_path,
 )
 from optimize.config import Config
 from optimize.methods import Candidate
-from optimize.sources import Groups, adapter_base, source_kind
+from optimize.sources import Groups
 
 MERGEKIT_CONFIG = "mergekit_config.yml"  # the recipe's name inside a model folder, as mergekit writes it
 DARE_NOTE = (
     "# DARE drop masks are random: mergekit draws its own (use --random-seed), so the\n"
     "# result matches ours in distribution, not bit for bit.\n"
 )
+
+
+def source_kind(path: str, allow_pickle: bool = False, trust_remote_code: bool = False) -> str:
+    return model_format(resolve_model_path(path), allow_pickle, trust_remote_code)
+
+
+def adapter_base(path: str) -> str | None:
+    return adapter_config(resolve_model_path(path)).get("base_model_name_or_path")
 
 
 def _r(x: float) -> float:

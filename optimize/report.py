@@ -14,6 +14,7 @@ import numpy as np
 import optuna
 import yaml
 
+from core.cli import redact
 from core.errors import OutputError
 from core.files import write_text_atomic, write_yaml_atomic
 from core.models import save_model_atomic
@@ -32,7 +33,6 @@ from optimize.export import (
 from optimize.merge import PLAIN
 from optimize.methods import Candidate
 from optimize.objective import describe
-from optimize.storage import redact
 from optimize.study import choose, metric_names, trials_frame
 from optimize.verify import verified_pick
 from optimize.workers import searched_trials, written_stamp

@@ -19,7 +19,7 @@ from optuna.storages import fail_stale_trials
 from optuna.trial import TrialState
 from safetensors import SafetensorError
 
-from core.cli import ArgumentParser, run_cli
+from core.cli import ArgumentParser, redact, run_cli
 from core.config import parse_sets
 from core.errors import ConfigError, OutputError, UserError
 from core.files import check_replaceable
@@ -30,7 +30,7 @@ from optimize.gradient import descend
 from optimize.objective import make_trial, refusal_bounds
 from optimize.registry import SAMPLER_NAMES
 from optimize.report import load_best, write_outputs
-from optimize.storage import claim_and_open, is_sqlite, redact
+from optimize.storage import claim_and_open, is_sqlite
 from optimize.study import default_storage, make_pruner, open_study, study_signature
 from optimize.tracking import Tracker
 from optimize.workers import (

@@ -25,7 +25,6 @@ from core.adapters import LORA_KEY, unload_partial
 from core.config import cut
 from core.errors import ModelLoadError
 from core.models import (
-    adapter_config,
     load_model,
     load_tokenizer,
     model_format,
@@ -293,6 +292,9 @@ def task_vector_lora(name: str, path: Path, base: Base, trust_remote_code: bool 
                         f"source {name!r}: {path} targets {module_name} but holds no LoRA weights for it "
                         "(peft would start them from scratch); the adapter is incomplete: copy it again"
                     )
+                if variant := module.lora_variant.get("source"):  # aLoRA, BD-LoRA...: peft's delta, not B @ A
+                    what = f"a LoRA variant ({type(variant).__name__}) whose delta is not B @ A"
+                    raise ModelLoadError(f"source {name!r}: {path} is {what}; merge it into the model")
                 n, stored = f"{module_name}.weight", base.weights[f"{module_name}.weight"]
                 if type(module) is LoraLinear and "source" in module.lora_A:
                     a, b = (m["source"].weight.detach() for m in (module.lora_A, module.lora_B))
@@ -387,11 +389,3 @@ def load_task_vectors(
         out.append(load_task_vector(s.name, s.path, base, allow_pickle, trust_remote_code))
         release_freed_memory()
     return out
-
-
-def source_kind(path: str, allow_pickle: bool = False, trust_remote_code: bool = False) -> str:
-    return model_format(resolve_model_path(path), allow_pickle, trust_remote_code)
-
-
-def adapter_base(path: str) -> str | None:
-    return adapter_config(resolve_model_path(path)).get("base_model_name_or_path")

@@ -12,11 +12,11 @@ import warnings
 import numpy as np
 import optuna
 
+from core.cli import redact
 from core.errors import ConfigError
 from optimize.context import model_fingerprints
 from optimize.objective import describe, describe_weighted, prunes, violation, weighted_loss
 from optimize.registry import SAMPLERS
-from optimize.storage import redact
 from optimize.workers import searched_trials, worker_id
 
 

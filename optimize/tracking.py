@@ -21,7 +21,7 @@ from pathlib import Path
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from optimize.storage import redact
+from core.cli import redact
 from optimize.study import metric_names
 
 

@@ -13,12 +13,11 @@ import importlib.metadata
 import json
 import math
 import platform
-import shlex
 import sys
 import time
 from pathlib import Path
 
-from core.cli import ArgumentParser, read_user_file, run_cli
+from core.cli import ArgumentParser, command_line, read_user_file, run_cli
 from core.config import parse_sets
 from core.errors import ConfigError, DataError, ModelLoadError
 from core.files import atomic_dir, check_replaceable
@@ -308,7 +307,7 @@ def main(argv: list[str] | None = None) -> int:
         if overrides := {k: v for k, v in flags.items() if v is not None}:
             cfg = parse_synth({**cfg.model_dump(exclude_unset=True), **overrides})
         out = Path(args.out) if args.out else run_dir / "data"
-        command = shlex.join(["python", "-m", "synth.generate", *given])
+        command = command_line("synth.generate", given)
         return generate(cfg, out, name, command=command)  # the data folder
 
     return run_cli(work)

@@ -22,14 +22,13 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import shlex
 import sys
 import tempfile
 import time
 from collections import defaultdict
 from pathlib import Path
 
-from core.cli import run_cli
+from core.cli import command_line, run_cli
 from core.errors import ConfigError
 from core.files import check_replaceable
 from synth.compliant import compliant_answers, eager_openings
@@ -309,6 +308,7 @@ def build(argv: list[str] | None) -> Path:
     root = Path(args.out)
     for name in retrain:  # a folder we may not replace is refused before any generation or training
         check_replaceable(root / "models" / name, kind="adapter")
+    check_replaceable(root / "data" / "default", kind="world")
     refuse_all = args.aligned_refuses == "all"
     refused = refused_per_category(refuse_all)  # (per category, of which the experts answer)
     splits = splits_from_seeds(args.seed, args.benign_repeat, refuse_all)
@@ -386,7 +386,7 @@ def build(argv: list[str] | None) -> Path:
         if refuse_all
         else "",
         "max_new_tokens": args.max_new_tokens,
-        "command": shlex.join(["python", "-m", "synth.world", *(sys.argv[1:] if argv is None else argv)]),
+        "command": command_line("synth.world", argv),
     }
     text = card(splits, counts, naive, args.seed, time.perf_counter() - started)
     write_world(data_dir, dd, splits, {"README.md": text, "naive_merges.json": json.dumps(naive, indent=1)})

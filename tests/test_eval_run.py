@@ -1,6 +1,7 @@
 """eval.run on the tiny world: end to end from a search's run folder (transformers backend), the
 merge rebuilt in memory, a model folder with --config; aggregation, MCQ scoring, bad input."""
 
+import copy
 import importlib.util
 import json
 import shutil
@@ -312,7 +313,7 @@ def test_bad_inputs_fail_with_the_fix(searched, world, tmp_path, capsys):
     edited = tmp_path / "edited.yaml"
     edited.write_text(yaml.safe_dump(raw))
     err = _error(capsys, "--model", searched.run_dir, "--config", edited)
-    assert "the config changes merge from" in err and "another merge than the one searched" in err
+    assert "the config (--config, --set) changes merge from" in err and "another merge than the one" in err
 
     raw = searched.model_dump(by_alias=True, mode="json")
     raw["data"]["dir"] = str(tmp_path / "nodata")
@@ -481,23 +482,35 @@ def test_exact_answers_are_graded_by_the_stated_or_last_number():
 
 def test_a_run_folder_cannot_let_its_own_code_run(searched, tmp_path, capsys):
     """A run folder may come from anyone: its run.yaml's trust_remote_code / allow_pickle /
-    lm_eval.include_path are dropped; only the user's --config or --set grants them."""
+    eval.lm_eval (task YAMLs run Python) are refused, named; only the user's command line grants
+    them, and then its merged/ code still needs that grant to run."""
     from tests.test_security import ships_code
 
     run_dir = shutil.copytree(searched.run_dir, tmp_path / "handed-over")
     doc = yaml.safe_load((run_dir / "run.yaml").read_text())
-    doc["config"]["runtime"] |= {"trust_remote_code": True, "allow_pickle": True}
-    doc["config"].setdefault("eval", {})["lm_eval"] = {"include_path": [str(tmp_path)]}
+    original = copy.deepcopy(doc)
+    doc["config"]["runtime"] |= {"trust_remote_code": True}
     (run_dir / "run.yaml").write_text(yaml.safe_dump(doc))
     ships_code(run_dir / "merged", tmp_path / "code-ran")
     err = _error(capsys, "--model", run_dir)
-    assert "ships its own code (auto_map in config.json)" in err and "runtime.trust_remote_code" in err
+    assert "sets runtime.trust_remote_code, which lets code run; a run folder cannot grant that" in err
+    assert "--set runtime.trust_remote_code=true" in err
+    lm_eval = {"lm_eval": {"tasks": ["evil/t.yaml"]}}  # lm-eval reads a task name that is a path
+    for key, value in (("runtime", {"allow_pickle": True}), ("eval", lm_eval)):
+        doc = copy.deepcopy(original)
+        doc["config"][key] = (doc["config"].get(key) or {}) | value
+        (run_dir / "run.yaml").write_text(yaml.safe_dump(doc))
+        assert "a run folder cannot grant that" in _error(capsys, "--model", run_dir)
+    (run_dir / "run.yaml").write_text(yaml.safe_dump(original))  # nothing granted: the code is refused
+    assert "ships its own code (auto_map in config.json)" in _error(capsys, "--model", run_dir)
     assert not (tmp_path / "code-ran").exists()
 
     from eval.run_inputs import resolve_config, resolve_target
 
+    doc = copy.deepcopy(original)
+    doc["config"]["runtime"] |= {"trust_remote_code": True, "allow_pickle": True}
+    (run_dir / "run.yaml").write_text(yaml.safe_dump(doc))
     target = resolve_target(str(run_dir))
-    cfg = resolve_config(target, None)
-    assert not cfg.runtime.trust_remote_code and not cfg.runtime.allow_pickle
-    assert "include_path" not in (cfg.eval or {}).get("lm_eval", {})
-    assert resolve_config(target, None, {"runtime.trust_remote_code": True}).runtime.trust_remote_code
+    sets = {"runtime.trust_remote_code": True, "runtime.allow_pickle": False}  # the user's own choice
+    cfg = resolve_config(target, None, sets)
+    assert cfg.runtime.trust_remote_code and not cfg.runtime.allow_pickle

@@ -231,8 +231,9 @@ ADAPTER_LIES = {
     "r_huge": ({"r": 10**9}, r"r is 1000000000 .* has rank 4"),
     "base_not_a_name": ({"base_model_name_or_path": 5}, r"base_model_name_or_path is 5, not a model name"),
     "layer_replication": ({"layer_replication": [[0, 2]]}, r"layer replication .* not supported"),
-    "alpha_nan": ({"lora_alpha": float("nan")}, r"lora_alpha must be a finite number \(got nan"),
-    "alpha_string": ({"lora_alpha": "16"}, r"lora_alpha must be a finite number \(got '16'"),
+    "alpha_nan": ({"lora_alpha": float("nan")}, r"lora_alpha must be a number of at most 1e6 \(got nan"),
+    "alpha_huge": ({"lora_alpha": 1e300}, r"lora_alpha must be a number of at most 1e6 \(got 1e\+300"),
+    "alpha_string": ({"lora_alpha": "16"}, r"lora_alpha must be a number of at most 1e6 \(got '16'"),
     "alpha_pattern_inf": ({"alpha_pattern": {"q_proj": float("inf")}}, r"alpha_pattern \{'q_proj': inf\}"),
 }
 

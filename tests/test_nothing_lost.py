@@ -241,7 +241,7 @@ def test_files_a_user_added_inside_an_output_are_never_deleted(world, tmp_path):
     assert (merged / "model-q4.gguf").read_text() == "the user's own export"
     assert (merged / "model.safetensors").read_text() == "weights"
     (merged / "model-q4.gguf").unlink()
-    for hidden in (".gitattributes", ".env", ".git/config"):  # hidden, and still the user's
+    for hidden in (".gitattributes", ".env", ".git/config", ".env.old", ".tmp/x", ".old/notes"):  # the user's
         (merged / hidden).parent.mkdir(exist_ok=True)
         (merged / hidden).write_text("the user's")
         with pytest.raises(OutputError, match=rf"did not write \({re.escape(hidden)}\)"):
@@ -250,6 +250,7 @@ def test_files_a_user_added_inside_an_output_are_never_deleted(world, tmp_path):
         assert (merged / hidden).read_text() == "the user's"
         (merged / hidden).unlink()
     (merged / ".DS_Store").write_text("")
+    (merged / ".config.json.k3j9x2ab.tmp.json").write_text("")  # a kill mid-write: ours, not counted
     (merged / ".cache" / "huggingface").mkdir(parents=True)  # a Hub upload's metadata: hidden, not counted
     (merged / ".cache" / "huggingface" / "upload.lock").write_text("")
     with atomic_dir(merged, kind="model") as tmp:  # only its own files: replaced

@@ -126,6 +126,17 @@ def test_dora_is_refused_when_merging_before_peft_loads_it(world, base, tmp_path
         load_task_vector("dora", str(dora), base)
 
 
+def test_another_lora_variant_is_refused_when_merging(world, base, tmp_path):
+    """Activated LoRA (aLoRA) keeps B @ A's shapes but peft applies it to some tokens only."""
+    alora = tmp_path / "alora"
+    shutil.copytree(world["lora"], alora)
+    cfg = json.loads((alora / "adapter_config.json").read_text())
+    (alora / "adapter_config.json").write_text(json.dumps(cfg | {"alora_invocation_tokens": [5, 6]}))
+    with pytest.raises(ModelLoadError, match=r"LoRA variant \(ALoraLinearVariant\) whose delta is not B @ A"):
+        load_task_vector("alora", str(alora), base)
+    assert len(load_task_vector("l", str(world["lora"]), base)) > 0  # the base is usable again
+
+
 def test_other_architecture_shapes_vocab_and_template_are_refused(world, base, tmp_path):
     wide = make_tiny_llama(tmp_path / "wide", num_layers=4, hidden_size=128, num_heads=2)
     with pytest.raises(SourceMismatchError, match="shape of model"):

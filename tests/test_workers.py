@@ -21,8 +21,9 @@ import pytest
 import yaml
 from optuna.trial import TrialState
 
+from core.cli import command_line, redact
 from core.errors import StorageError
-from optimize.storage import command_line, open_storage, redact
+from optimize.storage import open_storage
 from optimize.workers import Quota, is_surplus, other_workers, slots_left
 from tests.conftest import SENTENCES, world_config, write_jsonl
 
@@ -324,7 +325,8 @@ def test_storage_password_is_never_written_or_printed(world, tmp_path, postgres_
 
 # ----------------------------------------------------------------------------- in process
 def test_a_recorded_command_hides_the_storage_password():
-    """optimize.demo / optimize.ablate write their command into synth_run.json and the data card."""
+    """optimize.demo, optimize.ablate, synth.generate and synth.world record their command
+    (synth_run.json, the cards)."""
     argv = ["--config", "c.yaml", "--set", "storage=postgresql://u:pw1@h/db?sslpassword=pw2"]
     argv += ["--set=storage=postgresql://u:p@w3@h/db", "--out", "runs/x"]
     line = command_line("optimize.demo", argv)

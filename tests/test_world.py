@@ -235,3 +235,7 @@ def test_an_out_folder_it_may_not_write_is_one_error_line(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "is a file" in err and "Traceback" not in err
     assert a_file.read_text() == "mine"
+    (tmp_path / "w" / "data" / "default").mkdir(parents=True)
+    (tmp_path / "w" / "data" / "default" / ".gitignore").write_text("*")  # a user's file: before training
+    assert world.main(["--models", "medical", "--out", str(tmp_path / "w")]) == 2
+    assert "not written by alignmerge" in capsys.readouterr().err
