@@ -274,3 +274,4 @@ def test_a_setting_the_loaded_base_rules_out_is_one_error_line_before_the_source
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
     assert err.strip().splitlines()[-1].startswith("error: ")
+    assert "Loading weights" in err and "task vectors:" not in err  # after the base, before the sources
