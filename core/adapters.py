@@ -12,7 +12,7 @@ import math
 import re
 from pathlib import Path
 
-from core.config import clip, cut
+from core.config import clip
 from core.errors import ModelLoadError
 from core.weights import FLOAT_DTYPES, header_shapes, read_json_object
 
@@ -65,7 +65,7 @@ def check_adapter(folder: Path) -> None:
     if not isinstance(cfg.get("base_model_name_or_path") or "", str):
         raise _refuse(
             folder,
-            f"base_model_name_or_path is {cut(repr(cfg['base_model_name_or_path']), 60)}, not a model name",
+            f"base_model_name_or_path is {clip(cfg['base_model_name_or_path'], 60)}, not a model name",
             "write the base model's name or path there",
         )
     ranks = cfg.get("rank_pattern") or {}
