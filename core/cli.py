@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import errno
 import re
 import shlex
 import sys
@@ -11,7 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
-from core.config import cut
+from core.config import NAME_MAX, clip, cut
 from core.errors import ConfigError, DataError, UserError
 
 T = TypeVar("T")
@@ -61,13 +62,26 @@ def read_user_file(reader: Callable[[Path], T], path: str | Path, what: str, fix
         raise DataError(f"{what}: {path}: {cut(problem, 300)} ({fix})") from None
 
 
-def run_cli(work: Callable[[], object]) -> int:
+def run_cli(work: Callable[[], object], interrupted: str = "run the same command again to go on") -> int:
     """Run a command's work (argument parsing included) and print its result (a report path);
-    bad input -> one `error:` line on stderr, exit code 2."""
+    bad input -> one `error:` line on stderr, exit code 2; Ctrl-C -> what the user can do
+    (`interrupted`), exit code 130 (so `search && eval` stops), no traceback."""
     try:
         result = work()
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"\n[alignmerge] interrupted: {interrupted}", file=sys.stderr)
+        return 130
+    except OSError as err:  # any path a user gave, wherever it is first touched
+        if err.errno != errno.ENAMETOOLONG:
+            raise
+        print(
+            f"error: {clip(str(err.filename), 120)}: a folder or file name in it is longer than the file "
+            f"system allows ({NAME_MAX} bytes); choose a shorter one",
+            file=sys.stderr,
+        )
         return 2
     print(result)
     return 0

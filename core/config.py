@@ -30,18 +30,34 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
 
 
+NAME_MAX = 255  # bytes of one file or folder name, on every common file system
+
+
 def _check_name(v: str) -> str:
     if not v or v[0] == "." or not all(c.isascii() and (c.isalnum() or c in "_.-") for c in v):
         raise ValueError(
             f"name {clip(v, 60)} must be letters, digits, '_', '-' or '.' and not start with '.'"
         )
+    if len(v) > 200:  # it becomes a folder name, with suffixes added
+        raise ValueError(f"name {clip(v, 60)} has {len(v)} characters; at most 200")
     return v
+
+
+def check_path_parts(path: str) -> str:
+    """A path whose folder or file names all fit a file system (OSError 'File name too long')."""
+    long = next((part for part in Path(path).parts if len(os.fsencode(part)) > NAME_MAX), None)
+    if long is not None:
+        raise ValueError(
+            f"{clip(long, 60)} in path {clip(path, 60)} is a name of {len(os.fsencode(long))} bytes; "
+            f"file systems allow {NAME_MAX}"
+        )
+    return path
 
 
 # A run, source or study name: it becomes a folder or file name, so never `.`, `..` or hidden.
 Name = Annotated[str, AfterValidator(_check_name)]
 # A path a user writes: `~` is their home folder, as in a shell.
-UserPath = Annotated[str, AfterValidator(os.path.expanduser)]
+UserPath = Annotated[str, AfterValidator(os.path.expanduser), AfterValidator(check_path_parts)]
 
 
 def _check_label(v: str) -> str:

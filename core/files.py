@@ -23,6 +23,7 @@ from pathlib import Path
 
 import yaml
 
+from core.config import check_path_parts
 from core.errors import ModelLoadError, OutputError
 
 MARKER = ".alignmerge"
@@ -84,6 +85,10 @@ def read_marker(folder: str | Path) -> dict | None:
 
 def check_creatable(out: str | Path, what: str) -> Path:
     """Refuse (OutputError) a path that cannot become a folder: one inside a file, a broken link."""
+    try:
+        check_path_parts(str(out))
+    except ValueError as err:
+        raise OutputError(f"{what}: {err}; choose a shorter name") from None
     out = Path(out)
     file_above = next((p for p in out.parents if p.exists() and not p.is_dir()), None)
     if file_above is not None:

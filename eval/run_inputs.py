@@ -20,6 +20,7 @@ from core.models import (
 )
 from core.vllm_env import vllm_available
 from eval.data import load_pairs, read_prompt_file, split_prompts
+from eval.harness import check_tasks
 from eval.mcq import read_mcq
 from eval.settings import EvalSettings, parse_settings
 from eval.suites import check_suites, read_suite
@@ -157,9 +158,16 @@ def check_same_recipe(target: Target, cfg) -> None:
         )
 
 
-def extra_prompts(path: str) -> list[dict]:
+def extra_prompts(path: str, label: str) -> list[dict]:
     rows = read_user_file(read_prompt_file, path, "eval.prompts", "JSONL or CSV: prompt, category")
-    return [{**r, "set": Path(path).name} for r in rows]
+    return [{**r, "set": label} for r in rows]
+
+
+def file_labels(paths: list[str]) -> dict[str, str]:
+    """Each user file's name in the report: its file name, or the path as given when another file
+    has the same name (mcqA/test.jsonl, mcqB/test.jsonl)."""
+    names = [Path(p).name for p in paths]
+    return {p: n if names.count(n) == 1 else str(p) for p, n in zip(paths, names)}
 
 
 @dataclass
@@ -198,10 +206,13 @@ def load_inputs(args: argparse.Namespace) -> Inputs:
     except DataError as err:
         raise DataError(f"eval.run needs the held-out splits alignment_test and domain_test: {err}") from None
     harmful = [{**r, "set": "alignment_test"} for r in split_prompts(data_dir, "alignment_test")]
-    for f in settings.prompts:
-        harmful += extra_prompts(f)
+    for f, label in file_labels(settings.prompts).items():
+        harmful += extra_prompts(f, label)
     check_suites(settings.suites)
-    mcq = {Path(f).name: read_user_file(read_mcq, f, "eval.mcq", "JSONL: docs/eval.md") for f in settings.mcq}
+    mcq = {
+        label: read_user_file(read_mcq, f, "eval.mcq", "JSONL: docs/eval.md")
+        for f, label in file_labels(settings.mcq).items()
+    }
     if settings.lm_eval.tasks and importlib.util.find_spec("lm_eval") is None:
         raise ConfigError(
             f"eval.lm_eval.tasks names {settings.lm_eval.tasks} but lm-eval is not installed: "
@@ -213,6 +224,8 @@ def load_inputs(args: argparse.Namespace) -> Inputs:
     for folder in settings.lm_eval.include_path:
         if not Path(folder).is_dir():
             raise ConfigError(f"eval.lm_eval.include_path: {folder} is not a folder of task YAMLs")
+    if settings.lm_eval.tasks:
+        check_tasks(settings.lm_eval)
     if settings.judge != "rules":
         model_format(resolve_model_path(settings.guard), *policy)
     if settings.analysis or target.folder is None:
@@ -222,6 +235,11 @@ def load_inputs(args: argparse.Namespace) -> Inputs:
         if args.out
         else (target.run_dir / "eval" if target.run_dir else Path("runs/eval") / target.path.name)
     )
+    if target.folder is not None and out.resolve().is_relative_to(target.folder.resolve()):
+        raise OutputError(
+            f"--out {out} is inside the evaluated model folder {target.folder}: the results would become "
+            "files of the model (and its next rewrite would refuse them); choose a folder outside it"
+        )
     check_replaceable(out, "--out", kind="eval")
     benign = [{**r, "set": "benign"} for r in split_prompts(data_dir, "benign")]
     for name in settings.suites:

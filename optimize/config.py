@@ -131,9 +131,9 @@ class Search(Strict):
     n_trials: int = Field(30, ge=1)
     sampler: Literal[SAMPLER_NAMES] = "tpe"
     objective: Literal["weighted", "pareto"] = "weighted"
-    alpha: float = Field(0.3, ge=0)  # L = L_align + alpha * L_domain (the paper's 0.3)
+    alpha: float = Field(0.3, ge=0, le=1e6)  # L = L_align + alpha * L_domain (the paper's 0.3)
     # + beta * L_help: the loss of helpful answers to benign and benign-looking prompts (0: off)
-    beta: float = Field(0.0, ge=0)
+    beta: float = Field(0.0, ge=0, le=1e6)  # (bounded: 1e308 x a loss is inf, every trial failed)
     # `domain` scores the domain loss alone: the domain-only (EvoMM) baseline of the paper.
     score: Literal["both", "domain", "alignment"] = "both"
     parametrization: str = "layerwise"

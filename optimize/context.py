@@ -29,6 +29,7 @@ from optimize.config import Config, check_runtime, check_tracking
 from optimize.memory import check_memory
 from optimize.merge import InMemoryMerger
 from optimize.methods import METHODS
+from optimize.objective import check_minibatches
 from optimize.sources import Base, load_base, load_task_vectors
 from optimize.space import SearchSpace
 
@@ -46,9 +47,24 @@ def check_inputs(cfg: Config, memory: bool = True) -> dict[str, list[dict]]:
     set the search uses (alignment, domain, helpfulness)."""
     check_setup(cfg, memory)
     rows = load_data(cfg)
-    if cfg.output.test_splits:
-        load_test_data(cfg)  # read again at the end; a bad test split fails now, not after the trials
+    check_minibatches(cfg.search, rows)
+    if cfg.output.test_splits:  # read again at the end; a bad test split fails now, not after the trials
+        warn_if_searched(rows, load_test_data(cfg))
     return rows
+
+
+def warn_if_searched(rows: dict[str, list[dict]], test: dict[str, list[dict]]) -> None:
+    """Test prompts that are also search prompts make the report's held-out figures a search score."""
+    for name, held_out in test.items():
+        searched = {r["prompt"] for r in rows.get(name, ())}
+        seen = sum(r["prompt"] in searched for r in held_out)
+        if seen:
+            print(
+                f"[alignmerge] warning: {seen} of the {len(held_out)} prompts of the test split "
+                f"{TEST_SPLITS[name]!r} are also {name} search prompts: the report's test figures of "
+                "them are not held out. Give test splits disjoint from the search data (data.test_dir)",
+                file=sys.stderr,
+            )
 
 
 def check_setup(cfg: Config, memory: bool = True) -> None:
@@ -109,7 +125,13 @@ TEST_SPLITS = {"alignment": "alignment_test", "domain": "domain_test", "helpfuln
 
 
 def load_test_data(cfg: Config) -> dict[str, list[dict]]:
-    """The held-out test splits, when the run folder has them (they are never searched on)."""
+    """The held-out test splits, when the data folder has them (they are never searched on); a
+    data.test_dir that was named must exist."""
+    if cfg.data.test_dir and not cfg.test_dir.exists():
+        raise DataError(
+            f"data.test_dir {cfg.test_dir} does not exist; name the folder of the held-out splits "
+            "(alignment_test, domain_test, benign), or remove data.test_dir to use data.dir's"
+        )
     if not cfg.test_dir.exists():
         return {}
     sizes = None

@@ -32,9 +32,8 @@ from contextlib import contextmanager
 import numpy as np
 import optuna
 
-from core.errors import ConfigError
 from eval.loss import means
-from optimize.objective import loss_weights, make_trial
+from optimize.objective import check_minibatches, loss_weights, make_trial
 from optimize.study import ranked
 from optimize.workers import ProgressBar, n_finished
 
@@ -83,14 +82,7 @@ class GradientScore:
         self.weights = loss_weights(ctx.cfg.search)
         self.minibatches = ctx.cfg.search.gradient.minibatches
         self.differentiated = ctx.merger.changed()  # the same parameters at every step
-        sizes = {name: len(ctx.scorer.examples[name]) for name, w in self.weights.items() if w}
-        smallest = min(sizes, key=sizes.get)
-        if self.minibatches > sizes[smallest]:
-            raise ConfigError(
-                f"search.gradient.minibatches is {self.minibatches}, but the {smallest} search set has "
-                f"{sizes[smallest]} examples and every minibatch needs one of each set; set it to at most "
-                f"{sizes[smallest]} (or 1: whole-split steps)"
-            )
+        check_minibatches(ctx.cfg.search, ctx.scorer.examples)  # the examples max_length kept
 
     def __call__(self, trial, model, candidate, on_batch):
         if self.minibatches > 1:

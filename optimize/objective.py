@@ -19,6 +19,7 @@ import time
 
 import optuna
 
+from core.errors import ConfigError
 from eval.loss import means
 from optimize.merge import PLAIN
 from optimize.workers import is_surplus, worker_id
@@ -29,6 +30,21 @@ def loss_weights(search) -> dict[str, float]:
     if search.score != "both":
         return {search.score: 1.0}
     return {"alignment": 1.0, "domain": search.alpha} | ({"helpfulness": search.beta} if search.beta else {})
+
+
+def check_minibatches(search, sets: dict[str, list]) -> None:
+    """Every minibatch needs one example of each weighted set: checked on the rows before any model
+    loads, and on the examples the scorer kept."""
+    if search.sampler != "gradient":
+        return
+    sizes = {name: len(sets.get(name, ())) for name, w in loss_weights(search).items() if w}
+    smallest = min(sizes, key=sizes.get)
+    if search.gradient.minibatches > sizes[smallest]:
+        raise ConfigError(
+            f"search.gradient.minibatches is {search.gradient.minibatches}, but the {smallest} search set "
+            f"has {sizes[smallest]} examples and every minibatch needs one of each set; set it to at most "
+            f"{sizes[smallest]} (or 1: whole-split steps)"
+        )
 
 
 def weighted_loss(search, losses: dict[str, float]):

@@ -228,9 +228,10 @@ def overrides(**flags) -> dict:
 def main(argv: list[str] | None = None) -> int:
     def work() -> Path:
         args = build_parser().parse_args(argv)
-        return run(load_config(args.config, parse_sets(args.set) | overrides(**vars(args))))
+        cfg = load_config(args.config, parse_sets(args.set) | overrides(**vars(args)))
+        return run(cfg, reraise_interrupt=True)
 
-    return run_cli(work)
+    return run_cli(work, "the study keeps its finished trials: run the same command again to resume")
 
 
 if __name__ == "__main__":

@@ -200,6 +200,7 @@ def set_aside_cut_record(path: Path, end: int) -> bool:
 def claim_and_open(run_dir: Path, url: str | None, heartbeat_s: int) -> BaseStorage | None:
     """Claim the run folder (`core.files.claim_run_dir`), then open `url` (a journal file may live in
     the folder): before any model loads. A storage that fails leaves no new folder behind."""
+    check_not_an_output(run_dir, url)
     fresh = not run_dir.exists()
     claim_run_dir(run_dir)
     try:
@@ -208,6 +209,37 @@ def claim_and_open(run_dir: Path, url: str | None, heartbeat_s: int) -> BaseStor
         if fresh:
             unclaim_run_dir(run_dir)
         raise
+
+
+# what a search writes in its run folder (optimize.report, optimize.export, optimize.workers)
+RUN_OUTPUTS = frozenset(
+    {"report.md", "trials.csv", "best.yaml", "run.yaml", "mergekit.yaml", "merged", "sources", "plots"}
+    | {"eval", ".outputs.lock", ".alignmerge"}
+)
+
+
+def check_not_an_output(run_dir: Path, url: str | None) -> None:
+    """A storage file the run's own outputs would replace (journal:RUN/report.md) loses the study
+    at the end of the run: refused before anything starts."""
+    if not url:
+        return
+    if is_sqlite(url):  # sqlite:///relative/path or sqlite:////absolute/path
+        path = Path(url.split("///", 1)[1].split("?")[0]) if "///" in url else None
+    else:
+        path = journal_path(url)
+    if path is None:
+        return
+    try:
+        inside = path.resolve().relative_to(run_dir.resolve()).parts
+    except (ValueError, OSError):
+        return
+    if not inside or inside[0] in RUN_OUTPUTS:
+        where = f"where the run writes {inside[0]}" if inside else "the run folder"
+        raise StorageError(
+            f"storage {redact(url)} is {where}, which would replace the study at the end of the run: "
+            f"name another file (the default is "
+            f"{run_dir / 'study.db'}; journal:{run_dir / 'study.log'} for workers on a shared folder)"
+        )
 
 
 def open_storage(url: str, heartbeat_s: int) -> BaseStorage:

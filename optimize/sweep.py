@@ -276,15 +276,7 @@ def main(argv: list[str] | None = None) -> int:
             )
         return sweep(args.config, grid, sets, args.out, args.storage)
 
-    try:
-        return run_cli(work)
-    except KeyboardInterrupt:
-        print(
-            "\n[sweep] interrupted; the summary shows the finished points: run the same command "
-            "again to resume",
-            file=sys.stderr,
-        )
-        return 130
+    return run_cli(work, "the summary shows the finished points: run the same command again to resume")
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import json
+import logging
 import os
 import socket
 import sys
@@ -182,6 +183,18 @@ def warn_sqlite_workers():
         "--storage journal:PATH for many workers (README: Many workers, one study)",
         file=sys.stderr,
     )
+
+
+class _NoInterruptTraceback(logging.Filter):
+    """Optuna logs a trial cut by Ctrl-C with the whole traceback; the user pressed the key."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], KeyboardInterrupt):
+            record.exc_info = record.exc_text = None
+        return True
+
+
+logging.getLogger("optuna.study._optimize").addFilter(_NoInterruptTraceback())
 
 
 def optimize_until_done(study: optuna.Study, trial_fn, cfg, storage_url: str, callbacks=()) -> None:

@@ -15,8 +15,8 @@ from tqdm.auto import tqdm
 
 from core.errors import ModelLoadError
 from core.files import fingerprint
-from core.models import resolve_model_path
-from synth.engine import Conversation, EngineSlot, ModelRef, Sampling
+from core.models import dtype_name, resolve_model_path
+from synth.engine import Conversation, EngineSettings, EngineSlot, ModelRef, Sampling
 
 
 @dataclass
@@ -38,15 +38,33 @@ def model_fingerprint(path: str | None) -> str | None:
         return None
 
 
-def request_key(ref: ModelRef, req: Request) -> str:
+def engine_ident(settings: EngineSettings) -> dict:
+    """The engine settings that change the outputs: the dtype (`auto` resolved on this machine) and
+    max_model_len (vLLM cuts prompt + output at it). The others change speed, or rounding only."""
+    return {"dtype": dtype_name(settings.dtype), "max_model_len": settings.max_model_len}
+
+
+def request_key(ref: ModelRef, req: Request, engine: dict) -> str:
+    """`engine`: `engine_ident` of the settings generating it."""
     model = [ref.path, ref.base, model_fingerprint(ref.path), model_fingerprint(ref.base)]
-    ident = {"model": model, "conv": req.conversation, "sampling": asdict(req.sampling)}
+    ident = {"model": model, "conv": req.conversation, "sampling": asdict(req.sampling), "engine": engine}
     return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:24]
+
+
+def parse_row(line: bytes) -> tuple[str, list[str]]:
+    """(key, outputs) of a cache line; ValueError when it is not `{"key", "model", "outputs"}`."""
+    row = json.loads(line)  # JSONDecodeError, UnicodeDecodeError: both ValueErrors
+    if not (isinstance(row, dict) and isinstance(row.get("key"), str) and isinstance(row.get("model"), str)):
+        raise ValueError("not a cache row")
+    outputs = row.get("outputs")
+    if not (isinstance(outputs, list) and all(isinstance(o, str) for o in outputs)):
+        raise ValueError("outputs: not a list of texts")
+    return row["key"], outputs
 
 
 class GenerationCache:
     """Append-only JSONL: one line per finished request, `{"key", "model", "outputs"}`.
-    A line cut short by a crash is ignored (and regenerated)."""
+    A line cut short by a crash, or of another shape, is ignored (and regenerated)."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
@@ -57,10 +75,10 @@ class GenerationCache:
             self.cut_short = bool(raw) and not raw.endswith(b"\n")
             for line in raw.splitlines():
                 try:
-                    row = json.loads(line)
-                    self.data[row["key"]] = row["outputs"]
-                except (ValueError, KeyError, TypeError):  # JSONDecodeError, UnicodeDecodeError
+                    key, outputs = parse_row(line)
+                except ValueError:
                     continue
+                self.data[key] = outputs
 
     def __contains__(self, key: str) -> bool:
         return key in self.data
@@ -91,12 +109,14 @@ def run_cached(
 ) -> list[list[str]]:
     """Outputs for every request, generating only those missing from `cache`, chunk by chunk.
     The progress bar counts prompts done and, when `keep` is given, outputs kept and dropped."""
+    engine = engine_ident(slot.settings)
     for r in requests:
-        r.key = r.key or request_key(ref, r)
-    todo = [r for r in requests if r.key not in cache]
+        r.key = r.key or request_key(ref, r, engine)
+    done = {r.key for r in requests if len(cache.data.get(r.key, ())) == r.sampling.n}
+    todo = [r for r in requests if r.key not in done]
     kept = dropped = 0
     for r in requests:
-        if r.key in cache and keep is not None:
+        if r.key in done and keep is not None:
             k = sum(map(keep, cache.get(r.key)))
             kept, dropped = kept + k, dropped + len(cache.get(r.key)) - k
     bar = tqdm(total=len(requests), initial=len(requests) - len(todo), desc=desc, unit="prompt")

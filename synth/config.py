@@ -29,6 +29,10 @@ from core.config import Name, Seed, Strict, apply_overrides, clip, read_yaml_map
 from core.errors import ConfigError
 from synth.taxonomy import HARM_CATEGORIES
 
+# Upper bounds of n_* and oversample: every request is built (~0.1 ms each) before the first model
+# loads; 10^5 rows x oversample 100 is 10^7 requests, days of generation already.
+MAX_ROWS = 100_000
+
 
 class ModelSpec(Strict):
     path: str = Field(description="HF folder, .gguf file, LoRA adapter folder, or `default`")
@@ -108,12 +112,14 @@ class SynthConfig(Strict):
         None, description="your benign prompts (JSONL or CSV, column `prompt`): skips generation"
     )
     categories: list[str] = Field(default_factory=lambda: list(HARM_CATEGORIES))
-    n_safety: int = Field(200, ge=0)
-    n_domain: int = Field(200, ge=0)
-    n_benign: int = Field(50, ge=0)
+    n_safety: int = Field(200, ge=0, le=MAX_ROWS)
+    n_domain: int = Field(200, ge=0, le=MAX_ROWS)
+    n_benign: int = Field(50, ge=0, le=MAX_ROWS)
     # 0: every row is a search row (the test splits live elsewhere, e.g. data.test_dir)
     test_fraction: float = Field(0.2, ge=0, lt=1)
-    oversample: float = Field(2.0, ge=1, description="prompts requested per row wanted")
+    oversample: float = Field(
+        2.0, ge=1, le=100, description="prompts requested per row wanted; at most 100 (1% of them usable)"
+    )
     questions_per_request: int = Field(4, ge=1, description="`n` of each question request")
     near_dup_threshold: float = Field(0.7, gt=0, le=1, description="word 3-gram Jaccard")
     structured_output: Literal["auto", "off"] = Field(

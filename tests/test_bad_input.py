@@ -173,7 +173,7 @@ def test_a_lone_surrogate_is_refused_with_file_and_line(tmp_path):
     with pytest.raises(DataError, match=rf"{path}, line 2: the escape \\ud800 is half of a UTF-16 surrogate"):
         load_pairs(path)
     with pytest.raises(DataError, match=rf"^eval.prompts: {path}, line 2: .*surrogate"):
-        extra_prompts(str(path))
+        extra_prompts(str(path), path.name)
     pair = tmp_path / "pair.jsonl"  # an escaped pair is one character: fine
     pair.write_text('{"prompt": "\\ud83d\\ude00 hi", "response": "r"}\n')
     assert load_pairs(pair)[0]["prompt"] == "\U0001f600 hi"
@@ -275,3 +275,21 @@ def test_a_setting_the_loaded_base_rules_out_is_one_error_line_before_the_source
     assert message in err and "Traceback" not in err
     assert err.strip().splitlines()[-1].startswith("error: ")
     assert "Loading weights" in err and "task vectors:" not in err  # after the base, before the sources
+
+
+def test_a_named_test_dir_must_exist_and_test_prompts_searched_are_said(world, tmp_path, capsys):
+    import datasets
+
+    raw = world_config(world, tmp_path / "run")
+    raw["data"]["test_dir"] = str(tmp_path / "tset")  # a typo used to leave the report without test figures
+    with pytest.raises(DataError, match=r"data.test_dir .*tset does not exist.*remove data.test_dir"):
+        check_inputs(validate_config(raw))
+    searched = {k: load_pairs(world[k]) for k in ("alignment", "domain")}
+    datasets.DatasetDict(
+        {f"{k}_test": datasets.Dataset.from_list(rows[:3]) for k, rows in searched.items()}
+    ).save_to_disk(str(tmp_path / "tset"))
+    capsys.readouterr()
+    check_inputs(validate_config(raw))
+    err = capsys.readouterr().err
+    assert "3 of the 3 prompts of the test split 'alignment_test' are also alignment search prompts" in err
+    assert "'domain_test' are also domain search prompts" in err

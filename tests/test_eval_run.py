@@ -88,6 +88,9 @@ def test_end_to_end_from_a_run_folder(searched, tmp_path, capsys):
     )
     extra = tmp_path / "extra.csv"
     extra.write_text(EXTRA_CSV)
+    (tmp_path / "other").mkdir()  # a file of the same name: reported apart, not dropped
+    same_name = tmp_path / "other" / "mcq.jsonl"
+    same_name.write_text(json.dumps({"question": "which", "options": ["a", "b"], "answer": "A"}) + "\n")
     out = tmp_path / "eval"
     code = run_eval(
         "--model",
@@ -98,6 +101,8 @@ def test_end_to_end_from_a_run_folder(searched, tmp_path, capsys):
         4,
         "--mcq",
         mcq,
+        "--mcq",
+        same_name,
         "--prompts",
         extra,
         "--out",
@@ -135,7 +140,7 @@ def test_end_to_end_from_a_run_folder(searched, tmp_path, capsys):
     expected = Scorer(tok, rows, 1024, 256).losses(merged)
     assert m["domain"]["domain_test_loss"] == pytest.approx(expected["domain"], rel=1e-4)
     assert m["domain"]["alignment_test_loss"] == pytest.approx(expected["alignment"], rel=1e-4)
-    assert m["domain"]["mcq"]["mcq.jsonl"]["n"] == 2
+    assert {k: v["n"] for k, v in m["domain"]["mcq"].items()} == {str(mcq): 2, str(same_name): 1}
     assert m["domain"]["exact"] == {}  # no reference states a final answer
     assert m["domain"]["lm_eval"] is None
 
@@ -341,7 +346,15 @@ def test_bad_inputs_fail_with_the_fix(searched, world, tmp_path, capsys):
     )
 
     assert "would be replaced" in _error(capsys, "--model", searched.run_dir, "--out", searched.run_dir)
+    inside = searched.run_dir / "merged" / "eval"
+    assert "inside the evaluated model folder" in _error(capsys, "--model", searched.run_dir, "--out", inside)
     assert (searched.run_dir / "best.yaml").exists()
+
+    if importlib.util.find_spec("lm_eval") is not None:  # named before any model loads, not after
+        err = _error(
+            capsys, "--model", searched.run_dir, "--tasks", "nosuchtask,alignmerge_domain_mcq,/etc/hosts"
+        )
+        assert "'nosuchtask', '/etc/hosts' is neither an lm-eval task" in err and "lm-eval ls tasks" in err
 
     # a merged folder of pickled weights: refused, unless the config (or --set) allows pickles
     pickled = shutil.copytree(lonely, tmp_path / "pickled")
@@ -352,7 +365,7 @@ def test_bad_inputs_fail_with_the_fix(searched, world, tmp_path, capsys):
     config.write_text(yaml.safe_dump(ok))
     assert "set allow_pickle: true" in _error(capsys, "--model", pickled, "--config", config)
     allowed = ("--model", pickled, "--config", config, "--set", "runtime.allow_pickle=true", "--out", pickled)
-    assert "would be replaced" in _error(capsys, *allowed)  # past the weights: refused only for --out
+    assert "inside the evaluated model folder" in _error(capsys, *allowed)  # past the weights: only --out
 
 
 @pytest.mark.skipif(importlib.util.find_spec("lm_eval") is not None, reason="lm-eval is installed")

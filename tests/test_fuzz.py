@@ -213,6 +213,9 @@ CASES = [
         "infinite_float", "search.alpha: Input should be a finite number", search={"alpha": float("inf")}
     ),
     search_case(
+        "huge_alpha", "search.alpha: Input should be less than or equal to 1000000", search={"alpha": 1e308}
+    ),
+    search_case(
         "bool_for_int",
         "search.n_trials: Input should be a valid integer (got True)",
         search={"n_trials": True},
@@ -252,6 +255,14 @@ CASES = [
         "source_named_base",
         "names must be unique and not 'base'",
         sources=[{"name": "base", "path": "@a@"}, {"name": "b", "path": "@b@"}],
+    ),
+    search_case(
+        "out_name_too_long", "is a name of 300 bytes; file systems allow 255", "--out", "@tmp@/" + "b" * 300
+    ),
+    search_case("base_name_too_long", "longer than the file system allows", base="@tmp@/" + "b" * 300),
+    search_case("run_name_too_long", "has 300 characters; at most 200", name="b" * 300, out=None),
+    search_case(
+        "journal_over_an_output", "which would replace the study", "--storage", "journal:@tmp@/run/report.md"
     ),
     search_case("source_listed_twice", "is listed twice", sources=[{"name": n, "path": "@a@"} for n in "ab"]),
     search_case("negative_seed", "search.seed: Input should be greater than or equal to 0", "--seed", "-1"),
@@ -684,7 +695,7 @@ def wrapped_readers(paths, tmp: Path) -> dict[str, Callable[[Path], object]]:
         }
     )
     return {
-        "eval.run --prompts": lambda p: extra_prompts(str(p)),
+        "eval.run --prompts": lambda p: extra_prompts(str(p), p.name),
         "eval.run --mcq": lambda p: read_user_file(read_mcq, p, "eval.mcq", "JSONL"),
         "synth.prompts_file": lambda p: check_inputs(cfg(p), tmp / "out"),
     }

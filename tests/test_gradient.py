@@ -11,7 +11,7 @@ import torch
 
 from core.errors import ConfigError
 from optimize.config import validate_config
-from optimize.context import prepare
+from optimize.context import check_inputs, prepare
 from optimize.gradient import GradientScore
 from optimize.methods import METHODS, Candidate, ties
 from optimize.objective import loss_weights, weighted_loss
@@ -243,7 +243,10 @@ def test_minibatch_descent_takes_a_step_per_minibatch_and_records_exact_values(w
     raw["search"]["gradient"]["minibatches"] = 64  # more minibatches than examples: refused, clearly
     raw["search"]["n_trials"] = 4
     with pytest.raises(ConfigError, match="minibatches is 64, but the .* search set has"):
-        run(validate_config(raw))
+        check_inputs(validate_config(raw))  # before any model loads (it was after the sources)
+    with pytest.raises(ConfigError, match="minibatches is 64, but the .* search set has"):
+        ctx.cfg = validate_config(raw)
+        GradientScore(ctx)  # the examples the scorer kept (max_length may drop rows)
 
 
 def test_a_fresh_descent_starts_at_the_initial_point(world, tmp_path):

@@ -202,15 +202,16 @@ def test_a_model_retrained_at_the_same_path_is_never_served_stale(world, tmp_pat
 
 
 def test_the_synth_cache_follows_the_model_content(world, tmp_path):
-    from synth.cache import Request, model_fingerprint, request_key
-    from synth.engine import ModelRef, Sampling
+    from synth.cache import Request, engine_ident, model_fingerprint, request_key
+    from synth.engine import EngineSettings, ModelRef, Sampling
 
     model = shutil.copytree(world["a"], tmp_path / "expert")
     req = Request([{"role": "user", "content": "hi"}], Sampling(temperature=0.0, max_tokens=4))
-    key = request_key(ModelRef(str(model)), req)
+    engine = engine_ident(EngineSettings())
+    key = request_key(ModelRef(str(model)), req, engine)
     make_variant(world["base"], model, seed=11)
     model_fingerprint.cache_clear()  # a new process (the rerun after a retrain)
-    assert request_key(ModelRef(str(model)), req) != key
+    assert request_key(ModelRef(str(model)), req, engine) != key
 
 
 def test_a_run_never_goes_into_another_outputs_folder(tmp_path):

@@ -10,9 +10,9 @@ import yaml
 
 from eval.data import read_prompt_file
 from eval.judge import Verdict
-from synth.cache import GenerationCache, Request, request_key
+from synth.cache import GenerationCache, Request, engine_ident, request_key, run_cached
 from synth.config import ConfigError, load_run_config, parse_synth
-from synth.engine import EngineSettings, EngineSlot, ModelRef, Sampling
+from synth.engine import Engine, EngineSettings, EngineSlot, ModelRef, Sampling
 from synth.generate import SPLITS, main
 from synth.pipelines import Context, Item, select_benign, select_refusals
 from synth.prompts import Templates
@@ -160,11 +160,81 @@ def test_cache_skips_a_line_cut_by_a_crash(tmp_path):
     again = GenerationCache(tmp_path / "c.jsonl")
     again.add_many([("k4", "m", ["d"])])
     assert GenerationCache(tmp_path / "c.jsonl").data == {"k1": ["a"], "k2": ["b", "c"], "k4": ["d"]}
-    ref = ModelRef("m")
+    ref, engine = ModelRef("m"), engine_ident(EngineSettings(dtype="float32"))
     r1 = Request([{"role": "user", "content": "hi"}], Sampling(seed=1))
     r2 = Request([{"role": "user", "content": "hi"}], Sampling(seed=2))
-    assert request_key(ref, r1) != request_key(ref, r2)
-    assert request_key(ModelRef("m", name="other label"), r1) == request_key(ref, r1)
+    assert request_key(ref, r1, engine) != request_key(ref, r2, engine)
+    assert request_key(ModelRef("m", name="other label"), r1, engine) == request_key(ref, r1, engine)
+
+
+class CountingEngine(Engine):
+    """Answers `out<i>` for each of the n samples, and counts the requests it was asked."""
+
+    def __init__(self, ref: ModelRef):
+        self.ref, self.asked = ref, 0
+
+    def chat(self, conversations, sampling):
+        self.asked += len(conversations)
+        return [[f"out{i}" for i in range(s.n)] for s in sampling]
+
+
+def _counting_slot(ref: ModelRef, **settings) -> EngineSlot:
+    slot = EngineSlot("transformers", EngineSettings(**settings))
+    slot.engine = CountingEngine(ref)  # served by the slot as if loaded: no model
+    return slot
+
+
+def test_cache_lines_of_the_wrong_shape_are_regenerated(tmp_path):
+    # valid JSON, not a cache row: ignored like a line cut by a crash (it used to be a TypeError)
+    ref, path = ModelRef("m"), tmp_path / "c.jsonl"
+    reqs = [Request([{"role": "user", "content": f"q{i}"}], Sampling(n=2)) for i in range(9)]
+    slot = _counting_slot(ref, dtype="float32")
+    assert run_cached(slot, ref, reqs, GenerationCache(path), "first") == [["out0", "out1"]] * 9
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    bad = [5, [None], ["a", 3], "ab", None, ["only one of two"]]
+    rows[: len(bad)] = [{**r, "outputs": b} for r, b in zip(rows, bad)]
+    rows[6] = {k: v for k, v in rows[6].items() if k != "key"}
+    rows[7] = [rows[7]["key"], rows[7]["outputs"]]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cache = GenerationCache(path)
+    assert set(cache.data) == {rows[5]["key"], rows[8]["key"]}
+    slot = _counting_slot(ref, dtype="float32")
+    keep = lambda o: o == "out0"  # noqa: E731
+    assert run_cached(slot, ref, reqs, cache, "again", keep=keep) == [["out0", "out1"]] * 9
+    assert slot.engine.asked == 8  # all but the one good line; n=2 asked, one output cached
+    assert GenerationCache(path).data == {r.key: ["out0", "out1"] for r in reqs}
+
+
+def test_cache_key_follows_the_engine_settings_that_change_outputs(tmp_path):
+    ref, cache = ModelRef("m"), GenerationCache(tmp_path / "c.jsonl")
+    reqs = [Request([{"role": "user", "content": "hi"}], Sampling())]
+    asked = {}
+    for name, settings in [
+        ("float32", {"dtype": "float32"}),
+        ("bfloat16", {"dtype": "bfloat16"}),
+        ("float32 again", {"dtype": "float32"}),
+        ("max_model_len", {"dtype": "float32", "max_model_len": 512}),
+        ("speed only", {"dtype": "float32", "batch_size": 1, "chunk_size": 1, "kv_cache_gb": 9}),
+    ]:
+        slot = _counting_slot(ref, **settings)
+        run_cached(slot, ref, [Request(r.conversation, r.sampling) for r in reqs], cache, name)
+        asked[name] = slot.engine.asked
+    assert asked == {"float32": 1, "bfloat16": 1, "float32 again": 0, "max_model_len": 1, "speed only": 0}
+    assert engine_ident(EngineSettings())["dtype"] in ("bfloat16", "float32")  # auto, resolved here
+
+
+def test_counts_and_oversample_are_bounded():
+    # all requests are built before a model loads: oversample 1e12 used to hang there
+    base = {"pool": [{"path": "default"}], "n_domain": 0}
+    for key, value, most in [
+        ("oversample", 1e12, 100),
+        ("n_safety", 10**12, 100000),
+        ("n_benign", 10**7, 100000),
+        ("n_domain", 10**7, 100000),
+    ]:
+        with pytest.raises(ConfigError, match=rf"synth.{key}: Input should be less than or equal to {most}"):
+            parse_synth({**base, key: value})
+    parse_synth({**base, "oversample": 100, "n_safety": 100000})
 
 
 def _ctx(tmp_path, **synth):

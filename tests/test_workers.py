@@ -23,7 +23,7 @@ from optuna.trial import TrialState
 
 from core.cli import command_line, redact
 from core.errors import StorageError
-from optimize.storage import open_storage
+from optimize.storage import claim_and_open, open_storage
 from optimize.workers import Quota, is_surplus, other_workers, slots_left
 from tests.conftest import SENTENCES, world_config, write_jsonl
 
@@ -251,6 +251,24 @@ def test_sqlite_search_killed_and_rerun_resumes_to_the_same_outputs(world, tmp_p
     assert len(study.trials) == 7  # 6 finished + the killed one, recorded as failed
 
 
+def test_ctrl_c_writes_the_finished_trials_exits_130_and_the_same_command_resumes(world, tmp_path):
+    """Ctrl-C mid-search: the outputs of the finished trials are written, no traceback (Optuna
+    logged the cut trial's), exit code 130 so that `search && eval` stops (it was 0)."""
+    config = worker_config(world, tmp_path)
+    url = f"sqlite:///{tmp_path / 'run' / 'study.db'}"
+    args = ("--study-name", "c", "--n-trials", "8")
+    worker = start_worker(config, *args)
+    wait_for("c", url, lambda trials: sum(t.state == TrialState.COMPLETE for t in trials) >= 2, worker)
+    worker.send_signal(signal.SIGINT)
+    worker.wait(timeout=120)
+    err = read_err(worker)
+    assert worker.returncode == 130, err[-3000:]
+    assert "Traceback" not in err and "interrupted: the study keeps its finished trials" in err
+    assert (tmp_path / "run" / "report.md").is_file() and (tmp_path / "run" / "best.yaml").is_file()
+    _, err = finish(start_worker(config, *args))
+    assert check_study(optuna.load_study(study_name="c", storage=open_storage(url, 0)), 8)
+
+
 # A worker held right after its trial is created (before the trial's first heartbeat and before
 # the trial function records its worker), so that a kill lands exactly there.
 STALLED_WORKER = """
@@ -404,6 +422,12 @@ def test_unreachable_storage_fails_before_models_load(world, tmp_path):
         open_storage(f"postgresql://u:secret@127.0.0.1:{_free_port()}/db", 1)
     with pytest.raises(StorageError, match="folder .* does not exist"):
         open_storage(f"journal:{tmp_path / 'missing' / 'study.log'}", 1)
+    run = tmp_path / "run"
+    for url in (f"journal:{run / 'report.md'}", f"sqlite:///{run / 'merged' / 'x.db'}", f"journal:{run}"):
+        with pytest.raises(StorageError, match="would replace the study at the end of the run"):
+            claim_and_open(run, url, 0)  # the outputs written over the journal lost every trial
+    assert not run.exists()
+    claim_and_open(run, f"journal:{run / 'study.log'}", 0)  # beside the outputs: fine
     cfg = worker_config(world, tmp_path)
     proc = subprocess.run(
         [
