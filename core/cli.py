@@ -78,8 +78,8 @@ def run_cli(work: Callable[[], object], interrupted: str = "run the same command
         if err.errno != errno.ENAMETOOLONG:
             raise
         print(
-            f"error: {clip(str(err.filename), 120)}: a folder or file name in it is longer than the file "
-            f"system allows ({NAME_MAX} bytes); choose a shorter one",
+            f"error: {clip(str(err.filename or err), 120)}: a folder or file name in it (or the whole "
+            f"path) is longer than the file system allows ({NAME_MAX} bytes a name); choose a shorter one",
             file=sys.stderr,
         )
         return 2

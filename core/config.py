@@ -43,14 +43,18 @@ def _check_name(v: str) -> str:
     return v
 
 
-def check_path_parts(path: str) -> str:
-    """A path whose folder or file names all fit a file system (OSError 'File name too long')."""
-    long = next((part for part in Path(path).parts if len(os.fsencode(part)) > NAME_MAX), None)
-    if long is not None:
-        raise ValueError(
-            f"{clip(long, 60)} in path {clip(path, 60)} is a name of {len(os.fsencode(long))} bytes; "
-            f"file systems allow {NAME_MAX}"
-        )
+def check_path_parts(path: str, room: int = 0) -> str:
+    """A path whose folder or file names all fit a file system (OSError 'File name too long');
+    its last name `room` bytes shorter (an output written under a longer temporary name first)."""
+    parts = Path(path).parts
+    for i, part in enumerate(parts):
+        extra = room if i == len(parts) - 1 else 0
+        if len(os.fsencode(part)) > NAME_MAX - extra:
+            why = f"; it is first written under a name {extra} bytes longer" if extra else ""
+            raise ValueError(
+                f"{clip(part, 60)} in path {clip(path, 60)} is a name of {len(os.fsencode(part))} bytes; "
+                f"file systems allow {NAME_MAX}{why}"
+            )
     return path
 
 

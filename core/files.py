@@ -86,7 +86,7 @@ def read_marker(folder: str | Path) -> dict | None:
 def check_creatable(out: str | Path, what: str) -> Path:
     """Refuse (OutputError) a path that cannot become a folder: one inside a file, a broken link."""
     try:
-        check_path_parts(str(out))
+        check_path_parts(str(out), room=len(f"..tmp-{_owner_tag()}-") + 8)  # atomic_dir's temporary
     except ValueError as err:
         raise OutputError(f"{what}: {err}; choose a shorter name") from None
     out = Path(out)

@@ -32,7 +32,7 @@ def check_tasks(spec: LmEvalSettings) -> None:
     unknown = [
         t
         for t in spec.tasks
-        if t not in known and not (Path(t).suffix in (".yaml", ".yml") and Path(t).is_file())
+        if t not in known and not (Path(t).suffix in (".yaml", ".yml") and Path(t).expanduser().is_file())
     ]
     if unknown:
         raise ConfigError(

@@ -27,7 +27,8 @@ def variant(
     raw = cfg.model_dump(by_alias=True)
     raw["search"].update(search or {})
     # the variant's run folder moves under this one; its data stays where it is
-    raw["data"].update({"dir": str(cfg.data_dir), "test_dir": str(cfg.test_dir)}, **(data or {}))
+    test_dir = str(cfg.test_dir) if cfg.test_dir.exists() else None  # named, it must exist
+    raw["data"].update({"dir": str(cfg.data_dir), "test_dir": test_dir}, **(data or {}))
     raw["output"].update(output)
     if label:
         raw["out"] = str(cfg.run_dir / label)

@@ -173,10 +173,10 @@ def main(argv: list[str] | None = None) -> int:
         cfg = variant(cfg, "", test_splits=False)
         mergekit_base_before_loading(cfg)
         ctx = prepare(cfg, rows)
-        run(cfg, ctx=ctx)
+        run(cfg, ctx=ctx, reraise_interrupt=True)  # Ctrl-C: exit 130, not a half-searched table
         # the domain-only model is rebuilt from its best.yaml here; no need to save or export it
         dom_cfg = variant(cfg, "domain_only", DOMAIN_ONLY, save_model=False, references=False, mergekit=False)
-        run(dom_cfg, ctx=for_variant(ctx, dom_cfg))
+        run(dom_cfg, ctx=for_variant(ctx, dom_cfg), reraise_interrupt=True)
 
         test = ctx.scorer_for(test_rows)
         results = {}
@@ -193,7 +193,9 @@ def main(argv: list[str] | None = None) -> int:
         minutes = (time.perf_counter() - started) / 60
         return write_report(cfg, results, experts, len(harmful), len(benign), minutes, suites, ctx.generation)
 
-    return run_cli(work)
+    return run_cli(
+        work, "the searches keep their trials and synth its generations: run the same command again"
+    )
 
 
 def write_report(

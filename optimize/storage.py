@@ -211,34 +211,34 @@ def claim_and_open(run_dir: Path, url: str | None, heartbeat_s: int) -> BaseStor
         raise
 
 
-# what a search writes in its run folder (optimize.report, optimize.export, optimize.workers)
-RUN_OUTPUTS = frozenset(
-    {"report.md", "trials.csv", "best.yaml", "run.yaml", "mergekit.yaml", "merged", "sources", "plots"}
-    | {"eval", ".outputs.lock", ".alignmerge"}
-)
+STORAGE_SUFFIXES = (".db", ".sqlite", ".sqlite3", ".log", ".journal")  # no output has one of these
 
 
 def check_not_an_output(run_dir: Path, url: str | None) -> None:
-    """A storage file the run's own outputs would replace (journal:RUN/report.md) loses the study
-    at the end of the run: refused before anything starts."""
+    """A storage file the command's outputs would replace (journal:RUN/report.md) loses the study
+    at the end of the run: inside the run folder only a top-level .db / .log file is a storage.
+    Refused before anything starts."""
     if not url:
         return
-    if is_sqlite(url):  # sqlite:///relative/path or sqlite:////absolute/path
-        path = Path(url.split("///", 1)[1].split("?")[0]) if "///" in url else None
+    if is_sqlite(url):
+        try:
+            path = Path(make_url(url).database or "")  # %-escapes and ?query read as SQLAlchemy does
+        except Exception:  # a bad URL: RDBStorage says what is wrong with it
+            return
     else:
         path = journal_path(url)
-    if path is None:
+    if path is None or path == Path(""):
         return
     try:
         inside = path.resolve().relative_to(run_dir.resolve()).parts
     except (ValueError, OSError):
         return
-    if not inside or inside[0] in RUN_OUTPUTS:
-        where = f"where the run writes {inside[0]}" if inside else "the run folder"
+    if len(inside) != 1 or not inside[0].endswith(STORAGE_SUFFIXES):
         raise StorageError(
-            f"storage {redact(url)} is {where}, which would replace the study at the end of the run: "
-            f"name another file (the default is "
-            f"{run_dir / 'study.db'}; journal:{run_dir / 'study.log'} for workers on a shared folder)"
+            f"storage {redact(url)} is inside the run folder {run_dir}, where the run writes its outputs "
+            f"(report, data, models), and could be replaced by them; name a file directly in it ending in "
+            f"{', '.join(STORAGE_SUFFIXES)} (the default: {run_dir / 'study.db'}; journal:"
+            f"{run_dir / 'study.log'} for workers on a shared folder), or a file outside it"
         )
 
 

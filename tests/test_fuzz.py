@@ -262,7 +262,7 @@ CASES = [
     search_case("base_name_too_long", "longer than the file system allows", base="@tmp@/" + "b" * 300),
     search_case("run_name_too_long", "has 300 characters; at most 200", name="b" * 300, out=None),
     search_case(
-        "journal_over_an_output", "which would replace the study", "--storage", "journal:@tmp@/run/report.md"
+        "journal_over_an_output", "could be replaced by them", "--storage", "journal:@tmp@/run/report.md"
     ),
     search_case("source_listed_twice", "is listed twice", sources=[{"name": n, "path": "@a@"} for n in "ab"]),
     search_case("negative_seed", "search.seed: Input should be greater than or equal to 0", "--seed", "-1"),

@@ -423,9 +423,11 @@ def test_unreachable_storage_fails_before_models_load(world, tmp_path):
     with pytest.raises(StorageError, match="folder .* does not exist"):
         open_storage(f"journal:{tmp_path / 'missing' / 'study.log'}", 1)
     run = tmp_path / "run"
-    for url in (f"journal:{run / 'report.md'}", f"sqlite:///{run / 'merged' / 'x.db'}", f"journal:{run}"):
-        with pytest.raises(StorageError, match="would replace the study at the end of the run"):
-            claim_and_open(run, url, 0)  # the outputs written over the journal lost every trial
+    outputs = ("report.md", "demo.json", "sweep.json", "merged/x.db", "data/s.log", "my%20run.md", "")
+    for name in outputs:  # an output written over the journal lost every trial
+        url = f"sqlite:///{run / name}" if name.endswith(".db") or "%" in name else f"journal:{run / name}"
+        with pytest.raises(StorageError, match="inside the run folder .* could be replaced by them"):
+            claim_and_open(run, url, 0)
     assert not run.exists()
     claim_and_open(run, f"journal:{run / 'study.log'}", 0)  # beside the outputs: fine
     cfg = worker_config(world, tmp_path)
