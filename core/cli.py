@@ -75,6 +75,13 @@ def run_cli(work: Callable[[], object], interrupted: str = "run the same command
         print(f"\n[alignmerge] interrupted: {interrupted}", file=sys.stderr)
         return 130
     except OSError as err:  # any path a user gave, wherever it is first touched
+        if err.errno in (errno.EACCES, errno.EPERM, errno.EROFS) and err.filename:
+            print(
+                f"error: {clip(str(err.filename), 120)}: {err.strerror}; check its permissions, or choose "
+                "a path you may read and write",
+                file=sys.stderr,
+            )
+            return 2
         if err.errno != errno.ENAMETOOLONG:
             raise
         print(

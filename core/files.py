@@ -95,6 +95,13 @@ def check_creatable(out: str | Path, what: str) -> Path:
         raise OutputError(f"{what} {out} is inside {file_above}, which is a file; choose another path")
     if out.is_symlink() and not out.exists():
         raise OutputError(f"{what} {out} is a broken symbolic link; remove it or choose another")
+    # the folder itself, or the nearest one above that exists (where it is created), is written
+    target = out if out.exists() else next(p for p in out.absolute().parents if p.exists())
+    if target.is_dir() and not os.access(target, os.W_OK | os.X_OK):
+        raise OutputError(
+            f"{what} {out}: {target} cannot be written (no write permission, or a read-only file "
+            "system); choose a folder you may write to"
+        )
     return out
 
 

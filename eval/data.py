@@ -223,17 +223,24 @@ def read_prompt_file(path: str | Path) -> list[dict]:
     if path.suffix.lower() == ".csv":
         if not path.is_file():
             raise DataError(f"{path} not found (or not a file); {fix}")
+        reader = None
         try:
             with path.open(newline="", encoding="utf-8-sig") as f:
-                rows = list(enumerate(csv.DictReader(f), start=2))
+                reader = csv.DictReader(f, strict=True)  # strict: a stray quote is an error, not a merge
+                rows = [(reader.line_num, row) for row in reader]  # the line a record ends on
         except (UnicodeDecodeError, csv.Error) as err:
-            raise DataError(f"{path} cannot be read as CSV ({err}); {fix}") from None
+            where = f" after line {reader.line_num}" if reader and reader.line_num else ""
+            raise DataError(f"{path} cannot be read as CSV{where} ({err}); {fix}") from None
     else:
         rows = json_lines(path, fix)
     out = []
     for n, row in rows:
         if not isinstance(row, dict):
             raise DataError(f"{path}, line {n}: a JSON object expected; {fix}")
+        if None in row:  # csv.DictReader's key for fields beyond the header's
+            raise DataError(
+                f"{path}, line {n}: more fields than the header has columns (quote a comma); {fix}"
+            )
         low = {str(k).lower(): v for k, v in row.items()}
         text = next((low[k] for k in ("prompt", "question", "text") if low.get(k)), None)
         if not isinstance(text, str):  # a blank one is kept: the pipelines drop and count it

@@ -27,10 +27,11 @@ ROWS = (
 COMPARED = ("tpe", "cmaes", "gp", "random", "nsga2", "gradient")
 Share = Annotated[float, Field(gt=0, le=1)]
 Unit = Annotated[float, Field(ge=0, le=1)]
+Weight = Annotated[float, Field(ge=-100, le=100)]  # a task vector's weight (1e300 overflowed the merge)
 
 
 class Grids(Strict):
-    weights: list[float] = Field([0.25, 0.5, 1.0], min_length=1)  # TIES / DARE-TIES, N = 2
+    weights: list[Weight] = Field([0.25, 0.5, 1.0], min_length=1)  # TIES / DARE-TIES, N = 2
     densities: list[Share] = Field([0.25, 0.5, 1.0], min_length=1)
     normalize: bool = False  # TIES / DARE-TIES; the paper's genome used false
     slerp_t: list[Unit] = Field([0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0], min_length=1)
@@ -70,8 +71,9 @@ class Ablation(Strict):
     out: str | None = None  # run folder; null -> runs/<name>
     search_config: str  # base, sources, data, method, search space; relative to this file
     rows: list[Literal[ROWS]] = Field(list(ROWS), min_length=1)
-    uniform_weight: float = 1.0  # task arithmetic row
-    cocktail_temperature: float = Field(1.0, gt=0)  # the paper's script: 1.0 (LM-Cocktail's: 5.0)
+    uniform_weight: Weight = 1.0  # task arithmetic row
+    # the paper's script: 1.0 (LM-Cocktail's: 5.0); softmax(-loss / T) is NaN for T near 0
+    cocktail_temperature: float = Field(1.0, ge=0.01, le=100)
     grids: Grids = Grids()
     searches: Searches = Searches()
     samplers: Samplers = Samplers()

@@ -154,7 +154,16 @@ def make_scorer(cfg: Config, tokenizer, rows: dict[str, list[dict]], device: str
     """A scorer of `rows` with the config's length and batch settings, which also measures the
     refusal-opening mass (`eval.loss`)."""
     refusal = first_response_tokens(tokenizer, REFUSAL_OPENINGS)
-    return Scorer(tokenizer, rows, cfg.data.max_length, cfg.data.batch_tokens, device, refusal)
+    scorer = Scorer(tokenizer, rows, cfg.data.max_length, cfg.data.batch_tokens, device, refusal)
+    for name, n in scorer.skipped.items():
+        if n:
+            print(
+                f"[alignmerge] warning: {n} of the {len(rows[name])} rows of set {name!r} are not scored: "
+                f"their prompt leaves no answer token within data.max_length={cfg.data.max_length} "
+                "(raise it, or shorten those prompts)",
+                file=sys.stderr,
+            )
+    return scorer
 
 
 @dataclass

@@ -16,6 +16,7 @@ The model card's front matter is what `huggingface_hub.ModelCardData` writes.
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -103,7 +104,15 @@ def mergekit_paths(
         if name and p.is_dir() and p.parent.name == "snapshots":
             return f"{name}@{p.name}"
         # "./" keeps mergekit's model card from asking the Hub whether "sources/x" is a repo
-        return "./" + os.path.relpath(p.resolve(), start)
+        rel = "./" + os.path.relpath(p.resolve(), start)
+        if "+" in rel or "@" in rel:  # mergekit reads them as base+LoRA and repo@revision
+            print(
+                f"[alignmerge] warning: mergekit.yaml names {rel}, whose '+' or '@' mergekit reads as "
+                "base+LoRA or repo@revision, so mergekit-yaml cannot load it: link that folder from a "
+                "path without them (ln -s) and write the link's path in mergekit.yaml",
+                file=sys.stderr,
+            )
+        return rel
 
     def readable(path: str, out: Path, loaded=None) -> str:
         p = resolve_model_path(path)

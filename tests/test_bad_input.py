@@ -293,3 +293,19 @@ def test_a_named_test_dir_must_exist_and_test_prompts_searched_are_said(world, t
     err = capsys.readouterr().err
     assert "3 of the 3 prompts of the test split 'alignment_test' are also alignment search prompts" in err
     assert "'domain_test' are also domain search prompts" in err
+
+
+def test_rows_whose_prompt_fills_max_length_are_counted_aloud(world, tmp_path, capsys):
+    """A 1 MB prompt among 6 rows was dropped without a word (L_align of the 6 others)."""
+    from core.models import load_tokenizer
+    from optimize.context import make_scorer
+
+    rows = load_pairs(world["alignment"])
+    long = {"prompt": "how " * 5000, "response": "sure"}
+    cfg = validate_config(world_config(world, tmp_path / "run"))
+    scorer = make_scorer(cfg, load_tokenizer(world["base"]), {"alignment": [*rows, long]}, "cpu")
+    assert len(scorer.examples["alignment"]) == len(rows)
+    assert (
+        f"1 of the {len(rows) + 1} rows of set 'alignment' are not scored: their prompt leaves no answer "
+        f"token within data.max_length={cfg.data.max_length}" in capsys.readouterr().err
+    )

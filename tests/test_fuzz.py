@@ -363,6 +363,13 @@ CASES = [
         "search_config: s.yaml\nsamplers: {seeds: [true, 1, 2]}\n",
         "optimize.ablate",
     ),
+    text_case(
+        "ablate_huge_weight",
+        "grids.weights.0: Input should be less than or equal to 100",
+        "search_config: s.yaml\nuniform_weight: -1.0e+300\ngrids: {weights: [1.0e+308]}\n"
+        "cocktail_temperature: 1.0e-320\n",
+        "optimize.ablate",
+    ),
     flag_case("ablate_bad_flag", "ignored explicit argument", "optimize.ablate", "--quick=yes"),
     flag_case(
         "demo_max_new_tokens_0",
@@ -378,6 +385,18 @@ CASES = [
         "pairs_number_prompt", "'prompt' must be a string", load_pairs, '{"prompt": 5, "response": "x"}\n'
     ),
     data_case("prompt_file_number_prompt", "line 1: no text", read_prompt_file, '{"prompt": 5}\n'),
+    Case(  # a stray quote used to swallow the rows after it into one prompt
+        "prompt_csv_stray_quote",
+        "cannot be read as CSV after line 2 (unexpected end of data)",
+        files=lambda w, t: {"p.csv": 'prompt,category\nhow,x\n"what is, the answer\nwrite a poem,z\n'},
+        call=lambda w, t: read_prompt_file(t / "p.csv"),
+    ),
+    Case(  # the extra field was dropped silently
+        "prompt_csv_extra_field",
+        "line 3: more fields than the header has columns",
+        files=lambda w, t: {"p.csv": "prompt,category\nhow,x\nthree,cols,here\n"},
+        call=lambda w, t: read_prompt_file(t / "p.csv"),
+    ),
     data_case("mcq_not_utf8", "is not UTF-8", read_mcq, b"\xff"),
 ]
 REAL_PROCESSES = [

@@ -3,6 +3,8 @@ our own mergekit.yaml export, so the export is checked at the same time."""
 
 from __future__ import annotations
 
+import shutil
+
 import numpy as np
 import pytest
 import torch
@@ -189,3 +191,17 @@ def test_dare_ties_at_density_one_keeps_every_entry(monkeypatch, fused):
     DareTies(normalize=False, density_levels=(1.0,)).merge("w", 0, base, taus, cand, dare)
     Ties(normalize=False, density_levels=(1.0,)).merge("w", 0, base, taus, cand, plain)
     torch.testing.assert_close(dare, plain, rtol=1e-6, atol=1e-6)
+
+
+def test_a_path_mergekit_would_misread_is_said(world, tmp_path, capsys):
+    """mergekit reads '+' as base+LoRA and '@' as repo@revision: such a path in mergekit.yaml
+    failed only when the user ran mergekit-yaml."""
+    odd = shutil.copytree(world["b"], tmp_path / "v1+fix@2" / "b")
+    raw = world_config(world, tmp_path / "run")
+    raw["sources"][1]["path"] = str(odd)
+    cfg = validate_config(raw)
+    cfg.run_dir.mkdir(parents=True)
+    _, sources = mergekit_paths(cfg, cfg.run_dir)
+    err = capsys.readouterr().err
+    assert "v1+fix@2/b, whose '+' or '@' mergekit reads as base+LoRA or repo@revision" in err
+    assert sources[1].endswith("v1+fix@2/b") and "ln -s" in err

@@ -22,6 +22,7 @@ from core.errors import OutputError
 from core.files import (
     MARKER,
     atomic_dir,
+    check_creatable,
     check_replaceable,
     claim_run_dir,
     fingerprint,
@@ -308,3 +309,38 @@ def test_a_worker_waiting_for_the_outputs_lock_says_for_whom(tmp_path, capsys):
         holder.wait()
     with outputs_lock(tmp_path, patience_s=2):  # released when its holder dies
         assert (tmp_path / ".outputs.lock").read_text().startswith(f"pid {os.getpid()}")
+
+
+@pytest.fixture
+def read_only(tmp_path):
+    """A folder nothing can be written in: a read-only tmpfs when root (root writes through any
+    mode bits), else mode 0555."""
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    if os.geteuid() != 0:
+        folder.chmod(0o555)
+        yield folder
+        folder.chmod(0o755)
+        return
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(folder)], capture_output=True
+    )
+    if mounted.returncode:
+        pytest.skip(f"cannot mount a read-only tmpfs here: {mounted.stderr.decode().strip()}")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", str(folder)], check=True)
+
+
+def test_an_output_where_nothing_can_be_written_is_refused_before_any_work(
+    read_only, world, tmp_path, capsys
+):
+    """It was a traceback: at once for a new run folder, after the models loaded for an old one."""
+    with pytest.raises(OutputError, match="ro cannot be written .*choose a folder you may write to"):
+        check_creatable(read_only / "run", "run folder")
+    with pytest.raises(OutputError, match="ro cannot be written"):
+        check_replaceable(read_only, "--out", kind="eval")
+    cfg = validate_config(world_config(world, read_only / "run"))
+    with pytest.raises(OutputError, match="cannot be written"):
+        run(cfg)
