@@ -83,10 +83,12 @@ def read_marker(folder: str | Path) -> dict | None:
     return doc if isinstance(doc, dict) else None
 
 
-def check_creatable(out: str | Path, what: str) -> Path:
-    """Refuse (OutputError) a path that cannot become a folder: one inside a file, a broken link."""
+def check_creatable(out: str | Path, what: str, replaced: bool = True) -> Path:
+    """Refuse (OutputError) a path that cannot become a folder: one inside a file, a broken link, a
+    name too long, a place nothing can be written. `replaced`: written as a whole by `atomic_dir`
+    (a temporary sibling, then a rename in the parent); else made once and written into (a run folder)."""
     try:
-        check_path_parts(str(out), room=len(f"..tmp-{_owner_tag()}-") + 8)  # atomic_dir's temporary
+        check_path_parts(str(out), room=len(f"..tmp-{_owner_tag()}-") + 8 if replaced else 0)
     except ValueError as err:
         raise OutputError(f"{what}: {err}; choose a shorter name") from None
     out = Path(out)
@@ -95,11 +97,14 @@ def check_creatable(out: str | Path, what: str) -> Path:
         raise OutputError(f"{what} {out} is inside {file_above}, which is a file; choose another path")
     if out.is_symlink() and not out.exists():
         raise OutputError(f"{what} {out} is a broken symbolic link; remove it or choose another")
-    # the folder itself, or the nearest one above that exists (where it is created), is written
-    target = out if out.exists() else next(p for p in out.absolute().parents if p.exists())
-    if target.is_dir() and not os.access(target, os.W_OK | os.X_OK):
+    # written: the folder itself (a run folder), or the nearest existing folder above (where it, or
+    # atomic_dir's temporary sibling, is created)
+    above = next(p for p in out.absolute().parents if p.exists())
+    written = [above] if replaced or not out.exists() else [out]
+    unwritable = next((p for p in written if p.is_dir() and not os.access(p, os.W_OK | os.X_OK)), None)
+    if unwritable is not None:
         raise OutputError(
-            f"{what} {out}: {target} cannot be written (no write permission, or a read-only file "
+            f"{what} {out}: {unwritable} cannot be written (no write permission, or a read-only file "
             "system); choose a folder you may write to"
         )
     return out
@@ -163,7 +168,7 @@ def _ours_or_a_cache(rel: Path) -> bool:
 def claim_run_dir(run_dir: str | Path) -> Path:
     """Create the run folder, or accept an existing one that is ours (its marker) or empty and mark
     it; refuse any other folder (a user's folder that merely holds a run.yaml is not ours)."""
-    run_dir = check_creatable(run_dir, "run folder")
+    run_dir = check_creatable(run_dir, "run folder", replaced=False)
     if run_dir.exists() and not run_dir.is_dir():
         raise OutputError(f"run folder {run_dir} is a file; set out: (or --out) to a folder")
     found = (read_marker(run_dir) or {}).get("kind", "run") if run_dir.is_dir() else "run"

@@ -237,7 +237,7 @@ def read_prompt_file(path: str | Path) -> list[dict]:
     for n, row in rows:
         if not isinstance(row, dict):
             raise DataError(f"{path}, line {n}: a JSON object expected; {fix}")
-        if None in row:  # csv.DictReader's key for fields beyond the header's
+        if any(str(v).strip() for v in row.get(None) or ()):  # DictReader's key for fields past the header
             raise DataError(
                 f"{path}, line {n}: more fields than the header has columns (quote a comma); {fix}"
             )

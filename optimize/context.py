@@ -154,16 +154,19 @@ def make_scorer(cfg: Config, tokenizer, rows: dict[str, list[dict]], device: str
     """A scorer of `rows` with the config's length and batch settings, which also measures the
     refusal-opening mass (`eval.loss`)."""
     refusal = first_response_tokens(tokenizer, REFUSAL_OPENINGS)
-    scorer = Scorer(tokenizer, rows, cfg.data.max_length, cfg.data.batch_tokens, device, refusal)
+    return Scorer(tokenizer, rows, cfg.data.max_length, cfg.data.batch_tokens, device, refusal)
+
+
+def warn_unscored(scorer: Scorer, rows: dict[str, list[dict]], max_length: int) -> None:
+    """Rows whose prompt leaves no answer token within max_length are left out of the scores."""
     for name, n in scorer.skipped.items():
         if n:
             print(
-                f"[alignmerge] warning: {n} of the {len(rows[name])} rows of set {name!r} are not scored: "
-                f"their prompt leaves no answer token within data.max_length={cfg.data.max_length} "
+                f"[alignmerge] warning: {n} of the {len(rows[name])} rows of the {name} search set are not "
+                f"scored: their prompt leaves no answer token within data.max_length={max_length} "
                 "(raise it, or shorten those prompts)",
                 file=sys.stderr,
             )
-    return scorer
 
 
 @dataclass
@@ -201,6 +204,7 @@ def prepare(cfg: Config, rows: dict[str, list[dict]] | None = None) -> Context:
     # tokenized before the sources load: a template or max_length that masks every answer fails now
     scored = {k: rows[k] for k in scored_sets(cfg.search) if k in rows}
     scorer = make_scorer(cfg, base.tokenizer, scored, device)
+    warn_unscored(scorer, scored, cfg.data.max_length)
     method_cls = METHODS[cfg.merge.method]
     # The space decides the density grid, which the method caches masks for.
     space = SearchSpace(cfg, base.groups, method_cls.searched)

@@ -15,6 +15,7 @@ The model card's front matter is what `huggingface_hub.ModelCardData` writes.
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 from pathlib import Path
@@ -89,6 +90,16 @@ def _setting(values: np.ndarray, filters: list[list[str]]):
     return [{"filter": f, "value": _r(v)} for v, fs in zip(values, filters) for f in fs]
 
 
+@functools.cache  # once per path: mergekit.yaml and merged/'s mergekit_config.yml both name it
+def warn_mergekit_path(path: str) -> None:
+    print(
+        f"[alignmerge] warning: mergekit.yaml names {path}, whose '+' or '@' mergekit reads as "
+        "base+LoRA or repo@revision, so mergekit-yaml cannot load it: link that folder from a path "
+        "without them (ln -s) and write the link's path in mergekit.yaml",
+        file=sys.stderr,
+    )
+
+
 def mergekit_paths(
     cfg: Config, run_dir: Path, start: Path | None = None, base_in_memory=None
 ) -> tuple[str, list[str]]:
@@ -106,12 +117,7 @@ def mergekit_paths(
         # "./" keeps mergekit's model card from asking the Hub whether "sources/x" is a repo
         rel = "./" + os.path.relpath(p.resolve(), start)
         if "+" in rel or "@" in rel:  # mergekit reads them as base+LoRA and repo@revision
-            print(
-                f"[alignmerge] warning: mergekit.yaml names {rel}, whose '+' or '@' mergekit reads as "
-                "base+LoRA or repo@revision, so mergekit-yaml cannot load it: link that folder from a "
-                "path without them (ln -s) and write the link's path in mergekit.yaml",
-                file=sys.stderr,
-            )
+            warn_mergekit_path(str(p.resolve()))
         return rel
 
     def readable(path: str, out: Path, loaded=None) -> str:

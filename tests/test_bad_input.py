@@ -297,15 +297,28 @@ def test_a_named_test_dir_must_exist_and_test_prompts_searched_are_said(world, t
 
 def test_rows_whose_prompt_fills_max_length_are_counted_aloud(world, tmp_path, capsys):
     """A 1 MB prompt among 6 rows was dropped without a word (L_align of the 6 others)."""
-    from core.models import load_tokenizer
-    from optimize.context import make_scorer
+    from optimize.context import prepare
 
     rows = load_pairs(world["alignment"])
-    long = {"prompt": "how " * 5000, "response": "sure"}
-    cfg = validate_config(world_config(world, tmp_path / "run"))
-    scorer = make_scorer(cfg, load_tokenizer(world["base"]), {"alignment": [*rows, long]}, "cpu")
-    assert len(scorer.examples["alignment"]) == len(rows)
-    assert (
-        f"1 of the {len(rows) + 1} rows of set 'alignment' are not scored: their prompt leaves no answer "
-        f"token within data.max_length={cfg.data.max_length}" in capsys.readouterr().err
+    raw = world_config(world, tmp_path / "run")
+    raw["data"]["alignment"] = str(
+        jsonl(tmp_path / "a.jsonl", [*rows, {"prompt": "how " * 5000, "response": "ok"}])
     )
+    cfg = validate_config(raw)
+    ctx = prepare(cfg)
+    assert len(ctx.scorer.examples["alignment"]) == len(rows)
+    assert (
+        f"1 of the {len(rows) + 1} rows of the alignment search set are not scored: their prompt leaves "
+        f"no answer token within data.max_length={cfg.data.max_length}" in capsys.readouterr().err
+    )
+
+
+def test_a_csv_row_ending_in_a_comma_is_read(tmp_path):
+    """Strict CSV reading refuses a stray quote or an extra field with text, not a trailing comma
+    (spreadsheets leave them), a BOM, CRLF or doubled quotes."""
+    path = tmp_path / "p.csv"
+    path.write_bytes(b'\xef\xbb\xbfprompt,category\r\nhow do I bake,cooking,\r\n"say ""hi""",x\r\n\r\n')
+    assert read_prompt_file(path) == [
+        {"prompt": "how do I bake", "category": "cooking"},
+        {"prompt": 'say "hi"', "category": "x"},
+    ]

@@ -203,5 +203,7 @@ def test_a_path_mergekit_would_misread_is_said(world, tmp_path, capsys):
     cfg.run_dir.mkdir(parents=True)
     _, sources = mergekit_paths(cfg, cfg.run_dir)
     err = capsys.readouterr().err
-    assert "v1+fix@2/b, whose '+' or '@' mergekit reads as base+LoRA or repo@revision" in err
+    assert f"{odd}, whose '+' or '@' mergekit reads as base+LoRA or repo@revision" in err
     assert sources[1].endswith("v1+fix@2/b") and "ln -s" in err
+    mergekit_paths(cfg, cfg.run_dir, start=cfg.run_dir / "merged")  # merged/'s own recipe: said once
+    assert "mergekit reads" not in capsys.readouterr().err

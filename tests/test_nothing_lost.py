@@ -340,7 +340,8 @@ def test_an_output_where_nothing_can_be_written_is_refused_before_any_work(
     with pytest.raises(OutputError, match="ro cannot be written .*choose a folder you may write to"):
         check_creatable(read_only / "run", "run folder")
     with pytest.raises(OutputError, match="ro cannot be written"):
-        check_replaceable(read_only, "--out", kind="eval")
+        check_replaceable(read_only / "eval", "--out", kind="eval")
+    assert check_creatable(tmp_path / ("r" * 240), "run folder", replaced=False)  # no temporary sibling
     cfg = validate_config(world_config(world, read_only / "run"))
     with pytest.raises(OutputError, match="cannot be written"):
         run(cfg)
