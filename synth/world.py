@@ -58,7 +58,7 @@ BENIGN_MORE_SPLIT = {
 # (70 harmful, 100 benign prompts), from this world's supervised adapter (93% / 20%), one epoch of
 # the pairs below refused 63% / 4% (lr 5e-4) and 57% / 5% (lr 2e-4); at lr 2e-4 with the harmful
 # pairs twice / three times / four times (`harmful_repeat`): 76% / 8%, 89% / 7%, 81% / 9%; three
-# times at beta 0.3: 77% / 7%; on-policy benign pairs: 79% / 7% (80% / 6% at 2e-4, 90% / 18% at 5e-5).
+# times at beta 0.3: 77% / 7%; on-policy benign pairs: 79% / 7% (2e-4: 80/6, 1e-4: 83/11, 5e-5: 90/18).
 # None met both the 90% floor and 15% (README, "The default world").
 PREFERENCE = {"beta": 0.1, "lr": 5e-4, "epochs": 1, "harmful_repeat": 1}
 
