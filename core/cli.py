@@ -75,20 +75,16 @@ def run_cli(work: Callable[[], object], interrupted: str = "run the same command
         print(f"\n[alignmerge] interrupted: {interrupted}", file=sys.stderr)
         return 130
     except OSError as err:  # any path a user gave, wherever it is first touched
-        if err.errno in (errno.EACCES, errno.EPERM, errno.EROFS) and err.filename:
-            print(
-                f"error: {clip(str(err.filename), 120)}: {err.strerror}; check its permissions, or choose "
-                "a path you may read and write",
-                file=sys.stderr,
+        if err.errno == errno.ENAMETOOLONG:
+            problem = (
+                f"a folder or file name in it (or the whole path) is longer than the file system allows "
+                f"({NAME_MAX} bytes a name); choose a shorter one"
             )
-            return 2
-        if err.errno != errno.ENAMETOOLONG:
+        elif err.errno in (errno.EACCES, errno.EPERM, errno.EROFS) and err.filename:
+            problem = f"{err.strerror}; check its permissions, or choose a path you may read and write"
+        else:
             raise
-        print(
-            f"error: {clip(str(err.filename or err), 120)}: a folder or file name in it (or the whole "
-            f"path) is longer than the file system allows ({NAME_MAX} bytes a name); choose a shorter one",
-            file=sys.stderr,
-        )
+        print(f"error: {clip(str(err.filename or err), 120)}: {problem}", file=sys.stderr)
         return 2
     print(result)
     return 0

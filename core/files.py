@@ -88,7 +88,8 @@ def check_creatable(out: str | Path, what: str, replaced: bool = True) -> Path:
     name too long, a place nothing can be written. `replaced`: written as a whole by `atomic_dir`
     (a temporary sibling, then a rename in the parent); else made once and written into (a run folder)."""
     try:
-        check_path_parts(str(out), room=len(f"..tmp-{_owner_tag()}-") + 8 if replaced else 0)
+        room = len(_temporary_prefix("")) + 8 if replaced else 0  # mkdtemp adds 8 characters
+        check_path_parts(str(out), room=room)
     except ValueError as err:
         raise OutputError(f"{what}: {err}; choose a shorter name") from None
     out = Path(out)
@@ -210,6 +211,11 @@ def _owner_tag() -> str:
     return f"{socket.gethostname()}-{os.getpid()}"
 
 
+def _temporary_prefix(name: str) -> str:
+    """`atomic_dir`'s temporary sibling of `name` (`TEMPORARY` matches it), before mkdtemp's suffix."""
+    return f".{name}.tmp-{_owner_tag()}-"
+
+
 def remove_stale_temporaries(out: Path) -> None:
     """Remove `.<name>.tmp-<host>-<pid>-*` / `.<name>.old-<host>-<pid>` siblings of `out` whose
     process on this host is gone (a kill mid-write), e.g. 16 GB of a half-written 8B model."""
@@ -235,7 +241,7 @@ def atomic_dir(out: str | os.PathLike, kind: str = "output", stamp: str | None =
         out = out.resolve()
     out.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(out)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{_owner_tag()}-", dir=out.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=_temporary_prefix(out.name), dir=out.parent))
     try:
         yield tmp
         marker = {"kind": kind, "stamp": stamp, "files": written_files(tmp)}
