@@ -33,7 +33,7 @@ from optuna.storages import BaseStorage, JournalStorage, RDBStorage, RetryHeartb
 from optuna.storages._heartbeat import BaseHeartbeat
 from optuna.storages.journal import JournalFileBackend, JournalFileSymlinkLock
 from optuna.trial import FrozenTrial, TrialState
-from sqlalchemy.engine import make_url
+from sqlalchemy.engine import URL, make_url
 
 from core.cli import redact
 from core.errors import StorageError, UserError
@@ -95,6 +95,12 @@ class JournalHeartbeatStorage(JournalStorage, BaseHeartbeat):
         return self.retry
 
 
+def sqlite_url(path: Path) -> str:
+    """The SQLite URL of the file `path`, escaped: a `?`, `#` or `%` in a folder name stays in the path
+    (unescaped, SQLAlchemy read `run?x=1/study.db` as the file `run` and a query)."""
+    return URL.create("sqlite", database=str(path.resolve())).render_as_string(hide_password=False)
+
+
 def journal_path(url: str) -> Path | None:
     """The journal file `url` names (`journal:PATH` or a path without a URL scheme), else None."""
     if url.startswith(JOURNAL):
@@ -119,9 +125,7 @@ def open_journal(url: str, path: Path) -> JournalFileBackend:
         if path.is_file():
             with path.open("rb") as f:
                 if f.read(len(SQLITE_HEADER)) == SQLITE_HEADER:
-                    raise StorageError(
-                        f"storage {redact(url)} is a SQLite database; give sqlite:///{path.resolve()}"
-                    )
+                    raise StorageError(f"storage {redact(url)} is a SQLite database; give {sqlite_url(path)}")
         lock = JournalFileSymlinkLock(str(path))  # the lock Optuna's appends take (the same file)
         while (end := complete_part(url, path)) is not None:
             lock.acquire()  # no worker appends meanwhile
@@ -233,7 +237,7 @@ def check_not_an_output(run_dir: Path, url: str | None) -> None:
         inside = path.resolve().relative_to(run_dir.resolve()).parts
     except (ValueError, OSError):
         return
-    if len(inside) != 1 or not inside[0].endswith(STORAGE_SUFFIXES):
+    if len(inside) != 1 or not inside[0].lower().endswith(STORAGE_SUFFIXES):
         raise StorageError(
             f"storage {redact(url)} is inside the run folder {run_dir}, where the run writes its outputs "
             f"(report, data, models), and could be replaced by them; name a file directly in it ending in "

@@ -17,11 +17,12 @@ from core.errors import ConfigError
 from optimize.context import model_fingerprints
 from optimize.objective import describe, describe_weighted, prunes, violation, weighted_loss
 from optimize.registry import SAMPLERS
+from optimize.storage import sqlite_url
 from optimize.workers import searched_trials, worker_id
 
 
 def default_storage(cfg) -> str:
-    return f"sqlite:///{(cfg.run_dir / 'study.db').resolve()}"
+    return sqlite_url(cfg.run_dir / "study.db")
 
 
 def metric_names(search) -> list[str]:
@@ -79,6 +80,8 @@ def open_study(cfg, storage, url: str, space, pruner, signature: dict) -> optuna
     old = study.user_attrs.get("signature")
     if old is None:  # joined in the instant between its creation and its signature
         study.set_user_attr("signature", old := signature)
+    if isinstance(old, dict) and LATER_KEYS.isdisjoint(old):  # a study made before they existed
+        signature = {k: v for k, v in signature.items() if k not in LATER_KEYS}
     if old != signature or [d.name.lower() for d in study.directions] != directions:
         differ = [k for k in signature if not isinstance(old, dict) or old.get(k) != signature[k]]
         lines = [
@@ -120,7 +123,17 @@ def study_signature(ctx) -> dict:
         + f" ({ctx.space.n_params} parameters: {ctx.space.describe()})",
         "data": hashlib.sha256(data).hexdigest()[:12]
         + f" ({', '.join(f'{len(v)} {k}' for k, v in used.items())})",
+        # losses in bfloat16 and float32 differ by as much as trials do (dtype auto resolves per machine)
+        "precision": "compute {}, store {}".format(
+            *(
+                str(d).removeprefix("torch.")
+                for d in (ctx.base.model.dtype, next(iter(ctx.base.weights.values())).dtype)
+            )
+        ),
     }
+
+
+LATER_KEYS = {"precision"}  # signature keys added later: not compared with a study that lacks them
 
 
 COMPLETE = optuna.trial.TrialState.COMPLETE

@@ -39,7 +39,7 @@ from optimize.config import Config, load_config
 from optimize.context import Context, check_inputs, prepare, scored_sets
 from optimize.report import load_best
 from optimize.search import overrides, run
-from optimize.storage import claim_and_open
+from optimize.storage import claim_and_open, sqlite_url
 from optimize.workers import RESTORED
 
 # Search keys that change how candidates are sampled or scored, not what is loaded: points that
@@ -214,7 +214,7 @@ def sweep(path: str, grid: dict[str, list], sets: dict, out: Path | None, storag
             check_inputs(cfg, memory=False)
         except UserError as err:
             raise type(err)(f"sweep point {label_of(point)}: {err}") from None
-    storage = storage or base.storage or f"sqlite:///{(out / 'sweep.db').resolve()}"
+    storage = storage or base.storage or sqlite_url(out / "sweep.db")
     claim_and_open(out, storage, base.heartbeat_s)  # an unreachable server fails before models load
     rows = [summary_row(p, c) for p, c in configs]
     ctx = None

@@ -25,7 +25,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from core.config import Name, Seed, Strict, apply_overrides, clip, read_yaml_mapping, validate
+from core.config import Name, Seed, Strict, UserPath, apply_overrides, clip, read_yaml_mapping, validate
 from core.errors import ConfigError
 from synth.taxonomy import HARM_CATEGORIES
 
@@ -157,7 +157,7 @@ class RunPlace(Strict):
     """The top-level keys synth reads besides `synth:`: where the run folder is."""
 
     name: Name
-    out: str | None = None
+    out: UserPath | None = None  # ~ expanded, as the search reads it
 
 
 def load_run_config(path: str | Path, overrides: dict | None = None) -> tuple[SynthConfig, str, Path]:

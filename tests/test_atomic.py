@@ -1,5 +1,8 @@
 """A crash while writing a folder leaves the previous folder intact and no half-written one."""
 
+import os
+from pathlib import Path
+
 import pytest
 
 from core.files import MARKER, atomic_dir
@@ -18,6 +21,16 @@ def test_atomic_dir_replaces_only_on_success(tmp_path):
     with atomic_dir(out) as tmp:
         (tmp / "b.txt").write_text("second")
     assert sorted(p.name for p in out.iterdir()) == [MARKER, "b.txt"]  # its own folder from now on
+
+
+def test_a_folder_named_tilde_is_written_where_it_is(tmp_path, monkeypatch):
+    """`--out '~/x'` (quoted): datasets' save_to_disk expands "~", so a relative temporary folder
+    sent the data to $HOME and left the output without it."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    with atomic_dir("~/x") as tmp:
+        (Path(os.path.expanduser(str(tmp))) / "a.txt").write_text("data")
+    assert (tmp_path / "~" / "x" / "a.txt").read_text() == "data" and not (tmp_path / "home").exists()
 
 
 def test_atomic_files_get_the_usual_permissions(tmp_path):

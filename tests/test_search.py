@@ -109,6 +109,15 @@ def test_rerun_resumes_and_counts_finished_trials(world, tmp_path):
     assert len(trials(tmp_path / "run")) == 4
 
 
+def test_a_run_folder_named_like_a_url_query_keeps_its_own_study(world, tmp_path):
+    """`--out 'run?x=1'`: the default storage URL was not escaped, so SQLAlchemy wrote the study to
+    the file `run` and a second folder `run?x=2` resumed the first one's trials."""
+    for name in ("run?x=1", "run?x=2", "b%41#c"):
+        run(validate_config(world_config(world, tmp_path / name, n_trials=1)))
+        assert (tmp_path / name / "study.db").is_file() and len(trials(tmp_path / name)) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b%41#c", "run?x=1", "run?x=2"]
+
+
 def test_resume_with_another_search_space_is_refused(world, tmp_path):
     raw = world_config(world, tmp_path / "run", n_trials=1)
     run(validate_config(raw))
@@ -119,6 +128,18 @@ def test_resume_with_another_search_space_is_refused(world, tmp_path):
     raw["data"]["n_domain"] = 3  # other data: the old trials' losses are not comparable
     with pytest.raises(ConfigError, match=r"data: study has \w+ \(6 alignment, 6 domain\), config asks"):
         run(validate_config(raw))
+    raw["data"]["n_domain"] = 6
+    raw.setdefault("runtime", {})["dtype"] = "bfloat16"  # losses as far apart as trials
+    with pytest.raises(
+        ConfigError, match="precision: study has compute float32, store float32, config asks "
+    ):
+        run(validate_config(raw))
+    study = optuna.load_study(study_name="tiny", storage=f"sqlite:///{tmp_path / 'run' / 'study.db'}")
+    study.set_user_attr(
+        "signature", {k: v for k, v in study.user_attrs["signature"].items() if k != "precision"}
+    )
+    raw["runtime"]["dtype"] = "float32"
+    run(validate_config(raw))  # a study made before its precision was recorded resumes
 
 
 def test_pareto_objective_reports_front_and_rule(world, tmp_path):

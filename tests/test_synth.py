@@ -118,6 +118,9 @@ def test_run_config_reads_synth_name_and_out_and_ignores_other_keys(tmp_path):
     assert (name, run_dir, cfg.generator.path) == ("exp1", tmp_path / "r", "default")
     path.write_text(yaml.safe_dump({"synth": {"pool": [{"path": "default"}], "n_domain": 0}}))
     assert load_run_config(path)[1:] == ("exp", Path("runs/exp"))
+    synth = {"pool": [{"path": "default"}], "n_domain": 0}
+    path.write_text(yaml.safe_dump({"out": "~/synrun", "synth": synth}))
+    assert load_run_config(path)[2] == Path.home() / "synrun"  # as optimize.search reads `out`
 
 
 def test_example_config_is_valid():
