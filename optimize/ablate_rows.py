@@ -175,11 +175,11 @@ def cocktail_rows(ctx: Context, cache: Cache, temperature: float) -> list[Row]:
 
 
 class Stopped(RuntimeError):
-    """A study ended before its trial budget (interrupted, timed out, or failing trials)."""
+    """A study ended before its trial budget (timed out, or failing trials; Ctrl-C goes on up to run_cli)."""
 
 
 def run_study(cfg: Config, storage: str, ctx: Context) -> optuna.Study:
-    run(cfg, storage=storage, ctx=ctx)
+    run(cfg, storage=storage, ctx=ctx, reraise_interrupt=True)  # Ctrl-C: exit 130 (run_cli)
     study = optuna.load_study(study_name=cfg.study_name, storage=open_storage(storage, 0))
     if n_finished(study) < cfg.search.n_trials:
         raise Stopped(

@@ -5,6 +5,7 @@ loads (paths, formats, data)."""
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -79,15 +80,21 @@ def check_setup(cfg: Config, memory: bool = True) -> None:
 
 def check_models(cfg: Config) -> None:
     """The base and every source exist and are readable models (headers only, no weights)."""
+    seen = {}  # real path -> label: the same model through a link, or the base as a source
     for label, path in [("base", cfg.base)] + [(f"source {s.name!r}", s.path) for s in cfg.sources]:
         try:
-            fmt = model_format(
-                resolve_model_path(path), cfg.runtime.allow_pickle, cfg.runtime.trust_remote_code
-            )
+            resolved = resolve_model_path(path)
+            fmt = model_format(resolved, cfg.runtime.allow_pickle, cfg.runtime.trust_remote_code)
         except ModelLoadError as err:
             raise ModelLoadError(f"{label}: {err}") from None
         if label == "base" and fmt == "lora":
             raise ModelLoadError(f"base {path} is a LoRA adapter; the base must be a full model")
+        if (same := seen.setdefault(os.path.realpath(resolved), label)) != label:
+            why = "its task vector is zero" if same == "base" else "it would be merged twice"
+            raise ModelLoadError(
+                f"{label}: {path} is the same model as the {same} ({os.path.realpath(resolved)}): {why}; "
+                "list each fine-tuned model once as a source, and the model they were tuned from as base"
+            )
 
 
 def model_fingerprints(cfg: Config) -> dict[str, str]:
@@ -102,8 +109,15 @@ def load_data(cfg: Config) -> dict[str, list[dict]]:
     d = cfg.data
 
     def load(name):
-        path, split = getattr(d, name), getattr(d, f"{name}_split")
-        return load_pairs(path or cfg.data_dir, None if path else split, getattr(d, f"n_{name}"))
+        path, split, n = getattr(d, name), getattr(d, f"{name}_split"), getattr(d, f"n_{name}")
+        rows = load_pairs(path or cfg.data_dir, None if path else split, n)
+        if n and len(rows) < n:
+            print(
+                f"[alignmerge] warning: data.n_{name} is {n} but the {name} set has {len(rows)} rows: "
+                f"the search scores those {len(rows)}",
+                file=sys.stderr,
+            )
+        return rows
 
     rows = {name: load(name) for name in ("alignment", "domain")}
     s = cfg.search

@@ -298,3 +298,33 @@ def test_quick_budget_and_rows_that_need_two_sources(world, tmp_path):
     (tmp_path / "search.yaml").write_text(yaml.safe_dump(search))
     with pytest.raises(ConfigError, match="slerp needs exactly 2 sources"):
         load_ablation(path)
+
+
+def test_ctrl_c_during_a_study_exits_130(world, tmp_path):
+    """It used to end in `stopped: ...` and exit code 1, so `ablate && ...` could not tell a user's
+    Ctrl-C from failing trials."""
+    import os
+    import signal
+    import sqlite3
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    path, _ = write_configs(world, tmp_path, rows=["searches"], searches={"n_trials": 200})
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
+    cmd = [sys.executable, "-m", "optimize.ablate", "--config", str(path), "--out", str(tmp_path / "run")]
+    proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True)
+    db, done = tmp_path / "run" / "study.db", 0
+    while proc.poll() is None and not done:
+        time.sleep(0.5)
+        if db.is_file():
+            with sqlite3.connect(db) as con:
+                try:
+                    done = con.execute("select count(*) from trials where state = 'COMPLETE'").fetchone()[0]
+                except sqlite3.OperationalError:  # the tables are not made yet
+                    pass
+    proc.send_signal(signal.SIGINT)
+    err = proc.communicate(timeout=300)[1]
+    assert proc.returncode == 130, err[-3000:]
+    assert "interrupted: run the same command again" in err and "Traceback" not in err, err[-3000:]

@@ -277,7 +277,9 @@ def test_a_setting_the_loaded_base_rules_out_is_one_error_line_before_the_source
     assert "Loading weights" in err and "task vectors:" not in err  # after the base, before the sources
 
 
-def test_a_named_test_dir_must_exist_and_test_prompts_searched_are_said(world, tmp_path, capsys):
+def test_a_named_test_dir_must_exist_and_test_prompts_searched_are_said_and_missing_rows(
+    world, tmp_path, capsys
+):
     import datasets
 
     raw = world_config(world, tmp_path / "run")
@@ -293,6 +295,11 @@ def test_a_named_test_dir_must_exist_and_test_prompts_searched_are_said(world, t
     err = capsys.readouterr().err
     assert "3 of the 3 prompts of the test split 'alignment_test' are also alignment search prompts" in err
     assert "'domain_test' are also domain search prompts" in err
+    raw["data"] |= {"n_alignment": 500, "n_domain": 2}  # more rows asked than the set has: said
+    assert len(check_inputs(validate_config(raw))["alignment"]) == len(searched["alignment"])
+    err = capsys.readouterr().err
+    assert f"data.n_alignment is 500 but the alignment set has {len(searched['alignment'])} rows" in err
+    assert "n_domain" not in err
 
 
 def test_rows_whose_prompt_fills_max_length_are_counted_aloud(world, tmp_path, capsys):

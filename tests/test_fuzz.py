@@ -265,6 +265,11 @@ CASES = [
         "journal_over_an_output", "could be replaced by them", "--storage", "journal:@tmp@/run/report.md"
     ),
     search_case("source_listed_twice", "is listed twice", sources=[{"name": n, "path": "@a@"} for n in "ab"]),
+    search_case(
+        "source_is_the_base",
+        "is the same model as the base (",
+        sources=[{"name": "a", "path": "@a@", "role": "alignment"}, {"name": "b", "path": "@base@"}],
+    ),
     search_case("negative_seed", "search.seed: Input should be greater than or equal to 0", "--seed", "-1"),
     search_case("unknown_flag", "unrecognized arguments: --n-trails 5", "--n-trails", "5"),
     flag_case(

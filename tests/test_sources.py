@@ -216,3 +216,20 @@ def test_missing_and_pickled_paths(world, base, tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ModelLoadError, match="no config.json"):
         load_task_vector("e", str(tmp_path / "empty"), base)
+
+
+def test_the_same_model_twice_through_a_link_or_the_base_as_a_source_is_refused(world, tmp_path):
+    """normpath saw `a` and a link to it as two models: the aligned model was merged twice, each
+    copy with its own coefficients; the base as a source has a zero task vector."""
+    from optimize.config import validate_config
+    from optimize.context import check_models
+    from tests.conftest import world_config
+
+    (tmp_path / "a_link").symlink_to(world["a"], target_is_directory=True)
+    raw = world_config(world, tmp_path / "run")
+    raw["sources"][1]["path"] = str(tmp_path / "a_link")
+    with pytest.raises(ModelLoadError, match=r"source 'b': .*a_link is the same model as the source 'a' \("):
+        check_models(validate_config(raw))
+    raw["sources"][1]["path"] = str(world["base"])
+    with pytest.raises(ModelLoadError, match="same model as the base .*its task vector is zero"):
+        check_models(validate_config(raw))

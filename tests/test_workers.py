@@ -269,6 +269,23 @@ def test_ctrl_c_writes_the_finished_trials_exits_130_and_the_same_command_resume
     assert check_study(optuna.load_study(study_name="c", storage=open_storage(url, 0)), 8)
 
 
+@pytest.mark.parametrize("command", ["optimize.search", "optimize.sweep", "eval.run", "synth.generate"])
+def test_ctrl_c_while_a_command_starts_is_one_line(command):
+    """Ctrl-C in the first seconds (torch and transformers still importing, before `run_cli`):
+    it was the traceback of whatever module was importing."""
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", command, "--config", "nope.yaml"], env=env, stderr=subprocess.PIPE, text=True
+    )
+    maps = Path(f"/proc/{proc.pid}/maps")
+    while proc.poll() is None and "pydantic_core" not in maps.read_text():  # past Python's own start
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGINT)
+    err = proc.communicate(timeout=60)[1]
+    assert proc.returncode == -signal.SIGINT, err[-2000:]  # a shell shows 130
+    assert err.strip() == "[alignmerge] interrupted while starting: nothing was done", err[-2000:]
+
+
 # A worker held right after its trial is created (before the trial's first heartbeat and before
 # the trial function records its worker), so that a kill lands exactly there.
 STALLED_WORKER = """
