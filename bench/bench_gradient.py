@@ -44,6 +44,7 @@ from optimize.context import TEST_SPLITS, check_inputs, prepare, scored_sets  # 
 from optimize.objective import objective_value  # noqa: E402
 from optimize.search import run  # noqa: E402
 from optimize.space import SearchSpace  # noqa: E402
+from optimize.storage import sqlite_url  # noqa: E402
 
 COMPLETE = optuna.trial.TrialState.COMPLETE
 
@@ -98,7 +99,7 @@ def main() -> None:
     ctx = prepare(cfg, check_inputs(cfg))
     test_rows = {k: load_pairs(cfg.test_dir, split, args.n_test) for k, split in TEST_SPLITS.items()}
     test_scorer = ctx.scorer_for({k: test_rows[k] for k in scored_sets(cfg.search)})
-    storage = f"sqlite:///{tmp / 'bench.db'}"
+    storage = sqlite_url(tmp / "bench.db")
     quiet = {
         "plots": False,
         "save_model": False,

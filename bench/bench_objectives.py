@@ -41,6 +41,7 @@ from optimize.context import check_inputs, prepare  # noqa: E402
 from optimize.demo import held_out_sets  # noqa: E402
 from optimize.report import load_best  # noqa: E402
 from optimize.search import run  # noqa: E402
+from optimize.storage import sqlite_url  # noqa: E402
 from optimize.study import ranked  # noqa: E402
 
 # row -> (study, which trial): `best` is the run's chosen trial, `lowest` its study's lowest value
@@ -120,7 +121,7 @@ def main() -> None:
                         f"{run_dirs['beta']}: its verified pick is already restored; rerun it with "
                         "--set search.verify.restore_steps=0, or leave out --reuse"
                     )
-                url = f"sqlite:///{(run_dirs['beta'] / 'study.db').resolve()}"
+                url = sqlite_url(run_dirs["beta"] / "study.db")
                 same = studies[key].model_copy(update={"study_name": beta["study_name"]})
                 run(same, storage=url, ctx=for_variant(ctx, same))
             elif not (key == own and seed in reuse):
@@ -130,7 +131,7 @@ def main() -> None:
             key, which = PICKS[row]
             run_dir = run_dirs[key]
             if which == "lowest":
-                url = f"sqlite:///{(run_dir / 'study.db').resolve()}"
+                url = sqlite_url(run_dir / "study.db")
                 name = yaml.safe_load((run_dir / "run.yaml").read_text())["study_name"]
                 study = optuna.load_study(study_name=name, storage=url)
                 params = ranked(study, studies[key].search)[0].params  # a restored point left out

@@ -32,6 +32,7 @@ from eval.run_inputs import without_code_permissions  # noqa: E402
 from optimize.config import validate_config  # noqa: E402
 from optimize.context import check_inputs, prepare  # noqa: E402
 from optimize.merge import PLAIN  # noqa: E402
+from optimize.storage import sqlite_url  # noqa: E402
 from optimize.verify import judged, pick, shortfall, shortlist  # noqa: E402
 from optimize.workers import searched_trials  # noqa: E402
 
@@ -50,7 +51,7 @@ def measure(run_dir: Path, max_new_tokens: int) -> dict:
     raw["search"]["verify"]["top_k"] = max(1, raw["search"]["verify"]["top_k"])  # loads D_help
     cfg = validate_config(raw)
     ctx = prepare(cfg, check_inputs(cfg))
-    url = f"sqlite:///{(run_dir / 'study.db').resolve()}"
+    url = sqlite_url(run_dir / "study.db")
     study = optuna.load_study(study_name=run["study_name"], storage=url)
     harmful = [r["prompt"] for r in ctx.rows["alignment"]]
     benign = [r["prompt"] for r in ctx.rows["helpfulness"]]

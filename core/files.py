@@ -235,7 +235,7 @@ def atomic_dir(out: str | os.PathLike, kind: str = "output", stamp: str | None =
     """Yield a temporary sibling folder of `out`; on success it gets the marker and replaces `out`
     by renames, so a crash never leaves a half-written folder under `out` (nor loses the previous
     one). An existing `out` that alignmerge did not write is refused, before and after."""
-    out = Path(os.path.abspath(out))  # a literal "~" folder stays one for writers that expand "~"
+    out = Path(out).absolute()  # a literal "~" folder stays one for writers that expand "~"
     check_replaceable(out, kind=kind)
     if out.is_symlink():  # write where the link points and keep the user's link
         out = out.resolve()

@@ -5,6 +5,7 @@ loads (paths, formats, data)."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import sys
 import time
@@ -80,7 +81,10 @@ def check_setup(cfg: Config, memory: bool = True) -> None:
 
 def check_models(cfg: Config) -> None:
     """The base and every source exist and are readable models (headers only, no weights)."""
-    seen = {}  # real path -> label: the same model through a link, or the base as a source
+    # real path -> label: the same model twice through a link, or the base as a source (allowed as
+    # the alignment source: the paper's setting, where the aligned model is the base, docs/method.md)
+    seen = {}
+    roles = {f"source {s.name!r}": s.role for s in cfg.sources}
     for label, path in [("base", cfg.base)] + [(f"source {s.name!r}", s.path) for s in cfg.sources]:
         try:
             resolved = resolve_model_path(path)
@@ -89,11 +93,13 @@ def check_models(cfg: Config) -> None:
             raise ModelLoadError(f"{label}: {err}") from None
         if label == "base" and fmt == "lora":
             raise ModelLoadError(f"base {path} is a LoRA adapter; the base must be a full model")
-        if (same := seen.setdefault(os.path.realpath(resolved), label)) != label:
+        same = seen.setdefault(os.path.realpath(resolved), label)
+        if same != label and not (same == "base" and roles[label] == "alignment"):
             why = "its task vector is zero" if same == "base" else "it would be merged twice"
             raise ModelLoadError(
                 f"{label}: {path} is the same model as the {same} ({os.path.realpath(resolved)}): {why}; "
-                "list each fine-tuned model once as a source, and the model they were tuned from as base"
+                "list each fine-tuned model once as a source, and the model they were tuned from as base "
+                "(the base may be a source only as the alignment one)"
             )
 
 
@@ -101,6 +107,15 @@ def model_fingerprints(cfg: Config) -> dict[str, str]:
     """A content fingerprint of the base and of every source (`core.files.fingerprint`)."""
     paths = {"base": cfg.base} | {s.name: s.path for s in cfg.sources}
     return {k: fingerprint(resolve_model_path(p)) for k, p in paths.items()}
+
+
+@functools.cache  # once: every search of a demo, sweep or ablation loads the data again
+def warn_fewer_rows(name: str, asked: int, found: int) -> None:
+    print(
+        f"[alignmerge] warning: data.n_{name} is {asked} but the {name} set has {found} rows: the "
+        f"search scores those {found}",
+        file=sys.stderr,
+    )
 
 
 def load_data(cfg: Config) -> dict[str, list[dict]]:
@@ -112,11 +127,7 @@ def load_data(cfg: Config) -> dict[str, list[dict]]:
         path, split, n = getattr(d, name), getattr(d, f"{name}_split"), getattr(d, f"n_{name}")
         rows = load_pairs(path or cfg.data_dir, None if path else split, n)
         if n and len(rows) < n:
-            print(
-                f"[alignmerge] warning: data.n_{name} is {n} but the {name} set has {len(rows)} rows: "
-                f"the search scores those {len(rows)}",
-                file=sys.stderr,
-            )
+            warn_fewer_rows(name, n, len(rows))
         return rows
 
     rows = {name: load(name) for name in ("alignment", "domain")}

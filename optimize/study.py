@@ -80,8 +80,8 @@ def open_study(cfg, storage, url: str, space, pruner, signature: dict) -> optuna
     old = study.user_attrs.get("signature")
     if old is None:  # joined in the instant between its creation and its signature
         study.set_user_attr("signature", old := signature)
-    if isinstance(old, dict) and LATER_KEYS.isdisjoint(old):  # a study made before they existed
-        signature = {k: v for k, v in signature.items() if k not in LATER_KEYS}
+    if isinstance(old, dict):  # a study made before a key existed is not compared on it
+        signature = {k: v for k, v in signature.items() if k in old or k not in LATER_KEYS}
     if old != signature or [d.name.lower() for d in study.directions] != directions:
         differ = [k for k in signature if not isinstance(old, dict) or old.get(k) != signature[k]]
         lines = [

@@ -233,3 +233,6 @@ def test_the_same_model_twice_through_a_link_or_the_base_as_a_source_is_refused(
     raw["sources"][1]["path"] = str(world["base"])
     with pytest.raises(ModelLoadError, match="same model as the base .*its task vector is zero"):
         check_models(validate_config(raw))
+    raw["sources"] = [{"name": "aligned", "path": str(world["base"]), "role": "alignment"}, raw["sources"][1]]
+    raw["sources"][1]["path"] = str(world["b"])
+    check_models(validate_config(raw))  # the aligned model as base and as the alignment source
