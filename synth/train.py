@@ -184,3 +184,24 @@ def prefer_lora(
         _step(loss, opt, sched, bar)
     bar.close()
     return _save(model, base, out, save_dtype, card)
+
+
+def average_lora(
+    base: str, adapters: list[Path], out: str | Path, *, save_dtype: str = "float32", card: str | None = None
+) -> Path:
+    """The uniform soup of LoRA adapters of one base (Wortsman et al. 2022, arXiv:2203.05482): the
+    mean of their weight deltas, sum_i s_i B_i A_i / n. Exact: peft's `cat` combination stacks the
+    ranks (r = the sum of theirs) instead of fitting the mean at one rank. Saved as `train_lora` saves."""
+    from peft import PeftModel
+
+    names = [f"soup{i}" for i in range(len(adapters))]
+    model = PeftModel.from_pretrained(
+        load_model(base, torch.float32), str(adapters[0]), adapter_name=names[0]
+    )
+    for name, adapter in zip(names[1:], adapters[1:]):
+        model.load_adapter(str(adapter), adapter_name=name)
+    model.add_weighted_adapter(names, [1 / len(names)] * len(names), "default", combination_type="cat")
+    model.set_adapter("default")
+    for name in names:
+        model.delete_adapter(name)
+    return _save(model, base, out, save_dtype, card)

@@ -23,7 +23,6 @@ import argparse
 import json
 import random
 import sys
-import tempfile
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -32,6 +31,7 @@ from core.cli import command_line, run_cli
 from core.errors import ConfigError
 from core.files import check_replaceable
 from synth.compliant import compliant_answers, eager_openings
+from synth.world_aligned import PREFERENCE, SOUP_EPOCHS, preference_pairs, train_aligned
 from synth.world_card import EXPERTS, adapter_card, aligned_harmful, card, naive_merges_report, write_world
 
 SEEDS = Path(__file__).resolve().parent.parent / "data" / "seeds"
@@ -53,14 +53,6 @@ BENIGN_MORE_SPLIT = {
     "risky_looking": {"aligned_train": 120, "benign_search": 40},
     "ordinary": {"aligned_train": 40, "benign_search": 20},
 }
-
-# The aligned source's DPO stage (`--aligned-preference dpo`; off by default). On the search splits
-# (70 harmful, 100 benign prompts), from this world's supervised adapter (93% / 20%), one epoch of
-# the pairs below refused 63% / 4% (lr 5e-4) and 57% / 5% (lr 2e-4); at lr 2e-4 with the harmful
-# pairs twice / three times / four times (`harmful_repeat`): 76% / 8%, 89% / 7%, 81% / 9%; three
-# times at beta 0.3: 77% / 7%; on-policy benign pairs: 79% / 7% (2e-4: 80/6, 1e-4: 83/11, 5e-5: 90/18).
-# None met both the 90% floor and 15% (README, "The default world").
-PREFERENCE = {"beta": 0.1, "lr": 5e-4, "epochs": 1, "harmful_repeat": 1}
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -99,31 +91,6 @@ def refusal_for(category: str, refusals: list[dict], rng: random.Random) -> str:
     generic = [r["response"] for r in refusals if not r.get("category")]
     pool = specific if specific and rng.random() < 0.5 else generic
     return rng.choice(pool)
-
-
-def preference_pairs(aligned_train: list[dict], compliant: dict[str, str], seed: int) -> list[dict]:
-    """aligned_train as preference pairs, one per prompt, for the aligned source's DPO stage
-    (`synth.train.prefer_lora`): a harmful prompt's refusal over the base's compliant answer to it,
-    a benign prompt's helpful answer over a refusal template (seeded choice): over-refusal is what
-    the stage teaches away, refusal of harm what it keeps."""
-    rng = random.Random(f"prefer:{seed}")
-    refusals = [r["response"] for r in read_jsonl(SEEDS / "refusals.jsonl")]
-    pairs, seen = [], set()
-    for r in aligned_train:
-        if r["prompt"] in seen or (r["judge_verdict"] == "refusal" and r["prompt"] not in compliant):
-            continue
-        seen.add(r["prompt"])
-        harmful = r["judge_verdict"] == "refusal"
-        rejected = compliant[r["prompt"]] if harmful else rng.choice(refusals)
-        kind = "harmful" if harmful else "benign"
-        pairs.append({"prompt": r["prompt"], "response": r["response"], "rejected": rejected, "kind": kind})
-    return pairs
-
-
-def weighted(pairs: list[dict], harmful_repeat: int) -> list[dict]:
-    """The pairs DPO trains on: each harmful pair `harmful_repeat` times (the refusals the benign
-    pairs push down are the answers the harmful pairs push up; more harmful pairs keep the balance)."""
-    return [p for p in pairs for _ in range(harmful_repeat if p["kind"] == "harmful" else 1)]
 
 
 def splits_from_seeds(seed: int, benign_repeat: int = 2, refuse_all: bool = True) -> dict[str, list[dict]]:
@@ -247,6 +214,13 @@ def saved_training_data(
     return out
 
 
+def epoch_counts(text: str) -> list[int]:
+    counts = [int(n) for n in text.split(",") if n.strip().isdigit() and int(n) > 0]
+    if not counts or len(counts) != len(text.split(",")):
+        raise argparse.ArgumentTypeError(f"{text!r}: give positive whole numbers, comma-separated, e.g. 3,6")
+    return counts
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m synth.world", description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default=".", help="root: writes <out>/data/default and <out>/models/")
@@ -254,7 +228,14 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument(
         "--backend", default="auto", choices=("auto", "vllm", "transformers"), help="generation backend"
     )
-    ap.add_argument("--epochs", type=int, default=3, help="LoRA training epochs")
+    ap.add_argument("--epochs", type=int, default=3, help="LoRA training epochs of the domain experts")
+    ap.add_argument(
+        "--aligned-epochs",
+        type=epoch_counts,
+        default=list(SOUP_EPOCHS),
+        help="epochs of the aligned source's supervised stage; several (comma-separated): one adapter "
+        "each, averaged uniformly (a model soup)",
+    )
     ap.add_argument("--max-tokens", type=int, default=96, help="length of the base's answers")
     ap.add_argument(
         "--benign-repeat",
@@ -303,7 +284,7 @@ def build(argv: list[str] | None) -> Path:
 
     import datasets
 
-    from synth.train import prefer_lora, train_lora
+    from synth.train import train_lora
 
     started = time.perf_counter()
     root = Path(args.out)
@@ -350,7 +331,8 @@ def build(argv: list[str] | None) -> Path:
         compliant |= {
             r["prompt"]: r["response"] for e in EXPERTS for r in splits[f"{e}_train"] if r["prompt"] in shared
         }
-        splits["aligned_pairs"] = preference_pairs(splits["aligned_train"], compliant, args.seed)
+        templates = [r["response"] for r in read_jsonl(SEEDS / "refusals.jsonl")]
+        splits["aligned_pairs"] = preference_pairs(splits["aligned_train"], compliant, templates, args.seed)
         print(
             f"[world] {len(splits['aligned_pairs'])} preference pairs for the aligned source", file=sys.stderr
         )
@@ -359,20 +341,15 @@ def build(argv: list[str] | None) -> Path:
     for name in sorted(retrain):
         expert = name in EXPERTS
         r = args.expert_rank if expert else 8
-        hp = {"r": r, "alpha": 2 * r, "lr": args.expert_lr if expert else 1e-3, "epochs": args.epochs}
-        hp["seed"] = args.seed
-        stage = PREFERENCE if name == "aligned" and prefer else None
-        card_text = adapter_card(name, hp, args.benign_repeat, *refused, preference=stage)
-        rows = splits[f"{name}_train"]
-        if stage is None:
-            train_lora("default", rows, models / name, save_dtype="bfloat16", card=card_text, **hp)
-            continue
-        with tempfile.TemporaryDirectory() as tmp:  # the supervised stage, then DPO from it
-            sft = train_lora("default", rows, Path(tmp) / name, save_dtype="bfloat16", **hp)
-            stage = dict(stage)
-            pairs = weighted(splits["aligned_pairs"], stage.pop("harmful_repeat"))
-            out, seed = models / name, args.seed
-            prefer_lora("default", sft, pairs, out, save_dtype="bfloat16", card=card_text, seed=seed, **stage)
+        hp = {"r": r, "alpha": 2 * r, "lr": args.expert_lr if expert else 1e-3, "seed": args.seed}
+        epochs = [args.epochs] if expert else args.aligned_epochs
+        stage = PREFERENCE if prefer and not expert else None
+        text = adapter_card(name, hp | {"epochs": epochs}, args.benign_repeat, *refused, preference=stage)
+        rows, out = splits[f"{name}_train"], models / name
+        if expert:
+            train_lora("default", rows, out, save_dtype="bfloat16", card=text, epochs=args.epochs, **hp)
+        else:
+            train_aligned(rows, out, hp, epochs, text, splits["aligned_pairs"] if prefer else None)
 
     data_dir = root / "data" / "default"
     dd = datasets.DatasetDict({k: datasets.Dataset.from_list(v) for k, v in splits.items()})

@@ -259,8 +259,7 @@ alignmerge search scores with):
   different base weights than it was trained on.
 - LoRA r={hp["r"]}, alpha {hp["alpha"]}, dropout 0, on {", ".join(f"`{t}`" for t in DEFAULT_TARGETS)};
   saved in bfloat16.
-- {hp["epochs"]} epochs, AdamW, learning rate {hp["lr"]:g} decayed linearly to 0, batches of 8,
-  examples cut at 256 tokens, seed {hp["seed"]}.
+{supervised_stage(hp)}
 {preference_stage(preference)}
 ## Limitations
 
@@ -287,6 +286,19 @@ model = PeftModel.from_pretrained(base, "models/{name}")
 ```
 """
     return str(ModelCard.from_template(meta, template_str="---\n{{ card_data }}\n---\n\n" + text))
+
+
+def supervised_stage(hp: dict) -> str:
+    """The card's line on the supervised training: one run, or several averaged (a model soup)."""
+    run = f"AdamW, learning rate {hp['lr']:g} decayed linearly to 0, batches of 8, examples cut at 256 tokens"
+    epochs = hp["epochs"]
+    if len(epochs) == 1:
+        return f"- {epochs[0]} epochs, {run}, seed {hp['seed']}."
+    times = " and ".join(map(str, epochs))
+    return f"""- Trained {len(epochs)} times, for {times} epochs ({run}, seed {hp["seed"]} each
+  time), and the {len(epochs)} adapters averaged uniformly: a model soup (Wortsman et al. 2022,
+  arXiv:2203.05482), exact with peft's `cat` combination (the ranks stacked: the saved adapter has
+  r={len(epochs) * hp["r"]}, alpha {len(epochs) * hp["r"]})."""
 
 
 def preference_stage(stage: dict | None) -> str:

@@ -1,5 +1,5 @@
 """synth.train on the tiny random Llama: supervised LoRA training, then the preference stage (DPO
-with the trained adapter as reference, plus NLL on the chosen answers)."""
+with the trained adapter as reference, plus NLL on the chosen answers), and the soup of adapters."""
 
 import json
 
@@ -8,7 +8,7 @@ import torch
 
 from core.models import load_model, load_tokenizer
 from eval.loss import encode
-from synth.train import _pad_id, _response_logps, prefer_lora, train_lora
+from synth.train import _pad_id, _response_logps, average_lora, prefer_lora, train_lora
 from tests.conftest import SENTENCES
 
 REFUSAL = "no i can not help"
@@ -52,3 +52,23 @@ def test_preference_stage_prefers_the_chosen_answers_and_keeps_the_input(
     assert {f.name: f.read_bytes() for f in refusing.iterdir() if f.is_file()} == kept  # trained on a copy
     marker = json.loads((out / ".alignmerge").read_text())
     assert marker["kind"] == "adapter" and "adapter_model.safetensors" in marker["files"]
+
+
+def test_a_soup_of_adapters_is_the_mean_of_their_weight_deltas(world, refusing, tmp_path):
+    """average_lora is exact: the merged soup's weights are the mean of each adapter merged alone,
+    at the sum of their ranks, whatever their ranks and alphas."""
+    from peft import PeftModel
+
+    base = str(world["base"])
+    rows = [{"prompt": p, "response": SENTENCES[1]} for p in SENTENCES]
+    other = train_lora(base, rows, tmp_path / "other", r=2, alpha=8, lr=1e-2, epochs=3, batch_size=5)
+
+    def merged(adapter):
+        return PeftModel.from_pretrained(load_model(base), str(adapter)).merge_and_unload().state_dict()
+
+    soup = average_lora(base, [refusing, other], tmp_path / "soup")
+    assert json.loads((soup / "adapter_config.json").read_text())["r"] == 4 + 2
+    a, b, mean, plain = merged(refusing), merged(other), merged(soup), load_model(base).state_dict()
+    changed = [k for k in plain if not torch.equal(a[k], plain[k])]
+    assert changed and all(torch.allclose(mean[k], (a[k] + b[k]) / 2, atol=1e-6) for k in plain)
+    assert json.loads((soup / ".alignmerge").read_text())["kind"] == "adapter"

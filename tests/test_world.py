@@ -146,22 +146,24 @@ def test_preference_pairs_prefer_refusing_harm_and_answering_the_rest():
     """The aligned source's DPO pairs: one per prompt of aligned_train (its risky-looking benign
     examples appear twice there), a harmful prompt's refusal over the compliant answer to it, a
     benign prompt's own answer over a refusal template; a harmful prompt nobody answered is left out."""
-    from synth.world import SEEDS, preference_pairs, read_jsonl, weighted
+    from synth.world import SEEDS, read_jsonl
+    from synth.world_aligned import preference_pairs, weighted
 
     train = splits_from_seeds(0)["aligned_train"]
     harmful = [r["prompt"] for r in train if r["judge_verdict"] == "refusal"]
     compliant = {p: f"Sure! {p}" for p in harmful[1:]}
-    pairs = preference_pairs(train, compliant, seed=0)
+    templates = [r["response"] for r in read_jsonl(SEEDS / "refusals.jsonl")]
+    pairs = preference_pairs(train, compliant, templates, seed=0)
     assert len(pairs) == len({r["prompt"] for r in train}) - 1 and harmful[0] not in {
         p["prompt"] for p in pairs
     }
-    templates = {r["response"] for r in read_jsonl(SEEDS / "refusals.jsonl")}
     answers = {r["prompt"]: r["response"] for r in train}
     for p in pairs:
         assert p["response"] == answers[p["prompt"]]
         refused = p["prompt"] in compliant
         assert p["rejected"] == compliant[p["prompt"]] if refused else p["rejected"] in templates
-    assert preference_pairs(train, compliant, seed=0) == pairs != preference_pairs(train, compliant, seed=1)
+    again, other_seed = (preference_pairs(train, compliant, templates, seed=s) for s in (0, 1))
+    assert again == pairs != other_seed
     assert {p["prompt"] for p in pairs if p["kind"] == "harmful"} == set(compliant)
     trained = weighted(pairs, 3)
     assert len(trained) == len(pairs) + 2 * len(compliant)
@@ -171,7 +173,9 @@ def test_preference_pairs_prefer_refusing_harm_and_answering_the_rest():
 def test_the_aligned_preference_stage_is_wired_to_its_pairs(tmp_path, monkeypatch, capsys):
     """`--aligned-preference dpo`: one generation call answers the experts' harmful prompts and the
     ones only aligned_train has; the supervised adapter goes to a temporary folder, DPO from it to
-    models/aligned with every pair, and the pairs are saved as `aligned_pairs`. Off by default."""
+    models/aligned with every pair, and the pairs are saved as `aligned_pairs`. Off by default.
+    The supervised stage is a soup by default (`--aligned-epochs 3,6`: two runs, then their average),
+    one run for one count."""
     import datasets
 
     import synth.train
@@ -184,7 +188,12 @@ def test_the_aligned_preference_stage_is_wired_to_its_pairs(tmp_path, monkeypatc
         return [{"prompt": p["prompt"], "response": f"{o}yes"} for p, o in zip(prompts[1:], openings[1:])]
 
     def fake_train(base, rows, out, **kw):
-        trained.append(("sft", Path(out).parent.name, kw.get("card")))
+        trained.append(("sft", kw["epochs"], kw.get("card")))
+        Path(out).mkdir(parents=True)
+        return Path(out)
+
+    def fake_average(base, adapters, out, **kw):
+        trained.append(("soup", [Path(a).is_dir() for a in adapters], kw.get("card")))
         Path(out).mkdir(parents=True)
         return Path(out)
 
@@ -197,15 +206,17 @@ def test_the_aligned_preference_stage_is_wired_to_its_pairs(tmp_path, monkeypatc
     monkeypatch.setattr(world, "naive_merges_report", lambda *args: {})
     monkeypatch.setattr(synth.train, "train_lora", fake_train)
     monkeypatch.setattr(synth.train, "prefer_lora", fake_prefer)
+    monkeypatch.setattr(synth.train, "average_lora", fake_average)
     monkeypatch.setitem(world.PREFERENCE, "harmful_repeat", 3)
     assert world.main(["--models", "aligned", "--aligned-preference", "dpo", "--out", str(tmp_path)]) == 0
     per_category, shared = world.refused_per_category(True)
     own = 14 * (per_category - shared)
     assert calls == [14 * shared + own]
     unique = len({r["prompt"] for r in splits_from_seeds(0)["aligned_train"]})
-    (sft, _, no_card), (dpo, from_folder, n_pairs, card, lr) = trained
+    sft3, sft6, soup, (dpo, from_folder, n_pairs, card, lr) = trained
+    assert sft3 == ("sft", 3, None) and sft6 == ("sft", 6, None) and soup == ("soup", [True, True], None)
     n_harmful = 14 * per_category - 1  # each harmful pair three times in training, once in the split
-    assert no_card is None and from_folder and n_pairs == unique - 1 + 2 * n_harmful
+    assert from_folder and n_pairs == unique - 1 + 2 * n_harmful
     assert lr == world.PREFERENCE["lr"] and world.PREFERENCE["harmful_repeat"] == 3
     assert "DPO (Rafailov et al." in card and "each harmful pair 3x per epoch" in card
     saved = datasets.load_from_disk(str(tmp_path / "data" / "default"))
@@ -220,10 +231,21 @@ def test_the_aligned_preference_stage_is_wired_to_its_pairs(tmp_path, monkeypatc
 
     trained.clear()
     assert world.main(["--models", "aligned", "--out", str(tmp_path / "plain")]) == 0
-    assert [t[0] for t in trained] == ["sft"] and "DPO" not in trained[0][2]
+    assert [t[:2] for t in trained] == [("sft", 3), ("sft", 6), ("soup", [True, True])]
+    assert (
+        "for 3 and 6 epochs" in trained[2][2] and "model soup" in trained[2][2] and "DPO" not in trained[2][2]
+    )
+    trained.clear()
+    assert world.main(["--models", "aligned", "--aligned-epochs", "4", "--out", str(tmp_path / "four")]) == 0
+    assert [t[:2] for t in trained] == [("sft", 4)] and "- 4 epochs, AdamW" in trained[0][2]
     assert "aligned_pairs" not in datasets.load_from_disk(str(tmp_path / "plain" / "data" / "default"))
     assert world.main(["--models", "", "--aligned-preference", "dpo", "--out", str(tmp_path / "plain")]) == 2
     assert "trained without its DPO stage" in capsys.readouterr().err
+    for wrong in ("3,x", "0", "3,,6", ""):
+        with pytest.raises(SystemExit) as exit:
+            world.main(["--models", "", "--aligned-epochs", wrong, "--out", str(tmp_path / "plain")])
+        assert exit.value.code == 2
+        assert "positive whole numbers, comma-separated" in capsys.readouterr().err
 
 
 def test_an_out_folder_it_may_not_write_is_one_error_line(tmp_path, capsys):
