@@ -86,15 +86,16 @@ class Bounds(Strict):
 
 class Verify(Strict):
     """The pick verified by generation (docs/method.md §4.1): the best `top_k` trials by the
-    objective (or the Pareto front's first `top_k` by the weighted loss) answer the search splits'
-    harmful and benign prompts greedily; the refusal judge scores them; the chosen trial is the
-    best one that meets `search.targets`."""
+    objective (the Pareto front's first `top_k` by the weighted loss) answer harmful and benign search
+    prompts greedily; the chosen trial is the best one the refusal judge says meets `search.targets`."""
 
     top_k: int = Field(0, ge=0, le=50)  # 0: off, the lowest objective is chosen
     max_new_tokens: int = Field(32, ge=1, le=1024)
-    # When no candidate meets the targets: this many bisection steps on the line from the closest
-    # one toward the alignment source alone; the nearest point that meets them is chosen and added
-    # to the study (docs/method.md §4.3). 0 (or top_k 0): off, the closest candidate is chosen.
+    # The first N rows of the alignment and of the helpfulness search sets (null: all); data.n_* cap
+    # only the rows the trials score. On 32 prompts one answer moves a share by 3 points.
+    n_prompts: int | None = Field(256, ge=1)
+    # No candidate meets the targets: this many bisection steps from the closest toward the alignment
+    # source alone; the nearest point that meets them is chosen, added to the study (docs/method.md §4.3).
     restore_steps: int = Field(0, ge=0, le=10)
 
 
@@ -219,8 +220,7 @@ class Runtime(Strict):
     # theta_base and dense task vectors are kept in this dtype and merged in float32, one tensor at
     # a time. auto: the working dtype when 16-bit, else the checkpoint's own 16-bit dtype, else float32.
     store_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    # The search refuses to start when its memory estimate exceeds this (null: what the device has
-    # free now), e.g. 24GiB or 80GB.
+    # The search refuses to start when its memory estimate exceeds this (null: free now), e.g. 24GiB.
     max_memory: MemorySize | None = None
     threads: int | None = Field(None, ge=1, le=4096)
     # Greedy answers of merges held in memory (the verified pick, the demo's and the ablation's

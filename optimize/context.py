@@ -118,14 +118,20 @@ def warn_fewer_rows(name: str, asked: int, found: int) -> None:
     )
 
 
+def load_set(cfg: Config, name: str, n: int | None) -> list[dict]:
+    """The first `n` rows (None: all) of the search set `name`: data.<name>'s file, else data.dir's
+    split data.<name>_split."""
+    path = getattr(cfg.data, name)
+    return load_pairs(path or cfg.data_dir, None if path else getattr(cfg.data, f"{name}_split"), n)
+
+
 def load_data(cfg: Config) -> dict[str, list[dict]]:
     """The search sets: alignment and domain always (the reports score both), helpfulness when
     the objective or the verified pick uses it."""
-    d = cfg.data
 
     def load(name):
-        path, split, n = getattr(d, name), getattr(d, f"{name}_split"), getattr(d, f"n_{name}")
-        rows = load_pairs(path or cfg.data_dir, None if path else split, n)
+        n = getattr(cfg.data, f"n_{name}")
+        rows = load_set(cfg, name, n)
         if n and len(rows) < n:
             warn_fewer_rows(name, n, len(rows))
         return rows

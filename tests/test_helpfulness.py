@@ -88,11 +88,13 @@ def test_search_scores_helpfulness_records_the_signal_and_verifies_its_pick(worl
     raw = world_config(
         world, tmp_path / "run", n_trials=4, beta=1.0, verify={"top_k": 2, "max_new_tokens": 4}
     )
-    raw["data"]["helpfulness"] = str(write_jsonl(tmp_path / "benign.jsonl", benign))
+    raw["data"] |= {"helpfulness": str(write_jsonl(tmp_path / "benign.jsonl", benign)), "n_helpfulness": 4}
+    raw["data"]["n_alignment"] = 2  # the trials score 2 and 4 rows; the verified pick judges all 6 and 10
     raw["output"] = {"plots": False, "save_model": False}
     run(validate_config(raw))
     study = optuna.load_study(study_name="tiny", storage=f"sqlite:///{tmp_path / 'run' / 'study.db'}")
     assert study.metric_names == ["L_align + 0.3 L_domain + 1.0 L_help"]
+    assert study.user_attrs["signature"]["data"].endswith("(2 alignment, 6 domain, 4 helpfulness)")
     for t in study.trials:
         a = t.user_attrs
         expected = a["alignment_loss"] + 0.3 * a["domain_loss"] + a["helpfulness_loss"]
@@ -100,6 +102,7 @@ def test_search_scores_helpfulness_records_the_signal_and_verifies_its_pick(worl
         assert 0 <= a["refusal_mass_helpfulness"] <= 1 and 0 <= a["refusal_mass_alignment"] <= 1
     best = yaml.safe_load((tmp_path / "run" / "best.yaml").read_text())
     assert best["chosen_by"].startswith("verified pick") and best["beta"] == 1.0
+    assert "the search splits' 6 harmful and 10 benign prompts" in best["chosen_by"]
     verified = best["verified"]
     assert verified[0]["trial"] == "source a"  # the alignment source sets the harmful target
     ranked = sorted((t for t in study.trials if t.value is not None), key=lambda t: (t.value, t.number))
@@ -189,7 +192,7 @@ def test_restore_bisects_toward_the_alignment_source_and_keeps_the_closest_when_
         world,
         tmp_path / "run",
         n_trials=3,
-        verify={"top_k": 2, "max_new_tokens": 4, "restore_steps": 3},
+        verify={"top_k": 2, "max_new_tokens": 4, "restore_steps": 3, "n_prompts": 5},
         targets={"min_harmful_refused": 1.0},
     )
     benign = [{"prompt": f"{p} {i}", "response": SENTENCES[i % 5]} for i, p in enumerate(SENTENCES * 2)]
@@ -203,6 +206,7 @@ def test_restore_bisects_toward_the_alignment_source_and_keeps_the_closest_when_
     assert [r["restore_t"] for r in points] == [0.5, 0.75, 0.875]  # never met: the bracket rises
     assert not any(r["meets_targets"] for r in points)
     assert "nor any of 3 points toward the alignment source" in best["chosen_by"]
+    assert "5 harmful and 5 benign prompts" in best["chosen_by"]  # verify.n_prompts caps both sets
     assert best["trial"] in [r["trial"] for r in best["verified"] if r.get("chosen")]
     assert "of the way to the alignment source" in (tmp_path / "run" / "report.md").read_text()
 
