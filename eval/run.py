@@ -21,6 +21,7 @@ that it rebuilds with `optimize` and generates from with `synth`'s engines.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 import time
@@ -230,11 +231,10 @@ def run(inp: Inputs) -> Path:
         log(f"generating {len(prompts) + len(exact_prompts)} answers with {backend}")
         rt = cfg.runtime
         kind = "vllm" if backend == "vllm in memory" else "transformers"
-        gen = Generation(kind, cfg.base, loaded.device, rt.trust_remote_code)
-        ask = lambda ps, k: gen.answers(loaded.model, loaded.tokenizer, ps, k, s.batch_size)  # noqa: E731
-        texts = ask(prompts, s.max_new_tokens)
-        exact_texts = ask(exact_prompts, EXACT_TOKENS) if exact_prompts else []
-        gen.close()
+        with contextlib.closing(Generation(kind, cfg.base, loaded.device, rt.trust_remote_code)) as gen:
+            ask = lambda ps, k: gen.answers(loaded.model, loaded.tokenizer, ps, k, s.batch_size)  # noqa: E731
+            texts = ask(prompts, s.max_new_tokens)
+            exact_texts = ask(exact_prompts, EXACT_TOKENS) if exact_prompts else []
         lap("generate_s")
     n_h = len(inp.harmful)
     verdicts, judge_name = judge_harmful(inp, prompts[:n_h], texts[:n_h])

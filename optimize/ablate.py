@@ -25,6 +25,7 @@ cache.json, so running the same command again skips finished work.
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
 from contextlib import contextmanager
@@ -73,42 +74,44 @@ def ablate(abl: Ablation, cfg: Config, rows: dict, test: dict) -> Path:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     with timed(timings, "load"):
         ctx = prepare(cfg, rows)
-    cache = Cache(cfg.run_dir / "cache.json", signature(abl, cfg, rows, test))
-    contenders, grid = [], []
-    if "references" in abl.rows:
-        contenders += [Row(k, "—", "model alone", "—", "—", m, c) for k, (m, c) in references(ctx).items()]
-    if "task_arithmetic" in abl.rows:
-        w = abl.uniform_weight
-        contenders.append(
-            Row(
-                "task arithmetic, uniform",
-                PLAIN.name,
-                "uniform weights",
-                "—",
-                f"w={w:g}",
-                PLAIN,
-                ctx.merger.uniform(w),
+    with contextlib.closing(ctx.generation):  # the vLLM engine, closed on Ctrl-C or an error too
+        cache = Cache(cfg.run_dir / "cache.json", signature(abl, cfg, rows, test))
+        contenders, grid = [], []
+        if "references" in abl.rows:
+            contenders += [
+                Row(k, "—", "model alone", "—", "—", m, c) for k, (m, c) in references(ctx).items()
+            ]
+        if "task_arithmetic" in abl.rows:
+            w = abl.uniform_weight
+            contenders.append(
+                Row(
+                    "task arithmetic, uniform",
+                    PLAIN.name,
+                    "uniform weights",
+                    "—",
+                    f"w={w:g}",
+                    PLAIN,
+                    ctx.merger.uniform(w),
+                )
             )
-        )
-    with timed(timings, "grids"):
-        found, grid = grid_rows(ctx, cache, abl)
-        contenders += found
-    if "lm_cocktail" in abl.rows:
-        with timed(timings, "lm_cocktail"):
-            contenders += cocktail_rows(ctx, cache, abl.cocktail_temperature)
-    if "searches" in abl.rows:
-        with timed(timings, "searches"):
-            contenders += search_rows(ctx, abl, storage)
-    with timed(timings, "evaluation"):
-        results = evaluate_rows(ctx, cache, contenders, test, abl.evaluation.max_new_tokens, suites)
-    report = Report(abl, cfg, storage, contenders, results, grid, test, timings, started)
-    report.write()
-    if "samplers" in abl.rows:
-        with timed(timings, "samplers"):
-            report.samplers = compare_samplers(ctx, abl, storage, test)
+        with timed(timings, "grids"):
+            found, grid = grid_rows(ctx, cache, abl)
+            contenders += found
+        if "lm_cocktail" in abl.rows:
+            with timed(timings, "lm_cocktail"):
+                contenders += cocktail_rows(ctx, cache, abl.cocktail_temperature)
+        if "searches" in abl.rows:
+            with timed(timings, "searches"):
+                contenders += search_rows(ctx, abl, storage)
+        with timed(timings, "evaluation"):
+            results = evaluate_rows(ctx, cache, contenders, test, abl.evaluation.max_new_tokens, suites)
+        report = Report(abl, cfg, storage, contenders, results, grid, test, timings, started)
         report.write()
-    ctx.generation.close()
-    return cfg.run_dir / "ablation.md"
+        if "samplers" in abl.rows:
+            with timed(timings, "samplers"):
+                report.samplers = compare_samplers(ctx, abl, storage, test)
+            report.write()
+        return cfg.run_dir / "ablation.md"
 
 
 # ----------------------------------------------------------------------------- CLI

@@ -61,7 +61,8 @@ class Evaluation(Strict):
 
 
 class SearchData(Strict):
-    # Search-split examples for every row (null: the search config's data.n_alignment / n_domain).
+    # Search-split examples for every row (null: the search config's data.n_alignment / n_domain);
+    # either set, the verified pick judges the scored rows alone (search.verify.n_prompts: null).
     n_alignment: int | None = Field(None, ge=1)
     n_domain: int | None = Field(None, ge=1)
 
@@ -112,7 +113,10 @@ def search_config(abl: Ablation, folder: Path) -> Config:
     raw = cfg.model_dump(by_alias=True)
     raw.update(name=abl.name, out=abl.out or f"runs/{abl.name}", study_name=None)
     raw["search"].update(objective="weighted", score="both")
-    raw["data"].update({k: v for k, v in abl.data.model_dump().items() if v is not None})
+    caps = {k: v for k, v in abl.data.model_dump().items() if v is not None}
+    raw["data"].update(caps)
+    if caps:  # they bound every row's search examples, the verified pick's prompts too
+        raw["search"]["verify"]["n_prompts"] = None
     raw["output"].update(save_model=False, mergekit=False, references=False, test_splits=False)
     cfg = validate_config(raw, f"{path} (the ablation's search config)")
     if "slerp" in abl.rows and len(cfg.sources) != 2:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import shlex
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +17,7 @@ from optimize.ablate_config import Ablation
 from optimize.ablate_rows import Row, sampler_summary
 from optimize.config import Config
 from optimize.objective import describe_weighted
+from optimize.storage import journal_path
 
 COLUMNS = [
     "row",
@@ -208,7 +210,7 @@ class Report:
                 f"![best so far](plots/{figures[1].name})",
                 "",
                 "Best-so-far values per trial: [samplers.csv](samplers.csv). Every study: "
-                f"`optuna-dashboard {redact(self.storage)}`.",
+                f"`optuna-dashboard {shlex.quote(str(journal_path(self.storage) or redact(self.storage)))}`.",
                 "",
             ]
         timings = ", ".join(f"{k} {v:.0f}" for k, v in self.timings.items())

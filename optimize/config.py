@@ -86,13 +86,13 @@ class Bounds(Strict):
 
 class Verify(Strict):
     """The pick verified by generation (docs/method.md §4.1): the best `top_k` trials by the
-    objective (the Pareto front's first `top_k` by the weighted loss) answer harmful and benign search
+    objective (multi-objective: the front's first by the weighted loss) answer harmful and benign search
     prompts greedily; the chosen trial is the best one the refusal judge says meets `search.targets`."""
 
     top_k: int = Field(0, ge=0, le=50)  # 0: off, the lowest objective is chosen
     max_new_tokens: int = Field(32, ge=1, le=1024)
-    # The first N rows of the alignment and of the helpfulness search sets (null: all); data.n_* cap
-    # only the rows the trials score. On 32 prompts one answer moves a share by 3 points.
+    # Judged: the first max(N, data.n_*) rows of the alignment and helpfulness sets (data.n_* null: all;
+    # N null: the scored rows alone). On 32 prompts one answer moves a share by 3 points.
     n_prompts: int | None = Field(256, ge=1)
     # No candidate meets the targets: this many bisection steps from the closest toward the alignment
     # source alone; the nearest point that meets them is chosen, added to the study (docs/method.md §4.3).

@@ -38,6 +38,9 @@ from optimize.space import SearchSpace
 SCORED = {"both": ("alignment", "domain"), "domain": ("domain",), "alignment": ("alignment",)}
 
 
+VERIFIED_SETS = ("alignment", "helpfulness")  # the verified pick's harmful and benign prompts
+
+
 def scored_sets(search) -> tuple[str, ...]:
     """The sets a search scores: `helpfulness` too when beta > 0 or its refusal mass is a constraint."""
     return SCORED[search.score] + (("helpfulness",) if search.beta or search.constrain.enabled else ())
@@ -51,7 +54,8 @@ def check_inputs(cfg: Config, memory: bool = True) -> dict[str, list[dict]]:
     rows = load_data(cfg)
     check_minibatches(cfg.search, rows)
     if cfg.output.test_splits:  # read again at the end; a bad test split fails now, not after the trials
-        warn_if_searched(rows, load_test_data(cfg))
+        judged = {k: judged_rows(cfg, k) for k in VERIFIED_SETS} if cfg.search.verify.top_k else {}
+        warn_if_searched(rows | judged, load_test_data(cfg))
     return rows
 
 
@@ -123,6 +127,13 @@ def load_set(cfg: Config, name: str, n: int | None) -> list[dict]:
     split data.<name>_split."""
     path = getattr(cfg.data, name)
     return load_pairs(path or cfg.data_dir, None if path else getattr(cfg.data, f"{name}_split"), n)
+
+
+def judged_rows(cfg: Config, name: str) -> list[dict]:
+    """The rows of the search set `name` the verified pick judges (docs/method.md §4.1): the scored
+    ones (data.n_*) and more, up to search.verify.n_prompts."""
+    scored, n = getattr(cfg.data, f"n_{name}"), cfg.search.verify.n_prompts
+    return load_set(cfg, name, scored if scored is None or n is None else max(scored, n))
 
 
 def load_data(cfg: Config) -> dict[str, list[dict]]:

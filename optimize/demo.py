@@ -15,6 +15,7 @@ Every model is written into the same in-memory working model; nothing is exporte
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 import time
@@ -173,23 +174,27 @@ def main(argv: list[str] | None = None) -> int:
         cfg = variant(cfg, "", test_splits=False)
         mergekit_base_before_loading(cfg)
         ctx = prepare(cfg, rows)
-        run(cfg, ctx=ctx, reraise_interrupt=True)  # Ctrl-C: exit 130, not a half-searched table
-        # the domain-only model is rebuilt from its best.yaml here; no need to save or export it
-        dom_cfg = variant(cfg, "domain_only", DOMAIN_ONLY, save_model=False, references=False, mergekit=False)
-        run(dom_cfg, ctx=for_variant(ctx, dom_cfg), reraise_interrupt=True)
-
-        test = ctx.scorer_for(test_rows)
-        results = {}
-        for name, (method, cand) in contenders(ctx, cfg.run_dir, dom_cfg.run_dir).items():
-            t0 = time.perf_counter()
-            results[name] = evaluate(
-                ctx, method, cand, test, harmful, benign, args.max_new_tokens, suites, exact
+        with contextlib.closing(ctx.generation):  # the vLLM engine, closed on Ctrl-C or an error too
+            run(cfg, ctx=ctx, reraise_interrupt=True)  # Ctrl-C: exit 130, not a half-searched table
+            # the domain-only model is rebuilt from its best.yaml here; no need to save or export it
+            dom_cfg = variant(
+                cfg, "domain_only", DOMAIN_ONLY, save_model=False, references=False, mergekit=False
             )
-            scores = {
-                k: v if k == "suites" else round(v, 4) for k, v in results[name].items() if k != "examples"
-            }
-            print(f"[demo] {name}: {scores} ({time.perf_counter() - t0:.0f} s)", file=sys.stderr)
-        ctx.generation.close()
+            run(dom_cfg, ctx=for_variant(ctx, dom_cfg), reraise_interrupt=True)
+
+            test = ctx.scorer_for(test_rows)
+            results = {}
+            for name, (method, cand) in contenders(ctx, cfg.run_dir, dom_cfg.run_dir).items():
+                t0 = time.perf_counter()
+                results[name] = evaluate(
+                    ctx, method, cand, test, harmful, benign, args.max_new_tokens, suites, exact
+                )
+                scores = {
+                    k: v if k == "suites" else round(v, 4)
+                    for k, v in results[name].items()
+                    if k != "examples"
+                }
+                print(f"[demo] {name}: {scores} ({time.perf_counter() - t0:.0f} s)", file=sys.stderr)
         minutes = (time.perf_counter() - started) / 60
         return write_report(cfg, results, experts, len(harmful), len(benign), minutes, suites, ctx.generation)
 

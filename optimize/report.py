@@ -187,7 +187,7 @@ def verification_section(rows: list[dict], rule: str) -> str:
         "## Verified by generation (search splits)",
         "",
         f"Chosen by {rule}. Refusal mass: the probability of a refusal's first token at the first "
-        "answer position (mean over the prompts), from the trial's own forward pass.",
+        "answer position (mean over the prompts the trials score), from the trial's own forward pass.",
         "",
         "| candidate | objective | refusal mass, benign | refusal mass, harmful | harmful refused | "
         "benign wrongly refused | meets targets |",

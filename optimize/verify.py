@@ -24,13 +24,11 @@ from optuna.trial import create_trial
 from eval.behaviour import refusals_by_group
 from eval.judge import RefusalJudge
 from eval.loss import means
-from optimize.context import load_set
+from optimize.context import VERIFIED_SETS, judged_rows
 from optimize.merge import PLAIN
 from optimize.objective import constraint_values, objective_value, scored_attrs
 from optimize.study import ranked
 from optimize.workers import RESTORED
-
-SETS = ("alignment", "helpfulness")  # the search sets of harmful and of benign prompts
 
 
 def shortlist(study: optuna.Study, search, k: int) -> list[optuna.trial.FrozenTrial]:
@@ -77,8 +75,7 @@ def verified_pick(
     if not search.verify.top_k:
         return best, rule, []
     t0 = time.perf_counter()
-    # read again: more rows than the trials score (data.n_*), the same first ones
-    harmful, benign = ([r["prompt"] for r in load_set(ctx.cfg, k, search.verify.n_prompts)] for k in SETS)
+    harmful, benign = ([r["prompt"] for r in judged_rows(ctx.cfg, k)] for k in VERIFIED_SETS)
     n, tg = search.verify.max_new_tokens, search.targets
     rows, min_harmful = [], tg.min_harmful_refused
     if min_harmful is None:

@@ -215,6 +215,7 @@ def saved_training_data(
 
 
 def epoch_counts(text: str) -> list[int]:
+    """`--aligned-epochs`: "3,6" -> [3, 6]; anything but positive whole numbers is an argparse error."""
     counts = [int(n) for n in text.split(",") if n.strip().isdigit() and int(n) > 0]
     if not counts or len(counts) != len(text.split(",")):
         raise argparse.ArgumentTypeError(f"{text!r}: give positive whole numbers, comma-separated, e.g. 3,6")

@@ -4,6 +4,8 @@ search splits, LM-Cocktail weights, sampler studies, resume, config errors."""
 import csv
 import json
 import math
+import re
+import shlex
 
 import datasets
 import numpy as np
@@ -25,6 +27,7 @@ from optimize.ablate_report import COLUMNS
 from optimize.config import validate_config
 from optimize.context import prepare
 from optimize.methods import Candidate, Ties
+from optimize.storage import sqlite_url
 from tests.conftest import SENTENCES, world_config
 
 SUITE = "weighted-safety-refusal"
@@ -123,6 +126,8 @@ def test_table_rows_columns_and_files(ablation):
     for f in ["ablation.md", "ablation.csv", "ablation.json", "grid.csv", "samplers.csv", "study.db"]:
         assert (out / f).exists(), f
     assert (out / "plots/ablation.png").stat().st_size > 0 and (out / "plots/samplers.png").exists()
+    dashboard = re.search(r"`(optuna-dashboard [^`]+)`", (out / "ablation.md").read_text()).group(1)
+    assert shlex.split(dashboard) == ["optuna-dashboard", sqlite_url(out / "study.db")]  # runs as shown
     with open(out / "ablation.csv") as f:
         header = next(csv.reader(f))
     assert header == COLUMNS + [f"{SUITE}: refused_harmful", f"{SUITE}: refused_benign"]
@@ -294,6 +299,10 @@ def test_quick_budget_and_rows_that_need_two_sources(world, tmp_path):
     assert (abl.samplers.n_trials, abl.searches.n_trials, abl.samplers.seeds) == (2, 1, [0, 1, 2])
     assert cfg.run_dir == tmp_path / "q" and cfg.search.objective == "weighted"
     assert load_ablation(path)[0].samplers.n_trials == 3
+    assert cfg.search.verify.n_prompts == 256  # no data caps: the search config's judged prompts
+    capped = write_configs(world, tmp_path, quick={"data": {"n_alignment": 2}})[0]
+    cfg = load_ablation(capped, quick=True, out=str(tmp_path / "q"))[1]
+    assert cfg.data.n_alignment == 2 and cfg.search.verify.n_prompts is None  # the scored rows alone
     search["sources"].append({"name": "lora", "path": str(world["lora"])})
     (tmp_path / "search.yaml").write_text(yaml.safe_dump(search))
     with pytest.raises(ConfigError, match="slerp needs exactly 2 sources"):

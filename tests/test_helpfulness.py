@@ -12,6 +12,7 @@ import torch
 import yaml
 
 from core.models import load_tokenizer
+from eval.data import load_pairs
 from eval.judge import REFUSAL_OPENINGS, RefusalJudge
 from eval.loss import Scorer, encode, first_response_tokens
 from optimize.config import Search, validate_config
@@ -112,6 +113,20 @@ def test_search_scores_helpfulness_records_the_signal_and_verifies_its_pick(worl
     assert "## Verified by generation" in (tmp_path / "run" / "report.md").read_text()
 
 
+@pytest.mark.parametrize(
+    ("n_alignment", "n_prompts", "judged"), [(None, 256, 6), (2, 256, 6), (2, 4, 4), (5, 3, 5), (2, None, 2)]
+)
+def test_the_verified_pick_judges_the_scored_rows_and_more_up_to_n_prompts(
+    world, tmp_path, n_alignment, n_prompts, judged
+):
+    from optimize.context import judged_rows
+
+    raw = world_config(world, tmp_path / "run", verify={"top_k": 2, "n_prompts": n_prompts})
+    raw["data"]["n_alignment"] = n_alignment
+    rows = judged_rows(validate_config(raw), "alignment")  # the world's alignment set has 6 rows
+    assert [r["prompt"] for r in rows] == [r["prompt"] for r in load_pairs(world["alignment"])[:judged]]
+
+
 def test_helpfulness_without_data_is_a_clear_error_before_models_load(world, tmp_path):
     from core.errors import DataError
     from optimize.context import check_inputs
@@ -196,7 +211,8 @@ def test_restore_bisects_toward_the_alignment_source_and_keeps_the_closest_when_
         targets={"min_harmful_refused": 1.0},
     )
     benign = [{"prompt": f"{p} {i}", "response": SENTENCES[i % 5]} for i, p in enumerate(SENTENCES * 2)]
-    raw["data"]["helpfulness"] = str(write_jsonl(tmp_path / "benign.jsonl", benign))
+    raw["data"] |= {"helpfulness": str(write_jsonl(tmp_path / "benign.jsonl", benign)), "n_helpfulness": 3}
+    raw["data"]["n_alignment"] = 2
     raw["output"] = {"plots": False, "save_model": False}
     run(validate_config(raw))
     study = optuna.load_study(study_name="tiny", storage=f"sqlite:///{tmp_path / 'run' / 'study.db'}")
