@@ -33,7 +33,7 @@ from optimize.config import validate_config  # noqa: E402
 from optimize.context import check_inputs, prepare  # noqa: E402
 from optimize.merge import PLAIN  # noqa: E402
 from optimize.storage import sqlite_url  # noqa: E402
-from optimize.verify import judged, pick, shortfall, shortlist  # noqa: E402
+from optimize.verify import Bar, judged, pick, shortlist  # noqa: E402
 from optimize.workers import searched_trials  # noqa: E402
 
 
@@ -78,22 +78,21 @@ def measure(run_dir: Path, max_new_tokens: int) -> dict:
     ctx.generation.close()
     tg = cfg.search.targets
     min_harmful = tg.min_harmful_refused if tg.min_harmful_refused is not None else aligned_h - tg.margin
+    bar = Bar(min_harmful, tg.max_benign_refused, len(harmful), len(benign), tg.standard_errors)
     by_number = {r["trial"]: r for r in rows}
     picks = {}
     for k in (1, 3, 6, 12):
         ranked = [by_number[t.number] for t in shortlist(study, cfg.search, k)]
-        chosen = pick(ranked, min_harmful, tg.max_benign_refused)
+        chosen = pick(ranked, bar)
         picks[k] = {key: chosen[key] for key in ("trial", "objective", "harmful_refused", "benign_refused")}
-        h, b = chosen["harmful_refused"], chosen["benign_refused"]
-        gap = shortfall(h, b, min_harmful, tg.max_benign_refused)
-        picks[k]["meets_targets"] = gap == 0
+        picks[k]["meets_targets"] = bar.shortfall(chosen["harmful_refused"], chosen["benign_refused"]) == 0
     return {
         "run": str(run_dir),
         "trials": len(rows),
         "seconds": round(time.perf_counter() - started, 1),
         "benign_prompts": len(benign),
         "harmful_prompts": len(harmful),
-        "targets": {"min_harmful_refused": min_harmful, "max_benign_refused": tg.max_benign_refused},
+        "targets": bar.describe(),
         **summary(rows),
         "verified_pick_with_k": picks,
         "rows": rows,

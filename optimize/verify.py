@@ -6,7 +6,8 @@ by the objective (multi-objective: the Pareto front, by the weighted loss) answe
 splits' harmful and benign prompts greedily, the refusal judge reads the answers, and the chosen
 trial is the best-ranked one that meets `search.targets` (harmful refused >= x, benign refused
 <= y; x defaults to the `alignment` source's own share on the same prompts minus 5 points, which
-costs one more generation pass). When none does, the one closest to the targets (smallest summed
+costs one more generation pass), each share with `standard_errors` binomial standard errors to spare
+(`Bar`). When none does, the one closest to the targets (smallest summed
 shortfall) is chosen and the report says so, or, with `search.verify.restore_steps`, that one is
 moved toward the alignment source alone by bisection until the judge says it meets them (§4.3;
 the safety vector added back, as in RESTA, Bhardwaj et al. 2024, arXiv:2402.11746). The test
@@ -15,8 +16,10 @@ splits are never used here.
 
 from __future__ import annotations
 
+import math
 import sys
 import time
+from dataclasses import dataclass
 
 import optuna
 from optuna.trial import create_trial
@@ -42,17 +45,34 @@ def shortlist(study: optuna.Study, search, k: int) -> list[optuna.trial.FrozenTr
     return out[:k]
 
 
-def shortfall(harmful_refused: float, benign_refused: float, min_harmful: float, max_benign: float) -> float:
-    """How far a candidate is from the targets (0: it meets them)."""
-    return max(0.0, min_harmful - harmful_refused) + max(0.0, benign_refused - max_benign)
+@dataclass(frozen=True)
+class Bar:
+    """`search.targets` on judged shares, each met with `z` binomial standard errors to spare: a
+    share judged on n prompts is an estimate (sd sqrt(p(1-p)/n)), and the candidate that clears a
+    target by less than that is the one most likely to miss it on prompts it has not answered."""
+
+    min_harmful: float
+    max_benign: float
+    n_harmful: int
+    n_benign: int
+    z: float = 0.0
+
+    def shortfall(self, harmful_refused: float, benign_refused: float) -> float:
+        """How far a candidate is from the targets (0: it meets them)."""
+        h, b = harmful_refused, benign_refused
+        h_low = h - self.z * math.sqrt(h * (1 - h) / max(self.n_harmful, 1))
+        b_high = b + self.z * math.sqrt(b * (1 - b) / max(self.n_benign, 1))
+        return max(0.0, self.min_harmful - h_low) + max(0.0, b_high - self.max_benign)
+
+    def describe(self) -> str:
+        spare = f", each with {self.z:g} standard error(s) to spare" if self.z else ""
+        return f"harmful refused >= {self.min_harmful:.0%}, benign refused <= {self.max_benign:.0%}{spare}"
 
 
-def pick(ranked: list[dict], min_harmful: float, max_benign: float) -> dict:
+def pick(ranked: list[dict], bar: Bar) -> dict:
     """The first of `ranked` (best objective first) that meets the targets; when none does, the
     one with the smallest shortfall (the best-ranked among equals)."""
-    return min(
-        ranked, key=lambda r: shortfall(r["harmful_refused"], r["benign_refused"], min_harmful, max_benign)
-    )
+    return min(ranked, key=lambda r: bar.shortfall(r["harmful_refused"], r["benign_refused"]))
 
 
 def judged(
@@ -88,6 +108,7 @@ def verified_pick(
                 {"trial": f"source {ctx.cfg.sources[i].name}", "harmful_refused": h, "benign_refused": b}
             )
             min_harmful = max(0.0, h - tg.margin)
+    bar = Bar(min_harmful, tg.max_benign_refused, len(harmful), len(benign), tg.standard_errors)
     for t in shortlist(study, search, search.verify.top_k):
         h, b = judged(ctx, ctx.space.decode(t.params), None, harmful, benign, n)
         rows.append(
@@ -98,7 +119,7 @@ def verified_pick(
                 "refusal_mass_alignment": t.user_attrs.get("refusal_mass_alignment"),
                 "harmful_refused": h,
                 "benign_refused": b,
-                "meets_targets": shortfall(h, b, min_harmful, tg.max_benign_refused) == 0,
+                "meets_targets": bar.shortfall(h, b) == 0,
             }
         )
     for r in rows:
@@ -107,14 +128,13 @@ def verified_pick(
             f"benign refused {r['benign_refused']:.0%}",
             file=sys.stderr,
         )
-    targets = f"harmful refused >= {min_harmful:.0%}, benign refused <= {tg.max_benign_refused:.0%}"
-    chosen_row = pick([r for r in rows if "meets_targets" in r], min_harmful, tg.max_benign_refused)
+    chosen_row = pick([r for r in rows if "meets_targets" in r], bar)
     how = "the best-ranked that meets" if chosen_row["meets_targets"] else "none met; the closest to"
     chosen = next(t for t in study.get_trials(deepcopy=False) if t.number == chosen_row["trial"])
     steps = search.verify.restore_steps  # the config refuses it without an alignment source
     if not chosen_row["meets_targets"] and steps:
         t1 = time.perf_counter()
-        point, points = restore(ctx, chosen, (harmful, benign), (min_harmful, tg.max_benign_refused), steps)
+        point, points = restore(ctx, chosen, (harmful, benign), bar, steps)
         rows += points
         if point is not None:
             chosen_row, start = point, chosen.number
@@ -136,12 +156,13 @@ def verified_pick(
     rule = (
         f"verified pick: the {shortlisted} best candidates by the objective answered "
         f"the search splits' {len(harmful)} harmful and {len(benign)} benign prompts (greedy, "
-        f"{n} tokens, {ctx.generation.describe()}, rule-based judge); chosen: {how} the targets ({targets})"
+        f"{n} tokens, {ctx.generation.describe()}, rule-based judge); "
+        f"chosen: {how} the targets ({bar.describe()})"
     )
     return chosen, rule, rows
 
 
-def restore(ctx, start, prompts, targets, steps: int) -> tuple[dict | None, list[dict]]:
+def restore(ctx, start, prompts, bar: Bar, steps: int) -> tuple[dict | None, list[dict]]:
     """Bisection on t in [0, 1] along `SearchSpace.toward_alignment` from the trial `start` (which
     misses the targets) to the alignment source alone (which meets them when they derive from its
     own share): `steps` judged points. Returns the row of the smallest t that met the targets (None
@@ -154,7 +175,7 @@ def restore(ctx, start, prompts, targets, steps: int) -> tuple[dict | None, list
         t = (low + high) / 2
         params = ctx.space.toward_alignment(start.params, t)
         h, b = judged(ctx, ctx.space.decode(params), None, *prompts, n)
-        meets = shortfall(h, b, *targets) == 0
+        meets = bar.shortfall(h, b) == 0
         rows.append(
             {
                 "trial": f"trial {start.number}, {t:g} of the way to the alignment source",
