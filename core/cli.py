@@ -84,7 +84,9 @@ def run_cli(work: Callable[[], object], interrupted: str = "run the same command
             problem = f"{err.strerror}; check its permissions, or choose a path you may read and write"
         else:
             raise
-        print(f"error: {clip(str(err.filename or err), 120)}: {problem}", file=sys.stderr)
+        # a failed rename names its destination (filename2), not our temporary file beside it
+        where = err.filename2 or err.filename or err
+        print(f"error: {clip(str(where), 120)}: {problem}", file=sys.stderr)
         return 2
     print(result)
     return 0

@@ -25,10 +25,9 @@ cache.json, so running the same command again skips finished work.
 
 from __future__ import annotations
 
-import contextlib
 import sys
 import time
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from pathlib import Path
 
 import optuna
@@ -74,7 +73,7 @@ def ablate(abl: Ablation, cfg: Config, rows: dict, test: dict) -> Path:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     with timed(timings, "load"):
         ctx = prepare(cfg, rows)
-    with contextlib.closing(ctx.generation):  # the vLLM engine, closed on Ctrl-C or an error too
+    with closing(ctx.generation):  # the vLLM engine, closed on Ctrl-C or an error too
         cache = Cache(cfg.run_dir / "cache.json", signature(abl, cfg, rows, test))
         contenders, grid = [], []
         if "references" in abl.rows:

@@ -65,7 +65,8 @@ class Bar:
         return max(0.0, self.min_harmful - h_low) + max(0.0, b_high - self.max_benign)
 
     def describe(self) -> str:
-        spare = f", each with {self.z:g} standard error(s) to spare" if self.z else ""
+        errors = f"{self.z:g} standard error" + ("" if self.z == 1 else "s")
+        spare = f", each with {errors} to spare" if self.z else ""
         return f"harmful refused >= {self.min_harmful:.0%}, benign refused <= {self.max_benign:.0%}{spare}"
 
 

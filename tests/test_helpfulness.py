@@ -94,7 +94,8 @@ def test_a_share_meets_its_target_with_standard_errors_to_spare():
     assert spare.shortfall(61 / 63, 0.12) == spare.shortfall(1.0, 0.0) == 0
     assert spare.shortfall(1.0, 0.18) == pytest.approx(0.18 + (0.18 * 0.82 / 100) ** 0.5 - 0.20)
     assert spare.shortfall(1.0, 0.18) < Bar(0.93, 0.20, 63, 25, z=1.0).shortfall(1.0, 0.18)  # fewer: wider
-    assert "1 standard error(s) to spare" in spare.describe()
+    assert spare.describe().endswith("<= 20%, each with 1 standard error to spare")
+    assert "2.5 standard errors" in Bar(0.93, 0.20, 63, 100, z=2.5).describe()
 
 
 def test_search_scores_helpfulness_records_the_signal_and_verifies_its_pick(world, tmp_path):

@@ -5,6 +5,7 @@ content of the models, not their paths."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -18,6 +19,7 @@ import pytest
 import torch
 import yaml
 
+from core.cli import run_cli
 from core.errors import OutputError
 from core.files import (
     MARKER,
@@ -345,3 +347,12 @@ def test_an_output_where_nothing_can_be_written_is_refused_before_any_work(
     cfg = validate_config(world_config(world, read_only / "run"))
     with pytest.raises(OutputError, match="cannot be written"):
         run(cfg)
+
+    # a permission error met later (here: a rename into place) is one line naming the user's path
+    def rename_refused():
+        temporary = str(tmp_path / ".best.yaml.tmp")
+        raise PermissionError(errno.EACCES, "Permission denied", temporary, None, "best.yaml")
+
+    assert run_cli(rename_refused) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: 'best.yaml': Permission denied; check its permissions") and "tmp" not in err
